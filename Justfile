@@ -1,0 +1,38 @@
+# PRISM experiment harness. `just --list` shows every recipe.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+export OMP_WAIT_POLICY := "PASSIVE"
+
+# Create .venv and install the project with the CPU constraints (a no-op when already up to date).
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    want=$(cat pyproject.toml constraints-cpu.txt | sha256sum | cut -c1-16)
+    stamp=.venv/.prism-installed
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
+    python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "prism needs Python >= 3.11 as python3" >&2; exit 1; }
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    start=$(date +%s)
+    .venv/bin/pip install -q --disable-pip-version-check -c constraints-cpu.txt -e ".[dev]"
+    echo "$want" > "$stamp"
+    echo "installed into .venv in $(( $(date +%s) - start )) s ($(du -sh .venv | cut -f1))"
+
+# Run the test suite (CPU, no network). Extra arguments go to pytest.
+test *args: setup
+    .venv/bin/python -m pytest {{args}}
+
+# Rebuild a paper table (table1 or ablations) on the embedded default.
+reproduce name: setup
+    .venv/bin/prism reproduce {{name}}
+
+# The embedded world: `just world stats`, `just world export --out outputs/world`, `just world show`.
+world *args: setup
+    .venv/bin/prism world {{args}}
+
+# Score a JSONL file of responses with the RLVR reward.
+reward-score file: setup
+    .venv/bin/prism reward score --jsonl {{file}}
+
+# Benchmarks: JSON under outputs/bench/.
+bench-world: setup
+    .venv/bin/python bench/world_throughput.py

@@ -1,0 +1,180 @@
+"""Calibrate the embedded world by measurement: plain SFT of a tiny preset on the public corpus.
+
+Trains a preset from random init on the world's SFT split (public demonstrations) for a fixed number of
+steps, then decodes the held-out benchmark greedily and reports, per family, format-valid rate, answer
+accuracy (with `prism.rewards`), the majority-answer baseline and caption recall (fraction of the teacher's
+caption bullets the model reproduces). Writes outputs/bench/calibrate-<preset>.json.
+
+This is a measurement of the world's difficulty, not the SFT stage: the stage recipes (resume, manifests,
+lmms-eval evaluation) live in prism/stages and evaluation/.
+
+  python bench/calibrate_world.py --preset embedded-s --steps 1500
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import math
+import resource
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+from prism.config import load_config
+from prism.data.export import corpus_texts
+from prism.data.world import WorldConfig, iter_split, make_sample
+from prism.format import SYSTEM_PROMPT, extract_answer, is_format_valid, split_segments
+from prism.models import build_model, build_processor, build_tokenizer, count_parameters
+from prism.rewards import answers_match
+
+
+def chat_prompt(processor, question: str) -> str:
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+    ]
+    return processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def sft_batch(processor, samples):
+    """Right-padded batch; loss only on the response and its <|im_end|>."""
+    tokenizer = processor.tokenizer
+    prompts = [chat_prompt(processor, s.question) for s in samples]
+    texts = [p + s.public.text + "<|im_end|>" for p, s in zip(prompts, samples)]
+    tokenizer.padding_side = "right"
+    batch = processor(text=texts, images=[[s.image] for s in samples], padding=True, return_tensors="pt")
+    prompt_lengths = [len(ids) for ids in processor(text=prompts, images=[[s.image] for s in samples])["input_ids"]]
+    labels = batch["input_ids"].clone()
+    for row, length in enumerate(prompt_lengths):
+        labels[row, :length] = -100
+    labels[batch["attention_mask"] == 0] = -100
+    batch["labels"] = labels
+    return batch
+
+
+@torch.no_grad()
+def evaluate(model, processor, samples, max_new_tokens: int, batch_size: int = 64) -> dict:
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    model.eval()
+    rows = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        inputs = processor(text=[chat_prompt(processor, s.question) for s in chunk],
+                           images=[[s.image] for s in chunk], padding=True, return_tensors="pt")
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                                pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for sample, text in zip(chunk, texts):
+            segments = split_segments(text)
+            caption = segments.caption if segments else ""
+            wanted = sample.teacher.caption_bullets
+            recall = sum(bullet in caption for bullet in wanted) / len(wanted)
+            answer = extract_answer(text)
+            correct = answer is not None and answers_match(answer, sample.answer, choices=sample.choices)
+            rows.append({"family": sample.family, "format": is_format_valid(text), "correct": correct,
+                         "recall": recall, "answer": sample.answer, "text": text})
+    model.train()
+    by_family = defaultdict(list)
+    for row in rows:
+        by_family[row["family"]].append(row)
+    report = {}
+    for family, group in by_family.items():
+        majority = Counter(r["answer"] for r in group).most_common(1)[0][1] / len(group)
+        report[family] = {
+            "n": len(group),
+            "format_valid": round(sum(r["format"] for r in group) / len(group), 3),
+            "accuracy": round(sum(r["correct"] for r in group) / len(group), 3),
+            "majority_baseline": round(majority, 3),
+            "caption_recall": round(sum(r["recall"] for r in group) / len(group), 3),
+        }
+    report["all"] = {key: round(sum(v[key] for v in report.values()) / len(by_family), 3)
+                     for key in ("format_valid", "accuracy", "majority_baseline", "caption_recall")}
+    report["example"] = rows[0]["text"]
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="embedded-s")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-per-family", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--config", type=Path, default=None, help="world YAML")
+    parser.add_argument("overrides", nargs="*", help="world overrides key=value")
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    world = load_config(WorldConfig, args.config, args.overrides)
+    tokenizer = build_tokenizer(corpus_texts(world))
+    processor = build_processor(tokenizer, world.image_size)
+    model = build_model(args.preset, tokenizer, seed=args.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95))
+
+    def lr_lambda(step: int) -> float:
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    bench_per_family = min(args.eval_per_family, world.bench_size)
+    bench = [make_sample(world, "bench", f * world.bench_size + i)
+             for f in range(len(world.families)) for i in range(bench_per_family)]
+    train = iter_split(world, "sft")
+    result = {"preset": args.preset, "parameters": count_parameters(model), "world": {k: v for k, v in vars(world).items()},
+              "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "vocab": len(tokenizer), "evals": []}
+    started = time.perf_counter()
+    tokens = 0
+    for step in range(1, args.steps + 1):
+        samples = [next(train, None) for _ in range(args.batch_size)]
+        if samples[-1] is None:  # another epoch over the SFT split
+            train = iter_split(world, "sft")
+            samples = [next(train) for _ in range(args.batch_size)]
+        batch = sft_batch(processor, samples)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum())
+        if step % 50 == 0:
+            elapsed = time.perf_counter() - started
+            print(f"step {step}/{args.steps} loss {loss.item():.3f} {tokens / elapsed:.0f} tok/s "
+                  f"eta {(args.steps - step) * elapsed / step:.0f}s", flush=True)
+        if step % args.eval_every == 0 or step == args.steps:
+            train_seconds = time.perf_counter() - started
+            report = evaluate(model, processor, bench, args.max_new_tokens)
+            report.update(step=step, train_seconds=round(train_seconds, 1))
+            print(json.dumps({k: v for k, v in report.items() if k != "example"}), flush=True)
+            result["evals"].append(report)
+    result["train_tokens_per_s"] = round(tokens / (time.perf_counter() - started), 1)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out = Path("outputs/bench") / f"calibrate-{args.preset}{args.tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".tmp").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".tmp").replace(out)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

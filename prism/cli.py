@@ -1,0 +1,148 @@
+"""The `prism` command.
+
+  prism world export --out DIR [--config F] [key=value ...]
+  prism world stats [--config F] [--per-family N] [key=value ...]
+  prism world show --out PNG [--config F] [--per-family N] [--split S] [key=value ...]
+  prism reward score --jsonl FILE
+  prism reproduce NAME
+
+User mistakes (bad configs, malformed data, missing checkpoints) end with one line on stderr and
+exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+# OpenMP's busy-waiting made training 30x slower when two processes shared the cores: be polite
+# before torch is imported anywhere.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from prism.config import ConfigError
+    from prism.data.formats import DataError
+    from prism.models import ModelError
+    from prism.rewards import RewardInputError
+
+    return (ConfigError, DataError, ModelError, RewardInputError, FileExistsError, NotImplementedError)
+
+
+def _world_config(args):
+    from prism.config import load_config
+    from prism.data.world import WorldConfig
+
+    return load_config(WorldConfig, args.config, args.overrides)
+
+
+def _progress_printer():
+    started = time.perf_counter()
+
+    def report(split: str, done: int, total: int) -> None:
+        elapsed = time.perf_counter() - started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        print(f"\r  {split:8s} {done:6d}/{total:<6d} {rate:7.0f} samples/s  eta {eta:5.0f}s", end="", file=sys.stderr)
+        if done == total:
+            print(file=sys.stderr)
+
+    return report
+
+
+def cmd_world_export(args) -> int:
+    from prism.data.export import export_world
+
+    cfg = _world_config(args)
+    manifest = export_world(cfg, Path(args.out), progress=_progress_printer())
+    print(json.dumps({"out": str(args.out), "counts": manifest["counts"], "seconds": manifest["seconds"]}))
+    return 0
+
+
+def cmd_world_stats(args) -> int:
+    from prism.data.export import corpus_texts, world_stats
+    from prism.models.tokenizer import build_tokenizer
+
+    cfg = _world_config(args)
+    tokenizer = build_tokenizer(corpus_texts(cfg, per_split=500))
+    table = world_stats(cfg, per_family=args.per_family, tokenizer=tokenizer)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    return 0
+
+
+def cmd_world_show(args) -> int:
+    from prism.data.export import show_world
+
+    cfg = _world_config(args)
+    path = show_world(cfg, Path(args.out), per_family=args.per_family, split=args.split)
+    print(path)
+    return 0
+
+
+def cmd_reward_score(args) -> int:
+    from prism.rewards import score_jsonl
+
+    for row in score_jsonl(args.jsonl):
+        print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    raise NotImplementedError(
+        f"'reproduce {args.name}' needs the experiment matrix (experiments/matrix.py, issue #7), "
+        "which is not implemented yet; the world, models and reward are: see `prism --help`"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prism", description="PRISM experiment harness")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_world_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, default=None, help="world YAML (default: the embedded default)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+    world = commands.add_parser("world", help="the embedded world").add_subparsers(dest="action", required=True)
+    export = world.add_parser("export", help="write every split in the published formats")
+    export.add_argument("--out", required=True, type=Path)
+    with_world_config(export)
+    export.set_defaults(func=cmd_world_export)
+    stats = world.add_parser("stats", help="teacher vs public demonstrations, per family")
+    stats.add_argument("--per-family", type=int, default=200)
+    with_world_config(stats)
+    stats.set_defaults(func=cmd_world_stats)
+    show = world.add_parser("show", help="save a PNG grid of samples with their texts")
+    show.add_argument("--out", type=Path, default=Path("outputs/world_show.png"))
+    show.add_argument("--per-family", type=int, default=2)
+    show.add_argument("--split", default="sft", choices=["base", "sft", "teacher", "rl", "bench"])
+    with_world_config(show)
+    show.set_defaults(func=cmd_world_show)
+
+    reward = commands.add_parser("reward", help="the RLVR reward").add_subparsers(dest="action", required=True)
+    score = reward.add_parser("score", help="score JSONL lines {response, ground_truth, equivalent_answers?, choices?}")
+    score.add_argument("--jsonl", required=True, type=Path)
+    score.set_defaults(func=cmd_reward_score)
+
+    reproduce = commands.add_parser("reproduce", help="rebuild a paper table from recorded runs")
+    reproduce.add_argument("name", choices=["table1", "ablations"])
+    reproduce.set_defaults(func=cmd_reproduce)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as error:
+        print(f"prism: error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `prism reward score ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Export the embedded world in the published formats; describe it (`stats`) and draw it (`show`).
+
+Layout of an exported world folder:
+  base.json, sft.json, teacher.json   LLaMA-Factory sharegpt multimodal (+ dataset_info.json)
+  images/<split>/<id>.png             the images those JSON files point to
+  rl.parquet, teacher.parquet         verl-style RL prompts (teacher.parquet carries teacher segments)
+  bench/<family>.parquet              held-out benchmark per family, read by the lmms-eval tasks
+  tokenizer/                          the byte-level BPE tokenizer trained on this world's text
+  world.json                          manifest: resolved config, counts, file checksums (written last)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pyarrow as pa
+from PIL import Image, ImageDraw, ImageFont
+
+from prism.config import config_to_dict
+from prism.data.formats import (
+    RLRecord,
+    _atomic_parquet,
+    atomic_write_text,
+    sharegpt_dataset_info,
+    write_rl_parquet,
+    write_sharegpt,
+)
+from prism.data.world import FAMILIES, Sample, WorldConfig, iter_split, make_sample
+from prism.format import SYSTEM_PROMPT, count_caption_bullets, count_reasoning_steps, split_segments
+
+WORLD_FORMAT_VERSION = 1
+MANIFEST = "world.json"
+TOKENIZER_CORPUS_PER_SPLIT = 3000  # enough text to cover the world's whole vocabulary
+
+
+def _rl_record(sample: Sample) -> RLRecord:
+    segments = split_segments(sample.teacher.text)
+    return RLRecord(
+        id=sample.id,
+        data_source=f"embedded_{sample.family}",
+        prompt=sample.messages("teacher")[:2],
+        images=[sample.image_png()],
+        ground_truth=sample.answer,
+        choices=sample.choices,
+        teacher_caption=segments.perception,
+        teacher_cot=segments.reasoning,
+    )
+
+
+def _save_images(samples: list[Sample], folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for sample in samples:
+        name = f"images/{sample.split}/{sample.id}.png"
+        sample.image.save(folder.parent.parent / name)
+        names.append(name)
+    return names
+
+
+def corpus_texts(cfg: WorldConfig, per_split: int = TOKENIZER_CORPUS_PER_SPLIT) -> Iterable[str]:
+    """The text a tokenizer for this world should know: prompts, both demonstration kinds, base text."""
+    yield SYSTEM_PROMPT
+    for split in ("base", "sft", "teacher", "rl"):
+        for sample in iter_split(cfg, split, stop=per_split):
+            yield sample.question
+            yield sample.teacher.text
+            yield sample.public.text
+            yield sample.base_prompt
+            yield sample.base_response
+
+
+def _bench_table(samples: list[Sample]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {
+                "id": s.id,
+                "family": s.family,
+                "question": s.question,
+                "image": {"bytes": s.image_png(), "path": None},
+                "answer": s.answer,
+                "answer_type": s.answer_type,
+                "choices": json.dumps(s.choices) if s.choices else None,
+                "pair_id": s.pair_id,
+            }
+            for s in samples
+        ],
+        schema=pa.schema([
+            ("id", pa.string()), ("family", pa.string()), ("question", pa.string()),
+            ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            ("answer", pa.string()), ("answer_type", pa.string()), ("choices", pa.string()),
+            ("pair_id", pa.string()),
+        ]),
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_world(cfg: WorldConfig, out: Path, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Write the whole world under `out`; returns the manifest. Finished exports are not redone."""
+    out = Path(out)
+    manifest_path = out / MANIFEST
+    resolved = config_to_dict(cfg)
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("config") == resolved and manifest.get("format_version") == WORLD_FORMAT_VERSION:
+            return manifest
+        raise FileExistsError(f"{out} holds a different world export ({MANIFEST} differs); choose another --out or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    counts: dict[str, int] = {}
+    report = progress or (lambda split, done, total: None)
+
+    def collect(split: str) -> list[Sample]:
+        total = cfg.split_size(split)
+        samples = []
+        for sample in iter_split(cfg, split):
+            samples.append(sample)
+            if len(samples) % 500 == 0 or len(samples) == total:
+                report(split, len(samples), total)
+        counts[split] = total
+        return samples
+
+    for split, source in (("base", None), ("sft", "public"), ("teacher", "teacher")):
+        samples = collect(split)
+        shutil.rmtree(out / "images" / split, ignore_errors=True)
+        names = _save_images(samples, out / "images" / split)
+        if source is None:  # untagged: no system prompt, no format
+            records = [
+                ([{"role": "user", "content": "<image>" + s.base_prompt}, {"role": "assistant", "content": s.base_response}], [n])
+                for s, n in zip(samples, names)
+            ]
+        else:
+            records = [(s.messages(source), [n]) for s, n in zip(samples, names)]
+        write_sharegpt(out / f"{split}.json", records)
+        if split == "teacher":
+            write_rl_parquet(out / "teacher.parquet", (_rl_record(s) for s in samples), split="teacher")
+    write_rl_parquet(out / "rl.parquet", (_rl_record(s) for s in collect("rl")), split="rl")
+    bench = collect("bench")
+    by_family: dict[str, list[Sample]] = defaultdict(list)
+    for sample in bench:
+        by_family[sample.family].append(sample)
+    for family, samples in by_family.items():
+        _atomic_parquet(_bench_table(samples), out / "bench" / f"{family}.parquet")
+    atomic_write_text(out / "dataset_info.json", json.dumps(sharegpt_dataset_info(["base", "sft", "teacher"]), indent=2))
+
+    from prism.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(corpus_texts(cfg))
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    tokenizer.save_pretrained(out / "tokenizer")
+
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".parquet") and p.name != MANIFEST)
+    manifest = {
+        "format_version": WORLD_FORMAT_VERSION,
+        "config": resolved,
+        "counts": counts,
+        "bench_families": list(by_family),
+        "files": {str(p.relative_to(out)): _sha256(p) for p in files},
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))  # last: marks the export complete
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# stats and show
+# ---------------------------------------------------------------------------------------------
+
+
+def world_stats(cfg: WorldConfig, per_family: int = 200, tokenizer=None):
+    """One row per (family, source): how the teacher and public demonstrations differ, in numbers."""
+    import pandas as pd
+
+    rows = []
+    for family in cfg.families:
+        # Training splits cycle families in pairs of indices: take the SFT split's samples of this family.
+        index = 2 * cfg.families.index(family)
+        samples = []
+        while len(samples) < per_family:
+            samples.append(make_sample(cfg, "sft", index))
+            samples.append(make_sample(cfg, "sft", index + 1))
+            index += 2 * len(cfg.families)
+        for source in ("teacher", "public"):
+            for sample in samples[:per_family]:
+                demo = sample.teacher if source == "teacher" else sample.public
+                text = demo.text
+                rows.append({
+                    "family": family,
+                    "source": source,
+                    "caption_bullets": count_caption_bullets(text),
+                    "reasoning_steps": count_reasoning_steps(text),
+                    "answer_correct": demo.answer == sample.answer,
+                    "answer_type": sample.answer_type,
+                    "response_tokens": len(tokenizer(text)["input_ids"]) if tokenizer is not None else len(text.split()),
+                })
+    frame = pd.DataFrame(rows)
+    table = frame.groupby(["family", "source"], sort=False).agg(
+        n=("caption_bullets", "size"),
+        caption_bullets=("caption_bullets", "mean"),
+        reasoning_steps=("reasoning_steps", "mean"),
+        answer_correct=("answer_correct", "mean"),
+        response_tokens=("response_tokens", "mean"),
+        response_tokens_max=("response_tokens", "max"),
+        answer_type=("answer_type", lambda s: "/".join(sorted(set(s)))),
+    )
+    return table.reset_index()
+
+
+def show_world(cfg: WorldConfig, out: Path, per_family: int = 2, split: str = "sft") -> Path:
+    """A PNG grid: one row per sample, the image beside its question, teacher and public responses."""
+    font = ImageFont.load_default(size=11)
+    scale, text_width, line_height = 2, 640, 13
+    rows = []
+    for family in cfg.families:
+        index = 2 * cfg.families.index(family) if split != "bench" else cfg.families.index(family) * cfg.bench_size
+        for k in range(per_family):
+            rows.append(make_sample(cfg, split, index + k))
+    blocks = []
+    for sample in rows:
+        text = [f"[{sample.family}] {sample.id}  Q: {sample.question}", f"ground truth: {sample.answer}",
+                "teacher:", *sample.teacher.text.splitlines(), "public:", *sample.public.text.splitlines()]
+        height = max(cfg.image_size * scale, line_height * len(text)) + 10
+        block = Image.new("RGB", (cfg.image_size * scale + text_width, height), "white")
+        block.paste(sample.image.resize((cfg.image_size * scale,) * 2, Image.NEAREST), (0, 0))
+        draw = ImageDraw.Draw(block)
+        for i, line in enumerate(text):
+            draw.text((cfg.image_size * scale + 8, 2 + i * line_height), line[:110], fill="black", font=font)
+        draw.line((0, height - 1, block.width, height - 1), fill=(200, 200, 200))
+        blocks.append(block)
+    sheet = Image.new("RGB", (blocks[0].width, sum(b.height for b in blocks)), "white")
+    y = 0
+    for block in blocks:
+        sheet.paste(block, (0, y))
+        y += block.height
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    sheet.save(tmp)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,309 @@
+"""Readers and writers for the published data formats, shared by the embedded world and real data.
+
+- SFT demonstrations: LLaMA-Factory's sharegpt multimodal JSON (a list of
+  `{"messages": [{"role", "content"}], "images": [path]}`, `<image>` marking each image in the text;
+  the older `{"conversations": [{"from", "value"}]}` spelling is read too), with a `dataset_info.json`.
+- RL prompts: verl-style parquet (`data_source`, `prompt` messages, `images` [{bytes, path}],
+  `ability`, `reward_model` {style, ground_truth, choices}, `extra_info`, plus PRISM's
+  `teacher_caption` and `teacher_cot`: the teacher's perception and reasoning segments, tags included).
+- Discriminator warm-up pairs: JSONL of `prompt`, `image`, `teacher_caption`, `student_caption`,
+  `teacher_cot`, `student_cot`.
+
+Readers validate every record and raise `DataError` naming the file, the record and the field.
+Writers write to a temporary name and rename, so a killed export never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+IMAGE_TOKEN = "<image>"
+ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataError(ValueError):
+    """A malformed data file or record; the message names the file, the record and the field."""
+
+
+def _fail(path: Path | str, record: str, field: str, expected: str, got: Any) -> DataError:
+    shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+    if isinstance(got, str) and len(got) > 60:
+        shown = repr(got[:57] + "...")
+    return DataError(f"{path}: {record}: field '{field}': expected {expected}, got {shown}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT: LLaMA-Factory sharegpt multimodal JSON
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: list[dict[str, str]]  # role in ROLES, content with `<image>` placeholders
+    images: list[Path]  # resolved against the JSON file's folder
+
+
+def write_sharegpt(path: Path, records: Iterable[tuple[list[dict[str, str]], list[str]]]) -> int:
+    """Write (messages, image paths relative to the file's folder) records; returns the count."""
+    rows = [{"messages": messages, "images": images} for messages, images in records]
+    atomic_write_text(Path(path), json.dumps(rows, ensure_ascii=False, indent=1))
+    return len(rows)
+
+
+def sharegpt_dataset_info(names: Sequence[str]) -> dict:
+    """LLaMA-Factory's dataset_info.json entries for files written by `write_sharegpt`."""
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+            "assistant_tag": "assistant", "system_tag": "system"}
+    return {
+        name: {"file_name": f"{name}.json", "formatting": "sharegpt",
+               "columns": {"messages": "messages", "images": "images"}, "tags": tags}
+        for name in names
+    }
+
+
+def read_sharegpt(path: Path | str, check_images: bool = True) -> list[Conversation]:
+    path = Path(path)
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from None
+    if not isinstance(rows, list):
+        raise _fail(path, "top level", "(root)", "a JSON list of records", rows)
+    conversations = []
+    for index, row in enumerate(rows):
+        record = f"record [{index}]"
+        if not isinstance(row, dict):
+            raise _fail(path, record, "(record)", "an object", row)
+        key = "messages" if "messages" in row else "conversations"
+        unknown = set(row) - {key, "images"}
+        if unknown:
+            raise _fail(path, record, sorted(unknown)[0], "only 'messages' (or 'conversations') and 'images'", sorted(unknown)[0])
+        turns = row.get(key)
+        if not isinstance(turns, list) or not turns:
+            raise _fail(path, record, "messages", "a non-empty list of messages", turns)
+        messages = []
+        for t, turn in enumerate(turns):
+            where = f"{key}[{t}]"
+            if not isinstance(turn, dict):
+                raise _fail(path, record, where, "an object with role and content", turn)
+            role = turn.get("role", turn.get("from"))
+            content = turn.get("content", turn.get("value"))
+            if role not in _SHAREGPT_ROLE:
+                raise _fail(path, record, f"{where}.role", f"one of {list(ROLES)}", role)
+            if not isinstance(content, str):
+                raise _fail(path, record, f"{where}.content", "a string", content)
+            messages.append({"role": _SHAREGPT_ROLE[role], "content": content})
+        if messages[-1]["role"] != "assistant":
+            raise _fail(path, record, f"{key}[{len(turns) - 1}].role", "'assistant' (the last turn is the demonstration)", messages[-1]["role"])
+        images = row.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise _fail(path, record, "images", "a list of image paths", images)
+        placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+        if placeholders != len(images):
+            raise _fail(path, record, "images", f"{placeholders} image(s), one per '<image>' in the messages", len(images))
+        resolved = [(path.parent / image) for image in images]
+        if check_images:
+            for i, image in enumerate(resolved):
+                if not image.is_file():
+                    raise _fail(path, record, f"images[{i}]", "an existing image file", str(image))
+        conversations.append(Conversation(messages, resolved))
+    return conversations
+
+
+# ---------------------------------------------------------------------------------------------
+# RL prompts: verl-style parquet
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RLRecord:
+    id: str
+    data_source: str  # the task family or benchmark name
+    prompt: list[dict[str, str]]  # chat messages up to (not including) the response
+    images: list[bytes]  # encoded image files (PNG/JPEG)
+    ground_truth: str
+    choices: dict[str, str] | None  # multiple-choice options, letter -> text
+    teacher_caption: str | None  # "<caption>...</caption>", when teacher demonstrations exist
+    teacher_cot: str | None  # "<think>...</think>\n<answer>...</answer>"
+
+
+def write_rl_parquet(path: Path, records: Iterable[RLRecord], split: str) -> int:
+    rows = []
+    for index, record in enumerate(records):
+        rows.append({
+            "data_source": record.data_source,
+            "prompt": record.prompt,
+            "images": [{"bytes": image, "path": None} for image in record.images],
+            "ability": "visual_reasoning",
+            "reward_model": {
+                "style": "rule",
+                "ground_truth": record.ground_truth,
+                # JSON keeps the schema fixed whether or not a record has options.
+                "choices": json.dumps(record.choices) if record.choices else None,
+            },
+            "extra_info": {"id": record.id, "index": index, "split": split},
+            "teacher_caption": record.teacher_caption,
+            "teacher_cot": record.teacher_cot,
+        })
+    schema = pa.schema([
+        ("data_source", pa.string()),
+        ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
+        ("ability", pa.string()),
+        ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string()), ("choices", pa.string())])),
+        ("extra_info", pa.struct([("id", pa.string()), ("index", pa.int64()), ("split", pa.string())])),
+        ("teacher_caption", pa.string()),
+        ("teacher_cot", pa.string()),
+    ])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    _atomic_parquet(table, Path(path))
+    return len(rows)
+
+
+def _atomic_parquet(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_rl_parquet(path: Path | str) -> list[RLRecord]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DataError(f"{path}: not a readable parquet file ({error})") from None
+    for column in ("prompt", "images", "reward_model"):
+        if column not in table.column_names:
+            raise DataError(f"{path}: missing column '{column}' (expected verl-style RL parquet: prompt, images, reward_model, ...)")
+    records = []
+    for index, row in enumerate(table.to_pylist()):
+        record = f"row {index}"
+        prompt = row["prompt"]
+        if not isinstance(prompt, list) or not prompt:
+            raise _fail(path, record, "prompt", "a non-empty list of messages", prompt)
+        for t, message in enumerate(prompt):
+            if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+                raise _fail(path, record, f"prompt[{t}]", "a message {role, content} with role in system/user/assistant", message)
+        images = row["images"] or []
+        image_bytes = []
+        for i, image in enumerate(images):
+            data = image.get("bytes") if isinstance(image, dict) else image
+            if not isinstance(data, (bytes, bytearray)) or not data:
+                raise _fail(path, record, f"images[{i}].bytes", "encoded image bytes", data)
+            image_bytes.append(bytes(data))
+        placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in prompt)
+        if placeholders != len(image_bytes):
+            raise _fail(path, record, "images", f"{placeholders} image(s), one per '<image>' in the prompt", len(image_bytes))
+        reward = row["reward_model"]
+        if not isinstance(reward, dict) or not isinstance(reward.get("ground_truth"), str):
+            raise _fail(path, record, "reward_model.ground_truth", "a string", (reward or {}).get("ground_truth"))
+        choices = reward.get("choices")
+        if choices is not None:
+            try:
+                choices = json.loads(choices) if isinstance(choices, str) else choices
+            except json.JSONDecodeError:
+                raise _fail(path, record, "reward_model.choices", "a JSON object of letter -> option", choices) from None
+            if not isinstance(choices, dict) or not all(isinstance(v, str) for v in choices.values()):
+                raise _fail(path, record, "reward_model.choices", "a JSON object of letter -> option", choices)
+        extra = row.get("extra_info") or {}
+        records.append(RLRecord(
+            id=str(extra.get("id", f"{path.stem}-{index}")),
+            data_source=str(row.get("data_source") or path.stem),
+            prompt=prompt,
+            images=image_bytes,
+            ground_truth=reward["ground_truth"],
+            choices=choices or None,
+            teacher_caption=row.get("teacher_caption"),
+            teacher_cot=row.get("teacher_cot"),
+        ))
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Discriminator warm-up pairs: JSONL
+# ---------------------------------------------------------------------------------------------
+
+WARMUP_FIELDS = ("prompt", "image", "teacher_caption", "student_caption", "teacher_cot", "student_cot")
+
+
+@dataclass(frozen=True)
+class WarmupPair:
+    prompt: str
+    image: Path  # resolved against the JSONL file's folder
+    teacher_caption: str
+    student_caption: str
+    teacher_cot: str
+    student_cot: str
+
+
+def write_warmup_pairs(path: Path, pairs: Iterable[WarmupPair]) -> int:
+    path = Path(path)
+    lines = []
+    for pair in pairs:
+        row = {name: getattr(pair, name) for name in WARMUP_FIELDS}
+        row["image"] = os.path.relpath(pair.image, path.parent)
+        lines.append(json.dumps(row, ensure_ascii=False))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def read_warmup_pairs(path: Path | str, check_images: bool = True) -> list[WarmupPair]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: invalid JSON: {error.msg}") from None
+        if not isinstance(row, dict):
+            raise _fail(path, where, "(record)", "a JSON object", row)
+        unknown = set(row) - set(WARMUP_FIELDS)
+        if unknown:
+            raise _fail(path, where, sorted(unknown)[0], f"only {list(WARMUP_FIELDS)}", sorted(unknown)[0])
+        for name in WARMUP_FIELDS:
+            if not isinstance(row.get(name), str) or not row[name]:
+                raise _fail(path, where, name, "a non-empty string", row.get(name))
+        image = path.parent / row["image"]
+        if check_images and not image.is_file():
+            raise _fail(path, where, "image", "an existing image file", str(image))
+        pairs.append(WarmupPair(**{**row, "image": image}))
+    return pairs

@@ -1,0 +1,140 @@
+"""The embedded world: determinism, ground truth the pixels agree with, teacher vs public fidelity."""
+
+import re
+
+import numpy as np
+import pytest
+
+from prism.config import ConfigError, FieldError, load_config
+from prism.data.world import FAMILIES, PALETTE, WorldConfig, family_of, make_sample
+from prism.format import count_caption_bullets, count_reasoning_steps, is_format_valid
+from prism.rewards import compute_reward
+
+
+def test_samples_are_pure_functions_of_seed_split_and_index():
+    cfg = WorldConfig()
+    first, again = make_sample(cfg, "sft", 17), make_sample(cfg, "sft", 17)
+    assert first.image_png() == again.image_png()
+    assert first.teacher == again.teacher and first.public == again.public and first.question == again.question
+    other_seed = make_sample(WorldConfig(seed=1), "sft", 17)
+    assert (other_seed.image_png(), other_seed.question) != (first.image_png(), first.question)
+
+
+def test_growing_one_split_leaves_the_others_unchanged():
+    small, large = WorldConfig(sft_size=10), WorldConfig(sft_size=10_000)
+    for index in range(5):
+        a, b = make_sample(small, "rl", index), make_sample(large, "rl", index)
+        assert a.image_png() == b.image_png() and a.answer == b.answer
+
+
+def test_every_family_appears_and_training_splits_cycle_them_in_pairs():
+    cfg = WorldConfig()
+    families = [family_of(cfg, "sft", i) for i in range(2 * len(FAMILIES))]
+    assert families[0::2] == list(FAMILIES) and families[0::2] == families[1::2]
+    bench = [family_of(cfg, "bench", i) for i in range(cfg.split_size("bench"))]
+    assert {f: bench.count(f) for f in FAMILIES} == {f: cfg.bench_size for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_demonstrations_are_format_valid_and_earn_full_reward(family):
+    cfg = WorldConfig(families=[family])
+    for index in range(40):
+        sample = make_sample(cfg, "teacher", index)
+        assert sample.family == family
+        assert is_format_valid(sample.teacher.text)
+        result = compute_reward(sample.teacher.text, sample.answer, choices=sample.choices)
+        assert result.score == pytest.approx(1.0), (sample.question, sample.teacher.text)
+
+
+def test_colour_counts_agree_with_the_rendered_pixels():
+    cfg = WorldConfig(families=["counting"])
+    checked = 0
+    for index in range(60):
+        sample = make_sample(cfg, "bench", index)
+        match = re.match(r"How many (\w+) shapes are there\?", sample.question)
+        if not match:
+            continue
+        pixels = np.asarray(sample.image)
+        centres = [pixels[r * 32 + 16, c * 32 + 18] for r in range(cfg.grid) for c in range(cfg.grid)]
+        counted = sum(tuple(int(v) for v in centre) == PALETTE[match.group(1)] for centre in centres)
+        assert str(counted) == sample.answer, sample.id
+        checked += 1
+    assert checked >= 15
+
+
+def test_presence_questions_come_in_yes_no_pairs_on_one_image():
+    cfg = WorldConfig(families=["presence"])
+    for pair in range(10):
+        yes, no = make_sample(cfg, "bench", 2 * pair), make_sample(cfg, "bench", 2 * pair + 1)
+        assert yes.pair_id == no.pair_id is not None
+        assert yes.image_png() == no.image_png()
+        assert (yes.answer, no.answer) == ("yes", "no")
+
+
+def test_presence_traps_ask_about_a_present_colour_and_a_present_shape():
+    cfg = WorldConfig(families=["presence"])
+    for pair in range(20):
+        no = make_sample(cfg, "bench", 2 * pair + 1)
+        colour, shape = re.match(r"Is there a (\w+) (\w+)", no.question).groups()
+        caption = " ".join(no.teacher.caption_bullets)
+        assert colour in caption and shape in caption and f"{colour} {shape}" not in caption
+
+
+def test_public_demonstrations_are_lower_fidelity_than_the_teachers():
+    cfg = WorldConfig(wrong_answer_rate=0.3)
+    samples = [make_sample(cfg, "sft", i) for i in range(600)]
+    wrong = np.mean([s.public.answer != s.answer for s in samples])
+    assert 0.24 < wrong < 0.36
+    teacher_bullets = np.mean([count_caption_bullets(s.teacher.text) for s in samples])
+    public_bullets = np.mean([count_caption_bullets(s.public.text) for s in samples])
+    teacher_steps = np.mean([count_reasoning_steps(s.teacher.text) for s in samples])
+    public_steps = np.mean([count_reasoning_steps(s.public.text) for s in samples])
+    assert public_bullets < 0.85 * teacher_bullets and public_steps < 0.8 * teacher_steps
+    assert all(is_format_valid(s.public.text) for s in samples)
+
+
+def test_public_equals_teacher_when_all_noise_is_off():
+    cfg = WorldConfig(caption_drop_rate=0, terse_caption_rate=0, skip_steps_rate=0, wrong_answer_rate=0)
+    for index in range(30):
+        sample = make_sample(cfg, "sft", index)
+        assert sample.public == sample.teacher
+
+
+def test_base_corpus_is_untagged():
+    for index in range(30):
+        sample = make_sample(WorldConfig(), "base", index)
+        assert "<caption>" not in sample.base_response and sample.base_response.endswith(".")
+
+
+def test_multichoice_answers_are_letters_among_the_options():
+    cfg = WorldConfig(families=["multichoice"])
+    for index in range(30):
+        sample = make_sample(cfg, "rl", index)
+        assert sample.answer in sample.choices and f"({sample.answer})" in sample.question
+
+
+def test_larger_grid_and_all_shapes_still_generate_valid_samples():
+    cfg = WorldConfig(image_size=128, num_colours=6, num_shapes=4, max_objects=10)
+    for index in range(24):
+        sample = make_sample(cfg, "sft", index)
+        assert sample.image.size == (128, 128) and is_format_valid(sample.teacher.text)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("image_size", 100), ("num_colours", 9), ("max_objects", 10), ("wrong_answer_rate", 1.5),
+     ("families", ["charts"]), ("bench_size", 7), ("sft_size", -1)],
+)
+def test_invalid_world_fields_are_named(field, value):
+    with pytest.raises(FieldError) as error:
+        WorldConfig(**{field: value})
+    assert field in str(error.value)
+
+
+def test_world_yaml_errors_name_file_line_and_field(tmp_path):
+    path = tmp_path / "world.yaml"
+    path.write_text("seed: 3\nimage_size: 96\nwrong_answer_rate: 2.0\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(WorldConfig, path)
+    message = str(error.value)
+    assert "world.yaml:3" in message and "wrong_answer_rate" in message
