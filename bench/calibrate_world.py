@@ -43,18 +43,40 @@ def chat_prompt(processor, question: str) -> str:
     return processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def sft_batch(processor, samples):
-    """Right-padded batch; loss only on the response and its <|im_end|>."""
+def base_batch(processor, samples):
+    """The base stage's untagged captioning / QA: no system prompt, loss on the answer."""
     tokenizer = processor.tokenizer
+    responses = [s.base_response + "<|im_end|>" for s in samples]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.base_prompt}]}],
+            tokenize=False, add_generation_prompt=True)
+        for s in samples
+    ]
+    return _response_only_batch(processor, samples, prompts, responses)
+
+
+def sft_batch(processor, samples):
+    responses = [s.public.text + "<|im_end|>" for s in samples]
     prompts = [chat_prompt(processor, s.question) for s in samples]
-    texts = [p + s.public.text + "<|im_end|>" for p, s in zip(prompts, samples)]
+    return _response_only_batch(processor, samples, prompts, responses)
+
+
+def _response_only_batch(processor, samples, prompts, responses):
+    """Right-padded batch; loss only on the response and its <|im_end|>.
+
+    The byte-level pre-tokenizer splits at the "assistant\n" | response boundary, so the response's own
+    token ids are the last tokens of each row: no second processor pass is needed to find them.
+    """
+    tokenizer = processor.tokenizer
+    texts = [p + r for p, r in zip(prompts, responses)]
     tokenizer.padding_side = "right"
     batch = processor(text=texts, images=[[s.image] for s in samples], padding=True, return_tensors="pt")
-    prompt_lengths = [len(ids) for ids in processor(text=prompts, images=[[s.image] for s in samples])["input_ids"]]
-    labels = batch["input_ids"].clone()
-    for row, length in enumerate(prompt_lengths):
-        labels[row, :length] = -100
-    labels[batch["attention_mask"] == 0] = -100
+    labels = torch.full_like(batch["input_ids"], -100)
+    for row, response in enumerate(responses):
+        length = int(batch["attention_mask"][row].sum())
+        n = len(tokenizer(response)["input_ids"])
+        labels[row, length - n : length] = batch["input_ids"][row, length - n : length]
     batch["labels"] = labels
     return batch
 
@@ -105,7 +127,8 @@ def evaluate(model, processor, samples, max_new_tokens: int, batch_size: int = 6
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="embedded-s")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--base-steps", type=int, default=0, help="untagged captioning/QA steps first")
+    parser.add_argument("--steps", type=int, default=1500, help="SFT steps")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
@@ -129,27 +152,31 @@ def main() -> None:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95))
 
+    total_steps = args.base_steps + args.steps
+
     def lr_lambda(step: int) -> float:
         if step < args.warmup:
             return (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        progress = (step - args.warmup) / max(1, total_steps - args.warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     bench_per_family = min(args.eval_per_family, world.bench_size)
     bench = [make_sample(world, "bench", f * world.bench_size + i)
              for f in range(len(world.families)) for i in range(bench_per_family)]
-    train = iter_split(world, "sft")
+    streams = {"base": iter_split(world, "base"), "sft": iter_split(world, "sft")}
     result = {"preset": args.preset, "parameters": count_parameters(model), "world": {k: v for k, v in vars(world).items()},
-              "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "vocab": len(tokenizer), "evals": []}
+              "base_steps": args.base_steps, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+              "vocab": len(tokenizer), "evals": []}
     started = time.perf_counter()
     tokens = 0
-    for step in range(1, args.steps + 1):
-        samples = [next(train, None) for _ in range(args.batch_size)]
-        if samples[-1] is None:  # another epoch over the SFT split
-            train = iter_split(world, "sft")
-            samples = [next(train) for _ in range(args.batch_size)]
-        batch = sft_batch(processor, samples)
+    for step in range(1, total_steps + 1):
+        split = "base" if step <= args.base_steps else "sft"
+        samples = [next(streams[split], None) for _ in range(args.batch_size)]
+        if samples[-1] is None:  # another epoch over the split
+            streams[split] = iter_split(world, split)
+            samples = [next(streams[split]) for _ in range(args.batch_size)]
+        batch = (base_batch if split == "base" else sft_batch)(processor, samples)
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -159,9 +186,9 @@ def main() -> None:
         tokens += int(batch["attention_mask"].sum())
         if step % 50 == 0:
             elapsed = time.perf_counter() - started
-            print(f"step {step}/{args.steps} loss {loss.item():.3f} {tokens / elapsed:.0f} tok/s "
-                  f"eta {(args.steps - step) * elapsed / step:.0f}s", flush=True)
-        if step % args.eval_every == 0 or step == args.steps:
+            print(f"{split} step {step}/{total_steps} loss {loss.item():.3f} {tokens / elapsed:.0f} tok/s "
+                  f"eta {(total_steps - step) * elapsed / step:.0f}s", flush=True)
+        if split == "sft" and ((step - args.base_steps) % args.eval_every == 0 or step == total_steps):
             train_seconds = time.perf_counter() - started
             report = evaluate(model, processor, bench, args.max_new_tokens)
             report.update(step=step, train_seconds=round(train_seconds, 1))

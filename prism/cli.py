@@ -3,6 +3,7 @@
   prism world export --out DIR [--config F] [key=value ...]
   prism world stats [--config F] [--per-family N] [key=value ...]
   prism world show --out PNG [--config F] [--per-family N] [--split S] [key=value ...]
+  prism data check FILE [--kind sharegpt|rl|warmup]
   prism reward score --jsonl FILE
   prism reproduce NAME
 
@@ -83,6 +84,18 @@ def cmd_world_show(args) -> int:
     return 0
 
 
+def cmd_data_check(args) -> int:
+    from prism.data import formats
+
+    kind = args.kind or {".json": "sharegpt", ".parquet": "rl", ".jsonl": "warmup"}.get(args.path.suffix)
+    if kind is None:
+        raise formats.DataError(f"{args.path}: cannot tell the format from the suffix; pass --kind sharegpt|rl|warmup")
+    reader = {"sharegpt": formats.read_sharegpt, "rl": formats.read_rl_parquet, "warmup": formats.read_warmup_pairs}[kind]
+    records = reader(args.path)
+    print(json.dumps({"path": str(args.path), "format": kind, "records": len(records)}))
+    return 0
+
+
 def cmd_reward_score(args) -> int:
     from prism.rewards import score_jsonl
 
@@ -121,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--split", default="sft", choices=["base", "sft", "teacher", "rl", "bench"])
     with_world_config(show)
     show.set_defaults(func=cmd_world_show)
+
+    data = commands.add_parser("data", help="data files in the published formats").add_subparsers(dest="action", required=True)
+    check = data.add_parser("check", help="validate a sharegpt JSON, RL parquet or warm-up pairs JSONL file")
+    check.add_argument("path", type=Path)
+    check.add_argument("--kind", choices=["sharegpt", "rl", "warmup"], default=None)
+    check.set_defaults(func=cmd_data_check)
 
     reward = commands.add_parser("reward", help="the RLVR reward").add_subparsers(dest="action", required=True)
     score = reward.add_parser("score", help="score JSONL lines {response, ground_truth, equivalent_answers?, choices?}")

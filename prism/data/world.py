@@ -67,8 +67,8 @@ class WorldConfig:
     image_size: int = field(default=96, metadata={"help": "Image side in px, a multiple of 32 (grid = image_size / 32 cells)."})
     num_colours: int = field(default=4, metadata={"help": "Colours in use, taken in order from the palette (2-6)."})
     num_shapes: int = field(default=3, metadata={"help": "Shapes in use, taken in order from circle, square, triangle, diamond (2-4)."})
-    min_objects: int = field(default=2, metadata={"help": "Fewest objects in a grid scene."})
-    max_objects: int = field(default=6, metadata={"help": "Most objects in a grid scene (at most grid cells)."})
+    min_objects: int = field(default=1, metadata={"help": "Fewest objects in a grid scene."})
+    max_objects: int = field(default=5, metadata={"help": "Most objects in a grid scene (at most grid cells)."})
 
     # --- public-corpus noise (the SFT data is lower-fidelity than the teacher's) ---
     caption_drop_rate: float = field(default=0.3, metadata={"help": "Probability that a public caption bullet is dropped."})
@@ -346,6 +346,10 @@ def _chart(rng, cfg):
     return _draw_chart(bars, cfg), question, str(answer), "integer", None, bullets, steps
 
 
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
 def _geometry(rng, cfg):
     grid = cfg.grid
     kind = str(rng.choice(["rectangle", "triangle"]))
@@ -353,19 +357,24 @@ def _geometry(rng, cfg):
     top, left = int(rng.integers(0, grid - height + 1)), int(rng.integers(0, grid - width + 1))
     bullets = [f"a shaded right triangle" if kind == "triangle" else "a shaded rectangle",
                f"width {width} grid units", f"height {height} grid units"]
-    if kind == "rectangle" and rng.random() < 0.5:
+    # Three questions of rising length: perimeter, area, and the area left unshaded (grid minus figure).
+    question_kind = str(rng.choice(["perimeter", "area", "unshaded"])) if kind == "rectangle" else str(rng.choice(["area", "unshaded"]))
+    area = width * height if kind == "rectangle" else width * height / 2
+    area_step = f"Area = {width} x {height} = {_number(area)}." if kind == "rectangle" else f"Area = {width} x {height} / 2 = {_number(area)}."
+    name = "rectangle" if kind == "rectangle" else "right triangle"
+    dims = f"Width {width}, height {height}." if kind == "rectangle" else f"Legs {width} and {height}."
+    if question_kind == "perimeter":
         question = "What is the perimeter of the shaded rectangle in grid units?"
-        answer = str(2 * (width + height))
-        steps = [f"Width {width}, height {height}.", f"Perimeter = 2 x ({width} + {height}) = {answer}."]
-    elif kind == "rectangle":
-        question = "What is the area of the shaded rectangle in grid squares?"
-        answer = str(width * height)
-        steps = [f"Width {width}, height {height}.", f"Area = {width} x {height} = {answer}."]
+        answer = _number(2 * (width + height))
+        steps = [dims, f"Perimeter = 2 x ({width} + {height}) = {answer}."]
+    elif question_kind == "area":
+        question = f"What is the area of the shaded {name} in grid squares?"
+        answer = _number(area)
+        steps = [dims, area_step]
     else:
-        question = "What is the area of the shaded right triangle in grid squares?"
-        area = width * height / 2
-        answer = str(int(area)) if area.is_integer() else str(area)
-        steps = [f"Legs {width} and {height}.", f"Area = {width} x {height} / 2 = {answer}."]
+        question = f"How many grid squares of area are not covered by the shaded {name}?"
+        answer = _number(grid * grid - area)
+        steps = [dims, area_step, f"The grid has {grid} x {grid} = {grid * grid}.", f"{grid * grid} - {_number(area)} = {answer}."]
     image = _draw_figure(kind, top, left, width, height, cfg)
     return image, question, answer, ("integer" if answer.isdigit() else "number"), None, bullets, steps
 
