@@ -82,6 +82,31 @@ def _response_only_batch(processor, samples, prompts, responses):
 
 
 @torch.no_grad()
+def evaluate_base_captions(model, processor, samples, max_new_tokens: int = 80) -> dict:
+    """After the base stage: does "Describe the image." name each object (and its position)?"""
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    model.eval()
+    grid = [s for s in samples if s.family in ("counting", "presence", "composite", "multichoice")]
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
+        tokenize=False, add_generation_prompt=True)
+    exact = objects = 0.0
+    for start in range(0, len(grid), 64):
+        chunk = grid[start : start + 64]
+        inputs = processor(text=[prompt] * len(chunk), images=[[s.image] for s in chunk], padding=True, return_tensors="pt")
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
+        for sample, text in zip(chunk, tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)):
+            text = text.lower()
+            wanted = sample.teacher.caption_bullets
+            exact += sum(b in text for b in wanted) / len(wanted)
+            objects += sum(b.split(" at ")[0] in text for b in wanted) / len(wanted)
+    model.train()
+    return {"n": len(grid), "caption_recall": round(exact / len(grid), 3), "object_recall": round(objects / len(grid), 3)}
+
+
+@torch.no_grad()
 def evaluate(model, processor, samples, max_new_tokens: int, batch_size: int = 64) -> dict:
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
@@ -100,10 +125,12 @@ def evaluate(model, processor, samples, max_new_tokens: int, batch_size: int = 6
             caption = segments.caption if segments else ""
             wanted = sample.teacher.caption_bullets
             recall = sum(bullet in caption for bullet in wanted) / len(wanted)
+            # Position-free recall: the public corpus often drops positions ("red square").
+            objects = sum(bullet.split(" at ")[0] in caption for bullet in wanted) / len(wanted)
             answer = extract_answer(text)
             correct = answer is not None and answers_match(answer, sample.answer, choices=sample.choices)
             rows.append({"family": sample.family, "format": is_format_valid(text), "correct": correct,
-                         "recall": recall, "answer": sample.answer, "text": text})
+                         "recall": recall, "object_recall": objects, "answer": sample.answer, "text": text})
     model.train()
     by_family = defaultdict(list)
     for row in rows:
@@ -117,9 +144,10 @@ def evaluate(model, processor, samples, max_new_tokens: int, batch_size: int = 6
             "accuracy": round(sum(r["correct"] for r in group) / len(group), 3),
             "majority_baseline": round(majority, 3),
             "caption_recall": round(sum(r["recall"] for r in group) / len(group), 3),
+            "object_recall": round(sum(r["object_recall"] for r in group) / len(group), 3),
         }
     report["all"] = {key: round(sum(v[key] for v in report.values()) / len(by_family), 3)
-                     for key in ("format_valid", "accuracy", "majority_baseline", "caption_recall")}
+                     for key in ("format_valid", "accuracy", "majority_baseline", "caption_recall", "object_recall")}
     report["example"] = rows[0]["text"]
     return report
 
@@ -128,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="embedded-s")
     parser.add_argument("--base-steps", type=int, default=0, help="untagged captioning/QA steps first")
-    parser.add_argument("--steps", type=int, default=1500, help="SFT steps")
+    parser.add_argument("--steps", type=int, default=1500, help="SFT steps (0: base stage only)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
@@ -188,6 +216,9 @@ def main() -> None:
             elapsed = time.perf_counter() - started
             print(f"{split} step {step}/{total_steps} loss {loss.item():.3f} {tokens / elapsed:.0f} tok/s "
                   f"eta {(total_steps - step) * elapsed / step:.0f}s", flush=True)
+        if step == args.base_steps:
+            result["base_captions"] = evaluate_base_captions(model, processor, bench)
+            print(json.dumps({"base_captions": result["base_captions"]}), flush=True)
         if split == "sft" and ((step - args.base_steps) % args.eval_every == 0 or step == total_steps):
             train_seconds = time.perf_counter() - started
             report = evaluate(model, processor, bench, args.max_new_tokens)

@@ -71,8 +71,8 @@ class WorldConfig:
     max_objects: int = field(default=5, metadata={"help": "Most objects in a grid scene (at most grid cells)."})
 
     # --- public-corpus noise (the SFT data is lower-fidelity than the teacher's) ---
-    caption_drop_rate: float = field(default=0.3, metadata={"help": "Probability that a public caption bullet is dropped."})
-    terse_caption_rate: float = field(default=0.5, metadata={"help": "Probability that a public caption omits positions."})
+    caption_drop_rate: float = field(default=0.2, metadata={"help": "Probability that a public caption bullet is dropped."})
+    terse_caption_rate: float = field(default=0.4, metadata={"help": "Probability that a public caption omits positions."})
     skip_steps_rate: float = field(default=0.5, metadata={"help": "Probability that a public demonstration skips the intermediate steps."})
     wrong_answer_rate: float = field(default=0.15, metadata={"help": "Probability that a public demonstration ends in a wrong answer."})
 
@@ -472,7 +472,7 @@ def _public_demo(rng, cfg, bullets, steps, answer, answer_type, choices) -> Demo
 
 def _base_pair(rng, bullets: list[str]) -> tuple[str, str]:
     """Generic untagged captioning or QA on the same scene: what a base 'instruct' model knows."""
-    if rng.random() < 0.6:
+    if rng.random() < 0.8:  # mostly full descriptions: perception is what a base model brings
         text = "; ".join(bullets)
         return "Describe the image.", text[0].upper() + text[1:] + "."
     bullet = bullets[int(rng.integers(len(bullets)))]

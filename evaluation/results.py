@@ -1,0 +1,150 @@
+"""lmms-eval results JSON -> tidy rows, and the CSV row store that reports read with pandas.
+
+lmms-eval's layout (what `simple_evaluate` returns and its EvaluationTracker writes as
+`<date>_results.json`):
+    results:       {task_or_group: {"alias": ..., "<metric>,<filter>": value, "<metric>_stderr,<filter>": value|"N/A", ...}}
+    n-samples:     {task: {"original": N, "effective": n}}        (tasks only)
+    group_subtasks {group: [task, ...]}
+    configs, versions, higher_is_better, config, lmms_eval_version, date, ...
+
+One row per (task or group, metric): checkpoint, checkpoint_hash, suite, benchmark, task, metric, value,
+stderr, n, eval_key, date. The filter is dropped from the metric name when it is "none" (ours always).
+A group's n is the sum of its tasks' n. stderr is NaN where lmms-eval reports "N/A".
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+STORE_COLUMNS = (
+    "checkpoint", "checkpoint_hash", "suite", "benchmark", "task", "metric", "value", "stderr", "n", "eval_key", "date",
+)
+_NOT_METRICS = {"alias", "samples", " ", "name", "sample_len", "sample_count"}
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _n_samples(results: Mapping, name: str) -> int | None:
+    n_samples = results.get("n-samples", {})
+    if name in n_samples:
+        entry = n_samples[name]
+        return int(entry.get("effective", entry.get("original"))) if isinstance(entry, Mapping) else int(entry)
+    subtasks = results.get("group_subtasks", {}).get(name)
+    if subtasks:
+        counts = [_n_samples(results, task) for task in subtasks]
+        return sum(c for c in counts if c is not None) if any(c is not None for c in counts) else None
+    return None
+
+
+def parse_results(results: Mapping | str | Path, **columns: Any) -> list[dict]:
+    """Tidy rows from an lmms-eval results dict or results JSON file; `columns` fill the other fields."""
+    if not isinstance(results, Mapping):
+        results = json.loads(Path(results).read_text(encoding="utf-8"))
+    rows = []
+    for name, metrics in results.get("results", {}).items():
+        n = _n_samples(results, name)
+        for key, value in metrics.items():
+            if key in _NOT_METRICS or "," not in key or "_stderr," in key:
+                continue
+            metric, _, filter_name = key.partition(",")
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            rows.append({
+                **{column: None for column in STORE_COLUMNS},
+                "date": results.get("date"),
+                **columns,
+                "task": name,
+                "metric": metric if filter_name in ("none", "") else f"{metric},{filter_name}",
+                "value": _number(value),
+                "stderr": _number(stderr),
+                "n": n,
+            })
+    return rows
+
+
+def write_rows(path: Path, rows: Iterable[Mapping]) -> None:
+    """Write rows as a CSV file (a run's own rows.csv)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=STORE_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_rows(path: Path) -> list[dict]:
+    import pandas as pd
+
+    return pd.read_csv(path).to_dict("records")
+
+
+def append_to_store(store: Path, rows: Iterable[Mapping]) -> None:
+    """Append rows to the store (a CSV, created with its header); safe beside other appending processes."""
+    rows = list(rows)
+    if not rows:
+        return
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store, "a+", newline="", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            handle.seek(0, os.SEEK_END)
+            writer = csv.DictWriter(handle, fieldnames=STORE_COLUMNS, extrasaction="ignore")
+            if handle.tell() == 0:
+                writer.writeheader()
+            writer.writerows(rows)
+            handle.flush()
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_store(store: Path | str):
+    """The store as a pandas DataFrame, one row per (evaluation, task, metric): a re-appended row replaces its twin."""
+    import pandas as pd
+
+    store = Path(store)
+    if not store.is_file():
+        return pd.DataFrame(columns=list(STORE_COLUMNS))
+    frame = pd.read_csv(store)
+    return frame.drop_duplicates(subset=["checkpoint_hash", "eval_key", "task", "metric"], keep="last").reset_index(drop=True)
+
+
+def metrics_table(rows: Iterable[Mapping], metrics: Iterable[str] | None = None) -> str:
+    """A plain-text table: one line per task, one column per metric (value, with stderr where known)."""
+    rows = list(rows)
+    order: list[str] = []
+    found: list[str] = []
+    cells: dict[tuple[str, str], str] = {}
+    n_of: dict[str, Any] = {}
+    for row in rows:
+        if row["task"] not in order:
+            order.append(row["task"])
+        if row["metric"] not in found:
+            found.append(row["metric"])
+        value, stderr = _number(row["value"]), _number(row["stderr"])
+        text = "nan" if math.isnan(value) else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+        if not math.isnan(stderr):
+            text += f" ±{stderr:.3f}" if abs(stderr) < 10 else f" ±{stderr:.1f}"
+        cells[(row["task"], row["metric"])] = text
+        n_of[row["task"]] = row.get("n")
+    columns = list(metrics) if metrics is not None else found
+    header = ["task", "n", *columns]
+    lines = [[task, "" if n_of.get(task) is None else str(int(_number(n_of[task]))), *(cells.get((task, m), "") for m in columns)]
+             for task in order]
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
+    fmt = lambda items: "  ".join(str(x).ljust(w) for x, w in zip(items, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(line) for line in lines)])

@@ -1,0 +1,56 @@
+"""The `prism` command: user mistakes end in one line and exit status 2; outputs are machine-readable."""
+
+import json
+
+from prism.cli import main
+
+
+def test_unknown_config_key_is_one_line_naming_file_line_and_field(tmp_path, capsys):
+    config = tmp_path / "world.yaml"
+    config.write_text("seed: 1\nimage_sise: 96\n")
+    assert main(["world", "stats", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "world.yaml:2" in err and "image_sise" in err and "image_size" in err
+
+
+def test_bad_override_names_the_override(capsys):
+    assert main(["world", "stats", "image_size=100"]) == 2
+    assert "override 'image_size=100'" in capsys.readouterr().err
+
+
+def test_reward_score_prints_one_json_line_per_input(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    good = "<caption>\n- a red bar\n</caption>\n<think>\n2 + 3 = 5.\n</think>\n<answer>5</answer>"
+    rows = [{"response": good, "ground_truth": "5"}, {"response": "5", "ground_truth": "5"},
+            {"response": good.replace(">5<", ">(B) 5<"), "ground_truth": "B", "choices": {"A": "4", "B": "5"}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["reward", "score", "--jsonl", str(path)]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["score"] for r in out] == [1.0, 0.0, 1.0]
+    assert out[1]["format"] == 0.0 and out[0]["extracted_answer"] == "5"
+
+
+def test_reward_score_bad_line_is_named(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"response": "x", "ground_truth": "1"}\n{"response": "x"}\n')
+    assert main(["reward", "score", "--jsonl", str(path)]) == 2
+    assert "r.jsonl:2" in capsys.readouterr().err
+
+
+def test_data_check_names_the_bad_record(tmp_path, capsys):
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps([{"messages": [{"role": "bot", "content": "hi"}], "images": []}]))
+    assert main(["data", "check", str(path)]) == 2
+    assert "record [0]: field 'messages[0].role'" in capsys.readouterr().err
+
+
+def test_reproduce_says_what_is_missing(capsys):
+    assert main(["reproduce", "table1"]) == 2
+    err = capsys.readouterr().err
+    assert "not implemented yet" in err and "matrix" in err
+
+
+def test_world_show_writes_a_png(tmp_path, capsys):
+    out = tmp_path / "sheet.png"
+    assert main(["world", "show", "--out", str(out), "--per-family", "1"]) == 0
+    assert out.read_bytes()[:8] == bytes.fromhex("89504e470d0a1a0a")
