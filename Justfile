@@ -14,6 +14,8 @@ setup:
     [ -x .venv/bin/python ] || python3 -m venv .venv
     start=$(date +%s)
     .venv/bin/pip install -q --disable-pip-version-check -c constraints-cpu.txt -e ".[dev]"
+    # lmms-eval pulls a CUDA torchvision whose import fails beside the CPU torch; nothing here needs it.
+    .venv/bin/pip uninstall -y -q torchvision 2>/dev/null || true
     echo "$want" > "$stamp"
     echo "installed into .venv in $(( $(date +%s) - start )) s ($(du -sh .venv | cut -f1))"
 
@@ -28,6 +30,10 @@ reproduce name: setup
 # The embedded world: `just world stats`, `just world export --out outputs/world`, `just world show`.
 world *args: setup
     .venv/bin/prism world {{args}}
+
+# Evaluate a checkpoint through lmms-eval: `just eval --checkpoint DIR --suite embedded [--limit N] [--world DIR]`.
+eval *args: setup
+    .venv/bin/prism eval {{args}}
 
 # Score a JSONL file of responses with the RLVR reward.
 reward-score file: setup

@@ -183,9 +183,12 @@ def main() -> None:
     total_steps = args.base_steps + args.steps
 
     def lr_lambda(step: int) -> float:
+        # Base and SFT are separate stages in the pipeline: each gets its own warm-up and cosine decay.
+        start, length = (0, args.base_steps) if step < args.base_steps else (args.base_steps, args.steps)
+        step -= start
         if step < args.warmup:
             return (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, total_steps - args.warmup)
+        progress = (step - args.warmup) / max(1, length - args.warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)

@@ -1,4 +1,5 @@
-"""lmms-eval models for PRISM checkpoints: `prism_hf` (in-process transformers) and `prism_vllm` (full world).
+"""lmms-eval models for PRISM checkpoints: `prism_hf` (in-process transformers) here, and `prism_vllm` (the
+full world: lmms-eval's own vLLM chat model, seeded per request) in evaluation/vllm_model.py.
 
 Both use lmms-eval's chat interface (`is_simple = False`): each request carries the task's
 `doc_to_messages`, which puts the PRISM system prompt first and the images before the question, and
@@ -7,12 +8,14 @@ the checkpoint's own chat template renders it (PRISM checkpoints ship theirs; re
 Determinism. `prism_hf` samples each batch under its own seed, derived from (seed, task, the batch's
 doc ids), inside a forked RNG: the same checkpoint, config and seed give the same responses on CPU, and
 the caller's RNG is left untouched. `prism_vllm` gives every request its own seed (seed, task, doc id).
+lmms-eval calls `clean()` after generating, which would delete the model; ours keep it for the next task.
 
 Requests are served in lmms-eval's order, batched among requests with equal generation settings.
 `until` stop strings cut the decoded text; generation itself stops at the checkpoint's eos tokens.
 Both adapters register the checkpoint's tokenizer for `mean_response_tokens` (evaluation.scoring).
 
-From the lmms-eval CLI (after `pip install -e .`, which declares the `lmms_eval.models` entry points):
+From the lmms-eval CLI (after `pip install -e .`, which declares the `lmms_eval.models` entry points in
+evaluation/plugin.py):
     lmms-eval --model prism_hf --model_args pretrained=DIR,seed=0 --tasks prism_embedded \
               --include_path evaluation/tasks/embedded
 """
@@ -30,7 +33,7 @@ from typing import Any, Sequence
 from lmms_eval.api.model import lmms
 
 from evaluation.config import EvalError
-from evaluation.scoring import register_tokenizer
+from evaluation.scoring import clear_response_tokens, note_response_tokens, register_tokenizer
 
 try:  # lmms-eval >= 0.7 keeps per-sample token counts in the samples log
     from lmms_eval.api.instance import GenerationResult, TokenCounts
@@ -127,6 +130,8 @@ class _PrismLMM(lmms):
 class PrismHF(_PrismLMM):
     """Batched `generate` of a local checkpoint with transformers (CPU in the embedded world)."""
 
+    lmms_name = "prism_hf"
+
     def __init__(
         self,
         pretrained: str,
@@ -158,6 +163,7 @@ class PrismHF(_PrismLMM):
         register_tokenizer(self.tokenizer, self.pretrained)
 
     def generate_until(self, requests) -> list:
+        clear_response_tokens()
         unpacked = [self._unpack(request) for request in requests]
         by_settings: dict[str, list[int]] = defaultdict(list)
         for index, (gen_kwargs, _messages, task, _doc_id) in enumerate(unpacked):
@@ -194,8 +200,9 @@ class PrismHF(_PrismLMM):
         results = []
         for ids in new_tokens:
             length = next((k for k, token in enumerate(ids) if token in self.stop_ids), len(ids))
-            text = self.tokenizer.decode(ids[:length], skip_special_tokens=True)
-            results.append(_result(_cut_at_stop_strings(text, gen_kwargs.get("until")), length))
+            text = _cut_at_stop_strings(self.tokenizer.decode(ids[:length], skip_special_tokens=True), gen_kwargs.get("until"))
+            note_response_tokens(text, length)
+            results.append(_result(text, length))
         return results
 
 
@@ -243,73 +250,3 @@ def vllm_sampling(gen_kwargs: dict, seed: int) -> dict:
         "seed": seed,
         "stop": [until] if isinstance(until, str) else until,
     }
-
-
-class PrismVLLM(_PrismLMM):
-    """vLLM offline engine over a local checkpoint (the full world). Fails with one line without vLLM."""
-
-    def __init__(
-        self,
-        pretrained: str,
-        seed: int = 0,
-        batch_size: int = 256,
-        dtype: str = "bfloat16",
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.85,
-        max_model_len: int | None = None,
-        max_images_per_prompt: int = 8,
-        chat_template: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        require_vllm()
-        super().__init__()
-        from vllm import LLM, SamplingParams
-
-        self._sampling_params = SamplingParams
-        self.pretrained = str(pretrained)
-        self.seed = int(seed)
-        self.batch_size_per_call = int(batch_size)
-        self.chat_template = Path(chat_template).read_text(encoding="utf-8") if chat_template else None
-        engine_args: dict[str, Any] = {
-            "model": self.pretrained,
-            "tokenizer": self.pretrained,
-            "seed": self.seed,
-            "dtype": dtype,
-            "tensor_parallel_size": int(tensor_parallel_size),
-            "gpu_memory_utilization": float(gpu_memory_utilization),
-            "limit_mm_per_prompt": {"image": int(max_images_per_prompt)},
-            "trust_remote_code": False,
-        }
-        if max_model_len:
-            engine_args["max_model_len"] = int(max_model_len)
-        self.llm = LLM(**engine_args)
-        register_tokenizer(self.llm.get_tokenizer(), self.pretrained)
-
-    def generate_until(self, requests) -> list:
-        out = []
-        for start in range(0, len(requests), self.batch_size_per_call):
-            chunk = [self._unpack(r) for r in requests[start : start + self.batch_size_per_call]]
-            conversations = [openai_messages(messages) for _, messages, _, _ in chunk]
-            params = [
-                self._sampling_params(**vllm_sampling(gen_kwargs, derive_seed(self.seed, task, [doc_id])))
-                for gen_kwargs, _, task, doc_id in chunk
-            ]
-            responses = self.llm.chat(conversations, sampling_params=params, chat_template=self.chat_template, use_tqdm=False)
-            for response in responses:
-                completion = response.outputs[0]
-                out.append(_result(completion.text, len(completion.token_ids)))
-        return out
-
-
-def hf_manifest():
-    """Entry point of the `lmms_eval.models` group: `--model prism_hf`."""
-    from lmms_eval.models.registry_v2 import ModelManifest
-
-    return ModelManifest(model_id="prism_hf", chat_class_path="evaluation.model.PrismHF")
-
-
-def vllm_manifest():
-    """Entry point of the `lmms_eval.models` group: `--model prism_vllm`."""
-    from lmms_eval.models.registry_v2 import ModelManifest
-
-    return ModelManifest(model_id="prism_vllm", chat_class_path="evaluation.model.PrismVLLM")

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from evaluation.judge import judge_equivalent, require_judge
 from evaluation.scoring import all_correct_rate, chat_messages, score_response
+from prism.format import extract_answer
 
 LETTERS = [chr(ord("A") + i) for i in range(26)]
 
@@ -40,9 +41,12 @@ class Target:
 
     @property
     def reference(self) -> str:
-        """The ground truth as a judge should read it (a letter with its option's text)."""
+        """The ground truth as a judge should read it: for a choice, its letter with the option's text."""
         if self.choices and self.ground_truth in self.choices:
             return f"{self.ground_truth} ({self.choices[self.ground_truth]})"
+        for letter, text in (self.choices or {}).items():
+            if text.strip() == self.ground_truth.strip():
+                return f"{letter} ({text})"
         return self.ground_truth
 
 
@@ -238,7 +242,7 @@ def process_results(benchmark: str, doc: dict, results: list[str], judged: bool)
     scores = score_response(results[0], target.ground_truth, target.equivalents, target.choices)
     if judged:
         judge = require_judge("judge_accuracy", b.task)
-        verdict = judge_equivalent(judge, b.text(doc), target.reference, scores["extracted_answer"])
+        verdict = judge_equivalent(judge, b.text(doc), target.reference, extract_answer(results[0]))
         scores["judge_accuracy"] = 1.0 if verdict else 0.0
     if benchmark == "hallusion_bench_image":
         keys = _hallusion_keys(doc)

@@ -7,6 +7,9 @@ lmms-eval's layout (what `simple_evaluate` returns and its EvaluationTracker wri
     group_subtasks {group: [task, ...]}
     configs, versions, higher_is_better, config, lmms_eval_version, date, ...
 
+Keys `<metric>_stderr*` (lmms-eval also writes `_stderr_clt` and `_stderr_clustered`) are not metrics;
+`stderr` is the `<metric>_stderr` one.
+
 One row per (task or group, metric): checkpoint, checkpoint_hash, suite, benchmark, task, metric, value,
 stderr, n, eval_key, date. The filter is dropped from the metric name when it is "none" (ours always).
 A group's n is the sum of its tasks' n. stderr is NaN where lmms-eval reports "N/A".
@@ -59,9 +62,13 @@ def parse_results(results: Mapping | str | Path, **columns: Any) -> list[dict]:
     for name, metrics in results.get("results", {}).items():
         n = _n_samples(results, name)
         for key, value in metrics.items():
-            if key in _NOT_METRICS or "," not in key or "_stderr," in key:
+            if key in _NOT_METRICS or "," not in key:
                 continue
             metric, _, filter_name = key.partition(",")
+            if "_stderr" in metric:  # "<m>_stderr", and lmms-eval's "<m>_stderr_clt" / "_stderr_clustered"
+                continue
+            if not (value is None or isinstance(value, (int, float, str))):  # a list or dict is no score
+                continue
             stderr = metrics.get(f"{metric}_stderr,{filter_name}")
             rows.append({
                 **{column: None for column in STORE_COLUMNS},

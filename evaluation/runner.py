@@ -25,6 +25,7 @@ Suites: `embedded` is one entry, the `prism_embedded` group (a task per family o
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import hashlib
 import json
@@ -74,7 +75,9 @@ class Entry:
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
 
     def lmms_task(self) -> dict[str, Any]:
-        return {"task": self.name, **self.overrides}
+        """The task config lmms-eval loads: the registered task or group plus our overrides (a fresh copy:
+        lmms-eval mutates what it is given)."""
+        return {"task": self.name, **copy.deepcopy(self.overrides)}
 
 
 @dataclass
@@ -275,7 +278,7 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 def _build_model(cfg: EvalConfig, checkpoint: Path):
     if cfg.backend == "vllm":
-        from evaluation.model import PrismVLLM
+        from evaluation.vllm_model import PrismVLLM
 
         v = cfg.vllm
         return PrismVLLM(
@@ -308,6 +311,21 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def _user_error_inside(error: BaseException) -> EvalError | None:
+    """The EvalError behind `error` (through tenacity's RetryError and exception chains), if any."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, EvalError):
+            return error
+        last_attempt = getattr(error, "last_attempt", None)
+        if last_attempt is not None and hasattr(last_attempt, "exception"):
+            error = last_attempt.exception()
+            continue
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _evaluate_entry(
     entry: Entry, model, cfg: EvalConfig, limit: int | None, directory: Path, columns: dict[str, Any]
 ) -> EntryOutcome:
@@ -322,24 +340,33 @@ def _evaluate_entry(
         date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S_%fZ")
         tracker = EvaluationTracker(output_path=str(tmp))
         manager = task_manager("embedded" if entry.benchmark == "embedded" else "paper")
-        results = simple_evaluate(
-            model=model,
-            tasks=[entry.lmms_task()],
-            task_manager=manager,
-            limit=limit,
-            log_samples=True,
-            evaluation_tracker=tracker,
-            bootstrap_iters=cfg.bootstrap_iters,
-            random_seed=cfg.seed,
-            numpy_random_seed=cfg.seed,
-            torch_random_seed=cfg.seed,
-            fewshot_random_seed=cfg.seed,
-            datetime_str=date,
-            verbosity="WARNING",
-        )
+        try:
+            results = simple_evaluate(
+                model=model,
+                tasks=[entry.lmms_task()],
+                task_manager=manager,
+                limit=limit,
+                log_samples=True,
+                evaluation_tracker=tracker,
+                bootstrap_iters=cfg.bootstrap_iters,
+                random_seed=cfg.seed,
+                numpy_random_seed=cfg.seed,
+                torch_random_seed=cfg.seed,
+                fewshot_random_seed=cfg.seed,
+                datetime_str=date,
+                verbosity="WARNING",
+            )
+        except Exception as error:  # lmms-eval retries hooks (tenacity) and wraps what they raised
+            cause = _user_error_inside(error)
+            if cause is not None:
+                raise cause from None
+            raise
         if results is None:
             raise EvalError(f"{entry.name}: lmms-eval returned no results")
         samples = results.pop("samples", {})
+        # simple_evaluate logged the model *object* as the source; the tracker deep-copies its fields into
+        # the JSON (asdict) and swallows the failure. Name the model instead.
+        tracker.general_config_tracker.model_source = getattr(model, "lmms_name", type(model).__name__)
         tracker.save_results_aggregated(results=results, samples=samples, datetime_str=date)
         for task_name in results.get("configs", {}):
             if task_name in samples:

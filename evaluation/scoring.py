@@ -5,11 +5,14 @@ Every task reports, per sample:
                         rules (letters, numbers with tolerance, yes/no, multi-part, math-verify fallback),
                         else 0. A response without `<answer>` is wrong; the format is not a gate here.
   format_valid_rate     1 when the whole response is format-valid (`prism.format.is_format_valid`).
-  mean_response_tokens  the response's length in the checkpoint's tokenizer: the decoded text encoded
-                        again, special tokens excluded, so HF and vLLM runs count alike.
+  mean_response_tokens  how many tokens the model generated (up to its eos), as the prism adapters
+                        record them (`note_response_tokens`); for a response they did not record (a model
+                        lmms-eval builds itself), the text's length in the checkpoint's tokenizer.
 
-The tokenizer comes from `register_tokenizer` (both model adapters call it with their checkpoint's) or,
-for a model lmms-eval builds itself, from the folder in $PRISM_EVAL_TOKENIZER.
+Why recorded, not re-encoded: process_results sees only the text, and an untrained model's token string
+is far from the tokenizer's canonical encoding of it (random byte tokens decode to replacement characters),
+so re-encoding can count more tokens than were generated. The tokenizer for the fallback comes from
+`register_tokenizer` (both adapters call it) or from the folder in $PRISM_EVAL_TOKENIZER.
 """
 
 from __future__ import annotations
@@ -64,7 +67,26 @@ def _get_tokenizer() -> Any:
     return _tokenizer
 
 
+_generated: dict[str, int] = {}
+
+
+def clear_response_tokens() -> None:
+    """Forget recorded counts (an adapter calls it when a new batch of requests starts)."""
+    with _lock:
+        _generated.clear()
+
+
+def note_response_tokens(text: str, count: int) -> None:
+    """Record that `text` came from `count` generated tokens (keyed by the stripped text lmms-eval scores)."""
+    with _lock:
+        _generated[text.strip()] = int(count)
+
+
 def response_tokens(text: str) -> int:
+    with _lock:
+        recorded = _generated.get(text.strip())
+    if recorded is not None:
+        return recorded
     tokenizer = _get_tokenizer()
     with _lock:  # a fast tokenizer object is not meant to be shared by threads mid-call
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -76,14 +98,13 @@ def score_response(
     equivalent_answers: Sequence[str] = (),
     choices: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The three per-sample metrics (plus the extracted answer, kept in the samples log)."""
+    """The three per-sample metrics. (Only metrics: lmms-eval turns every returned key into a result.)"""
     answer = extract_answer(response)
     correct = answer is not None and answers_match(answer, str(ground_truth), [str(a) for a in equivalent_answers], choices)
     return {
         "accuracy": 1.0 if correct else 0.0,
         "format_valid_rate": 1.0 if is_format_valid(response) else 0.0,
         "mean_response_tokens": float(response_tokens(response)),
-        "extracted_answer": answer,
     }
 
 

@@ -3,6 +3,7 @@
   prism world export --out DIR [--config F] [key=value ...]
   prism world stats [--config F] [--per-family N] [key=value ...]
   prism world show --out PNG [--config F] [--per-family N] [--split S] [key=value ...]
+  prism eval --checkpoint DIR --suite embedded|paper [--limit N] [--world DIR] [--out DIR] [--config F] [key=value ...]
   prism data check FILE [--kind sharegpt|rl|warmup]
   prism reward score --jsonl FILE
   prism reproduce NAME
@@ -28,10 +29,11 @@ from pathlib import Path
 def _user_errors() -> tuple[type[BaseException], ...]:
     from prism.config import ConfigError
     from prism.data.formats import DataError
+    from prism.evaluate import EvalError
     from prism.models import ModelError
     from prism.rewards import RewardInputError
 
-    return (ConfigError, DataError, ModelError, RewardInputError, FileExistsError, NotImplementedError)
+    return (ConfigError, DataError, EvalError, ModelError, RewardInputError, FileExistsError, NotImplementedError)
 
 
 def _world_config(args):
@@ -42,10 +44,12 @@ def _world_config(args):
 
 
 def _progress_printer():
-    started = time.perf_counter()
+    """Per-split progress on stderr: count, rate and ETA."""
+    started: dict[str, float] = {}
 
     def report(split: str, done: int, total: int) -> None:
-        elapsed = time.perf_counter() - started
+        start = started.setdefault(split, time.perf_counter())
+        elapsed = time.perf_counter() - start
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else 0.0
         print(f"\r  {split:8s} {done:6d}/{total:<6d} {rate:7.0f} samples/s  eta {eta:5.0f}s", end="", file=sys.stderr)
@@ -104,6 +108,12 @@ def cmd_reward_score(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from prism.evaluate import cmd_eval as evaluate
+
+    return evaluate(args)
+
+
 def cmd_reproduce(args) -> int:
     raise NotImplementedError(
         f"'reproduce {args.name}' needs the experiment matrix (experiments/matrix.py, issue #7), "
@@ -145,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     score = reward.add_parser("score", help="score JSONL lines {response, ground_truth, equivalent_answers?, choices?}")
     score.add_argument("--jsonl", required=True, type=Path)
     score.set_defaults(func=cmd_reward_score)
+
+    from prism.evaluate import add_eval_arguments
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint through lmms-eval (embedded suite or the published benchmarks)")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
 
     reproduce = commands.add_parser("reproduce", help="rebuild a paper table from recorded runs")
     reproduce.add_argument("name", choices=["table1", "ablations"])

@@ -125,6 +125,7 @@ def export_world(cfg: WorldConfig, out: Path, progress: Callable[[str, int, int]
     def collect(split: str) -> list[Sample]:
         total = cfg.split_size(split)
         samples = []
+        report(split, 0, total)
         for sample in iter_split(cfg, split):
             samples.append(sample)
             if len(samples) % 500 == 0 or len(samples) == total:

@@ -73,7 +73,7 @@ class WorldConfig:
     # --- public-corpus noise (the SFT data is lower-fidelity than the teacher's) ---
     caption_drop_rate: float = field(default=0.2, metadata={"help": "Probability that a public caption bullet is dropped."})
     terse_caption_rate: float = field(default=0.4, metadata={"help": "Probability that a public caption omits positions."})
-    skip_steps_rate: float = field(default=0.5, metadata={"help": "Probability that a public demonstration skips the intermediate steps."})
+    skip_steps_rate: float = field(default=0.3, metadata={"help": "Probability that a public demonstration skips the intermediate steps."})
     wrong_answer_rate: float = field(default=0.15, metadata={"help": "Probability that a public demonstration ends in a wrong answer."})
 
     def __post_init__(self) -> None:

@@ -81,7 +81,7 @@ def test_presence_traps_ask_about_a_present_colour_and_a_present_shape():
 
 
 def test_public_demonstrations_are_lower_fidelity_than_the_teachers():
-    cfg = WorldConfig(wrong_answer_rate=0.3)
+    cfg = WorldConfig(wrong_answer_rate=0.3, caption_drop_rate=0.3, skip_steps_rate=0.5)
     samples = [make_sample(cfg, "sft", i) for i in range(600)]
     wrong = np.mean([s.public.answer != s.answer for s in samples])
     assert 0.24 < wrong < 0.36

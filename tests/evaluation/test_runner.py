@@ -1,0 +1,140 @@
+"""run_eval end to end on an untrained checkpoint: lmms-eval's files kept, rows stored, re-runs skipped,
+the same seed giving the same results, and the parser checked on the results JSON lmms-eval wrote."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from evaluation.config import EMBEDDED_GROUP, EMBEDDED_TASKS, DecodingConfig, EvalConfig, EvalError
+from evaluation.results import STORE_COLUMNS, metrics_table, parse_results, read_store
+from evaluation.runner import checkpoint_hash, run_eval
+
+CFG = EvalConfig(embedded=DecodingConfig(max_new_tokens=24), batch_size=16)
+LIMIT = 4
+METRICS = {"accuracy", "format_valid_rate", "mean_response_tokens"}
+
+
+@pytest.fixture(scope="module")
+def first(lmms_eval, checkpoint, world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evals")
+    report = run_eval(checkpoint, "embedded", limit=LIMIT, world=world, out_root=out, config=CFG)
+    return report, out
+
+
+def _samples(directory):
+    found = {}
+    for path in sorted(directory.glob("*_samples_*.jsonl")):
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        found[path.name.split("_samples_")[1][: -len(".jsonl")]] = lines
+    return found
+
+
+def test_lmms_eval_files_manifest_and_store(first, checkpoint):
+    report, out = first
+    (outcome,) = report.outcomes
+    assert outcome.status == "evaluated" and outcome.samples == LIMIT * len(EMBEDDED_TASKS)
+    assert report.checkpoint_hash == checkpoint_hash(checkpoint)
+    assert outcome.directory.parent == out / report.checkpoint_hash
+    assert outcome.directory.name.startswith(f"{EMBEDDED_GROUP}-")
+    assert (outcome.directory / "DONE").is_file()
+    assert len(list(outcome.directory.glob("*_results.json"))) == 1
+    samples = _samples(outcome.directory)
+    assert sorted(samples) == sorted(EMBEDDED_TASKS.values())
+    assert all(len(lines) == LIMIT for lines in samples.values())
+    line = samples["prism_embedded_counting"][0]
+    assert {"accuracy", "format_valid_rate", "mean_response_tokens"} <= set(line)
+    assert line["token_counts"][0]["output_tokens"] >= 1  # the adapter's exact count, kept by lmms-eval
+    manifest = json.loads((outcome.directory / "eval.json").read_text())
+    assert manifest["checkpoint"] == str(checkpoint.resolve()) and manifest["limit"] == LIMIT
+    assert manifest["config"]["embedded"]["max_new_tokens"] == 24
+
+    store = read_store(out / "results.csv")
+    assert list(store.columns) == list(STORE_COLUMNS)
+    assert set(store.task) == {EMBEDDED_GROUP, *EMBEDDED_TASKS.values()}
+    presence = store[store.task == "prism_embedded_presence"]
+    assert set(presence.metric) == METRICS | {"question_pair_acc"}
+    group = store[store.task == EMBEDDED_GROUP].set_index("metric")
+    assert set(group.index) == METRICS and group.loc["accuracy", "n"] == LIMIT * len(EMBEDDED_TASKS)
+    assert (store[store.task != EMBEDDED_GROUP].n == LIMIT).all()
+    # an untrained policy writes no tagged format and reads at most the chance answer by luck
+    assert group.loc["format_valid_rate", "value"] == 0.0
+    assert 0.0 <= group.loc["accuracy", "value"] <= 0.5
+    assert 1 <= group.loc["mean_response_tokens", "value"] <= 24  # generated tokens, never more than the budget
+    for task, lines in samples.items():  # the metric is the mean of the exact counts the adapter reported
+        exact = sum(line["token_counts"][0]["output_tokens"] for line in lines) / len(lines)
+        value = store[(store.task == task) & (store.metric == "mean_response_tokens")].value.item()
+        assert value == pytest.approx(exact)
+    print("\n" + metrics_table(report.rows))
+
+
+def test_second_run_evaluates_nothing(first, checkpoint, world):
+    report, out = first
+    before = (out / "results.csv").read_text()
+
+    def no_model(cfg, path):
+        raise AssertionError("a finished evaluation must not load the model")
+
+    again = run_eval(checkpoint, "embedded", limit=LIMIT, world=world, out_root=out, config=CFG, model_factory=no_model)
+    assert again.evaluated == [] and again.skipped == [EMBEDDED_GROUP]
+    assert (out / "results.csv").read_text() == before  # nothing appended
+    assert pd.DataFrame(again.rows).equals(pd.DataFrame(report.rows))
+    # a different decoding is another evaluation, and so is another limit
+    other = run_eval(checkpoint, "embedded", limit=2, world=world, out_root=out, config=CFG)
+    assert other.evaluated == [EMBEDDED_GROUP]
+    assert len(list((out / report.checkpoint_hash).glob(f"{EMBEDDED_GROUP}-*"))) == 2
+
+
+def test_same_checkpoint_and_seed_give_identical_results(first, checkpoint, world, tmp_path):
+    report, _ = first
+    twin = run_eval(checkpoint, "embedded", limit=LIMIT, world=world, out_root=tmp_path, config=CFG)
+    assert twin.outcomes[0].status == "evaluated"
+    values = lambda r: {(row["task"], row["metric"]): row["value"] for row in r.rows}  # noqa: E731
+    assert values(twin) == values(report)
+    responses = lambda d: {t: [s["filtered_resps"] for s in lines] for t, lines in _samples(d).items()}  # noqa: E731
+    assert responses(twin.outcomes[0].directory) == responses(report.outcomes[0].directory)
+
+
+def test_parser_reads_lmms_eval_results_json(first):
+    report, _ = first
+    (path,) = report.outcomes[0].directory.glob("*_results.json")
+    raw = json.loads(path.read_text())
+    assert {"results", "n-samples", "configs", "versions", "group_subtasks", "lmms_eval_version"} <= set(raw)
+    rows = parse_results(path, checkpoint="ckpt", checkpoint_hash="h", suite="embedded")
+    assert {row["checkpoint"] for row in rows} == {"ckpt"}
+    by_key = {(row["task"], row["metric"]): row for row in rows}
+    for task in EMBEDDED_TASKS.values():
+        for metric in METRICS:
+            row = by_key[(task, metric)]
+            assert row["value"] == raw["results"][task][f"{metric},none"]
+            stderr = raw["results"][task][f"{metric}_stderr,none"]
+            assert (math.isnan(row["stderr"]) if stderr == "N/A" else row["stderr"] == stderr)
+            assert row["n"] == raw["n-samples"][task]["effective"] == LIMIT
+    assert by_key[(EMBEDDED_GROUP, "accuracy")]["n"] == LIMIT * len(EMBEDDED_TASKS)
+    assert ("prism_embedded_presence", "question_pair_acc") in by_key
+
+
+def test_user_mistakes_are_one_line(checkpoint, world, tmp_path):
+    cases = [
+        (dict(checkpoint=tmp_path / "nothing"), "does not exist"),
+        (dict(world=tmp_path), "not a world export"),
+        (dict(limit=0), "--limit"),
+        (dict(suite="nope"), "unknown suite"),
+    ]
+    for kwargs, words in cases:
+        args = {"checkpoint": checkpoint, "suite": "embedded", "world": world, "out_root": tmp_path / "evals", **kwargs}
+        with pytest.raises(EvalError) as info:
+            run_eval(**args)
+        assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_checkpoint_hash_follows_the_files(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"1")
+    (tmp_path / ".lock").write_bytes(b"x")
+    first = checkpoint_hash(tmp_path, tmp_path.parent / "cache.json")
+    assert first == checkpoint_hash(tmp_path, tmp_path.parent / "cache.json")  # from the cache
+    (tmp_path / ".lock").write_bytes(b"y")  # hidden files do not count
+    assert checkpoint_hash(tmp_path) == first
+    (tmp_path / "a.bin").write_bytes(b"22")
+    assert checkpoint_hash(tmp_path, tmp_path.parent / "cache.json") != first
