@@ -18,6 +18,7 @@ from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from prism.config import check, check_choice, check_nonempty, check_range, check_types
+from prism.data.world import FAMILIES  # one task per family of the world
 
 # The seven published benchmarks (lmms-eval's names) and the task of evaluation/tasks/published that
 # stands in for each: our overrides read the answer from <answer> and score with prism.rewards.
@@ -38,7 +39,6 @@ JUDGE_METRICS: dict[str, tuple[str, ...]] = {
     "hallusion_bench_image": ("judge_accuracy",),
 }
 EMBEDDED_GROUP = "prism_embedded"
-FAMILIES = ("counting", "presence", "chart", "geometry", "composite", "multichoice")
 EMBEDDED_TASKS = {family: f"prism_embedded_{family}" for family in FAMILIES}
 
 JUDGE_BASE_URL_ENV = "PRISM_JUDGE_BASE_URL"

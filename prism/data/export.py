@@ -31,7 +31,7 @@ from prism.data.formats import (
     write_rl_parquet,
     write_sharegpt,
 )
-from prism.data.world import FAMILIES, Sample, WorldConfig, iter_split, make_sample
+from prism.data.world import Sample, WorldConfig, iter_split, make_sample
 from prism.format import SYSTEM_PROMPT, count_caption_bullets, count_reasoning_steps, split_segments
 
 WORLD_FORMAT_VERSION = 1

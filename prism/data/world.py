@@ -355,7 +355,7 @@ def _geometry(rng, cfg):
     kind = str(rng.choice(["rectangle", "triangle"]))
     width, height = int(rng.integers(1, grid + 1)), int(rng.integers(1, grid + 1))
     top, left = int(rng.integers(0, grid - height + 1)), int(rng.integers(0, grid - width + 1))
-    bullets = [f"a shaded right triangle" if kind == "triangle" else "a shaded rectangle",
+    bullets = ["a shaded right triangle" if kind == "triangle" else "a shaded rectangle",
                f"width {width} grid units", f"height {height} grid units"]
     # Three questions of rising length: perimeter, area, and the area left unshaded (grid minus figure).
     question_kind = str(rng.choice(["perimeter", "area", "unshaded"])) if kind == "rectangle" else str(rng.choice(["area", "unshaded"]))
