@@ -1,12 +1,9 @@
 """The torchvision-free Qwen3-VL processor: image token counts, placeholders, save/load, assistant masks."""
 
 import json
-import random
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from prism.models import (
     ModelError,
@@ -17,26 +14,9 @@ from prism.models import (
     num_image_tokens,
     save_processor,
 )
+from tests.models.fixtures import shape_corpus, noise_image, prompt
 
 IMAGE_PAD = 6
-
-
-def shape_corpus(n: int = 300, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    colours, shapes = ["red", "green", "blue", "yellow"], ["circles", "squares", "triangles"]
-    return [
-        f"There are {rng.randint(1, 5)} {rng.choice(colours)} {rng.choice(shapes)} in the image."
-        for _ in range(n)
-    ]
-
-
-def noise_image(size: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-def prompt(processor, question: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,11 @@
 """The offline tokenizer: fixed special ids, determinism, save/load, the Qwen chat template and assistant masks."""
 
-import random
 
 import pytest
 from transformers import AutoTokenizer
 
 from prism.models import SPECIAL_TOKENS, assistant_token_mask, build_tokenizer
-
-
-def shape_corpus(n: int = 300, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    colours, shapes = ["red", "green", "blue", "yellow"], ["circles", "squares", "triangles"]
-    return [
-        f"There are {rng.randint(1, 5)} {rng.choice(colours)} {rng.choice(shapes)} in the image."
-        for _ in range(n)
-    ]
+from tests.models.fixtures import shape_corpus
 
 
 @pytest.fixture(scope="module")
