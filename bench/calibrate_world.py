@@ -5,10 +5,10 @@ steps, then decodes the held-out benchmark greedily and reports, per family, for
 accuracy (with `prism.rewards`), the majority-answer baseline and caption recall (fraction of the teacher's
 caption bullets the model reproduces). Writes outputs/bench/calibrate-<preset>.json.
 
-This is a measurement of the world's difficulty, not the SFT stage: the stage recipes (resume, manifests,
-lmms-eval evaluation) live in prism/stages and evaluation/.
+This is a measurement of the world's difficulty, not the SFT stage: the stage recipes (resume, manifests;
+issue #5) belong in prism/stages, and reported accuracies go through `prism eval` (lmms-eval).
 
-  python bench/calibrate_world.py --preset embedded-s --steps 1500
+  python bench/calibrate_world.py --preset embedded-s      # or: just calibrate-world embedded-m
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ from prism.data.world import WorldConfig, iter_split, make_sample
 from prism.format import SYSTEM_PROMPT, extract_answer, is_format_valid, split_segments
 from prism.models import build_model, build_processor, build_tokenizer, count_parameters
 from prism.rewards import answers_match
+
+
+# What the calibration runs used; a larger model needs a smaller lr here (docs/ENVIRONMENT.md).
+CALIBRATED_LR = {"embedded-s": 2e-3, "embedded-m": 1.2e-3}
 
 
 def chat_prompt(processor, question: str) -> str:
@@ -155,12 +159,12 @@ def evaluate(model, processor, samples, max_new_tokens: int, batch_size: int = 6
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="embedded-s")
-    parser.add_argument("--base-steps", type=int, default=0, help="untagged captioning/QA steps first")
-    parser.add_argument("--steps", type=int, default=1500, help="SFT steps (0: base stage only)")
+    parser.add_argument("--base-steps", type=int, default=1200, help="untagged captioning/QA steps first")
+    parser.add_argument("--steps", type=int, default=1200, help="SFT steps (0: base stage only)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=None, help="default: the calibrated lr of the preset")
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-every", type=int, default=600)
     parser.add_argument("--eval-per-family", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--seed", type=int, default=0)
@@ -168,6 +172,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=None, help="world YAML")
     parser.add_argument("overrides", nargs="*", help="world overrides key=value")
     args = parser.parse_args()
+    if args.lr is None:
+        args.lr = CALIBRATED_LR.get(args.preset, 1e-3)
 
     torch.manual_seed(args.seed)
     world = load_config(WorldConfig, args.config, args.overrides)
