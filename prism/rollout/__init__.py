@@ -1,0 +1,36 @@
+"""Rollout backends behind one interface: `generate(prompts, n, sampling) -> RolloutBatch`.
+
+`hf` runs anywhere (CPU tests, small runs); `vllm` is the colocated GPU engine (imported lazily).
+"""
+
+from prism.rollout.base import (
+    RolloutBackend,
+    RolloutBatch,
+    RolloutError,
+    RolloutPrompt,
+    SamplingParams,
+    expand_vision_inputs,
+    response_mask_and_finish,
+)
+from prism.rollout.hf import (
+    HFRolloutBackend,
+    sequence_log_probs,
+    token_log_probs,
+    vision_token_ids,
+)
+from prism.rollout.vllm import VLLMRolloutBackend
+
+__all__ = [
+    "HFRolloutBackend",
+    "RolloutBackend",
+    "RolloutBatch",
+    "RolloutError",
+    "RolloutPrompt",
+    "SamplingParams",
+    "VLLMRolloutBackend",
+    "expand_vision_inputs",
+    "response_mask_and_finish",
+    "sequence_log_probs",
+    "token_log_probs",
+    "vision_token_ids",
+]

@@ -1,0 +1,207 @@
+"""HF rollouts: row order, masks, finish reasons, seeding, image alignment, log-prob agreement, vLLM missing."""
+
+import dataclasses
+import importlib.util
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prism.models import PRESETS, build_model, build_processor, build_tokenizer
+from prism.models.tokenizer import EOS_TOKEN_ID
+from prism.rollout import (
+    HFRolloutBackend,
+    RolloutBackend,
+    RolloutError,
+    RolloutPrompt,
+    SamplingParams,
+    VLLMRolloutBackend,
+    expand_vision_inputs,
+    response_mask_and_finish,
+    sequence_log_probs,
+)
+
+
+def _corpus(n=300, seed=0):
+    rng = random.Random(seed)
+    colours, shapes = ["red", "green", "blue", "yellow"], ["circles", "squares", "triangles"]
+    return [f"There are {rng.randint(1, 5)} {rng.choice(colours)} {rng.choice(shapes)}." for _ in range(n)]
+
+
+def _image(seed):
+    size = PRESETS["embedded-s"].image_size
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(build_tokenizer(_corpus()), image_size=PRESETS["embedded-s"].image_size)
+
+
+@pytest.fixture(scope="module")
+def backend(processor):
+    return HFRolloutBackend(build_model("embedded-s", processor.tokenizer, seed=0), processor)
+
+
+@pytest.fixture(scope="module")
+def eos_backend(processor):
+    """A model pushed towards <|im_end|> (a bias on its eos logit), so some rollouts stop and some do not."""
+    model = build_model("embedded-s", processor.tokenizer, seed=0)
+    bias = torch.zeros(model.config.text_config.vocab_size)
+    bias[EOS_TOKEN_ID] = 4.5
+    model.lm_head.register_forward_hook(lambda module, args, output: output + bias)
+    return HFRolloutBackend(model, processor)
+
+
+def _prompts():
+    return [
+        RolloutPrompt(question="How many red circles are there?", images=[_image(1)]),
+        RolloutPrompt(question="How many?", images=[_image(2)]),  # shorter: left-padded
+    ]
+
+
+def test_sampling_params_are_validated():
+    SamplingParams(max_new_tokens=4, temperature=0.0, top_p=0.5, seed=3)
+    for bad in ({"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"seed": -1}):
+        with pytest.raises(RolloutError):
+            SamplingParams(**{"max_new_tokens": 4, **bad})
+    with pytest.raises(RolloutError):
+        RolloutPrompt(question="q", messages=[{"role": "user", "content": "q"}])
+
+
+def test_shapes_row_order_and_vision_inputs_once_per_prompt(backend, processor):
+    assert isinstance(backend, RolloutBackend)
+    batch = backend.generate(_prompts(), n=3, sampling=SamplingParams(max_new_tokens=6, seed=0))
+    assert batch.num_rows == 6 and batch.response_ids.shape == (6, 6)
+    assert batch.behaviour_log_probs.shape == batch.response_mask.shape == (6, 6)
+    assert batch.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    assert len(batch.texts) == len(batch.finish_reasons) == 6
+    for p in range(2):  # the n rows of a prompt share its prompt ids
+        rows = batch.prompt_ids[p * 3 : p * 3 + 3]
+        assert (rows == rows[0]).all()
+    # left padding: the shorter prompt 2 starts with pad, and every prompt ends with the generation prompt
+    assert batch.prompt_mask[3, 0] == 0 and batch.prompt_ids[3, 0] == processor.tokenizer.pad_token_id
+    assert (batch.prompt_mask[:, -1] == 1).all()
+    # each image processed once (not n times); expansion repeats whole per-image blocks, prompt-major
+    per_image = int(batch.image_grid_thw[0].prod())
+    assert batch.pixel_values.shape[0] == 2 * per_image and batch.image_grid_thw.shape == (2, 3)
+    pixels, grids = batch.row_vision_inputs()
+    assert pixels.shape[0] == 6 * per_image and grids.shape == (6, 3)
+    blocks = pixels.split(per_image)
+    assert all(torch.equal(blocks[i], batch.pixel_values[:per_image]) for i in range(3))
+    assert all(torch.equal(blocks[i], batch.pixel_values[per_image:]) for i in range(3, 6))
+    assert expand_vision_inputs(None, None, [0, 0], 3) == (None, None)
+
+
+def test_response_mask_stops_after_first_eos():
+    ids = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 9, 2, 9]])
+    mask, finish = response_mask_and_finish(ids, [2, 0])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert finish == ["stop", "length", "stop"]
+
+
+def test_masks_finish_reasons_and_texts_with_eos(eos_backend, processor):
+    batch = eos_backend.generate(_prompts(), n=4, sampling=SamplingParams(max_new_tokens=8, seed=0))
+    assert set(batch.finish_reasons) == {"stop", "length"}, batch.finish_reasons
+    stop_ids = set(eos_backend.model.generation_config.eos_token_id)
+    for row, reason in enumerate(batch.finish_reasons):
+        ids, mask = batch.response_ids[row], batch.response_mask[row]
+        length = int(mask.sum())
+        assert mask[:length].all() and not mask[length:].any()  # contiguous from the start
+        stops = [i for i, t in enumerate(ids.tolist()) if t in stop_ids]
+        if reason == "stop":
+            assert stops[0] == length - 1  # mask includes the eos
+        else:
+            assert not stops and length == 8
+        assert (batch.behaviour_log_probs[row, length:] == 0).all()
+        assert (batch.behaviour_log_probs[row, :length] < 0).all()
+        assert "<|im_end|>" not in batch.texts[row]
+        assert batch.texts[row] == processor.tokenizer.decode(ids[:length], skip_special_tokens=True)
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(backend):
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=7)
+    a = backend.generate(_prompts(), n=2, sampling=params)
+    b = backend.generate(_prompts(), n=2, sampling=params)
+    c = backend.generate(_prompts(), n=2, sampling=SamplingParams(max_new_tokens=6, temperature=1.0, seed=8))
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert torch.equal(a.behaviour_log_probs, b.behaviour_log_probs)
+    assert not torch.equal(a.response_ids, c.response_ids)
+    # the n rollouts of one prompt are different samples
+    assert not torch.equal(a.response_ids[0], a.response_ids[1])
+
+
+def test_images_stay_aligned_with_their_prompt(backend):
+    """Greedy: prompt 2 in a batch equals prompt 2 alone; same question, other image -> other log-probs."""
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    same_question = [RolloutPrompt(question="How many?", images=[_image(1)]), _prompts()[1]]
+    both = backend.generate(same_question, n=2, sampling=greedy)
+    alone = backend.generate([same_question[1]], n=1, sampling=greedy)
+    for row in (2, 3):
+        assert torch.equal(both.response_ids[row], alone.response_ids[0])
+        torch.testing.assert_close(both.behaviour_log_probs[row], alone.behaviour_log_probs[0], atol=1e-5, rtol=0)
+    assert torch.equal(both.response_ids[0], both.response_ids[1])  # greedy rows of a prompt agree
+    # the two prompts differ only in their image: their scores must differ
+    with torch.no_grad():
+        logp = sequence_log_probs(backend.model, both)
+        swapped = torch.cat(both.pixel_values.chunk(2)[::-1])  # prompt 1 gets image 2 and vice versa
+        both_swapped = dataclasses.replace(both, pixel_values=swapped)
+        logp_swapped = sequence_log_probs(backend.model, both_swapped)
+    assert (logp - logp_swapped).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
+def test_behaviour_log_probs_match_recomputed(eos_backend, temperature, top_p):
+    params = SamplingParams(max_new_tokens=8, temperature=temperature, top_p=top_p, seed=1)
+    batch = eos_backend.generate(_prompts(), n=3, sampling=params)
+    with torch.no_grad():
+        recomputed = sequence_log_probs(eos_backend.model, batch)
+    torch.testing.assert_close(recomputed, batch.behaviour_log_probs, atol=1e-5, rtol=0)
+    if temperature not in (0.0, 1.0):  # the temperature is really applied: unscaled log-probs differ
+        with torch.no_grad():
+            unscaled = sequence_log_probs(eos_backend.model, batch, temperature=1.0)
+        assert (unscaled - recomputed).abs().max() > 1e-3
+
+
+def test_sequence_log_probs_carry_gradients(backend):
+    batch = backend.generate(_prompts()[:1], n=2, sampling=SamplingParams(max_new_tokens=4, seed=0))
+    logp = sequence_log_probs(backend.model, batch)
+    logp.sum().backward()
+    grad = backend.model.lm_head.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    backend.model.zero_grad(set_to_none=True)
+
+
+def test_update_weights_switches_the_model(processor):
+    first = build_model("embedded-s", processor.tokenizer, seed=0)
+    second = build_model("embedded-s", processor.tokenizer, seed=1)
+    hf = HFRolloutBackend(first, processor)
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    before = hf.generate(_prompts()[:1], n=1, sampling=greedy)
+    hf.update_weights(second)
+    after = hf.generate(_prompts()[:1], n=1, sampling=greedy)
+    assert hf.model is second
+    assert not torch.allclose(before.behaviour_log_probs, after.behaviour_log_probs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_missing_is_one_clear_line(processor):
+    with pytest.raises(RolloutError) as info:
+        VLLMRolloutBackend("unused/path", processor)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message == ("vLLM is not installed: pip install 'prism[gpu]' on a GPU node, or use rollout_backend=hf")
+    assert isinstance(info.value, ValueError)
+
+
+def test_prompt_without_images_mixes_with_image_prompts(backend):
+    prompts = [RolloutPrompt(question="Count them.", images=[]), _prompts()[0], RolloutPrompt(question="Hi", images=[])]
+    batch = backend.generate(prompts, n=2, sampling=SamplingParams(max_new_tokens=5, temperature=0.8, seed=3))
+    assert batch.images_per_prompt == [0, 1, 0] and batch.image_grid_thw.shape == (1, 3)
+    pixels, grids = batch.row_vision_inputs()
+    assert grids.shape == (2, 3) and pixels.shape[0] == 2 * batch.pixel_values.shape[0]
+    with torch.no_grad():
+        recomputed = sequence_log_probs(backend.model, batch)
+    torch.testing.assert_close(recomputed, batch.behaviour_log_probs, atol=1e-5, rtol=0)
