@@ -1,0 +1,445 @@
+"""Runtime plumbing shared by every stage: seeding, RNG capture, atomic checkpoints, run manifest,
+metrics log, progress, DONE marker and a finite-loss guard.
+
+Read top to bottom. The contract (DESIGN.md "Tracking, reproducibility, resume"): a checkpoint holds
+model, optimizer, scheduler, RNG states and data position, so a resumed run equals an uninterrupted
+one bit for bit on CPU; everything is written to a temp name and renamed, so a reader never sees half
+a file or half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import torch
+
+from prism.config import config_hash, config_to_dict
+from prism.data.formats import atomic_write_text
+
+
+class RuntimeConfigError(ValueError):
+    """A runtime option that cannot be honoured (e.g. tracking='wandb' without wandb installed)."""
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or a gradient became NaN/inf."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seeding and RNG state
+# ----------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA). Only cheap determinism switches are flipped;
+    `torch.use_deterministic_algorithms` is left alone because it makes some CUDA ops raise."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy only takes 32-bit seeds
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state as weights_only-loadable values (tensors, ints, floats, str, lists, dicts)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of `rng_state`. A CUDA state is restored only when CUDA is present now."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    nps = state["numpy"]
+    np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"],
+                         nps["has_gauss"], nps["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: run_dir/checkpoints/step-000123/{model.safetensors, trainer_state.pt, checkpoint.json}
+# ----------------------------------------------------------------------------------------------------
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+INDEX_FILE = "checkpoint.json"  # written last: its presence marks a complete checkpoint
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _safetensors_ready(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # save_file refuses non-contiguous tensors and tensors sharing storage (tied weights): copy those.
+    out, seen = {}, set()
+    for name, tensor in state.items():
+        t = tensor.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, model_state: Mapping[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                    data_position: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
+                    keep_last: int | None = None) -> Path:
+    """Write checkpoint `step` atomically (temp folder + os.replace) and return its folder. Older
+    checkpoints beyond the newest `keep_last` are deleted only after the new one is complete."""
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(_safetensors_ready(model_state), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        trainer_state = {
+            "step": int(step),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_state(),
+            "data_position": dict(data_position or {}),
+            "extra": dict(extra or {}),
+        }
+        torch.save(trainer_state, tmp / STATE_FILE)
+        index = {"step": int(step), "files": {name: sha256_file(tmp / name) for name in (MODEL_FILE, STATE_FILE)}}
+        atomic_write_text(tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        if final.exists():  # re-saving a step: move the old one aside, since os.replace needs an empty target
+            old = root / f".old-step-{step:06d}-{os.getpid()}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last is not None and keep_last > 0:
+        for _, old_dir in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old_dir, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with checkpoint.json), oldest first; temp folders are ignored."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir() and (child / INDEX_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def load_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """Read a checkpoint folder back: {"step", "model_state", "optimizer", "scheduler", "rng",
+    "data_position", "extra"}. `trainer_state.pt` goes through torch.load(weights_only=True), so a file
+    holding arbitrary pickled objects is refused rather than executed."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
+    if verify:
+        for name, expected in index["files"].items():
+            if sha256_file(path / name) != expected:
+                raise RuntimeError(f"checkpoint {path}: {name} sha256 mismatch (corrupted or modified)")
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    state["model_state"] = load_file(str(path / MODEL_FILE))
+    return state
+
+
+def restore_checkpoint(path: str | Path, *, model: torch.nn.Module | None = None,
+                       optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> dict[str, Any]:
+    """Load a checkpoint into live objects and restore the RNG states; returns the loaded dict
+    (for "step", "data_position", "extra")."""
+    state = load_checkpoint(path)
+    if model is not None:
+        model.load_state_dict(state["model_state"])
+    if optimizer is not None and state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])  # last: loading must not consume randomness after the restore
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------
+# Manifest
+# ----------------------------------------------------------------------------------------------------
+
+REDACTED = "<redacted>"
+_SECRET_WORDS = {"key", "apikey", "token", "secret", "secrets", "password", "passwd"}
+
+
+def _is_secret(name: str) -> bool:
+    # Match whole name parts ("hf_token", "apiKey", "WANDB_API_KEY"), not substrings: a plain substring
+    # test would redact `max_new_tokens` and `tokenizer`, which the manifest must keep.
+    parts = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower())
+    return any(part in _SECRET_WORDS for part in parts)
+
+
+def redact(value: Any) -> Any:
+    """Copy of a JSON-like tree with every value under a secret-looking key replaced by "<redacted>"."""
+    if isinstance(value, Mapping):
+        return {k: REDACTED if _is_secret(str(k)) else redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_info(path: str | Path | None = None) -> dict[str, Any]:
+    """{"commit", "dirty"} of the git repo containing `path` (default: the prism package); nulls when
+    it is not a repo or git is missing."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10,
+                                  check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
+
+
+def write_manifest(run_dir: str | Path, *, config: Any, seed: int, upstream: Mapping[str, str] | None = None,
+                   checkpoint_dir: str | Path | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write run_dir/manifest.json atomically: what ran, from what, with which code and inputs."""
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        index = json.loads((checkpoint_dir / INDEX_FILE).read_text(encoding="utf-8"))
+        checkpoint = {"path": str(checkpoint_dir), "step": index["step"], "sha256": index["files"]}
+    manifest = {
+        "config": redact(config_to_dict(config)),
+        "config_hash": config_hash(config),
+        "seed": seed,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": _version("transformers"), "accelerate": _version("accelerate"),
+                     "prism": _version("prism")},
+        "git": git_info(),
+        "upstream": dict(upstream or {}),
+        "checkpoint": checkpoint,
+        "host": {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+                 "cuda": torch.cuda.is_available()},
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "extra": redact(dict(extra or {})),
+    }
+    path = Path(run_dir) / "manifest.json"
+    atomic_write_text(path, json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------
+
+
+def _plain_number(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().item() if value.numel() == 1 else value.detach().cpu().tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class MetricsLogger:
+    """One JSON line per `log(step, metrics)` in run_dir/metrics.jsonl, flushed each time.
+
+    `resume_step=None` starts a fresh log (an old file is emptied); `resume_step=k` keeps lines with
+    step <= k and drops the rest (logged after checkpoint k by the interrupted run, and about to be
+    logged again), so a resumed run's file equals an uninterrupted one's. Torn last lines are dropped."""
+
+    def __init__(self, run_dir: str | Path, tracking: str = "none", project: str | None = None,
+                 resume_step: int | None = None, config: Mapping[str, Any] | None = None) -> None:
+        if tracking not in ("none", "wandb"):
+            raise RuntimeConfigError(f"tracking must be 'none' or 'wandb', got {tracking!r}")
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and record.get("step", math.inf) <= resume_step:
+                    kept.append(line + "\n")
+        atomic_write_text(self.path, "".join(kept))
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run
+        self._wandb = None
+        if tracking == "wandb":
+            try:
+                import wandb  # type: ignore[import-not-found]
+            except ImportError:
+                self._file.close()
+                raise RuntimeConfigError("tracking='wandb' but wandb is not installed: pip install wandb, "
+                                         "or set tracking: none") from None
+            os.environ.setdefault("WANDB_MODE", "offline")  # never phone home unless the user said so
+            self._wandb = wandb.init(project=project, dir=str(self.path.parent), config=dict(config or {}),
+                                     resume="allow")
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        record = {"step": int(step), **{k: _plain_number(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=int(step))
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Progress
+# ----------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """Progress on stderr with rate and ETA: tqdm on a terminal, a plain line every `interval`
+    seconds (and at the end) otherwise, so logs of batch jobs stay readable."""
+
+    def __init__(self, total: int | None, desc: str = "", interval: float = 10.0, initial: int = 0) -> None:
+        self.total, self.desc, self.interval, self.n = total, desc, interval, initial
+        self._start = self._last = time.monotonic()
+        self._start_n = initial
+        self._bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, initial=initial, mininterval=1.0, file=sys.stderr,
+                             dynamic_ncols=True)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix({k: _plain_number(v) for k, v in postfix.items()}, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self._print(postfix)
+
+    def _print(self, postfix: Mapping[str, Any] | None = None) -> None:
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        rate = (self.n - self._start_n) / elapsed
+        line = f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total is not None else "")
+        line += f" [{elapsed:.0f}s, {rate:.2f}it/s"
+        if self.total is not None and rate > 0:
+            line += f", eta {max(self.total - self.n, 0) / rate:.0f}s"
+        line += "]"
+        if postfix:
+            line += " " + " ".join(f"{k}={_plain_number(v)}" for k, v in postfix.items())
+        print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self.interval >= 0:
+            self._print()
+            self.interval = -1.0  # print the final line once
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# DONE marker and finite-loss guard
+# ----------------------------------------------------------------------------------------------------
+
+
+def mark_done(run_dir: str | Path) -> Path:
+    """Write the DONE marker; call it after every other output of the stage is in place."""
+    path = Path(run_dir) / "DONE"
+    stamp = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    atomic_write_text(path, stamp + "\n")
+    return path
+
+
+def is_done(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / "DONE").is_file()
+
+
+def check_finite(loss: torch.Tensor | float, model: torch.nn.Module | None = None, *, step: int | None = None) -> None:
+    """Raise NonFiniteError naming the step and the culprit (the loss, or the first parameter whose
+    gradient holds NaN/inf). Costs one sync per tensor checked, so call it once per optimizer step."""
+    where = f" at step {step}" if step is not None else ""
+    value = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+    if not bool(torch.isfinite(value).all()):
+        raise NonFiniteError(f"non-finite loss{where}: {value.flatten()[:4].tolist()}")
+    if model is None:
+        return
+    for name, param in model.named_parameters():
+        if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
+            raise NonFiniteError(f"non-finite gradient{where} in parameter {name!r} (shape {tuple(param.shape)})")
