@@ -73,7 +73,7 @@ def cmd_world_stats(args) -> int:
     from prism.models.tokenizer import build_tokenizer
 
     cfg = _world_config(args)
-    tokenizer = build_tokenizer(corpus_texts(cfg, per_split=500))
+    tokenizer = build_tokenizer(corpus_texts(cfg))  # the tokenizer an export of this world writes
     table = world_stats(cfg, per_family=args.per_family, tokenizer=tokenizer)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     return 0

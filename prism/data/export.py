@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from prism.config import config_to_dict
 from prism.data.formats import (
     RLRecord,
-    _atomic_parquet,
+    atomic_write_parquet,
     atomic_write_text,
     sharegpt_dataset_info,
     write_rl_parquet,
@@ -153,7 +153,7 @@ def export_world(cfg: WorldConfig, out: Path, progress: Callable[[str, int, int]
     for sample in bench:
         by_family[sample.family].append(sample)
     for family, samples in by_family.items():
-        _atomic_parquet(_bench_table(samples), out / "bench" / f"{family}.parquet")
+        atomic_write_parquet(_bench_table(samples), out / "bench" / f"{family}.parquet")
     atomic_write_text(out / "dataset_info.json", json.dumps(sharegpt_dataset_info(["base", "sft", "teacher"]), indent=2))
 
     from prism.models.tokenizer import build_tokenizer

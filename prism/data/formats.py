@@ -183,11 +183,11 @@ def write_rl_parquet(path: Path, records: Iterable[RLRecord], split: str) -> int
         ("teacher_cot", pa.string()),
     ])
     table = pa.Table.from_pylist(rows, schema=schema)
-    _atomic_parquet(table, Path(path))
+    atomic_write_parquet(table, Path(path))
     return len(rows)
 
 
-def _atomic_parquet(table: pa.Table, path: Path) -> None:
+def atomic_write_parquet(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
