@@ -31,6 +31,10 @@ reproduce name: setup
 world *args: setup
     .venv/bin/prism world {{args}}
 
+# Run one stage to the end, resuming a killed run: `just train sft --config F [key=value ...]` (base, sft, rlvr).
+train *args: setup
+    .venv/bin/prism train {{args}}
+
 # Evaluate a checkpoint through lmms-eval: `just eval --checkpoint DIR --suite embedded [--limit N] [--world DIR]`.
 eval *args: setup
     .venv/bin/prism eval {{args}}
@@ -42,6 +46,11 @@ reward-score file: setup
 # Benchmarks: JSON under outputs/bench/.
 bench-world: setup
     .venv/bin/python bench/world_throughput.py
+
+# RLVR step and SFT throughput vs TRL's GRPOTrainer on the same tiny models (needs the bench extra: trl).
+bench-rlvr *args: setup
+    .venv/bin/python -c "import trl" 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check --no-deps "trl==1.16.0"
+    .venv/bin/python bench/rlvr_vs_trl.py {{args}}
 
 # Calibrate the embedded world: base + SFT of a preset, held-out accuracy per family (S ~12 min, M ~25 min).
 calibrate-world preset="embedded-s" *args: setup

@@ -6,6 +6,7 @@
   prism eval --checkpoint DIR --suite embedded|paper [--limit N] [--world DIR] [--out DIR] [--config F] [key=value ...]
   prism data check FILE [--kind sharegpt|rl|warmup]
   prism reward score --jsonl FILE
+  prism train STAGE --config F [key=value ...]     (base, sft, rlvr; disc_warmup and align: issue #6)
   prism reproduce NAME
 
 User mistakes (bad configs, malformed data, missing checkpoints) end with one line on stderr and
@@ -32,8 +33,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from prism.evaluate import EvalError
     from prism.models import ModelError
     from prism.rewards import RewardInputError
+    from prism.rollout.base import RolloutError
+    from prism.runtime import NonFiniteError, RuntimeConfigError
 
-    return (ConfigError, DataError, EvalError, ModelError, RewardInputError, FileExistsError, NotImplementedError)
+    return (ConfigError, DataError, EvalError, ModelError, RewardInputError, RolloutError, RuntimeConfigError,
+            NonFiniteError, FileExistsError, NotImplementedError)
 
 
 def _world_config(args):
@@ -114,6 +118,17 @@ def cmd_eval(args) -> int:
     return evaluate(args)
 
 
+def cmd_train(args) -> int:
+    from prism.config import load_config
+    from prism.stages import STAGES
+
+    config_class, recipe = STAGES[args.stage]
+    cfg = load_config(config_class, args.config, args.overrides)
+    run_dir = recipe(cfg)
+    print(run_dir)
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     raise NotImplementedError(
         f"'reproduce {args.name}' needs the experiment matrix (experiments/matrix.py, issue #7), "
@@ -162,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
+    train = commands.add_parser("train", help="run one stage recipe to the end (resumes a killed run)")
+    train.add_argument("stage", choices=["base", "sft", "disc_warmup", "align", "rlvr"])
+    train.add_argument("--config", type=Path, default=None, help="stage YAML (default: the published defaults)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    train.set_defaults(func=cmd_train)
+
     reproduce = commands.add_parser("reproduce", help="rebuild a paper table from recorded runs")
     reproduce.add_argument("name", choices=["table1", "ablations"])
     reproduce.set_defaults(func=cmd_reproduce)
@@ -169,7 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `prism train sft --config F a=1 b=2`: argparse cannot take positionals on both sides of an option.
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except _user_errors() as error:

@@ -847,7 +847,15 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="bfloat16", metadata={"help": "Parameter and compute dtype."},
     )
+    processor_path: str | None = field(
+        default=None,
+        metadata={"help": "Processor folder (tokenizer, image processor) for a model built from its preset, e.g. the "
+                          "world export's tokenizer/; null = model.path."},
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code shipped with the checkpoint to run."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass (memory for time; 4B/8B on GPU)."},
+    )
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "transformers attention backend: sdpa, eager, flash_attention_2, ..."},
     )
@@ -856,6 +864,7 @@ class ModelConfig:
         check_types(self)
         check_nonempty(self, "preset")
         check_nonempty(self, "path")
+        check_nonempty(self, "processor_path")
         check_nonempty(self, "attn_implementation")
 
 
@@ -874,6 +883,9 @@ class StageConfig:
     log_every_steps: int = field(
         default=1, metadata={**_NO_HASH, "help": "Append metrics to metrics.jsonl every N optimizer steps."},
     )
+    keep_last_checkpoints: int = field(
+        default=2, metadata={**_NO_HASH, "help": "Resumable checkpoints kept (newest first; 0 = keep all)."},
+    )
     tracking: Literal["none", "wandb"] = field(
         default="none",
         metadata={**_NO_HASH, "help": "Experiment tracker besides metrics.jsonl (wandb runs offline unless configured)."},
@@ -885,6 +897,7 @@ class StageConfig:
         check_nonempty(self, "output_dir")
         check_range(self, "save_every_steps", low=0)
         check_range(self, "log_every_steps", low=1)
+        check_range(self, "keep_last_checkpoints", low=0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1185,6 +1198,11 @@ def _rlvr_preset_under(data: Mapping) -> tuple[str, dict[str, Any]]:
         if any(_has_path(data, f"optim.{name}") for name in group):
             for name in group:
                 preset.get("optim", {}).pop(name, None)
+    # DAPO's buffer is 4096 of 8192 published tokens: a smaller response budget keeps at most half of it.
+    if preset.get("overlong_buffer") is not None and not _has_path(data, "overlong_buffer"):
+        budget = data.get("max_new_tokens", 8192)
+        if isinstance(budget, int) and budget >= 2:
+            preset["overlong_buffer"] = min(preset["overlong_buffer"], budget // 2)
     return f"RLVR preset {algorithm!r}", preset
 
 
@@ -1225,6 +1243,9 @@ class RLVRConfig(StageConfig):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (unitless; published 1.0)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass, in (0, 1]."})
     max_new_tokens: int = field(default=8192, metadata={"help": "Maximum response length (tokens; published 8192)."})
+    min_new_tokens: int = field(
+        default=0, metadata={"help": "Minimum response length (tokens; 0 = none). Benchmarks set it to fix the work."},
+    )
 
     # --- reward ---
     accuracy_weight: float = field(
@@ -1272,6 +1293,11 @@ class RLVRConfig(StageConfig):
     gen_batch_multiplier: int = field(
         default=3, metadata={"help": "Generation batch size as a multiple of prompts_per_step (count)."},
     )
+    on_underfilled_batch: Literal["partial", "error"] = field(
+        default="partial",
+        metadata={"help": "When max_num_gen_batches cannot fill the batch: train on the groups kept and log "
+                          "it (partial), or stop with an error (error)."},
+    )
 
     # --- optimisation and schedule ---
     optim: OptimConfig = field(
@@ -1297,6 +1323,7 @@ class RLVRConfig(StageConfig):
         check_range(self, "temperature", low=0, low_inclusive=False)
         check_range(self, "top_p", low=0, high=1, low_inclusive=False)
         check_range(self, "max_new_tokens", low=1)
+        check_range(self, "min_new_tokens", low=0, high=self.max_new_tokens)
         check_range(self, "accuracy_weight", low=0)
         check_range(self, "format_weight", low=0)
         check(self.accuracy_weight + self.format_weight > 0, "accuracy_weight",

@@ -54,3 +54,27 @@ def test_world_show_writes_a_png(tmp_path, capsys):
     out = tmp_path / "sheet.png"
     assert main(["world", "show", "--out", str(out), "--per-family", "1"]) == 0
     assert out.read_bytes()[:8] == bytes.fromhex("89504e470d0a1a0a")
+
+
+def test_train_config_errors_are_one_line(tmp_path, capsys):
+    config = tmp_path / "sft.yaml"
+    config.write_text("model:\n  preset: embedded-s\nmax_lenght: 10\n")
+    assert main(["train", "sft", "--config", str(config), "optim.lr=1e-4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "sft.yaml:3" in err and "max_lenght" in err and "max_length" in err
+
+
+def test_train_overrides_after_the_config_reach_the_stage(tmp_path, capsys):
+    assert main(["train", "rlvr", "mini_batches=3"]) == 2  # prompts_per_step=32 is not divisible by 3
+    assert "override 'mini_batches=3'" in capsys.readouterr().err
+
+
+def test_train_stage_not_implemented_yet_is_one_line(capsys):
+    assert main(["train", "align"]) == 2
+    assert "not implemented yet (issue #6" in capsys.readouterr().err
+
+
+def test_train_missing_data_names_the_file(tmp_path, capsys):
+    assert main(["train", "sft", "model.preset=embedded-s", f"model.processor_path={tmp_path}",
+                 f"data_files=[{tmp_path}/none.json]", f"output_dir={tmp_path}/out"]) == 2
+    assert "none.json: no such file" in capsys.readouterr().err

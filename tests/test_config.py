@@ -116,12 +116,18 @@ def test_post_init_range_error_reports_the_nested_fields_line(tmp_path):
 
 
 def test_cross_field_error_on_a_default_points_at_the_field_it_depends_on(tmp_path):
-    path = _yaml(tmp_path, "algorithm: dapo\nsteps: 10\nmax_new_tokens: 1024\n")
-    message = _error(RLVRConfig, path)
-    # overlong_buffer comes from the dapo preset; the user's max_new_tokens is what broke it.
-    assert message.startswith("RLVR preset 'dapo': field 'overlong_buffer': expected an int <= max_new_tokens (1024)")
+    path = _yaml(tmp_path, "algorithm: dapo\nsteps: 10\nmax_new_tokens: 1024\noverlong_buffer: 2048\n")
+    assert _error(RLVRConfig, path).startswith(f"{path}:4: field 'overlong_buffer': expected an int <= max_new_tokens (1024)")
     path = _yaml(tmp_path, "variant: hard_routed\nnum_experts: 2\n")
     assert _error(DiscWarmupConfig, path).startswith(f"{path}:2: field 'top_k': expected an int <= num_experts / 2 = 1")
+
+
+def test_dapo_preset_buffer_keeps_at_most_half_the_response_budget(tmp_path):
+    # Published: 4096 of 8192 tokens. A smaller budget gets half of it; a user's value always wins.
+    assert load_config(RLVRConfig, overrides=["algorithm=dapo"]).overlong_buffer == 4096
+    assert load_config(RLVRConfig, overrides=["algorithm=dapo", "max_new_tokens=1024"]).overlong_buffer == 512
+    assert load_config(RLVRConfig, overrides=["algorithm=dapo", "max_new_tokens=1024", "overlong_buffer=100"]).overlong_buffer == 100
+    assert load_config(RLVRConfig, overrides=["algorithm=grpo", "max_new_tokens=1024"]).overlong_buffer is None
 
 
 def test_literal_and_list_item_errors(tmp_path):

@@ -5,7 +5,7 @@ Layout of an exported world folder:
   images/<split>/<id>.png             the images those JSON files point to
   rl.parquet, teacher.parquet         verl-style RL prompts (teacher.parquet carries teacher segments)
   bench/<family>.parquet              held-out benchmark per family, read by the lmms-eval tasks
-  tokenizer/                          the byte-level BPE tokenizer trained on this world's text
+  tokenizer/                          the world's processor: byte-level BPE tokenizer, image processor, chat template
   world.json                          manifest: resolved config, counts, file checksums (written last)
 """
 
@@ -34,7 +34,7 @@ from prism.data.formats import (
 from prism.data.world import Sample, WorldConfig, iter_split, make_sample
 from prism.format import SYSTEM_PROMPT, count_caption_bullets, count_reasoning_steps, split_segments
 
-WORLD_FORMAT_VERSION = 1
+WORLD_FORMAT_VERSION = 2  # 2: tokenizer/ also holds the image processor
 MANIFEST = "world.json"
 TOKENIZER_CORPUS_PER_SPLIT = 3000  # enough text to cover the world's whole vocabulary
 
@@ -156,11 +156,12 @@ def export_world(cfg: WorldConfig, out: Path, progress: Callable[[str, int, int]
         atomic_write_parquet(_bench_table(samples), out / "bench" / f"{family}.parquet")
     atomic_write_text(out / "dataset_info.json", json.dumps(sharegpt_dataset_info(["base", "sft", "teacher"]), indent=2))
 
-    from prism.models.tokenizer import build_tokenizer
+    from prism.models import build_processor, build_tokenizer, save_processor
 
+    # The whole processor (tokenizer, image processor, chat template): stages building a tiny model load it.
     tokenizer = build_tokenizer(corpus_texts(cfg))
     shutil.rmtree(out / "tokenizer", ignore_errors=True)
-    tokenizer.save_pretrained(out / "tokenizer")
+    save_processor(build_processor(tokenizer, cfg.image_size), out / "tokenizer")
 
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".parquet") and p.name != MANIFEST)
     manifest = {

@@ -203,17 +203,19 @@ def load_model(
     return model.eval()
 
 
-def save_model(model: PreTrainedModel, processor: Qwen3VLImageTextProcessor, directory: str | os.PathLike) -> Path:
+def save_model(model: PreTrainedModel, processor: Qwen3VLImageTextProcessor, directory: str | os.PathLike,
+               state_dict: dict | None = None) -> Path:
     """Write a plain HF checkpoint folder (config, safetensors, tokenizer, processor) atomically.
 
     Everything goes to `<dir>.tmp-<id>` first and is renamed into place, so a reader never sees half a
-    checkpoint; an existing folder is swapped out and then deleted.
+    checkpoint; an existing folder is swapped out and then deleted. `state_dict` (e.g. gathered from FSDP
+    shards) replaces the model's own.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         save_processor(processor, tmp)
         old = None
         if directory.exists():

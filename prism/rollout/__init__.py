@@ -14,6 +14,7 @@ from prism.rollout.base import (
 )
 from prism.rollout.hf import (
     HFRolloutBackend,
+    log_probs_and_entropy,
     sequence_log_probs,
     token_log_probs,
     vision_token_ids,
@@ -29,6 +30,7 @@ __all__ = [
     "SamplingParams",
     "VLLMRolloutBackend",
     "expand_vision_inputs",
+    "log_probs_and_entropy",
     "response_mask_and_finish",
     "sequence_log_probs",
     "token_log_probs",

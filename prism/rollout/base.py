@@ -37,6 +37,7 @@ class SamplingParams:
     """How to sample. temperature 0 means greedy; `seed` makes sampling reproducible (None: global RNG)."""
 
     max_new_tokens: int = 128
+    min_new_tokens: int = 0  # stop tokens are masked until this many are generated
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
@@ -44,6 +45,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise RolloutError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise RolloutError(f"min_new_tokens must be an integer in [0, max_new_tokens], got {self.min_new_tokens!r}")
         if not self.temperature >= 0:
             raise RolloutError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
@@ -105,7 +108,7 @@ class RolloutBatch:
     prompt_mask: torch.Tensor  # [rows, P] long
     response_ids: torch.Tensor  # [rows, R] long, right-padded
     response_mask: torch.Tensor  # [rows, R] long, 1 up to and including eos
-    behaviour_log_probs: torch.Tensor  # [rows, R] float32, 0 outside response_mask
+    behaviour_log_probs: torch.Tensor | None  # [rows, R] float32, 0 outside response_mask; None if not asked
     texts: list[str]  # decoded responses, special tokens skipped
     finish_reasons: list[str]  # "stop" (eos produced) or "length"
     group_ids: torch.Tensor  # [rows] long, the prompt index of each row
@@ -131,6 +134,40 @@ class RolloutBatch:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    def select_prompts(self, prompt_indices: list[int]) -> RolloutBatch:
+        """The rollouts of some prompts (all n rows of each, in the order given), with padding columns that
+        no selected row uses trimmed and each selected prompt's image blocks kept."""
+        idx = list(prompt_indices)
+        rows = torch.tensor([p * self.n + k for p in idx for k in range(self.n)], dtype=torch.long)
+        prompt_mask, response_mask = self.prompt_mask[rows], self.response_mask[rows]
+        used_prompt = prompt_mask.any(0).nonzero()
+        first = int(used_prompt[0]) if used_prompt.numel() else prompt_mask.shape[1]
+        used_response = response_mask.any(0).nonzero()
+        last = int(used_response[-1]) + 1 if used_response.numel() else 0
+        pixel_values = image_grid_thw = None
+        if self.pixel_values is not None and self.image_grid_thw is not None:
+            blocks = list(torch.split(self.pixel_values, self.image_grid_thw.prod(-1).tolist(), dim=0))
+            starts = [sum(self.images_per_prompt[:p]) for p in range(len(self.images_per_prompt))]
+            images = [i for p in idx for i in range(starts[p], starts[p] + self.images_per_prompt[p])]
+            if images:
+                pixel_values = torch.cat([blocks[i] for i in images])
+                image_grid_thw = self.image_grid_thw[images]
+        return RolloutBatch(
+            prompt_ids=self.prompt_ids[rows, first:],
+            prompt_mask=prompt_mask[:, first:],
+            response_ids=self.response_ids[rows, :last],
+            response_mask=response_mask[:, :last],
+            behaviour_log_probs=None if self.behaviour_log_probs is None else self.behaviour_log_probs[rows, :last],
+            texts=[self.texts[r] for r in rows.tolist()],
+            finish_reasons=[self.finish_reasons[r] for r in rows.tolist()],
+            group_ids=torch.arange(len(idx)).repeat_interleave(self.n),
+            n=self.n,
+            sampling=self.sampling,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            images_per_prompt=[self.images_per_prompt[p] for p in idx],
+        )
 
     def row_vision_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """pixel_values / image_grid_thw with each prompt's image blocks repeated for its n rows."""

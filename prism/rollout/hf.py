@@ -54,8 +54,12 @@ def token_log_probs(
 class HFRolloutBackend:
     """Batched, left-padded, KV-cached generation with a Hugging Face Qwen3-VL model and its processor."""
 
-    def __init__(self, model: Any, processor: Any):
+    def __init__(self, model: Any, processor: Any, behaviour_log_probs: bool = True):
+        """`behaviour_log_probs=False` skips them (the batch holds None): a trainer that recomputes old
+        log-probs does not need the [rows, R, vocab] logits `generate` must otherwise keep (10 GB in bf16
+        for 64 x 512 tokens of a 152k vocabulary)."""
         self.model = model
+        self.behaviour_log_probs = behaviour_log_probs
         self.processor = processor
         self.tokenizer = processor.tokenizer
         if self.tokenizer.padding_side != "left":
@@ -79,12 +83,16 @@ class HFRolloutBackend:
         if not isinstance(n, int) or n < 1:
             raise RolloutError(f"n must be a positive integer, got {n!r}")
         inputs, images_per_prompt = self.encode(prompts)
+        device = self.model.device
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         stop_ids = _stop_ids(self.model, self.tokenizer)
         kwargs: dict[str, Any] = {
             "max_new_tokens": sampling.max_new_tokens,
+            "min_new_tokens": sampling.min_new_tokens or None,
             "num_return_sequences": 1 if sampling.greedy else n,  # HF refuses n > 1 for greedy
             "return_dict_in_generate": True,
-            "output_logits": True,
+            "use_cache": True,  # trainers switch model.config.use_cache off for their forwards
+            "output_logits": self.behaviour_log_probs,
             "eos_token_id": stop_ids,
             "pad_token_id": self.tokenizer.pad_token_id,
             "suppress_tokens": vision_token_ids(self.model),
@@ -97,16 +105,24 @@ class HFRolloutBackend:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             out = self.model.generate(**inputs, **kwargs)
+        inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         prompt_len = inputs["input_ids"].shape[1]
         response_ids = out.sequences[:, prompt_len:]
-        logits = torch.stack(out.logits, dim=1)  # [rows, R, V], raw (before temperature / top_p)
+        log_probs = None
+        if self.behaviour_log_probs:  # one step at a time: never a float32 [rows, R, V] copy
+            suppressed = vision_token_ids(self.model)
+            log_probs = torch.stack([
+                token_log_probs(step_logits.unsqueeze(1), response_ids[:, t : t + 1], sampling.logprob_temperature,
+                                suppressed).squeeze(1)
+                for t, step_logits in enumerate(out.logits)
+            ], dim=1).cpu()
+        response_ids = response_ids.cpu()
         if sampling.greedy and n > 1:  # greedy rollouts of a prompt are identical: decode once, repeat rows
-            response_ids, logits = response_ids.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
+            response_ids = response_ids.repeat_interleave(n, 0)
+            log_probs = log_probs.repeat_interleave(n, 0) if log_probs is not None else None
         response_mask, finish = response_mask_and_finish(response_ids, stop_ids)
-        log_probs = (
-            token_log_probs(logits, response_ids, sampling.logprob_temperature, vision_token_ids(self.model))
-            * response_mask
-        )
+        if log_probs is not None:
+            log_probs = log_probs * response_mask
         texts = self.tokenizer.batch_decode(
             [ids[mask.bool()] for ids, mask in zip(response_ids, response_mask)], skip_special_tokens=True
         )
@@ -128,6 +144,13 @@ class HFRolloutBackend:
 
 
 def sequence_log_probs(model: Any, batch: RolloutBatch, temperature: float | None = None) -> torch.Tensor:
+    """Per-token log-probs [rows, R] of `batch`'s responses under `model` (see `log_probs_and_entropy`)."""
+    return log_probs_and_entropy(model, batch, temperature, with_entropy=False)[0]
+
+
+def log_probs_and_entropy(
+    model: Any, batch: RolloutBatch, temperature: float | None = None, with_entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs [rows, R] of `batch`'s responses under `model`, 0 outside `response_mask`.
 
     Scaled by `temperature` (default: the batch's own logprob temperature, so the result is comparable with
@@ -136,15 +159,18 @@ def sequence_log_probs(model: Any, batch: RolloutBatch, temperature: float | Non
     temperature = batch.sampling.logprob_temperature if temperature is None else temperature
     if not temperature > 0:
         raise RolloutError(f"temperature for log-probs must be > 0, got {temperature!r}")
-    input_ids, attention_mask = batch.input_ids, batch.attention_mask
+    device = model.device if hasattr(model, "device") else next(model.parameters()).device
+    input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    response_ids, response_mask = batch.response_ids.to(device), batch.response_mask.to(device)
     pixel_values, image_grid_thw = expand_vision_inputs(
         batch.pixel_values, batch.image_grid_thw, batch.images_per_prompt, batch.n
     )
+    image_token_id = (model.module if hasattr(model, "module") else model).config.image_token_id
     mm_token_type_ids = torch.zeros_like(input_ids)
-    mm_token_type_ids[:, : batch.prompt_ids.shape[1]] = (batch.prompt_ids == model.config.image_token_id).long()
+    mm_token_type_ids[:, : batch.prompt_ids.shape[1]] = (batch.prompt_ids.to(device) == image_token_id).long()
     extra = {}
     if pixel_values is not None:
-        extra = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+        extra = {"pixel_values": pixel_values.to(device), "image_grid_thw": image_grid_thw.to(device)}
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -154,4 +180,14 @@ def sequence_log_probs(model: Any, batch: RolloutBatch, temperature: float | Non
     )
     prompt_len, resp_len = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
     logits = out.logits[:, prompt_len - 1 : prompt_len + resp_len - 1]  # logits at t predict token t + 1
-    return token_log_probs(logits, batch.response_ids, temperature, vision_token_ids(model)) * batch.response_mask
+    suppressed = vision_token_ids(model.module if hasattr(model, "module") else model)
+    log_probs = token_log_probs(logits, response_ids, temperature, suppressed) * response_mask
+    entropy = None
+    if with_entropy:  # a metric, never a loss term here: no graph
+        with torch.no_grad():
+            scaled = logits.float() / temperature
+            if suppressed:
+                scaled = scaled.index_fill(-1, torch.tensor(suppressed, device=scaled.device), float("-inf"))
+            logp = F.log_softmax(scaled, dim=-1)
+            entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1) * response_mask
+    return log_probs, entropy

@@ -100,6 +100,7 @@ class VLLMRolloutBackend:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_new_tokens,
+            min_tokens=sampling.min_new_tokens,
             seed=sampling.seed,
             logprobs=0,  # the sampled token's log-prob only
         )

@@ -1,0 +1,47 @@
+"""Stage recipes, one file each: `prism train STAGE --config F [key=value ...]`.
+
+STAGES maps a stage name to (config class, recipe). Each recipe reads its config, resumes from its newest
+checkpoint, trains, and writes the final model, manifest.json and DONE into its stage directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prism.config import AlignConfig, BaseConfig, DiscWarmupConfig, RLVRConfig, SFTConfig
+
+
+def _base(cfg: BaseConfig) -> Path:
+    from prism.stages.sft import run_base
+
+    return run_base(cfg)
+
+
+def _sft(cfg: SFTConfig) -> Path:
+    from prism.stages.sft import run
+
+    return run(cfg)
+
+
+def _rlvr(cfg: RLVRConfig) -> Path:
+    from prism.stages.rlvr import run
+
+    return run(cfg)
+
+
+def _not_yet(stage: str) -> Callable[[Any], Path]:
+    def recipe(cfg: Any) -> Path:
+        raise NotImplementedError(f"stage {stage!r} is not implemented yet (issue #6: the PRISM stage)")
+
+    return recipe
+
+
+STAGES: dict[str, tuple[type, Callable[[Any], Path]]] = {
+    "base": (BaseConfig, _base),
+    "sft": (SFTConfig, _sft),
+    "disc_warmup": (DiscWarmupConfig, _not_yet("disc_warmup")),
+    "align": (AlignConfig, _not_yet("align")),
+    "rlvr": (RLVRConfig, _rlvr),
+}

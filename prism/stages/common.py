@@ -1,0 +1,214 @@
+"""What every stage recipe does the same way: where it writes, how it loads the policy, its optimizer and
+schedule, the process group, and the resume / finish protocol. Training loops themselves live in the
+recipes (sft.py, rlvr.py), one file each, read top to bottom.
+
+A stage directory holds:
+  config.yaml        the resolved config (written first)
+  checkpoints/       resumable checkpoints (model, optimizer, scheduler, RNG, data position)
+  metrics.jsonl      one line per logged step
+  model/             the final policy as a plain Hugging Face checkpoint folder (with its processor)
+  manifest.json      config, seed, versions, git commit, upstream hashes, checkpoint checksums
+  DONE               written last: the stage is finished and is never run again
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prism.config import OptimConfig, config_hash, load_config, write_config_yaml
+from prism.models import ModelError, build_model, load_model, load_processor
+from prism.models.presets import get_preset
+from prism.runtime import (
+    is_done,
+    latest_checkpoint,
+    mark_done,
+    restore_checkpoint,
+    save_checkpoint,
+    sha256_file,
+    write_manifest,
+)
+
+FINAL_MODEL = "model"
+
+
+def stage_dir(stage: str, cfg: Any) -> Path:
+    """cfg.output_dir, or outputs/stages/<stage>-<config hash> (the hash covers model and data paths)."""
+    return Path(cfg.output_dir) if cfg.output_dir else Path("outputs/stages") / f"{stage}-{config_hash(cfg)}"
+
+
+def upstream_hashes(cfg: Any) -> dict[str, str]:
+    """Identify what the stage starts from: the upstream stage's config hash when the model was written by
+    one of ours (its manifest sits beside the model folder), and the sha256 of every data file."""
+    found: dict[str, str] = {}
+    model_path = getattr(cfg.model, "path", None)
+    if model_path:
+        manifest = Path(model_path).parent / "manifest.json"
+        if manifest.is_file():
+            found["model"] = json.loads(manifest.read_text(encoding="utf-8")).get("config_hash", "")
+    for name in getattr(cfg, "data_files", []) or []:
+        if Path(name).is_file():
+            found[f"data:{name}"] = sha256_file(Path(name))
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------
+# Policy and processor
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_policy(model_cfg: Any, seed: int) -> tuple[torch.nn.Module, Any]:
+    """(model in train mode, processor). A path loads a local checkpoint (safetensors, no remote code unless
+    asked); an embedded preset without a path is built from random init with the processor at processor_path."""
+    preset = get_preset(model_cfg.preset)
+    processor_dir = model_cfg.processor_path or model_cfg.path
+    if processor_dir is None:
+        raise ModelError(
+            f"model.preset {model_cfg.preset!r} is built from scratch and needs model.processor_path "
+            "(the world export's tokenizer/ folder)"
+        )
+    processor = load_processor(processor_dir)
+    dtype = getattr(torch, model_cfg.dtype)
+    if model_cfg.path is not None:
+        model = load_model(model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+        if type(model).__name__ != preset.architecture:
+            raise ModelError(f"model.path {model_cfg.path} holds a {type(model).__name__}, "
+                             f"but model.preset {model_cfg.preset!r} expects {preset.architecture}")
+    elif preset.kind == "local":
+        raise ModelError(f"model.preset {model_cfg.preset!r} ({preset.description}) loads only from a local "
+                         "checkpoint: set model.path")
+    else:
+        model = build_model(model_cfg.preset, processor.tokenizer, seed=seed).to(dtype)
+    if model.config._attn_implementation != model_cfg.attn_implementation:
+        model.set_attn_implementation(model_cfg.attn_implementation)
+    model.config.use_cache = False  # training forwards; generation turns the cache on per call
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train(), processor
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms and biases), as usual for transformers."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def lr_multiplier(step: int, total_steps: int, optim: OptimConfig) -> float:
+    """Linear warm-up from lr/warmup to lr over the warm-up steps, then cosine or linear decay to 0, or constant."""
+    warmup = optim.warmup_steps or int(math.ceil(optim.warmup_ratio * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    if optim.lr_scheduler == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    if optim.lr_scheduler == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, optim))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes: one, or many under `accelerate launch`
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_accelerator():
+    """accelerate's Accelerator: a no-op wrapper in one process, DDP/FSDP under `accelerate launch`."""
+    from accelerate import Accelerator
+
+    # cpu=True on a CPU-only machine: without it accelerate ignores a torchrun world and runs each process alone.
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def no_sync(accelerator, model: torch.nn.Module, last_micro_step: bool):
+    """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+    if last_micro_step or accelerator.num_processes == 1:
+        return nullcontext()
+    return accelerator.no_sync(model)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume and finish
+# ----------------------------------------------------------------------------------------------------
+
+
+def start_stage(stage: str, cfg: Any, accelerator) -> tuple[Path, bool]:
+    """(run directory, already finished?). Writes config.yaml on the main process."""
+    run_dir = stage_dir(stage, cfg)
+    recorded = run_dir / "config.yaml"
+    if recorded.is_file():  # a finished or interrupted run: only the same config may finish or resume it
+        previous = config_hash(load_config(type(cfg), recorded))
+        if previous != config_hash(cfg):
+            raise FileExistsError(f"{run_dir} holds a run of another {type(cfg).__name__} (config_hash {previous}, "
+                                  f"this one {config_hash(cfg)}): choose another output_dir or delete it")
+    if is_done(run_dir):
+        return run_dir, True
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config_yaml(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    return run_dir, False
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def resume(run_dir: Path, model, optimizer, scheduler, accelerator=None) -> dict[str, Any] | None:
+    """Restore the newest complete checkpoint into the live objects (RNG last); None when starting fresh.
+    Call before accelerator.prepare."""
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        return None
+    if accelerator is not None and is_fsdp(accelerator):
+        raise NotImplementedError(
+            f"{run_dir} holds a checkpoint of an FSDP run; resuming FSDP runs is not implemented (their optimizer "
+            "state is sharded and not saved). Start a new output_dir, or run without FSDP")
+    return restore_checkpoint(newest, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def save_progress(run_dir: Path, step: int, cfg: Any, accelerator, model, optimizer, scheduler,
+                  data_position: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    # get_state_dict is a collective under FSDP (it gathers the shards): every process calls it.
+    model_state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        save_checkpoint(run_dir, step, model_state=model_state,
+                        optimizer=None if is_fsdp(accelerator) else optimizer, scheduler=scheduler,
+                        data_position=data_position, extra=extra, keep_last=cfg.keep_last_checkpoints or None)
+    accelerator.wait_for_everyone()
+
+
+def finish_stage(run_dir: Path, cfg: Any, accelerator, model, processor, *, extra: dict[str, Any] | None = None) -> Path:
+    """Final HF checkpoint, manifest, then DONE (in that order: DONE means everything else is in place)."""
+    from prism.models import save_model
+
+    final = run_dir / FINAL_MODEL
+    model_state = accelerator.get_state_dict(model)  # collective under FSDP
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), processor, final, state_dict=model_state)
+        newest = latest_checkpoint(run_dir)
+        write_manifest(run_dir, config=cfg, seed=cfg.seed, upstream=upstream_hashes(cfg), checkpoint_dir=newest,
+                       extra={"final_model": str(final),
+                              "final_model_sha256": {p.name: sha256_file(p) for p in sorted(final.glob("*.safetensors"))},
+                              **(extra or {})})
+        mark_done(run_dir)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,66 @@
+"""What every stage shares: the learning-rate schedule, optimizer groups, stage directories, loading."""
+
+import math
+
+import pytest
+import torch
+
+from prism.config import OptimConfig, SFTConfig, load_config
+from prism.models import ModelError
+from prism.stages.common import build_optimizer, load_policy, lr_multiplier, stage_dir
+
+
+def test_warmup_then_cosine_by_hand():
+    optim = OptimConfig(lr=1.0, warmup_steps=2, lr_scheduler="cosine")
+    # warm-up: (step + 1) / 2; then cosine over the remaining 8 of 10 steps
+    assert [lr_multiplier(s, 10, optim) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_multiplier(2, 10, optim) == 1.0
+    assert lr_multiplier(6, 10, optim) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert lr_multiplier(10, 10, optim) == pytest.approx(0.0)
+
+
+def test_linear_constant_and_warmup_ratio():
+    assert lr_multiplier(6, 10, OptimConfig(warmup_steps=2, lr_scheduler="linear")) == pytest.approx(0.5)
+    assert lr_multiplier(9, 10, OptimConfig(lr_scheduler="constant")) == 1.0
+    # ratio 0.1 of 25 steps rounds up to 3 warm-up steps
+    ratio = OptimConfig(warmup_ratio=0.1, lr_scheduler="constant")
+    assert [lr_multiplier(s, 25, ratio) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+
+
+def test_weight_decay_only_on_matrices():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    optimizer = build_optimizer(model, OptimConfig(lr=0.1, weight_decay=0.05))
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.05 and [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3  # bias, norm weight and bias
+
+
+def test_stage_dir_is_content_addressed_unless_given(tmp_path):
+    a = load_config(SFTConfig, overrides=["model.preset=embedded-s", "optim.lr=1e-4"])
+    b = load_config(SFTConfig, overrides=["model.preset=embedded-s", "optim.lr=2e-4"])
+    c = load_config(SFTConfig, overrides=["model.preset=embedded-s", "optim.lr=1e-4", "save_every_steps=7"])
+    assert stage_dir("sft", a).name.startswith("sft-") and stage_dir("sft", a) != stage_dir("sft", b)
+    assert stage_dir("sft", a) == stage_dir("sft", c)  # bookkeeping is not part of the hash
+    d = load_config(SFTConfig, overrides=[f"output_dir={tmp_path}/x"])
+    assert stage_dir("sft", d) == tmp_path / "x"
+
+
+def test_load_policy_errors_name_the_missing_field():
+    cfg = load_config(SFTConfig, overrides=["model.preset=embedded-s"])
+    with pytest.raises(ModelError, match="model.processor_path"):
+        load_policy(cfg.model, seed=0)
+    cfg = load_config(SFTConfig, overrides=["model.preset=qwen3-vl-4b", "model.processor_path=/nowhere"])
+    with pytest.raises(ModelError, match="/nowhere"):
+        load_policy(cfg.model, seed=0)
+
+
+def test_embedded_policy_is_built_from_the_world_processor(world):
+    cfg = load_config(SFTConfig, overrides=["model.preset=embedded-s", "model.dtype=float32",
+                                            f"model.processor_path={world}/tokenizer"])
+    model, processor = load_policy(cfg.model, seed=3)
+    again, _ = load_policy(cfg.model, seed=3)
+    assert model.training and model.config.text_config.vocab_size == len(processor.tokenizer)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+    eager = load_config(SFTConfig, overrides=["model.preset=embedded-s", f"model.processor_path={world}/tokenizer",
+                                              "model.attn_implementation=eager"])
+    assert load_policy(eager.model, seed=3)[0].config._attn_implementation == "eager"

@@ -1,0 +1,45 @@
+"""The data-parallel path: 2 CPU processes (gloo, via torchrun) train like 1 process on the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from .conftest import model_tensors
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(world, policy_dir, out, processes, per_device):
+    args = [f"model.path={policy_dir}", "model.preset=embedded-s", "model.dtype=float32",
+            f"data_files=[{world}/sft.json]", "max_length=512", "max_steps=3", "optim.lr=3e-3",
+            f"per_device_batch_size={per_device}", "gradient_accumulation_steps=2", f"output_dir={out}"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                "--master_port", str(_free_port())] if processes > 1 else [sys.executable]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launcher, "-m", "prism.cli", "train", "sft", *args], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")
+def test_two_processes_equal_one_on_the_same_global_batch(world, policy_dir, tmp_path):
+    two = _train(world, policy_dir, tmp_path / "two", processes=2, per_device=4)
+    one = _train(world, policy_dir, tmp_path / "one", processes=1, per_device=8)
+    for a, b in zip(two, one):
+        assert a["assistant_tokens"] == b["assistant_tokens"]  # the same records, split over the processes
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["extra"]["processes"] == 2
+    ta, tb = model_tensors(tmp_path / "two" / "model"), model_tensors(tmp_path / "one" / "model")
+    assert all(torch.allclose(ta[k], tb[k], atol=1e-4) for k in ta)

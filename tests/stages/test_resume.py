@@ -1,0 +1,84 @@
+"""A run killed at any moment and started again ends bit-identical to an uninterrupted one (on CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from prism.runtime import latest_checkpoint
+from prism.stages import rlvr
+from prism.stages.rlvr import run as run_rlvr
+from prism.stages.sft import run as run_sft
+
+from .conftest import model_tensors
+from .test_rlvr import rlvr_config, varied_reward  # noqa: F401  (fixture)
+from .test_sft import sft_config
+
+TIMING = {"seconds", "tokens_per_s", "seconds_generate", "seconds_score", "seconds_update", "seconds_step",
+          "rollout_tokens_per_s"}
+
+
+def _metrics_without_timing(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def _assert_same_run(a, b):
+    ta, tb = model_tensors(a / "model"), model_tensors(b / "model")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert _metrics_without_timing(a) == _metrics_without_timing(b)
+
+
+def test_sft_killed_with_sigkill_resumes_bit_identical(world, policy_dir, tmp_path):
+    steps = ["max_steps=24", "per_device_batch_size=2", "gradient_accumulation_steps=1"]
+    whole = run_sft(sft_config(world, policy_dir, tmp_path / "whole", *steps))
+
+    killed = tmp_path / "killed"
+    args = [f"model.path={policy_dir}", "model.preset=embedded-s", "model.dtype=float32",
+            f"data_files=[{world}/sft.json]", "max_length=512", "optim.lr=3e-3", "optim.warmup_steps=1",
+            f"output_dir={killed}", "save_every_steps=2", *steps]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    process = subprocess.Popen([sys.executable, "-m", "prism.cli", "train", "sft", *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(killed) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "DONE").exists(), "the run finished before it could be killed"
+    reached = latest_checkpoint(killed)
+    assert reached is not None and reached.name < "step-000024"
+
+    resumed = run_sft(sft_config(world, policy_dir, killed, *steps))
+    _assert_same_run(whole, resumed)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_rlvr_interrupted_after_a_checkpoint_resumes_bit_identical(world, policy_dir, tmp_path, monkeypatch,
+                                                                   varied_reward):  # noqa: F811
+    steps = ["steps=4", "save_every_steps=2", "algorithm=dapo", "max_num_gen_batches=3",
+             "on_underfilled_batch=partial"]
+    whole = run_rlvr(rlvr_config(world, policy_dir, tmp_path / "whole", *steps))
+
+    real_save = rlvr.save_progress
+
+    def save_then_die(run_dir, step, *args, **kwargs):
+        real_save(run_dir, step, *args, **kwargs)
+        if step == 2:
+            raise Interrupt
+
+    monkeypatch.setattr(rlvr, "save_progress", save_then_die)
+    with pytest.raises(Interrupt):
+        run_rlvr(rlvr_config(world, policy_dir, tmp_path / "cut", *steps))
+    monkeypatch.setattr(rlvr, "save_progress", real_save)
+    torch.manual_seed(12345)  # the process's RNG moved on meanwhile: the checkpoint must restore it
+    resumed = run_rlvr(rlvr_config(world, policy_dir, tmp_path / "cut", *steps))
+    _assert_same_run(whole, resumed)
