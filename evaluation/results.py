@@ -130,6 +130,9 @@ def read_store(store: Path | str):
     return frame.drop_duplicates(subset=["checkpoint_hash", "eval_key", "task", "metric"], keep="last").reset_index(drop=True)
 
 
+TABLE_ORDER = ("accuracy", "format_valid_rate", "mean_response_tokens")
+
+
 def metrics_table(rows: Iterable[Mapping], metrics: Iterable[str] | None = None) -> str:
     """A plain-text table: one line per task, one column per metric (value, with stderr where known)."""
     rows = list(rows)
@@ -148,7 +151,9 @@ def metrics_table(rows: Iterable[Mapping], metrics: Iterable[str] | None = None)
             text += f" ±{stderr:.3f}" if abs(stderr) < 10 else f" ±{stderr:.1f}"
         cells[(row["task"], row["metric"])] = text
         n_of[row["task"]] = row.get("n")
-    columns = list(metrics) if metrics is not None else found
+    # lmms-eval's metric order varies from run to run: a fixed order keeps tables comparable side by side.
+    columns = list(metrics) if metrics is not None else sorted(
+        found, key=lambda m: (TABLE_ORDER.index(m) if m in TABLE_ORDER else len(TABLE_ORDER), m))
     header = ["task", "n", *columns]
     lines = [[task, "" if n_of.get(task) is None else str(int(_number(n_of[task]))), *(cells.get((task, m), "") for m in columns)]
              for task in order]

@@ -138,3 +138,12 @@ def test_checkpoint_hash_follows_the_files(tmp_path):
     assert checkpoint_hash(tmp_path) == first
     (tmp_path / "a.bin").write_bytes(b"22")
     assert checkpoint_hash(tmp_path, tmp_path.parent / "cache.json") != first
+
+
+def test_metrics_table_columns_have_a_fixed_order():
+    rows = [{"task": "t", "metric": m, "value": v, "stderr": "nan", "n": 2}
+            for m, v in (("mean_response_tokens", 12.0), ("question_pair_acc", 0.5), ("format_valid_rate", 1.0),
+                         ("accuracy", 0.25))]
+    header = metrics_table(rows).splitlines()[0].split()
+    assert header == ["task", "n", "accuracy", "format_valid_rate", "mean_response_tokens", "question_pair_acc"]
+    assert metrics_table(list(reversed(rows))).splitlines()[0].split() == header
