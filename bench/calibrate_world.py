@@ -29,6 +29,7 @@ import torch
 
 from prism.config import load_config
 from prism.data.export import corpus_texts
+from prism.data.formats import atomic_write_text
 from prism.data.world import WorldConfig, iter_split, make_sample
 from prism.format import SYSTEM_PROMPT, extract_answer, is_format_valid, split_segments
 from prism.models import build_model, build_processor, build_tokenizer, count_parameters
@@ -237,9 +238,7 @@ def main() -> None:
     result["train_tokens_per_s"] = round(tokens / (time.perf_counter() - started), 1)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out = Path("outputs/bench") / f"calibrate-{args.preset}{args.tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".tmp").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".tmp").replace(out)
+    atomic_write_text(out, json.dumps(result, indent=2))
     print(out)
 
 

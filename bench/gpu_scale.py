@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from prism.algorithms import aggregate_loss, ppo_clip
+from prism.data.formats import atomic_write_text
 from prism.rollout.hf import token_log_probs
 
 # Released Qwen3-VL-{4B,8B}-Instruct architecture (config.json); vocabulary 151936, mRoPE [24, 20, 20].
@@ -194,11 +195,9 @@ def main() -> None:
 
     # One phase per process keeps each phase's peak memory its own: merge into the preset's file.
     out = Path("outputs/bench") / f"gpu-{args.preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_file():
         result = {**json.loads(out.read_text()), **result}
-    out.with_suffix(".tmp").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".tmp").replace(out)
+    atomic_write_text(out, json.dumps(result, indent=2))
     print(out)
 
 

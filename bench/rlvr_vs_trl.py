@@ -269,10 +269,9 @@ def main() -> None:
             ratio = round(theirs["rlvr"]["seconds_step"] / ours["rlvr"]["seconds_step"], 2)
         result[preset] = {"parameters": parameters, "ours": ours, "trl": theirs, "trl_over_ours_step_time": ratio}
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
+    from prism.data.formats import atomic_write_text
+
+    atomic_write_text(args.out, json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

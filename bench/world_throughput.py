@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from prism.data.export import export_world
+from prism.data.formats import atomic_write_text
 from prism.data.world import WorldConfig, iter_split
 
 
@@ -49,10 +50,7 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

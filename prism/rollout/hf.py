@@ -165,7 +165,8 @@ def log_probs_and_entropy(
     pixel_values, image_grid_thw = expand_vision_inputs(
         batch.pixel_values, batch.image_grid_thw, batch.images_per_prompt, batch.n
     )
-    image_token_id = (model.module if hasattr(model, "module") else model).config.image_token_id
+    core = getattr(model, "module", model)  # the HF model inside a DDP/FSDP wrapper
+    image_token_id = core.config.image_token_id
     mm_token_type_ids = torch.zeros_like(input_ids)
     mm_token_type_ids[:, : batch.prompt_ids.shape[1]] = (batch.prompt_ids.to(device) == image_token_id).long()
     extra = {}
@@ -180,7 +181,7 @@ def log_probs_and_entropy(
     )
     prompt_len, resp_len = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
     logits = out.logits[:, prompt_len - 1 : prompt_len + resp_len - 1]  # logits at t predict token t + 1
-    suppressed = vision_token_ids(model.module if hasattr(model, "module") else model)
+    suppressed = vision_token_ids(core)
     log_probs = token_log_probs(logits, response_ids, temperature, suppressed) * response_mask
     entropy = None
     if with_entropy:  # a metric, never a loss term here: no graph

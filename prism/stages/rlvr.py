@@ -274,6 +274,7 @@ def run(cfg: RLVRConfig) -> Path:
             else:
                 mbs_iter = [(b, a, (old_log_probs[u][i] if old_log_probs else None), 1.0)
                             for i, (b, a) in enumerate(zip(mbs, micro_advantages[u]))]
+            update_loss = 0.0
             for i, (b, adv, old, weight) in enumerate(mbs_iter):
                 with no_sync(accelerator, model, last_micro_step=i == len(mbs_iter) - 1):
                     lp, entropy = log_probs_and_entropy(model, b)
@@ -292,11 +293,12 @@ def run(cfg: RLVRConfig) -> Path:
                         _normaliser(b, cfg.loss_agg) / normaliser) * world * weight
                     accelerator.backward(loss)
                 if weight:
+                    update_loss += float(loss.detach()) / world
                     stats["loss"].append(float(loss.detach()) / world)
                     stats["clipfrac"].append(float(metrics["clipfrac"]))
                     stats["ppo_kl"].append(float(metrics["ppo_kl"]))
                     stats["entropy"].append(float(entropy.sum() / mask.sum().clamp_min(1)))
-            check_finite(torch.tensor(sum(stats["loss"][-len(mbs_iter):] or [0.0])), policy, step=step + 1)
+            check_finite(update_loss, policy, step=step + 1)
             stats["grad_norm"].append(float(accelerator.clip_grad_norm_(model.parameters(), clip)))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
