@@ -10,7 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prism.config import AlignConfig, BaseConfig, DiscWarmupConfig, RLVRConfig, SFTConfig
+from prism.config import (
+    AlignConfig,
+    BaseConfig,
+    DiscWarmupConfig,
+    RLVRConfig,
+    SFTConfig,
+)
 
 
 def _base(cfg: BaseConfig) -> Path:

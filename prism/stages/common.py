@@ -108,7 +108,7 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
 
 def lr_multiplier(step: int, total_steps: int, optim: OptimConfig) -> float:
     """Linear warm-up from lr/warmup to lr over the warm-up steps, then cosine or linear decay to 0, or constant."""
-    warmup = optim.warmup_steps or int(math.ceil(optim.warmup_ratio * total_steps))
+    warmup = optim.warmup_steps or math.ceil(optim.warmup_ratio * total_steps)
     if step < warmup:
         return (step + 1) / warmup
     if optim.lr_scheduler == "constant":

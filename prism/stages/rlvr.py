@@ -27,12 +27,23 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from prism.algorithms import aggregate_loss, compute_grpo_advantage, dynamic_sampling_keep, get_policy_loss
+from prism.algorithms import (
+    aggregate_loss,
+    compute_grpo_advantage,
+    dynamic_sampling_keep,
+    get_policy_loss,
+)
 from prism.config import RLVRConfig
 from prism.data.formats import DataError, RLRecord, read_rl_parquet
 from prism.format import count_caption_bullets, count_reasoning_steps, split_segments
 from prism.rewards import compute_reward, overlong_penalty
-from prism.rollout import HFRolloutBackend, RolloutBatch, RolloutError, RolloutPrompt, SamplingParams
+from prism.rollout import (
+    HFRolloutBackend,
+    RolloutBatch,
+    RolloutError,
+    RolloutPrompt,
+    SamplingParams,
+)
 from prism.rollout.hf import log_probs_and_entropy
 from prism.runtime import MetricsLogger, Progress, check_finite, seed_everything
 from prism.stages.common import (
@@ -117,8 +128,12 @@ def text_statistics(texts: list[str]) -> dict[str, float]:
         if segments is not None:
             bullets.append(count_caption_bullets(segments.caption))
             steps.append(count_reasoning_steps(segments.think))
-    mean = lambda values: sum(values) / len(values) if values else float("nan")  # noqa: E731
-    return {"caption_bullets": mean(bullets), "reasoning_steps": mean(steps)}
+    return {"caption_bullets": _mean(bullets), "reasoning_steps": _mean(steps)}
+
+
+def _mean(values: list[float]) -> float:
+    """NaN for nothing (a step that trained no group), so a missing value never reads as 0."""
+    return sum(values) / len(values) if values else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -183,8 +198,8 @@ def run(cfg: RLVRConfig) -> Path:
         reference.to(accelerator.device)
     backend = make_backend(cfg, policy, processor)
     loss_fn = policy_loss_fn(cfg)
-    sampling = dict(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-                    temperature=cfg.temperature, top_p=cfg.top_p)
+    sampling = {"max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.min_new_tokens,
+                "temperature": cfg.temperature, "top_p": cfg.top_p}
     prompts_per_micro = max(1, cfg.micro_batch_size // cfg.rollouts_per_prompt)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
 
@@ -309,28 +324,27 @@ def run(cfg: RLVRConfig) -> Path:
 
         # ---- metrics, checkpoint ----
         done = step + 1
-        trained = [(rounds[r][1], rounds[r][0], p) for r, p in kept]
-        n = cfg.rollouts_per_prompt
-        pick = lambda key: torch.cat([s[key][p * n : (p + 1) * n] for s, _, p in trained]) if trained else torch.zeros(0)  # noqa: E731
-        texts = [b.texts[p * n + k] for _, b, p in trained for k in range(n)]
-        avg = lambda values: sum(values) / len(values) if values else float("nan")  # noqa: E731
+        # (batch, scores, row) of every rollout trained on
+        rows = [(rounds[r][0], rounds[r][1], p * cfg.rollouts_per_prompt + k)
+                for r, p in kept for k in range(cfg.rollouts_per_prompt)]
         record = {
-            "reward": pick("reward").mean(), "accuracy": pick("accuracy").mean(), "format_rate": pick("format").mean(),
-            "response_length": pick("length").mean(),
-            "truncated_rate": avg([b.finish_reasons[p * n + k] == "length" for _, b, p in trained for k in range(n)]),
+            **{name: _mean([float(scores[key][i]) for _, scores, i in rows])
+               for name, key in (("reward", "reward"), ("accuracy", "accuracy"), ("format_rate", "format"),
+                                 ("response_length", "length"))},
+            "truncated_rate": _mean([b.finish_reasons[i] == "length" for b, _, i in rows]),
             "all_rollouts_accuracy": torch.cat([s["accuracy"] for _, s, _ in rounds]).mean(),
             "groups_trained": len(kept), "groups_generated": generated_groups,
             "groups_filtered": generated_groups - len(kept) if cfg.dynamic_sampling else 0,
             "gen_rounds": len(rounds), "underfilled": underfilled,
-            "clipfrac": avg(stats["clipfrac"]), "ppo_kl": avg(stats["ppo_kl"]), "entropy": avg(stats["entropy"]),
-            "grad_norm": avg(stats["grad_norm"]), "loss": sum(stats["loss"]) / max(1, updates), "lr": lr,
+            "clipfrac": _mean(stats["clipfrac"]), "ppo_kl": _mean(stats["ppo_kl"]), "entropy": _mean(stats["entropy"]),
+            "grad_norm": _mean(stats["grad_norm"]), "loss": sum(stats["loss"]) / max(1, updates), "lr": lr,
             "seconds_generate": seconds_generate, "seconds_score": seconds_score, "seconds_update": seconds_update,
             "seconds_step": time.perf_counter() - t0,
             "rollout_tokens_per_s": float(sum(int(b.response_mask.sum()) for b, _, _ in rounds)) / max(seconds_generate, 1e-9),
-            **text_statistics(texts),
+            **text_statistics([b.texts[i] for b, _, i in rows]),
         }
         if reference is not None:
-            record["kl_ref"] = avg(stats["kl_ref"])
+            record["kl_ref"] = _mean(stats["kl_ref"])
         if accelerator.is_main_process:
             if done % cfg.log_every_steps == 0 or done == cfg.steps:
                 logger.log(done, record)
