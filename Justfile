@@ -55,3 +55,7 @@ bench-rlvr *args: setup
 # Calibrate the embedded world: base + SFT of a preset, held-out accuracy per family (S ~12 min, M ~25 min).
 calibrate-world preset="embedded-s" *args: setup
     .venv/bin/python bench/calibrate_world.py --preset {{preset}} {{args}}
+
+# Seconds per PRISM alignment step by phase and peak RSS (needs the embedded sft and disc_warmup stages).
+bench-align *args: setup
+    .venv/bin/python bench/align_step.py {{args}}

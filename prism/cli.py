@@ -6,7 +6,7 @@
   prism eval --checkpoint DIR --suite embedded|paper [--limit N] [--world DIR] [--out DIR] [--config F] [key=value ...]
   prism data check FILE [--kind sharegpt|rl|warmup]
   prism reward score --jsonl FILE
-  prism train STAGE --config F [key=value ...]     (base, sft, rlvr; disc_warmup and align: issue #6)
+  prism train STAGE --config F [key=value ...]     (base, sft, disc_warmup, align, rlvr)
   prism reproduce NAME
 
 User mistakes (bad configs, malformed data, missing checkpoints) end with one line on stderr and

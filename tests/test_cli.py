@@ -69,9 +69,11 @@ def test_train_overrides_after_the_config_reach_the_stage(tmp_path, capsys):
     assert "override 'mini_batches=3'" in capsys.readouterr().err
 
 
-def test_train_stage_not_implemented_yet_is_one_line(capsys):
-    assert main(["train", "align"]) == 2
-    assert "not implemented yet (issue #6" in capsys.readouterr().err
+def test_train_align_without_a_discriminator_is_one_line(tmp_path, capsys):
+    assert main(["train", "align", f"output_dir={tmp_path}/out"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "discriminator.path is not set" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_missing_data_names_the_file(tmp_path, capsys):

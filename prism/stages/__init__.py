@@ -37,17 +37,22 @@ def _rlvr(cfg: RLVRConfig) -> Path:
     return run(cfg)
 
 
-def _not_yet(stage: str) -> Callable[[Any], Path]:
-    def recipe(cfg: Any) -> Path:
-        raise NotImplementedError(f"stage {stage!r} is not implemented yet (issue #6: the PRISM stage)")
+def _disc_warmup(cfg: DiscWarmupConfig) -> Path:
+    from prism.stages.disc_warmup import run
 
-    return recipe
+    return run(cfg)
+
+
+def _align(cfg: AlignConfig) -> Path:
+    from prism.stages.align import run
+
+    return run(cfg)
 
 
 STAGES: dict[str, tuple[type, Callable[[Any], Path]]] = {
     "base": (BaseConfig, _base),
     "sft": (SFTConfig, _sft),
-    "disc_warmup": (DiscWarmupConfig, _not_yet("disc_warmup")),
-    "align": (AlignConfig, _not_yet("align")),
+    "disc_warmup": (DiscWarmupConfig, _disc_warmup),
+    "align": (AlignConfig, _align),
     "rlvr": (RLVRConfig, _rlvr),
 }

@@ -46,12 +46,12 @@ def upstream_hashes(cfg: Any) -> dict[str, str]:
     """Identify what the stage starts from: the upstream stage's config hash when the model was written by
     one of ours (its manifest sits beside the model folder), and the sha256 of every data file."""
     found: dict[str, str] = {}
-    model_path = getattr(cfg.model, "path", None)
-    if model_path:
-        manifest = Path(model_path).parent / "manifest.json"
-        if manifest.is_file():
-            found["model"] = json.loads(manifest.read_text(encoding="utf-8")).get("config_hash", "")
-    for name in getattr(cfg, "data_files", []) or []:
+    for role in ("model", "policy", "discriminator"):
+        model_path = getattr(getattr(cfg, role, None), "path", None)
+        manifest = Path(model_path).parent / "manifest.json" if model_path else None
+        if manifest is not None and manifest.is_file():
+            found[role] = json.loads(manifest.read_text(encoding="utf-8")).get("config_hash", "")
+    for name in [*(getattr(cfg, "data_files", None) or []), *(getattr(cfg, "teacher_files", None) or [])]:
         if Path(name).is_file():
             found[f"data:{name}"] = sha256_file(Path(name))
     return found
@@ -143,6 +143,26 @@ def no_sync(accelerator, model: torch.nn.Module, last_micro_step: bool):
     return accelerator.no_sync(model)
 
 
+def average_gradients(model: torch.nn.Module, accelerator) -> None:
+    """Mean of every parameter's gradient over the processes (a missing gradient counts as zero).
+
+    For modules trained without a DDP wrapper: the discriminator takes several forwards per backward (teacher
+    and student rows, two segment kinds) and an MoE leaves experts unused in a micro-batch, both of which
+    DDP's reducer refuses."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Resume and finish
 # ----------------------------------------------------------------------------------------------------
@@ -196,14 +216,17 @@ def save_progress(run_dir: Path, step: int, cfg: Any, accelerator, model, optimi
     accelerator.wait_for_everyone()
 
 
-def finish_stage(run_dir: Path, cfg: Any, accelerator, model, processor, *, extra: dict[str, Any] | None = None) -> Path:
-    """Final HF checkpoint, manifest, then DONE (in that order: DONE means everything else is in place)."""
+def finish_stage(run_dir: Path, cfg: Any, accelerator, model, processor, *, extra: dict[str, Any] | None = None,
+                 save=None) -> Path:
+    """Final HF checkpoint, manifest, then DONE (in that order: DONE means everything else is in place).
+    `save(model, processor, folder, state_dict=...)` writes the final folder (default: prism.models.save_model)."""
     from prism.models import save_model
 
+    save = save or save_model
     final = run_dir / FINAL_MODEL
     model_state = accelerator.get_state_dict(model)  # collective under FSDP
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), processor, final, state_dict=model_state)
+        save(accelerator.unwrap_model(model), processor, final, state_dict=model_state)
         newest = latest_checkpoint(run_dir)
         write_manifest(run_dir, config=cfg, seed=cfg.seed, upstream=upstream_hashes(cfg), checkpoint_dir=newest,
                        extra={"final_model": str(final),

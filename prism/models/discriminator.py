@@ -1,0 +1,373 @@
+"""The PRISM discriminator: a sparse-upcycled Qwen3-VL MoE with a value head that scores response segments.
+
+  D(x, y_k) = head(h_last),   h_last = last hidden state at the last token of [prompt(image, question) + y_k]
+
+- Upcycling (METHOD.md, Stage 2a): every decoder MLP of a dense Qwen3-VL becomes E experts with top-k routing.
+  Each expert is the dense MLP plus N(0, noise^2); routers are fresh N(0, router_std^2); everything else is
+  copied. transformers keeps the experts fused (checked on the installed version, docs/ENVIRONMENT.md):
+  `experts.gate_up_proj` [E, 2I, H] (gate rows first, then up rows) and `experts.down_proj` [E, H, I].
+- Segments: the caption segment and the think+answer segment are scored in separate forwards, neither with the
+  other in context. Both teacher and student segments are the canonical renderings of prism.format.Segments
+  followed by `<|im_end|>`, so a pair never differs in its last token (the known flaw METHOD.md warns about).
+- Variants (the ablations): `moe` (published), `dense` (no upcycling), `text_only` (the image is left out of the
+  prompt), `hard_routed` (perception segments may only use the first half of the experts, reasoning segments
+  the second half), `whole_response` (one score for the whole response, as GAD).
+
+On disk a discriminator is a plain Hugging Face checkpoint folder (the backbone, loadable on its own) plus
+`value_head.safetensors` and `discriminator.json` (variant and routing settings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
+    Qwen3VLMoeTextTopKRouter,
+    load_balancing_loss_func,
+)
+
+from prism.models.presets import DENSE, MOE, load_model, save_model
+from prism.models.processor import ModelError
+
+Variant = Literal["moe", "dense", "text_only", "hard_routed", "whole_response"]
+SegmentKind = Literal["perception", "reasoning", "response"]
+VARIANTS: tuple[str, ...] = ("moe", "dense", "text_only", "hard_routed", "whole_response")
+HEAD_FILE = "value_head.safetensors"
+SPEC_FILE = "discriminator.json"
+
+
+@dataclass(frozen=True)
+class DiscriminatorSpec:
+    """What a saved discriminator needs besides its backbone's config.json."""
+
+    variant: str = "moe"
+    head_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ModelError(f"discriminator variant {self.variant!r} is not one of {', '.join(VARIANTS)}")
+
+    @property
+    def segment_kinds(self) -> tuple[str, ...]:
+        return ("response",) if self.variant == "whole_response" else ("perception", "reasoning")
+
+    @property
+    def uses_images(self) -> bool:
+        return self.variant != "text_only"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sparse upcycling
+# ----------------------------------------------------------------------------------------------------
+
+
+def moe_config(dense_config, num_experts: int, top_k: int, aux_loss_coef: float) -> Qwen3VLMoeConfig:
+    """The Qwen3VLMoeConfig of a dense Qwen3VLConfig with every decoder MLP made sparse."""
+    text = dense_config.text_config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "intermediate_size", "dtype"):
+        text.pop(key, None)
+    text.update(
+        intermediate_size=dense_config.text_config.intermediate_size,
+        moe_intermediate_size=dense_config.text_config.intermediate_size,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        router_aux_loss_coef=aux_loss_coef,
+        tie_word_embeddings=dense_config.tie_word_embeddings,  # the MoE text config defaults to True
+    )
+    vision = dense_config.vision_config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "dtype"):
+        vision.pop(key, None)
+    return Qwen3VLMoeConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=dense_config.image_token_id,
+        video_token_id=dense_config.video_token_id,
+        vision_start_token_id=dense_config.vision_start_token_id,
+        vision_end_token_id=dense_config.vision_end_token_id,
+        tie_word_embeddings=dense_config.tie_word_embeddings,
+    )
+
+
+@torch.no_grad()
+def upcycle(dense: nn.Module, num_experts: int, top_k: int, expert_noise_std: float, router_init_std: float,
+            aux_loss_coef: float = 0.01, seed: int = 0) -> Qwen3VLMoeForConditionalGeneration:
+    """Sparse upcycling of a dense Qwen3VLForConditionalGeneration (seeded; the caller's RNG is untouched)."""
+    if type(dense).__name__ != DENSE:
+        raise ModelError(f"upcycling needs a dense {DENSE}, got {type(dense).__name__}")
+    config = moe_config(dense.config, num_experts, top_k, aux_loss_coef)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        moe = Qwen3VLMoeForConditionalGeneration(config).to(next(dense.parameters()).dtype)
+    dense_state = dense.state_dict()
+    moe_state = moe.state_dict()
+    for name, tensor in moe_state.items():
+        if ".mlp.experts." in name or name.endswith(".mlp.gate.weight"):  # new in the MoE
+            continue
+        if name not in dense_state or dense_state[name].shape != tensor.shape:
+            raise ModelError(f"upcycling: dense model has no tensor matching {name} {tuple(tensor.shape)}")
+        tensor.copy_(dense_state[name])
+
+    def noisy(weight: torch.Tensor) -> torch.Tensor:  # [E, ...] copies of one dense weight, each with own noise
+        copies = weight.float().unsqueeze(0).repeat(num_experts, *([1] * weight.dim()))
+        noise = torch.randn(copies.shape, generator=generator) * expert_noise_std
+        return (copies + noise).to(weight.dtype)
+
+    for index, layer in enumerate(moe.model.language_model.layers):
+        prefix = f"model.language_model.layers.{index}.mlp."
+        gate, up, down = (dense_state[prefix + f"{name}.weight"] for name in ("gate_proj", "up_proj", "down_proj"))
+        layer.mlp.experts.gate_up_proj.copy_(noisy(torch.cat([gate, up], dim=0)))  # chunk(2): gate first
+        layer.mlp.experts.down_proj.copy_(noisy(down))
+        router = layer.mlp.gate.weight
+        router.copy_((torch.randn(router.shape, generator=generator) * router_init_std).to(router.dtype))
+    moe.generation_config = dense.generation_config
+    return moe.eval()
+
+
+class HardRoutedRouter(Qwen3VLMoeTextTopKRouter):
+    """A top-k router that may only choose among `allowed` experts (None: all of them).
+
+    The discriminator sets `allowed` before each forward: perception segments route within the first half
+    of the experts, reasoning segments within the second half. The other experts' logits are -inf, so their
+    routing probability is 0 and the load-balancing loss sees them unused."""
+
+    allowed: tuple[int, int] | None = None
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = nn.functional.linear(hidden_states, self.weight)
+        if self.allowed is not None:
+            keep = torch.zeros(self.num_experts, dtype=torch.bool, device=router_logits.device)
+            keep[self.allowed[0] : self.allowed[1]] = True
+            router_logits = router_logits.masked_fill(~keep, float("-inf"))
+        router_probs = nn.functional.softmax(router_logits, dtype=torch.float, dim=-1)
+        top_value, top_index = torch.topk(router_probs, self.top_k, dim=-1)
+        top_value = (top_value / top_value.sum(dim=-1, keepdim=True)).to(router_logits.dtype)
+        return router_logits, top_value, top_index
+
+
+def _install_hard_routers(backbone: nn.Module) -> list[HardRoutedRouter]:
+    routers = []
+    for layer in backbone.model.language_model.layers:
+        old = layer.mlp.gate
+        new = HardRoutedRouter(backbone.config.text_config).to(old.weight.device, old.weight.dtype)
+        new.weight = old.weight  # the same parameter: checkpoints and optimizers see no difference
+        layer.mlp.gate = new
+        routers.append(new)
+    return routers
+
+
+# ----------------------------------------------------------------------------------------------------
+# The discriminator module
+# ----------------------------------------------------------------------------------------------------
+
+
+class Discriminator(nn.Module):
+    """backbone (dense or MoE Qwen3-VL) + value head; `forward` gives one score per row and the aux loss."""
+
+    def __init__(self, backbone: nn.Module, spec: DiscriminatorSpec, head: nn.Linear | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        hidden = backbone.config.text_config.hidden_size
+        self.dropout = nn.Dropout(spec.head_dropout)
+        self.head = head if head is not None else nn.Linear(hidden, 1, bias=False)
+        self.is_moe = type(backbone).__name__ == MOE
+        if spec.variant in ("moe", "text_only", "hard_routed", "whole_response") and not self.is_moe:
+            raise ModelError(f"discriminator variant {spec.variant!r} needs an MoE backbone, got {type(backbone).__name__}")
+        if spec.variant == "dense" and self.is_moe:
+            raise ModelError("discriminator variant 'dense' needs a dense backbone, got an MoE one")
+        self.routers = _install_hard_routers(backbone) if spec.variant == "hard_routed" else []
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def _route(self, kind: str | None) -> None:
+        if not self.routers:
+            return
+        experts = self.backbone.config.text_config.num_experts
+        allowed = {"perception": (0, experts // 2), "reasoning": (experts // 2, experts)}.get(kind or "")
+        if allowed is None:
+            raise ModelError(f"hard-routed discriminator: segment kind must be perception or reasoning, got {kind!r}")
+        for router in self.routers:
+            router.allowed = allowed
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mm_token_type_ids: torch.Tensor,
+                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [rows] float32, load-balancing aux loss: a 0-d tensor, 0 for a dense backbone).
+
+        Rows are right-padded; each is scored at its last attended token."""
+        self._route(kind)
+        extra = {} if pixel_values is None else {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+        if self.is_moe:
+            extra["output_router_logits"] = True
+        out = self.backbone.model(input_ids=input_ids, attention_mask=attention_mask,
+                                  mm_token_type_ids=mm_token_type_ids, use_cache=False, **extra)
+        last = attention_mask.sum(-1) - 1
+        hidden = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+        scores = self.head(self.dropout(hidden)).squeeze(-1).float()
+        aux = torch.zeros((), device=scores.device)
+        if self.is_moe:
+            text = self.backbone.config.text_config
+            aux = load_balancing_loss_func(out.router_logits, text.num_experts, text.num_experts_per_tok,
+                                           attention_mask).float()
+        return scores, aux
+
+
+def build_discriminator(dense: nn.Module, spec: DiscriminatorSpec, *, num_experts: int, top_k: int,
+                        expert_noise_std: float, router_init_std: float, aux_loss_coef: float,
+                        seed: int) -> Discriminator:
+    """A fresh discriminator from a dense backbone: upcycled unless the variant is `dense`; seeded head."""
+    backbone = dense if spec.variant == "dense" else upcycle(
+        dense, num_experts, top_k, expert_noise_std, router_init_std, aux_loss_coef, seed=seed)
+    hidden = backbone.config.text_config.hidden_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        head = nn.Linear(hidden, 1, bias=False).to(next(backbone.parameters()).dtype)
+    return Discriminator(backbone, spec, head)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Save and load
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_discriminator(discriminator: Discriminator, processor, directory: str | os.PathLike,
+                       state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """The backbone as an HF checkpoint folder, then the head and spec inside it; renamed into place whole."""
+    directory = Path(directory)
+    tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+    state = state_dict if state_dict is not None else discriminator.state_dict()
+    backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        save_model(discriminator.backbone, processor, tmp, state_dict=backbone_state)
+        save_file({"weight": state["head.weight"].detach().contiguous().cpu()}, str(tmp / HEAD_FILE))
+        (tmp / SPEC_FILE).write_text(json.dumps(asdict(discriminator.spec), indent=2) + "\n", encoding="utf-8")
+        old = None
+        if directory.exists():
+            old = directory.with_name(f"{directory.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def load_discriminator(directory: str | os.PathLike, dtype: str = "float32") -> Discriminator:
+    directory = Path(directory)
+    for name in (HEAD_FILE, SPEC_FILE):
+        if not (directory / name).is_file():
+            raise ModelError(f"{directory} is not a discriminator folder: {name} is missing")
+    try:
+        spec = DiscriminatorSpec(**json.loads((directory / SPEC_FILE).read_text(encoding="utf-8")))
+    except (TypeError, json.JSONDecodeError) as error:
+        raise ModelError(f"{directory / SPEC_FILE}: not a discriminator spec ({error})") from None
+    backbone = load_model(directory, dtype=dtype)
+    weight = load_file(str(directory / HEAD_FILE))["weight"].to(getattr(torch, dtype))
+    head = nn.Linear(weight.shape[1], 1, bias=False).to(weight.dtype)
+    head.weight.data.copy_(weight)
+    return Discriminator(backbone, spec, head)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Segment batches
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt rendered up to the assistant turn, its image tokens expanded, vision inputs processed once."""
+
+    ids: list[int]
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+
+
+def encode_prompt(processor, messages: list[dict[str, str]], images: Sequence, uses_images: bool) -> EncodedPrompt:
+    """sharegpt-style messages with `<image>` placeholders (+ PIL images) -> ids ending in the assistant header.
+
+    Text-only scoring drops the placeholders and the images."""
+    from prism.data.formats import IMAGE_TOKEN
+    from prism.stages.sft import chat_messages
+
+    if not uses_images:
+        messages = [{**m, "content": m["content"].replace(IMAGE_TOKEN, "")} for m in messages]
+        images = []
+    tokenizer = processor.tokenizer
+    text = tokenizer.apply_chat_template(chat_messages(messages), tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not images:
+        return EncodedPrompt(ids, None, None)
+    vision = processor.image_processor(images=list(images), return_tensors="pt")
+    merge = processor.image_processor.merge_size ** 2
+    counts = iter((vision["image_grid_thw"].prod(-1) // merge).tolist())
+    image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    expanded = []
+    for token in ids:
+        expanded.extend([token] * (next(counts) if token == image_token else 1))
+    return EncodedPrompt(expanded, vision["pixel_values"], vision["image_grid_thw"])
+
+
+def segment_batch(processor, prompts: Sequence[EncodedPrompt], segments: Sequence[str],
+                  max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded rows [prompt_i + segment_i + <|im_end|>], vision blocks in row order.
+
+    Every row ends in the same terminator, so teacher and student segments share their last token."""
+    if len(prompts) != len(segments):
+        raise ValueError(f"{len(prompts)} prompts for {len(segments)} segments")
+    tokenizer = processor.tokenizer
+    terminator = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    rows = []
+    for prompt, segment in zip(prompts, segments):
+        segment_ids = tokenizer(segment, add_special_tokens=False)["input_ids"]
+        ids = prompt.ids + segment_ids + [terminator]
+        if max_length is not None and len(ids) > max_length:  # keep the terminator: cut the segment's tail
+            if len(prompt.ids) + 1 >= max_length:
+                raise ModelError(f"a prompt of {len(prompt.ids)} tokens leaves no room for a segment in max_length={max_length}")
+            ids = ids[: max_length - 1] + [terminator]
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+             "mm_token_type_ids": (input_ids == image_token).long()}
+    pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels)
+        batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in prompts if p.image_grid_thw is not None])
+    return batch
+
+
+def score_segments(discriminator: Discriminator, processor, prompts: Sequence[EncodedPrompt], segments: Sequence[str],
+                   kind: str, micro_batch_size: int, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores [rows] and the mean aux loss over micro-batches, under the caller's grad mode."""
+    scores, aux = [], []
+    for start in range(0, len(segments), micro_batch_size):
+        batch = segment_batch(processor, prompts[start : start + micro_batch_size],
+                              segments[start : start + micro_batch_size], max_length)
+        batch = {k: v.to(discriminator.device) for k, v in batch.items()}
+        s, a = discriminator(**batch, kind=kind)
+        scores.append(s)
+        aux.append(a)
+    return torch.cat(scores), torch.stack(aux).mean()

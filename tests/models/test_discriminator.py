@@ -1,0 +1,164 @@
+"""The MoE discriminator: upcycling keeps the dense function, segments share their terminator, variants route and
+see what they should, and a saved discriminator scores the same after loading."""
+
+import pytest
+import torch
+
+from prism.format import SYSTEM_PROMPT, split_segments
+from prism.models import (
+    PRESETS,
+    ModelError,
+    build_model,
+    build_processor,
+    build_tokenizer,
+)
+from prism.models.discriminator import (
+    Discriminator,
+    DiscriminatorSpec,
+    build_discriminator,
+    encode_prompt,
+    load_discriminator,
+    save_discriminator,
+    segment_batch,
+    upcycle,
+)
+from tests.models.fixtures import noise_image, shape_corpus
+
+MESSAGES = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "<image>How many red circles?"}]
+TEACHER = "<caption>\n- a red circle\n- a blue square\n</caption>\n<think>\n1 red circle.\n</think>\n<answer>1</answer>"
+# Same content, other spacing: a student's raw text must not differ from the teacher's in its layout or last token.
+STUDENT = "  <caption>- a red circle</caption>\n\n\n<think>one</think>   <answer> 2 </answer>\n\n"
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(build_tokenizer(shape_corpus()), image_size=PRESETS["embedded-s"].image_size)
+
+
+@pytest.fixture(scope="module")
+def dense(processor):
+    return build_model("embedded-s", processor.tokenizer, seed=0)
+
+
+def _kwargs(**overrides):
+    return {"num_experts": 4, "top_k": 2, "expert_noise_std": 0.01, "router_init_std": 0.02,
+            "aux_loss_coef": 0.01, "seed": 0, **overrides}
+
+
+def _batch(processor, segments, uses_images=True):
+    prompt = encode_prompt(processor, MESSAGES, [noise_image(96)], uses_images)
+    return segment_batch(processor, [prompt] * len(segments), segments)
+
+
+def test_upcycled_with_zero_noise_gives_the_dense_hidden_states_and_logits(processor, dense):
+    moe = upcycle(dense, num_experts=4, top_k=2, expert_noise_std=0.0, router_init_std=0.02)
+    assert type(moe).__name__ == "Qwen3VLMoeForConditionalGeneration"
+    batch = _batch(processor, [split_segments(TEACHER).perception, split_segments(TEACHER).reasoning])
+    with torch.no_grad():
+        dense_out = dense(**batch, output_hidden_states=True)
+        moe_out = moe(**batch, output_hidden_states=True)
+    assert torch.allclose(dense_out.hidden_states[-1], moe_out.hidden_states[-1], atol=1e-5)
+    assert torch.allclose(dense_out.logits, moe_out.logits, atol=1e-4)
+
+
+def test_upcycling_copies_the_dense_mlp_into_each_expert_plus_noise_and_draws_fresh_routers(dense):
+    noise, router_std = 0.01, 0.02
+    moe = upcycle(dense, num_experts=4, top_k=2, expert_noise_std=noise, router_init_std=router_std, seed=3)
+    dense_mlp = dense.model.language_model.layers[1].mlp
+    moe_mlp = moe.model.language_model.layers[1].mlp
+    gate_up = torch.cat([dense_mlp.gate_proj.weight, dense_mlp.up_proj.weight])  # [2I, H], gate rows first
+    deltas = moe_mlp.experts.gate_up_proj.detach() - gate_up  # [E, 2I, H]
+    assert deltas.shape[0] == 4
+    assert deltas.std().item() == pytest.approx(noise, rel=0.05)  # the noise, nothing else
+    assert not torch.equal(deltas[0], deltas[1])  # each expert draws its own noise
+    down = moe_mlp.experts.down_proj.detach() - dense_mlp.down_proj.weight
+    assert down.std().item() == pytest.approx(noise, rel=0.05)
+    assert moe_mlp.gate.weight.std().item() == pytest.approx(router_std, rel=0.1)
+    # everything outside the MLPs is copied exactly
+    assert torch.equal(moe.model.language_model.embed_tokens.weight, dense.model.language_model.embed_tokens.weight)
+    assert torch.equal(moe.model.visual.patch_embed.proj.weight, dense.model.visual.patch_embed.proj.weight)
+    again = upcycle(dense, num_experts=4, top_k=2, expert_noise_std=noise, router_init_std=router_std, seed=3)
+    assert torch.equal(again.model.language_model.layers[1].mlp.experts.down_proj, moe_mlp.experts.down_proj)
+
+
+def test_teacher_and_student_segments_end_in_the_same_terminator(processor):
+    teacher, student = split_segments(TEACHER), split_segments(STUDENT)
+    terminator = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for t, s, closing in ((teacher.perception, student.perception, "</caption>"),
+                          (teacher.reasoning, student.reasoning, "</answer>")):
+        batch = _batch(processor, [t, s])
+        last = batch["attention_mask"].sum(-1) - 1  # where the score is read
+        ids = batch["input_ids"]
+        assert ids[0, last[0]] == ids[1, last[1]] == terminator
+        closing_ids = processor.tokenizer(closing, add_special_tokens=False)["input_ids"]
+        k = len(closing_ids)
+        assert ids[0, last[0] - k : last[0]].tolist() == ids[1, last[1] - k : last[1]].tolist() == closing_ids
+    # the raw student text ended in whitespace; the scored segment is the canonical rendering
+    assert student.reasoning.endswith("<answer>2</answer>") and student.perception.startswith("<caption>\n")
+
+
+def test_text_only_prompts_hold_no_image(processor):
+    with_image = encode_prompt(processor, MESSAGES, [noise_image(96)], uses_images=True)
+    text_only = encode_prompt(processor, MESSAGES, [noise_image(96)], uses_images=False)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert with_image.ids.count(image_token) == 9 and with_image.pixel_values is not None  # 96 px: 3 x 3 tokens
+    assert image_token not in text_only.ids and text_only.pixel_values is None
+
+
+def test_hard_routed_perception_scores_ignore_the_reasoning_experts(processor, dense):
+    disc = build_discriminator(dense, DiscriminatorSpec("hard_routed", head_dropout=0.0), **_kwargs()).eval()
+    batch = _batch(processor, [split_segments(TEACHER).perception])
+    with torch.no_grad():
+        perception, _ = disc(**batch, kind="perception")
+        reasoning, _ = disc(**batch, kind="reasoning")
+        for layer in disc.backbone.model.language_model.layers:  # perturb experts 2 and 3 (the reasoning half)
+            layer.mlp.experts.gate_up_proj[2:] += 1.0
+        perception_after, _ = disc(**batch, kind="perception")
+        reasoning_after, _ = disc(**batch, kind="reasoning")
+    assert torch.equal(perception, perception_after)
+    assert not torch.allclose(reasoning, reasoning_after)
+    with pytest.raises(ModelError, match="perception or reasoning"):
+        disc(**batch, kind="response")
+
+
+def test_free_routing_uses_every_expert_and_reports_the_aux_loss(processor, dense):
+    disc = build_discriminator(dense, DiscriminatorSpec("moe", head_dropout=0.0), **_kwargs()).eval()
+    batch = _batch(processor, [split_segments(TEACHER).perception, split_segments(TEACHER).reasoning])
+    with torch.no_grad():
+        out = disc.backbone.model(**batch, output_router_logits=True)
+        scores, aux = disc(**batch, kind="perception")
+    chosen = torch.cat([logits.topk(2, dim=-1).indices.flatten() for logits in out.router_logits])
+    assert set(chosen.tolist()) == {0, 1, 2, 3}
+    assert scores.shape == (2,) and aux.item() > 0
+
+
+def test_variant_and_backbone_must_agree(dense):
+    with pytest.raises(ModelError, match="needs an MoE backbone"):
+        Discriminator(dense, DiscriminatorSpec("text_only"))
+    moe = upcycle(dense, num_experts=2, top_k=1, expert_noise_std=0.0, router_init_std=0.02)
+    with pytest.raises(ModelError, match="needs a dense backbone"):
+        Discriminator(moe, DiscriminatorSpec("dense"))
+    with pytest.raises(ModelError, match="not one of"):
+        DiscriminatorSpec("sparse")
+
+
+def test_dense_variant_keeps_the_dense_backbone(processor, dense):
+    disc = build_discriminator(dense, DiscriminatorSpec("dense", head_dropout=0.0), **_kwargs())
+    assert type(disc.backbone).__name__ == "Qwen3VLForConditionalGeneration"
+    scores, aux = disc(**_batch(processor, [split_segments(TEACHER).perception]), kind="perception")
+    assert scores.shape == (1,) and aux.item() == 0.0
+
+
+@pytest.mark.parametrize("variant", ["hard_routed", "dense"])
+def test_saved_discriminator_scores_the_same_after_loading(processor, dense, tmp_path, variant):
+    disc = build_discriminator(dense, DiscriminatorSpec(variant, head_dropout=0.1), **_kwargs()).eval()
+    folder = save_discriminator(disc, processor, tmp_path / "disc")
+    assert (folder / "config.json").is_file() and (folder / "value_head.safetensors").is_file()
+    loaded = load_discriminator(folder).eval()
+    assert loaded.spec == disc.spec
+    batch = _batch(processor, [split_segments(TEACHER).reasoning, split_segments(STUDENT).reasoning])
+    with torch.no_grad():
+        assert torch.equal(disc(**batch, kind="reasoning")[0], loaded(**batch, kind="reasoning")[0])
+    (folder / "value_head.safetensors").unlink()
+    with pytest.raises(ModelError, match="value_head.safetensors is missing"):
+        load_discriminator(folder)
