@@ -36,8 +36,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from prism.rollout.base import RolloutError
     from prism.runtime import NonFiniteError, RuntimeConfigError
 
+    from experiments.matrix import MatrixError
+
     return (ConfigError, DataError, EvalError, ModelError, RewardInputError, RolloutError, RuntimeConfigError,
-            NonFiniteError, FileExistsError, NotImplementedError)
+            NonFiniteError, FileExistsError, NotImplementedError, MatrixError)
 
 
 def _world_config(args):
@@ -129,11 +131,46 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_matrix(args) -> int:
+    from experiments.matrix import build_plan, describe_plan, load_matrix, run_local, run_slurm, slurm_scripts
+
+    plan = build_plan(load_matrix(args.name), args.preset)
+    if args.action == "plan":
+        print(describe_plan(plan))
+        if args.launcher == "slurm":
+            scripts = slurm_scripts(plan, plan.root / "slurm-scripts")
+            print(f"wrote {len(scripts)} sbatch scripts to {plan.root / 'slurm-scripts'} (nothing submitted)")
+        return 0
+    if args.launcher == "slurm":
+        run_slurm(plan)
+        return 0
+    print(describe_plan(plan), flush=True)
+    run_local(plan, log=lambda message: print(message, flush=True), isolate=args.isolate)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from reports.build import build_report
+
+    out = build_report(args.name, args.preset)
+    print(f"report: {out / 'index.html'}")
+    return 0
+
+
 def cmd_reproduce(args) -> int:
-    raise NotImplementedError(
-        f"'reproduce {args.name}' needs the experiment matrix (experiments/matrix.py, issue #7), "
-        "which is not implemented yet; the world, models and reward are: see `prism --help`"
-    )
+    """Run the matrix (resuming what is unfinished), then write its report; the wall time goes to a bench JSON."""
+    from experiments.matrix import build_plan, describe_plan, load_matrix, run_local
+    from reports.build import build_report, record_reproduce_time
+
+    plan = build_plan(load_matrix(args.name), args.preset)
+    print(describe_plan(plan), flush=True)
+    started = time.perf_counter()
+    timings = run_local(plan, log=lambda message: print(message, flush=True), isolate=args.isolate)
+    out = build_report(args.name, args.preset)
+    record_reproduce_time(plan, timings, time.perf_counter() - started)
+    print((out / "table.md").read_text(encoding="utf-8"))
+    print(f"report: {out / 'index.html'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,8 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     train.set_defaults(func=cmd_train)
 
-    reproduce = commands.add_parser("reproduce", help="rebuild a paper table from recorded runs")
-    reproduce.add_argument("name", choices=["table1", "ablations"])
+    matrix = commands.add_parser("matrix", help="an experiment matrix as a DAG of cached stages")
+    matrix.add_argument("action", choices=["plan", "run"], help="plan: print the DAG, what is cached, an estimate")
+    matrix.add_argument("name", help="table1, ablations, or a matrix YAML path")
+    matrix.add_argument("--preset", default="embedded", help="embedded (default), smoke or full")
+    matrix.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                        help="local: one node after another here; slurm: submitit jobs with dependencies")
+    matrix.add_argument("--isolate", action="store_true", help="local: run each node in its own process")
+    matrix.set_defaults(func=cmd_matrix)
+    report = commands.add_parser("report", help="tables, figures and the HTML report of a matrix's recorded runs")
+    report.add_argument("name", help="table1, ablations, or a matrix YAML path")
+    report.add_argument("--preset", default="embedded")
+    report.set_defaults(func=cmd_report)
+    reproduce = commands.add_parser("reproduce", help="run a paper table's matrix, then write its report")
+    reproduce.add_argument("name", help="table1 or ablations")
+    reproduce.add_argument("--preset", default="embedded", help="embedded (default) or smoke")
+    reproduce.add_argument("--isolate", action="store_true", help="run each node in its own process")
     reproduce.set_defaults(func=cmd_reproduce)
     return parser
 

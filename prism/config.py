@@ -956,6 +956,10 @@ class SFTConfig(StageConfig):
         default_factory=list,
         metadata={"help": "Demonstration files, sharegpt JSON (published: 1.26M public + 113K teacher demos)."},
     )
+    max_records: int | None = field(
+        default=None,
+        metadata={"help": "Train on the first N records of data_files only (the SFT data scale ablation); null = all."},
+    )
     max_length: int = field(default=8192, metadata={"help": "Maximum sequence length (tokens, prompt + response)."})
     packing: bool = field(default=False, metadata={"help": "Pack several samples into one sequence of max_length tokens."})
 
@@ -973,6 +977,7 @@ class SFTConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_range(self, "max_records", low=1)
         check_range(self, "max_length", low=1)
         check_range(self, "per_device_batch_size", low=1)
         check_range(self, "gradient_accumulation_steps", low=1)

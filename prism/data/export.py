@@ -4,6 +4,7 @@ Layout of an exported world folder:
   base.json, sft.json, teacher.json   LLaMA-Factory sharegpt multimodal (+ dataset_info.json)
   images/<split>/<id>.png             the images those JSON files point to
   rl.parquet, teacher.parquet         verl-style RL prompts (teacher.parquet carries teacher segments)
+  warmup_pairs.jsonl                  discriminator warm-up pairs: teacher vs public demonstration per teacher prompt
   bench/<family>.parquet              held-out benchmark per family, read by the lmms-eval tasks
   tokenizer/                          the world's processor: byte-level BPE tokenizer, image processor, chat template
   world.json                          manifest: resolved config, counts, file checksums (written last)
@@ -25,16 +26,18 @@ from PIL import Image, ImageDraw, ImageFont
 from prism.config import config_to_dict
 from prism.data.formats import (
     RLRecord,
+    WarmupPair,
     atomic_write_parquet,
     atomic_write_text,
     sharegpt_dataset_info,
     write_rl_parquet,
     write_sharegpt,
+    write_warmup_pairs,
 )
 from prism.data.world import Sample, WorldConfig, iter_split, make_sample
 from prism.format import SYSTEM_PROMPT, count_caption_bullets, count_reasoning_steps, split_segments
 
-WORLD_FORMAT_VERSION = 2  # 2: tokenizer/ also holds the image processor
+WORLD_FORMAT_VERSION = 3  # 2: tokenizer/ also holds the image processor; 3: warmup_pairs.jsonl
 MANIFEST = "world.json"
 TOKENIZER_CORPUS_PER_SPLIT = 3000  # enough text to cover the world's whole vocabulary
 
@@ -51,6 +54,18 @@ def _rl_record(sample: Sample) -> RLRecord:
         teacher_caption=segments.perception,
         teacher_cot=segments.reasoning,
     )
+
+
+def _warmup_pairs(samples: list[Sample], folder: Path, names: list[str]) -> Iterable[WarmupPair]:
+    """Teacher vs public demonstration of each teacher sample: discriminator warm-up pairs that need no policy
+    (the published pairs take the student side from the SFT model's rollouts; disc_warmup can generate those)."""
+    for sample, name in zip(samples, names):
+        teacher, public = split_segments(sample.teacher.text), split_segments(sample.public.text)
+        if teacher is None or public is None:
+            continue
+        user = next(m["content"] for m in sample.messages("teacher") if m["role"] == "user")
+        yield WarmupPair(user, folder.parent.parent / name, teacher.perception, public.perception,
+                         teacher.reasoning, public.reasoning)
 
 
 def _save_images(samples: list[Sample], folder: Path) -> list[str]:
@@ -147,6 +162,7 @@ def export_world(cfg: WorldConfig, out: Path, progress: Callable[[str, int, int]
         write_sharegpt(out / f"{split}.json", records)
         if split == "teacher":
             write_rl_parquet(out / "teacher.parquet", (_rl_record(s) for s in samples), split="teacher")
+            write_warmup_pairs(out / "warmup_pairs.jsonl", _warmup_pairs(samples, out / "images" / split, names))
     write_rl_parquet(out / "rl.parquet", (_rl_record(s) for s in collect("rl")), split="rl")
     bench = collect("bench")
     by_family: dict[str, list[Sample]] = defaultdict(list)

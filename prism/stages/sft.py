@@ -159,7 +159,8 @@ def load_conversations(cfg: BaseConfig | SFTConfig) -> list[Conversation]:
     records: list[Conversation] = []
     for name in cfg.data_files:
         records.extend(read_sharegpt(Path(name)))
-    return records
+    limit = getattr(cfg, "max_records", None)
+    return records[:limit] if limit else records  # the first N: a smaller corpus, nested in the larger one
 
 
 def epoch_order(num_records: int, seed: int, epoch: int) -> torch.Tensor:

@@ -1,0 +1,627 @@
+"""Experiment matrices: a YAML of cells -> a DAG of content-addressed stages -> plan, run (local or SLURM).
+
+A matrix file (experiments/configs/table1.yaml, ablations.yaml) names its cells and, per preset (`embedded`,
+`full`, `smoke`), where each stage's config comes from. Each cell is a chain of stages,
+
+    [world] -> base (embedded) | instruct path (full) -> sft -> [disc_warmup -> align] -> rlvr(algorithm) -> eval
+
+and every stage's directory is `outputs/stages/<stage>-<config hash>`, where the hash covers the resolved config,
+whose model and data paths name the upstream directories. So cells share every stage they have in common, a
+finished stage (DONE) is never recomputed, and a changed field reruns exactly the stages downstream of it.
+Evaluations are cached by checkpoint hash (evaluation.runner); the matrix records each one in
+outputs/matrix/evals/<key>.json for the reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from prism.config import (
+    ConfigError,
+    check,
+    check_types,
+    config_hash,
+    config_to_dict,
+    load_config,
+    write_config_yaml,
+)
+from prism.stages import STAGES
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+REPO_ROOT = Path(__file__).resolve().parent.parent  # stage YAMLs in matrix files are relative to it
+STAGE_ROOT = Path("outputs/stages")
+WORLD_ROOT = Path("outputs/worlds")
+MATRIX_ROOT = Path("outputs/matrix")
+RL_ALGORITHMS = ("grpo", "dapo", "gspo")
+
+# Seconds per optimizer step on this 2-core CPU when no finished run says better (plan estimates only).
+FALLBACK_SECONDS_PER_STEP = {
+    ("base", "embedded-s"): 0.2, ("sft", "embedded-s"): 0.45, ("disc_warmup", "embedded-s"): 2.5,
+    ("align", "embedded-s"): 5.0, ("rlvr", "embedded-s"): 2.5,
+    ("base", "embedded-m"): 0.5, ("sft", "embedded-m"): 1.2, ("disc_warmup", "embedded-m"): 2.5,
+    ("align", "embedded-m"): 8.0, ("rlvr", "embedded-m"): 4.2,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The matrix file
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageSpec:
+    """Where one stage's config comes from: a stage YAML and dotted overrides laid on it."""
+
+    config: str | None = field(default=None, metadata={"help": "Stage YAML (relative to the repo root); null = defaults."})
+    overrides: list[str] = field(default_factory=list, metadata={"help": "Dotted key=value overrides."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+
+
+@dataclass
+class SizeSpec:
+    """One model size: its instruct checkpoint (full world) and per-stage overrides."""
+
+    instruct: str | None = field(
+        default=None,
+        metadata={"help": "Full world: the instruct checkpoint folder (the base row and SFT's start); embedded: "
+                          "null, the base stage builds it."},
+    )
+    overrides: dict[str, list[str]] = field(
+        default_factory=dict, metadata={"help": "Stage name -> dotted overrides for this size."},
+    )
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        for stage in self.overrides:
+            check(stage in STAGES, f"overrides.{stage}", f"one of {', '.join(STAGES)}", stage)
+
+
+@dataclass
+class SlurmSpec:
+    """How `--launcher slurm` asks for resources (submitit's slurm_* parameters)."""
+
+    partition: str | None = field(default=None, metadata={"help": "SLURM partition; null = the cluster default."})
+    gpus_per_node: int = field(default=8, metadata={"help": "GPUs per stage job (count)."})
+    cpus_per_task: int = field(default=64, metadata={"help": "CPU cores per stage job (count)."})
+    timeout_min: int = field(default=2880, metadata={"help": "Wall-clock limit per stage job (minutes)."})
+    accelerate_config: str | None = field(
+        default=None, metadata={"help": "accelerate config file for multi-GPU stages (e.g. the FSDP presets)."},
+    )
+
+    def __post_init__(self) -> None:
+        check_types(self)
+
+
+@dataclass
+class EvalSpec:
+    """How every cell's final checkpoint is evaluated."""
+
+    suite: Literal["embedded", "paper"] = field(default="embedded", metadata={"help": "Benchmark suite."})
+    limit: int | None = field(default=None, metadata={"help": "Samples per task; null = all."})
+    overrides: list[str] = field(default_factory=list, metadata={"help": "Dotted EvalConfig overrides."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+
+
+@dataclass
+class PresetSpec:
+    """One way to run the matrix: the world, sizes, seeds, stage configs, evaluation and launcher settings."""
+
+    world: list[str] | None = field(
+        default=None,
+        metadata={"help": "Embedded world: WorldConfig overrides (its export is the first stage); null = the full "
+                          "world, whose data paths are in the stage overrides."},
+    )
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds; each seed runs every stage."})
+    sizes: dict[str, SizeSpec] = field(default_factory=dict, metadata={"help": "Size name -> its settings."})
+    discriminator_backbone: str = field(
+        default="",
+        metadata={"help": "Embedded: the size whose base model is upcycled into the discriminator. Full: the dense "
+                          "backbone checkpoint folder (published: Qwen3-VL-2B-Instruct)."},
+    )
+    stages: dict[str, StageSpec] = field(default_factory=dict, metadata={"help": "Stage name -> config source."})
+    eval: EvalSpec = field(default_factory=EvalSpec, metadata={"help": "Evaluation of every cell."})
+    slurm: SlurmSpec = field(default_factory=SlurmSpec, metadata={"help": "Resources for --launcher slurm."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check(bool(self.seeds), "seeds", "at least one seed", self.seeds)
+        check(bool(self.sizes), "sizes", "at least one size", self.sizes)
+        for stage in self.stages:
+            check(stage in STAGES, f"stages.{stage}", f"one of {', '.join(STAGES)}", stage)
+
+
+@dataclass
+class SettingSpec:
+    """One named cell of an ablation matrix: which stages it runs and what it changes."""
+
+    name: str = field(default="", metadata={"help": "Row name (matches reference/paper_ablations.csv `setting`)."})
+    group: str = field(default="", metadata={"help": "Row group in the table."})
+    pipeline: Literal["sft", "sft+prism", "prism", "none"] = field(
+        default="sft+prism", metadata={"help": "Stages before RL: sft, sft+prism, prism (no SFT) or none."},
+    )
+    overrides: dict[str, list[str]] = field(default_factory=dict, metadata={"help": "Stage name -> overrides."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        for stage in self.overrides:
+            check(stage in STAGES, f"overrides.{stage}", f"one of {', '.join(STAGES)}", stage)
+
+
+@dataclass
+class MatrixConfig:
+    """A matrix: table1 (sizes x pipelines x RL algorithms, plus the instruct row) or a list of settings."""
+
+    name: str = field(default="", metadata={"help": "Matrix name (outputs/matrix/<name>-<preset>)."})
+    kind: Literal["table1", "ablations"] = field(default="table1", metadata={"help": "How cells are laid out."})
+    pipelines: list[Literal["sft", "sft+prism"]] = field(
+        default_factory=lambda: ["sft", "sft+prism"], metadata={"help": "table1: pipelines before RL."},
+    )
+    rl: list[Literal["none", "grpo", "dapo", "gspo"]] = field(
+        default_factory=lambda: ["none", "grpo", "dapo", "gspo"], metadata={"help": "table1: RL stages (none = no RL)."},
+    )
+    instruct_row: bool = field(default=True, metadata={"help": "table1: evaluate the instruct (base) model too."})
+    size: str = field(default="", metadata={"help": "ablations: the one size they run at; empty = each preset's first."})
+    rl_algorithm: Literal["grpo", "dapo", "gspo"] = field(default="grpo", metadata={"help": "ablations: the RL stage."})
+    settings: list[SettingSpec] = field(default_factory=list, metadata={"help": "ablations: the rows."})
+    presets: dict[str, PresetSpec] = field(default_factory=dict, metadata={"help": "Preset name -> settings."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check(bool(self.name), "name", "a non-empty string", self.name)
+        check(bool(self.presets), "presets", "at least one preset", self.presets)
+        if self.kind == "ablations":
+            check(bool(self.settings), "settings", "at least one setting for kind ablations", self.settings)
+            for preset_name, preset in self.presets.items():
+                check(not self.size or self.size in preset.sizes, "size",
+                      f"a size of preset {preset_name} ({', '.join(preset.sizes)})", self.size)
+
+
+def load_matrix(name_or_path: str | Path) -> MatrixConfig:
+    """`table1` -> experiments/configs/table1.yaml; a path is read as is."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"no matrix {name_or_path!r}: {path} does not exist (known: {', '.join(known)})")
+    return load_config(MatrixConfig, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cells and the stage DAG
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    """One unit of work: a stage run, the world export, or an evaluation. `key` is its directory or record."""
+
+    kind: str  # world | base | sft | disc_warmup | align | rlvr | eval
+    key: str
+    command: list[str]
+    deps: list[str]
+    cfg: Any = None  # the resolved stage config (stage nodes)
+    steps: int = 0
+    preset: str = ""  # model preset (for estimates)
+    done_marker: Path | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.done_marker is not None and self.done_marker.is_file()
+
+    @property
+    def started(self) -> bool:
+        return self.kind in STAGES and (Path(self.key) / "checkpoints").is_dir()
+
+
+@dataclass
+class Cell:
+    """One row of a table: its labels and the node whose checkpoint it evaluates."""
+
+    labels: dict[str, Any]
+    checkpoint: str  # model folder evaluated
+    eval_key: str  # the eval node
+
+
+@dataclass
+class Plan:
+    matrix: MatrixConfig
+    preset_name: str
+    nodes: dict[str, Node]  # insertion order is a topological order
+    cells: list[Cell]
+
+    @property
+    def root(self) -> Path:
+        return MATRIX_ROOT / f"{self.matrix.name}-{self.preset_name}"
+
+
+def _stage_config(stage: str, spec: StageSpec | None, *override_lists: list[str]) -> Any:
+    config_class, _ = STAGES[stage]
+    path = REPO_ROOT / spec.config if spec and spec.config else None
+    overrides = [*(spec.overrides if spec else []), *(o for group in override_lists for o in group)]
+    return load_config(config_class, path, overrides)
+
+
+def _steps(stage: str, cfg: Any) -> int:
+    if stage in ("align", "rlvr"):
+        return cfg.steps
+    return cfg.max_steps or 0
+
+
+class _Builder:
+    """Adds nodes once (content-addressed keys) in dependency order."""
+
+    def __init__(self, matrix: MatrixConfig, preset_name: str):
+        if preset_name not in matrix.presets:
+            raise ConfigError(f"matrix {matrix.name} has no preset {preset_name!r} (presets: {', '.join(matrix.presets)})")
+        self.matrix, self.preset_name, self.preset = matrix, preset_name, matrix.presets[preset_name]
+        self.nodes: dict[str, Node] = {}
+        self.world = self._world()
+
+    def _add(self, node: Node) -> str:
+        self.nodes.setdefault(node.key, node)
+        return node.key
+
+    def _world(self) -> str | None:
+        if self.preset.world is None:
+            return None
+        from prism.data.world import WorldConfig
+
+        cfg = load_config(WorldConfig, None, self.preset.world)
+        out = WORLD_ROOT / f"world-{config_hash(cfg)}"
+        command = [sys.executable, "-m", "prism.cli", "world", "export", "--out", str(out), *self.preset.world]
+        return self._add(Node("world", str(out), command, [], cfg=cfg, done_marker=out / "world.json"))
+
+    def stage(self, stage: str, size: str, seed: int, wiring: list[str], deps: list[str],
+              extra: dict[str, list[str]] | None = None) -> str:
+        size_spec = self.preset.sizes[size]
+        spec = self.preset.stages.get(stage)
+        if spec is not None and self.world is not None:  # `{world}` in an override names the world export
+            spec = replace(spec, overrides=[o.replace("{world}", self.world) for o in spec.overrides])
+        cfg = _stage_config(stage, spec, size_spec.overrides.get(stage, []), (extra or {}).get(stage, []), wiring,
+                            [f"seed={seed}"])
+        out = STAGE_ROOT / f"{stage}-{config_hash(cfg)}"
+        cfg = replace(cfg, output_dir=str(out))
+        config_file = MATRIX_ROOT / "configs" / f"{out.name}.yaml"
+        command = [sys.executable, "-m", "prism.cli", "train", stage, "--config", str(config_file)]
+        node = Node(stage, str(out), command, deps, cfg=cfg, steps=_steps(stage, cfg),
+                    preset=getattr(getattr(cfg, "model", None), "preset", ""), done_marker=out / "DONE")
+        return self._add(node)
+
+    def eval(self, checkpoint: str, deps: list[str]) -> str:
+        spec = self.preset.eval
+        world = ["--world", self.world] if self.world and spec.suite == "embedded" else []
+        limit = ["--limit", str(spec.limit)] if spec.limit else []
+        identity = json.dumps([checkpoint, spec.suite, spec.limit, spec.overrides, self.world], sort_keys=True)
+        key = str(MATRIX_ROOT / "evals" / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json")
+        command = [sys.executable, "-m", "experiments.matrix", "eval-node", "--record", key, "--checkpoint", checkpoint,
+                   "--suite", spec.suite, *limit, *world, *spec.overrides]
+        node = Node("eval", key, command, deps + ([self.world] if self.world else []), done_marker=Path(key))
+        node.cfg = {"checkpoint": checkpoint, "suite": spec.suite, "limit": spec.limit,
+                    "world": self.world if spec.suite == "embedded" else None, "overrides": spec.overrides}
+        return self._add(node)
+
+
+FILES = {"base": "base.json", "sft": "sft.json", "teacher": "teacher.parquet", "rl": "rl.parquet"}
+
+
+def _world_files(builder: _Builder, *names: str) -> list[str]:
+    return [] if builder.world is None else [f"{builder.world}/{FILES[n]}" for n in names]
+
+
+def _list(values: list[str]) -> str:
+    return "[" + ",".join(values) + "]"
+
+
+def _chain(builder: _Builder, size: str, seed: int, pipeline: str, rl: str,
+           extra: dict[str, list[str]] | None = None) -> tuple[str, list[str]]:
+    """Add the stages of one cell; returns (model folder to evaluate, its node keys)."""
+    preset = builder.preset
+    world = [builder.world] if builder.world else []
+
+    def start(size_name: str) -> tuple[str, list[str]]:  # the instruct model of a size
+        instruct = preset.sizes[size_name].instruct
+        if instruct is not None:
+            return instruct, []
+        if builder.world is None:
+            raise ConfigError(f"preset {builder.preset_name}: size {size_name} has no instruct path and no world to "
+                              "build a base model from")
+        key = builder.stage("base", size_name, seed, [
+            f"model.processor_path={builder.world}/tokenizer", f"data_files={_list(_world_files(builder, 'base'))}"],
+            world, extra)
+        return f"{key}/model", [key]
+
+    model, deps = start(size)
+    if pipeline in ("sft", "sft+prism"):
+        data = _world_files(builder, "sft")
+        key = builder.stage("sft", size, seed, [f"model.path={model}", *([f"data_files={_list(data)}"] if data else [])],
+                            deps + world, extra)
+        model, deps = f"{key}/model", [key]
+    if pipeline in ("sft+prism", "prism"):
+        backbone = preset.discriminator_backbone
+        if builder.world is not None:  # embedded: upcycle that size's base model (same seed)
+            if backbone not in preset.sizes:
+                raise ConfigError(f"preset {builder.preset_name}: discriminator_backbone must name a size "
+                                  f"({', '.join(preset.sizes)}), got {backbone!r}")
+            backbone, backbone_deps = start(backbone)
+        else:
+            backbone_deps = []
+        teacher = _world_files(builder, "teacher")
+        key = builder.stage("disc_warmup", size, seed, [
+            f"model.path={backbone}", f"policy.path={model}",
+            *([f"teacher_files={_list(teacher)}"] if teacher else [])], deps + backbone_deps + world, extra)
+        disc = f"{key}/model"
+        key = builder.stage("align", size, seed, [
+            f"model.path={model}", f"discriminator.path={disc}",
+            *([f"data_files={_list(teacher)}"] if teacher else [])], deps + [key] + world, extra)
+        model, deps = f"{key}/model", [key]
+    if rl != "none":
+        data = _world_files(builder, "rl")
+        key = builder.stage("rlvr", size, seed, [
+            f"algorithm={rl}", f"model.path={model}", *([f"data_files={_list(data)}"] if data else [])],
+            deps + world, extra)
+        model, deps = f"{key}/model", [key]
+    return model, deps
+
+
+def build_plan(matrix: MatrixConfig, preset_name: str) -> Plan:
+    builder = _Builder(matrix, preset_name)
+    preset = builder.preset
+    cells: list[Cell] = []
+
+    def add_cell(labels: dict[str, Any], pipeline: str, rl: str, size: str, seed: int,
+                 extra: dict[str, list[str]] | None = None) -> None:
+        model, deps = _chain(builder, size, seed, pipeline, rl, extra)
+        cells.append(Cell(labels, model, builder.eval(model, deps)))
+
+    for seed in preset.seeds:
+        if matrix.kind == "table1":
+            for size in preset.sizes:
+                if matrix.instruct_row:
+                    add_cell({"size": size, "pipeline": "instruct", "rl": "none", "seed": seed}, "none", "none", size, seed)
+                for pipeline, rl in itertools.product(matrix.pipelines, matrix.rl):
+                    add_cell({"size": size, "pipeline": pipeline, "rl": rl, "seed": seed}, pipeline, rl, size, seed)
+        else:
+            size = matrix.size or next(iter(preset.sizes))
+            for setting in matrix.settings:
+                add_cell({"size": size, "setting": setting.name, "group": setting.group, "seed": seed},
+                         setting.pipeline, matrix.rl_algorithm, size, seed, setting.overrides)
+    return Plan(matrix, preset_name, builder.nodes, cells)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plan: what is cached, what will run, how long it should take
+# ----------------------------------------------------------------------------------------------------
+
+
+def measured_seconds_per_step() -> dict[tuple[str, str], float]:
+    """Median seconds per step of finished stage runs under outputs/stages, by (stage, model preset)."""
+    found: dict[tuple[str, str], list[float]] = {}
+    for manifest in STAGE_ROOT.glob("*/manifest.json"):
+        run_dir = manifest.parent
+        stage = run_dir.name.rsplit("-", 1)[0]
+        metrics = run_dir / "metrics.jsonl"
+        if stage not in STAGES or not metrics.is_file():
+            continue
+        preset = json.loads(manifest.read_text(encoding="utf-8"))["config"].get("model", {}).get("preset", "")
+        rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        values = [r.get("seconds_step", r.get("seconds")) for r in rows[1:]]
+        values = [v for v in values if isinstance(v, (int, float))]
+        if values:
+            found.setdefault((stage, preset), []).append(statistics.median(values))
+    return {key: statistics.median(values) for key, values in found.items()}
+
+
+def estimate_seconds(node: Node, measured: dict[tuple[str, str], float]) -> float | None:
+    if node.kind == "world":
+        return 60.0
+    if node.kind == "eval":  # model load + generation, measured on the embedded suite (S and M)
+        limit = node.cfg["limit"] if node.cfg else None
+        return 5.0 + 0.05 * 6 * (limit or 200)
+    per_step = measured.get((node.kind, node.preset), FALLBACK_SECONDS_PER_STEP.get((node.kind, node.preset)))
+    if per_step is None or not node.steps:
+        return None
+    return per_step * node.steps
+
+
+def _short(key: str) -> str:
+    return Path(key).name
+
+
+def describe_plan(plan: Plan) -> str:
+    measured = measured_seconds_per_step()
+    lines = [f"matrix {plan.matrix.name}, preset {plan.preset_name}: {len(plan.cells)} cells, {len(plan.nodes)} nodes"]
+    total, unknown = 0.0, 0
+    for index, node in enumerate(plan.nodes.values(), start=1):
+        status = "cached" if node.done else ("resume" if node.started else "run")
+        seconds = None if node.done else estimate_seconds(node, measured)
+        if not node.done:
+            if seconds is None:
+                unknown += 1
+            else:
+                total += seconds
+        deps = ", ".join(_short(d) for d in node.deps) or "-"
+        estimate = "" if node.done else (f"~{seconds / 60:.1f} min" if seconds is not None else "~? min")
+        lines.append(f"  [{index:2d}] {status:6s} {node.kind:11s} {_short(node.key):28s} {estimate:>10s}  <- {deps}")
+    to_run = sum(1 for n in plan.nodes.values() if not n.done)
+    lines.append(f"{to_run} of {len(plan.nodes)} nodes to run, estimated {total / 60:.1f} min on this machine"
+                 + (f" (+ {unknown} without an estimate)" if unknown else ""))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run: local (one node after another) or SLURM (submitit, dependencies as job dependencies)
+# ----------------------------------------------------------------------------------------------------
+
+
+def write_stage_configs(plan: Plan) -> None:
+    for node in plan.nodes.values():
+        if node.cfg is not None and node.kind in STAGES:
+            path = Path(node.command[-1])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_config_yaml(node.cfg, path)
+
+
+def _format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def run_inline(node: Node) -> None:
+    """Run one node in this process (what its command would do)."""
+    if node.kind == "world":
+        from prism.data.export import export_world
+
+        export_world(node.cfg, Path(node.key))
+    elif node.kind == "eval":
+        eval_node(Path(node.key), **node.cfg)
+    else:
+        STAGES[node.kind][1](node.cfg)
+
+
+def run_local(plan: Plan, log=print, isolate: bool = False) -> dict[str, float]:
+    """Run every unfinished node in order (in this process, or each in its own with `isolate`); returns
+    seconds per node run."""
+    write_stage_configs(plan)
+    measured = measured_seconds_per_step()
+    pending = [n for n in plan.nodes.values() if not n.done]
+    remaining = sum(estimate_seconds(n, measured) or 0.0 for n in pending)
+    timings: dict[str, float] = {}
+    started_all = time.perf_counter()
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    for index, node in enumerate(pending, start=1):
+        estimate = estimate_seconds(node, measured) or 0.0
+        log(f"[{index}/{len(pending)}] {node.kind} {_short(node.key)}: "
+            f"{'resuming' if node.started else 'running'} (elapsed {_format_duration(time.perf_counter() - started_all)}, "
+            f"~{_format_duration(remaining)} left)")
+        started = time.perf_counter()
+        if isolate:
+            result = subprocess.run(node.command, env=env)
+            if result.returncode != 0:
+                raise MatrixError(f"{node.kind} {node.key} failed (exit {result.returncode}); command: "
+                                  f"{shlex.join(node.command)}. Fix it and run again: finished nodes are kept")
+        else:
+            run_inline(node)
+        if not node.done:
+            raise MatrixError(f"{node.kind} {node.key} exited 0 but left no {node.done_marker}")
+        timings[node.key] = time.perf_counter() - started
+        remaining = max(0.0, remaining - estimate)
+    return timings
+
+
+class MatrixError(RuntimeError):
+    """A node failed or a launcher cannot run (one line)."""
+
+
+def slurm_scripts(plan: Plan, folder: Path) -> list[Path]:
+    """One sbatch script per unfinished node, dependencies as `afterok` on the upstream jobs' ids (filled in by
+    `run_slurm`; the scripts written here use the node names). Nothing is submitted."""
+    spec = plan.matrix.presets[plan.preset_name].slurm
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, node in enumerate(n for n in plan.nodes.values() if not n.done):
+        command = _slurm_command(node, spec)
+        deps = [d for d in node.deps if not plan.nodes[d].done] if all(d in plan.nodes for d in node.deps) else []
+        lines = ["#!/bin/bash", f"#SBATCH --job-name=prism-{node.kind}-{_short(node.key)}",
+                 f"#SBATCH --output={folder}/%j-{_short(node.key)}.out", "#SBATCH --nodes=1",
+                 f"#SBATCH --gpus-per-node={spec.gpus_per_node if node.kind != 'world' else 0}",
+                 f"#SBATCH --cpus-per-task={spec.cpus_per_task}", f"#SBATCH --time={spec.timeout_min}"]
+        if spec.partition:
+            lines.append(f"#SBATCH --partition={spec.partition}")
+        if deps:
+            lines.append("# depends on (afterok): " + " ".join(_short(d) for d in deps))
+        lines += ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}", shlex.join(command)]
+        path = folder / f"{index:03d}-{node.kind}-{_short(node.key)}.sh"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def _slurm_command(node: Node, spec: SlurmSpec) -> list[str]:
+    if node.kind in ("sft", "disc_warmup", "align", "rlvr", "base") and spec.accelerate_config and spec.gpus_per_node > 1:
+        return ["accelerate", "launch", "--config_file", spec.accelerate_config, "--num_processes",
+                str(spec.gpus_per_node), "-m", *node.command[2:]]
+    return node.command
+
+
+def run_slurm(plan: Plan, log=print) -> dict[str, str]:
+    """Submit every unfinished node with submitit, each depending (afterok) on its unfinished upstream jobs."""
+    try:
+        import submitit
+    except ImportError:
+        raise MatrixError("--launcher slurm needs submitit (pip install 'prism[slurm]')") from None
+    write_stage_configs(plan)
+    spec = plan.matrix.presets[plan.preset_name].slurm
+    folder = plan.root / "slurm"
+    job_ids: dict[str, str] = {}
+    for node in plan.nodes.values():
+        if node.done:
+            continue
+        executor = submitit.AutoExecutor(folder=str(folder))
+        deps = [job_ids[d] for d in node.deps if d in job_ids]
+        extra = {"dependency": "afterok:" + ":".join(deps)} if deps else {}
+        executor.update_parameters(
+            name=f"prism-{node.kind}", timeout_min=spec.timeout_min, nodes=1,
+            gpus_per_node=spec.gpus_per_node if node.kind != "world" else 0, cpus_per_task=spec.cpus_per_task,
+            slurm_partition=spec.partition, slurm_additional_parameters=extra)
+        job = executor.submit(submitit.helpers.CommandFunction(_slurm_command(node, spec)))
+        job_ids[node.key] = job.job_id
+        log(f"submitted {node.kind} {_short(node.key)} as job {job.job_id}" + (f" after {', '.join(deps)}" if deps else ""))
+    return job_ids
+
+
+# ----------------------------------------------------------------------------------------------------
+# The eval node (a subprocess of the local launcher)
+# ----------------------------------------------------------------------------------------------------
+
+
+def eval_node(record: Path, checkpoint: str, suite: str, limit: int | None, world: str | None,
+              overrides: list[str]) -> None:
+    from evaluation.config import EvalConfig
+    from prism.data.formats import atomic_write_text
+    from prism.evaluate import run_eval
+
+    config = load_config(EvalConfig, None, overrides)
+    report = run_eval(checkpoint, suite=suite, limit=limit, world=world, config=config,
+                      log=lambda message: print(message, file=sys.stderr, flush=True))
+    record.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, json.dumps({"checkpoint": checkpoint, "checkpoint_hash": report.checkpoint_hash,
+                                          "suite": suite, "limit": limit, "world": world,
+                                          "config": config_to_dict(config), "rows": report.rows},
+                                         indent=2, default=str) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m experiments.matrix")
+    commands = parser.add_subparsers(dest="command", required=True)
+    node = commands.add_parser("eval-node")
+    node.add_argument("--record", type=Path, required=True)
+    node.add_argument("--checkpoint", required=True)
+    node.add_argument("--suite", required=True)
+    node.add_argument("--limit", type=int, default=None)
+    node.add_argument("--world", default=None)
+    node.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    eval_node(args.record, args.checkpoint, args.suite, args.limit, args.world, args.overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""A matrix's report: tables (markdown, CSV, LaTeX), figures (PNG, PDF) and one static HTML page, written to
+outputs/reports/<matrix>-<preset>/ from the runs the matrix recorded. Cells not yet evaluated show '-'."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import platform
+import shutil
+import uuid
+from pathlib import Path
+
+
+from experiments.matrix import Plan, build_plan, load_matrix
+from prism.data.formats import atomic_write_text, read_rl_parquet
+from reports import figures
+from reports.tables import ablation_table, read_record, results_frame, table1, to_latex, to_markdown
+
+REPORT_ROOT = Path("outputs/reports")
+
+
+def _teacher_texts(plan: Plan) -> list[str]:
+    """The teacher corpus the alignment stage read (the world's teacher split in the embedded world)."""
+    for node in plan.nodes.values():
+        if node.kind == "align":
+            texts = []
+            for name in node.cfg.data_files:
+                if Path(name).is_file():
+                    texts += [f"{r.teacher_caption}\n{r.teacher_cot}" for r in read_rl_parquet(name)
+                              if r.teacher_caption and r.teacher_cot]
+            return texts
+    return []
+
+
+def _html(title: str, sections: list[tuple[str, str]], images: list[Path], root: Path) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
+             "font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+             "img{max-width:100%;margin:1em 0}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    for heading, body in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
+    if images:
+        parts.append("<h2>Figures</h2>")
+        for image in images:
+            rel = image.relative_to(root).as_posix()
+            parts.append(f"<figure><img src='{html.escape(rel)}' alt='{html.escape(image.stem)}'>"
+                         f"<figcaption>{html.escape(image.stem.replace('_', ' '))} "
+                         f"(<a href='{html.escape(rel[:-4])}.pdf'>PDF</a>)</figcaption></figure>")
+    # A self-check a headless browser can read back: how many figures actually decoded.
+    parts.append("<script>window.addEventListener('load',()=>{document.body.dataset.imagesLoaded="
+                 "[...document.images].filter(i=>i.complete&&i.naturalWidth>0).length;});</script>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def build_report(name: str, preset: str) -> Path:
+    matrix = load_matrix(name)
+    plan = build_plan(matrix, preset)
+    final = REPORT_ROOT / f"{matrix.name}-{preset}"
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        frame = results_frame(plan)
+        frame.to_csv(tmp / "results.csv", index=False)
+        sections = []
+        if matrix.kind == "table1":
+            table, deltas = table1(frame, list(matrix.presets[preset].sizes))
+            tables = {"table": table, "deltas": deltas}
+            note = ("Ours: accuracy (%), mean ± std over seeds. `X (paper)`: the published value of benchmark X, beside "
+                    "the embedded family that mirrors it (first size ↔ Qwen3-VL-4B, second ↔ 8B).")
+        else:
+            tables = {"table": ablation_table(frame, matrix.settings)}
+            note = "Ours: accuracy (%), mean ± std over seeds. `X (paper)`: the published 4B GRPO ablation value."
+        for key, data in tables.items():
+            data.to_csv(tmp / f"{key}.csv", index=False)
+            atomic_write_text(tmp / f"{key}.tex", to_latex(data))
+            sections.append((key, f"<p>{html.escape(note)}</p>" + data.to_html(index=False, na_rep="-")))
+        markdown = "\n\n".join(f"### {key}\n\n{to_markdown(data)}" for key, data in tables.items())
+        atomic_write_text(tmp / "table.md", f"# {matrix.name} ({preset})\n\n{note}\n\n{markdown}\n")
+
+        fig_dir = tmp / "figures"
+        images = []
+        images += figures.alignment_figures(plan, fig_dir)
+        images += figures.rl_curves(plan, fig_dir)
+        images += figures.distribution_figure(plan, _teacher_texts(plan), lambda c: read_record(Path(c.eval_key)), fig_dir)
+        images += figures.token_efficiency(frame, fig_dir)
+        pngs = [p for p in images if p.suffix == ".png"]
+        cells = f"{len(frame)} of {len(plan.cells)} cells evaluated"
+        sections.insert(0, ("runs", f"<p>{html.escape(cells)}; every number and figure is computed from the runs "
+                                    "under outputs/stages and outputs/evals.</p>"))
+        atomic_write_text(tmp / "index.html", _html(f"PRISM {matrix.name} ({preset})", sections, pngs, tmp))
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def record_reproduce_time(plan: Plan, timings: dict[str, float], wall_seconds: float) -> Path:
+    """outputs/bench/reproduce-<matrix>-<preset>.json: the wall time and what ran (0 nodes = all cached)."""
+    by_kind: dict[str, float] = {}
+    for key, seconds in timings.items():
+        kind = plan.nodes[key].kind
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
+    out = Path("outputs/bench") / f"reproduce-{plan.matrix.name}-{plan.preset_name}.json"
+    atomic_write_text(out, json.dumps({
+        "matrix": plan.matrix.name, "preset": plan.preset_name, "wall_seconds": round(wall_seconds, 1),
+        "nodes_total": len(plan.nodes), "nodes_run": len(timings),
+        "seconds_by_kind": {k: round(v, 1) for k, v in sorted(by_kind.items())},
+        "seconds_by_node": {Path(k).name: round(v, 1) for k, v in timings.items()},
+        "host": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+    }, indent=2) + "\n")
+    return out
+
+
+__all__ = ["build_report", "record_reproduce_time"]

@@ -1,0 +1,101 @@
+"""The experiment matrix: cells expand into a DAG of content-addressed stages that cells share, a changed field
+reruns exactly its dependants, finished stages are cached, and the SLURM plan writes scripts without submitting."""
+
+from pathlib import Path
+
+import pytest
+
+from experiments import matrix as mx
+from experiments.matrix import build_plan, describe_plan, load_matrix, slurm_scripts
+from prism.config import ConfigError
+
+
+def _kinds(plan):
+    counts = {}
+    for node in plan.nodes.values():
+        counts[node.kind] = counts.get(node.kind, 0) + 1
+    return counts
+
+
+def test_table1_cells_share_their_common_stages():
+    plan = build_plan(load_matrix("table1"), "embedded")
+    assert len(plan.cells) == 2 * (1 + 2 * 4)  # per size: instruct row + 2 pipelines x 4 RL settings
+    # per size: 1 base, 1 SFT (shared by both pipelines), 1 warm-up, 1 alignment (shared by 4 PRISM cells),
+    # 6 RL runs; one world; one evaluation per cell
+    assert _kinds(plan) == {"world": 1, "base": 2, "sft": 2, "disc_warmup": 2, "align": 2, "rlvr": 12, "eval": 18}
+    keys = list(plan.nodes)
+    for node in plan.nodes.values():  # insertion order is a topological order
+        assert all(keys.index(dep) < keys.index(node.key) for dep in node.deps)
+    s_cells = {(c.labels["pipeline"], c.labels["rl"]): c for c in plan.cells if c.labels["size"] == "s"}
+    sft_key = s_cells[("sft", "none")].checkpoint.removesuffix("/model")
+    prism_grpo = plan.nodes[s_cells[("sft+prism", "grpo")].checkpoint.removesuffix("/model")]
+    align = plan.nodes[prism_grpo.cfg.model.path.removesuffix("/model")]
+    assert align.kind == "align" and align.cfg.model.path == f"{sft_key}/model"
+    warmup = plan.nodes[align.cfg.discriminator.path.removesuffix("/model")]
+    # the embedded discriminator upcycles the S base model (the base stage of size s, same seed)
+    assert warmup.cfg.model.path == plan.nodes[sft_key].cfg.model.path and warmup.cfg.policy.path == f"{sft_key}/model"
+    assert prism_grpo.cfg.algorithm == "grpo" and prism_grpo.cfg.data_files[0].endswith("/rl.parquet")
+
+
+def test_a_changed_field_reruns_exactly_its_dependants(tmp_path):
+    text = (mx.CONFIG_DIR / "table1.yaml").read_text()
+    changed = tmp_path / "table1.yaml"
+    changed.write_text(text.replace("align: {config: experiments/configs/embedded/align.yaml, overrides: [steps=12,",
+                                    "align: {config: experiments/configs/embedded/align.yaml, overrides: [steps=13,"))
+    before, after = build_plan(load_matrix("table1"), "embedded"), build_plan(load_matrix(changed), "embedded")
+    gone = {before.nodes[k].kind for k in set(before.nodes) - set(after.nodes)}
+    assert gone == {"align", "rlvr", "eval"}  # the alignment, the RL runs after it and their evaluations
+    moved = [before.nodes[k] for k in set(before.nodes) - set(after.nodes)]
+    assert sum(n.kind == "rlvr" for n in moved) == 6 and sum(n.kind == "eval" for n in moved) == 8
+    assert all("align-" in n.cfg.model.path for n in moved if n.kind == "rlvr")
+
+
+def test_finished_stages_are_cached_and_estimates_add_up(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = build_plan(load_matrix(mx.CONFIG_DIR / "table1.yaml"), "smoke")
+    world = next(n for n in plan.nodes.values() if n.kind == "world")
+    base = next(n for n in plan.nodes.values() if n.kind == "base")
+    Path(world.key).mkdir(parents=True)
+    (Path(world.key) / "world.json").write_text("{}")
+    (Path(base.key) / "checkpoints").mkdir(parents=True)
+    text = describe_plan(plan)
+    assert f"cached world       {Path(world.key).name}" in text
+    assert f"resume base        {Path(base.key).name}" in text
+    assert f"{len(plan.nodes) - 1} of {len(plan.nodes)} nodes to run" in text
+
+
+def test_unknown_matrix_key_names_the_file_and_field(tmp_path):
+    bad = tmp_path / "m.yaml"
+    bad.write_text("name: x\nkind: table1\npipelnes: [sft]\npresets: {}\n")
+    with pytest.raises(ConfigError, match=r"m.yaml:3.*pipelnes.*pipelines"):
+        load_matrix(bad)
+    with pytest.raises(ConfigError, match="no matrix 'table9'"):
+        load_matrix("table9")
+    with pytest.raises(ConfigError, match="no preset 'huge'"):
+        build_plan(load_matrix("table1"), "huge")
+
+
+def test_ablations_are_single_settings_at_one_size():
+    plan = build_plan(load_matrix("ablations"), "embedded")
+    by_name = {c.labels["setting"]: c for c in plan.cells}
+    assert set(by_name) == {"full", "dense_discriminator", "text_only_discriminator", "hard_routed_experts",
+                            "no_sft", "no_alignment", "sft_small"}
+    variants = {n.cfg.variant for n in plan.nodes.values() if n.kind == "disc_warmup"}
+    assert variants == {"moe", "dense", "text_only", "hard_routed"}
+    no_sft = plan.nodes[by_name["no_sft"].checkpoint.removesuffix("/model")]
+    align = plan.nodes[no_sft.cfg.model.path.removesuffix("/model")]
+    assert "base-" in align.cfg.model.path  # alignment starts from the base model
+    assert any(n.kind == "sft" and n.cfg.max_records == 2000 for n in plan.nodes.values())
+
+
+def test_slurm_plan_writes_scripts_and_submits_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = build_plan(load_matrix(mx.CONFIG_DIR / "table1.yaml"), "full")
+    assert "world" not in _kinds(plan) and "base" not in _kinds(plan)  # the full world starts from instruct paths
+    scripts = slurm_scripts(plan, tmp_path / "slurm")
+    assert len(scripts) == len(plan.nodes)
+    align = next(p for p in scripts if "-align-" in p.name).read_text()
+    assert "#SBATCH --gpus-per-node=8" in align and "accelerate launch --config_file" in align
+    assert "# depends on (afterok): sft-" in align and "disc_warmup-" in align
+    instruct_eval = next(p for p in scripts if p.name.startswith("000-")).read_text()
+    assert "eval-node" in instruct_eval and "/models/Qwen3-VL-4B-Instruct" in instruct_eval

@@ -1,0 +1,82 @@
+"""`prism reproduce table1 --preset smoke`: the whole DAG (world, every stage, evaluations) and the report, on a tiny
+world; a second run recomputes nothing; the HTML report renders in headless Chromium."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from prism.cli import main
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Run the smoke table in an empty working folder (outputs/ lands there); returns that folder."""
+    root = tmp_path_factory.mktemp("reproduce")
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        assert main(["reproduce", "table1", "--preset", "smoke"]) == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def test_the_report_holds_every_cell_beside_the_paper(smoke):
+    report = smoke / "outputs/reports/table1-smoke"
+    for name in ("table.md", "table.csv", "table.tex", "deltas.csv", "deltas.tex", "results.csv", "index.html"):
+        assert (report / name).is_file(), name
+    table = pd.read_csv(report / "table.csv")
+    assert len(table) == 18 and set(table["pipeline"]) == {"instruct", "sft", "sft+prism"}
+    row = table[(table["size"] == "s") & (table["pipeline"] == "sft") & (table["rl"] == "grpo")].iloc[0]
+    assert row["Avg (paper)"] == 61.8 and row["MathVista (paper)"] == 75.7 and row["seeds"] == 1
+    m_row = table[(table["size"] == "m") & (table["pipeline"] == "sft+prism") & (table["rl"] == "dapo")].iloc[0]
+    assert m_row["Avg (paper)"] == 68.9  # the second size sits beside Qwen3-VL-8B
+    deltas = pd.read_csv(report / "deltas.csv")
+    assert deltas[(deltas["size"] == "s") & (deltas["rl"] == "grpo")]["delta Avg (paper)"].iloc[0] == pytest.approx(4.4)
+    assert r"\begin{tabular}" in (report / "table.tex").read_text() and r"$\pm$" not in (report / "table.tex").read_text()
+
+
+def test_every_number_comes_from_a_recorded_evaluation(smoke):
+    results = pd.read_csv(smoke / "outputs/reports/table1-smoke/results.csv")
+    assert len(results) == 18
+    records = [json.loads(p.read_text()) for p in (smoke / "outputs/matrix/evals").glob("*.json")]
+    by_checkpoint = {r["checkpoint"]: r for r in records}
+    for _, row in results.iterrows():
+        record = by_checkpoint[row["checkpoint"]]
+        families = {r["task"].removeprefix("prism_embedded_"): 100 * float(r["value"]) for r in record["rows"]
+                    if r["metric"] == "accuracy" and r["task"] != "prism_embedded"}
+        assert len(families) == 6
+        assert row["Avg"] == pytest.approx(sum(families.values()) / 6)
+        assert Path(smoke / row["checkpoint"]).is_dir() or Path(row["checkpoint"]).is_dir()
+
+
+def test_a_second_run_recomputes_nothing(smoke):
+    first = json.loads((smoke / "outputs/bench/reproduce-table1-smoke.json").read_text())
+    assert first["nodes_run"] == first["nodes_total"] == 39
+    cwd = Path.cwd()
+    os.chdir(smoke)
+    try:
+        assert main(["reproduce", "table1", "--preset", "smoke"]) == 0
+    finally:
+        os.chdir(cwd)
+    second = json.loads((smoke / "outputs/bench/reproduce-table1-smoke.json").read_text())
+    assert second["nodes_run"] == 0
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_the_html_report_renders_in_headless_chromium(smoke, tmp_path):
+    index = smoke / "outputs/reports/table1-smoke/index.html"
+    images = index.read_text().count("<img ")
+    assert images >= 2
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=5000", "--dump-dom", index.as_uri()],
+        capture_output=True, text=True, timeout=120).stdout
+    assert "<table" in dom and "sft+prism" in dom
+    assert f'data-images-loaded="{images}"' in dom  # every figure decoded
