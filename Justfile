@@ -24,8 +24,8 @@ test *args: setup
     .venv/bin/python -m pytest {{args}}
 
 # Rebuild a paper table (table1 or ablations) on the embedded default.
-reproduce name: setup
-    .venv/bin/prism reproduce {{name}}
+reproduce name *args: setup
+    .venv/bin/prism reproduce {{name}} {{args}}
 
 # The embedded world: `just world stats`, `just world export --out outputs/world`, `just world show`.
 world *args: setup

@@ -430,9 +430,10 @@ def measured_seconds_per_step() -> dict[tuple[str, str], float]:
 def estimate_seconds(node: Node, measured: dict[tuple[str, str], float]) -> float | None:
     if node.kind == "world":
         return 60.0
-    if node.kind == "eval":  # model load + generation, measured on the embedded suite (S and M)
-        limit = node.cfg["limit"] if node.cfg else None
-        return 5.0 + 0.05 * 6 * (limit or 200)
+    if node.kind == "eval":  # model load + generation, measured on the embedded suite (S and M); none for paper
+        if node.cfg is None or node.cfg["suite"] != "embedded":
+            return None
+        return 5.0 + 0.05 * 6 * (node.cfg["limit"] or 200)
     per_step = measured.get((node.kind, node.preset), FALLBACK_SECONDS_PER_STEP.get((node.kind, node.preset)))
     if per_step is None or not node.steps:
         return None
@@ -537,7 +538,7 @@ def slurm_scripts(plan: Plan, folder: Path) -> list[Path]:
     for index, node in enumerate(n for n in plan.nodes.values() if not n.done):
         command = _slurm_command(node, spec)
         deps = [d for d in node.deps if not plan.nodes[d].done] if all(d in plan.nodes for d in node.deps) else []
-        lines = ["#!/bin/bash", f"#SBATCH --job-name=prism-{node.kind}-{_short(node.key)}",
+        lines = ["#!/bin/bash", f"#SBATCH --job-name=prism-{_short(node.key)}",
                  f"#SBATCH --output={folder}/%j-{_short(node.key)}.out", "#SBATCH --nodes=1",
                  f"#SBATCH --gpus-per-node={spec.gpus_per_node if node.kind != 'world' else 0}",
                  f"#SBATCH --cpus-per-task={spec.cpus_per_task}", f"#SBATCH --time={spec.timeout_min}"]
@@ -553,10 +554,15 @@ def slurm_scripts(plan: Plan, folder: Path) -> list[Path]:
 
 
 def _slurm_command(node: Node, spec: SlurmSpec) -> list[str]:
-    if node.kind in ("sft", "disc_warmup", "align", "rlvr", "base") and spec.accelerate_config and spec.gpus_per_node > 1:
-        return ["accelerate", "launch", "--config_file", spec.accelerate_config, "--num_processes",
-                str(spec.gpus_per_node), "-m", *node.command[2:]]
-    return node.command
+    """Multi-GPU stages under accelerate: FSDP (the config file) where the recipe supports it; the PRISM stage
+    runs data-parallel, since its recipes refuse FSDP (policy and discriminator are checkpointed unsharded)."""
+    if node.kind not in STAGES or spec.gpus_per_node <= 1:
+        return node.command
+    if node.kind in ("disc_warmup", "align") or not spec.accelerate_config:
+        launcher = ["accelerate", "launch", "--multi_gpu"]
+    else:
+        launcher = ["accelerate", "launch", "--config_file", spec.accelerate_config]
+    return [*launcher, "--num_processes", str(spec.gpus_per_node), "-m", *node.command[2:]]
 
 
 def run_slurm(plan: Plan, log=print) -> dict[str, str]:

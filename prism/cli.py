@@ -7,7 +7,10 @@
   prism data check FILE [--kind sharegpt|rl|warmup]
   prism reward score --jsonl FILE
   prism train STAGE --config F [key=value ...]     (base, sft, disc_warmup, align, rlvr)
-  prism reproduce NAME
+  prism matrix plan|run NAME [--preset embedded|smoke|full] [--launcher local|slurm] [--isolate]
+  prism report NAME [--preset P]
+  prism reproduce NAME [--preset P]                (run the matrix, then its report)
+  prism submit CHECKPOINT                          (leaderboard bundle; refreshes outputs/leaderboard.md)
 
 User mistakes (bad configs, malformed data, missing checkpoints) end with one line on stderr and
 exit status 2, never a traceback.
@@ -37,9 +40,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from prism.runtime import NonFiniteError, RuntimeConfigError
 
     from experiments.matrix import MatrixError
+    from reports.submit import SubmitError
 
     return (ConfigError, DataError, EvalError, ModelError, RewardInputError, RolloutError, RuntimeConfigError,
-            NonFiniteError, FileExistsError, NotImplementedError, MatrixError)
+            NonFiniteError, FileExistsError, NotImplementedError, MatrixError, SubmitError)
 
 
 def _world_config(args):
@@ -157,6 +161,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from reports.submit import submission_bundle, write_leaderboard
+
+    bundle = submission_bundle(args.checkpoint)
+    board = write_leaderboard()
+    print(f"submission bundle: {bundle}\nleaderboard: {board}")
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     """Run the matrix (resuming what is unfinished), then write its report; the wall time goes to a bench JSON."""
     from experiments.matrix import build_plan, describe_plan, load_matrix, run_local
@@ -168,6 +181,9 @@ def cmd_reproduce(args) -> int:
     timings = run_local(plan, log=lambda message: print(message, flush=True), isolate=args.isolate)
     out = build_report(args.name, args.preset)
     record_reproduce_time(plan, timings, time.perf_counter() - started)
+    from reports.submit import write_leaderboard
+
+    write_leaderboard()
     print((out / "table.md").read_text(encoding="utf-8"))
     print(f"report: {out / 'index.html'}")
     return 0
@@ -232,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("name", help="table1, ablations, or a matrix YAML path")
     report.add_argument("--preset", default="embedded")
     report.set_defaults(func=cmd_report)
+    submit = commands.add_parser("submit", help="bundle an evaluated checkpoint for a leaderboard; rank all evaluated")
+    submit.add_argument("checkpoint", type=Path, help="checkpoint folder evaluated with `prism eval`")
+    submit.set_defaults(func=cmd_submit)
     reproduce = commands.add_parser("reproduce", help="run a paper table's matrix, then write its report")
     reproduce.add_argument("name", help="table1 or ablations")
     reproduce.add_argument("--preset", default="embedded", help="embedded (default) or smoke")

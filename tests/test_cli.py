@@ -44,10 +44,18 @@ def test_data_check_names_the_bad_record(tmp_path, capsys):
     assert "record [0]: field 'messages[0].role'" in capsys.readouterr().err
 
 
-def test_reproduce_says_what_is_missing(capsys):
-    assert main(["reproduce", "table1"]) == 2
-    err = capsys.readouterr().err
-    assert "not implemented yet" in err and "matrix" in err
+def test_reproduce_an_unknown_table_is_one_line(capsys):
+    assert main(["reproduce", "table9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no matrix 'table9'" in err and "table1" in err
+
+
+def test_matrix_plan_prints_the_dag_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["matrix", "plan", "table1", "--preset", "smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "matrix table1, preset smoke: 18 cells, 39 nodes" in out and "39 of 39 nodes to run" in out
+    assert not (tmp_path / "outputs" / "stages").exists()
 
 
 def test_world_show_writes_a_png(tmp_path, capsys):

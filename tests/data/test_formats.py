@@ -116,6 +116,10 @@ def test_export_writes_every_format_that_the_readers_load_back(tmp_path):
     assert sorted(p.stem for p in (root / "bench").glob("*.parquet")) == sorted(FAMILIES)
     assert (root / "tokenizer" / "tokenizer.json").is_file()
     assert set(json.loads((root / "dataset_info.json").read_text())) == {"base", "sft", "teacher"}
+    pairs = read_warmup_pairs(root / "warmup_pairs.jsonl")  # teacher vs public demonstration, same prompt/image
+    assert len(pairs) == 12 and pairs[0].teacher_caption == teacher[0].teacher_caption
+    assert pairs[0].image.is_file() and "<image>" in pairs[0].prompt
+    assert any(p.student_caption != p.teacher_caption or p.student_cot != p.teacher_cot for p in pairs)
     # A finished export is never redone; a different world into the same folder is refused.
     stamp = (root / "sft.json").stat().st_mtime_ns
     assert export_world(cfg, root) == manifest and (root / "sft.json").stat().st_mtime_ns == stamp

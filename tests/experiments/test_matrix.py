@@ -95,7 +95,9 @@ def test_slurm_plan_writes_scripts_and_submits_nothing(tmp_path, monkeypatch):
     scripts = slurm_scripts(plan, tmp_path / "slurm")
     assert len(scripts) == len(plan.nodes)
     align = next(p for p in scripts if "-align-" in p.name).read_text()
-    assert "#SBATCH --gpus-per-node=8" in align and "accelerate launch --config_file" in align
+    assert "#SBATCH --gpus-per-node=8" in align and "accelerate launch --multi_gpu" in align
+    rlvr = next(p for p in scripts if "-rlvr-" in p.name).read_text()
+    assert "accelerate launch --config_file experiments/accelerate/fsdp-qwen3-vl-4b.yaml" in rlvr
     assert "# depends on (afterok): sft-" in align and "disc_warmup-" in align
     instruct_eval = next(p for p in scripts if p.name.startswith("000-")).read_text()
     assert "eval-node" in instruct_eval and "/models/Qwen3-VL-4B-Instruct" in instruct_eval

@@ -80,3 +80,43 @@ def test_the_html_report_renders_in_headless_chromium(smoke, tmp_path):
         capture_output=True, text=True, timeout=120).stdout
     assert "<table" in dom and "sft+prism" in dom
     assert f'data-images-loaded="{images}"' in dom  # every figure decoded
+
+
+def test_submit_bundles_an_evaluated_checkpoint_and_ranks_all(smoke):
+    import yaml
+
+    results = pd.read_csv(smoke / "outputs/reports/table1-smoke/results.csv")
+    checkpoint = results.sort_values("Avg").iloc[-1]["checkpoint"]
+    cwd = Path.cwd()
+    os.chdir(smoke)
+    try:
+        assert main(["submit", checkpoint]) == 0
+        assert main(["submit", "outputs/stages"]) == 2  # a folder that was never evaluated: one line, exit 2
+    finally:
+        os.chdir(cwd)
+    bundle = next((smoke / "outputs/submissions").iterdir())
+    predictions = sorted(p.name for p in (bundle / "predictions").iterdir())
+    assert predictions == [f"prism_embedded_{f}.jsonl" for f in
+                           ("chart", "composite", "counting", "geometry", "multichoice", "presence")]
+    first = json.loads((bundle / "predictions/prism_embedded_chart.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"doc_id", "id", "prediction", "response"}
+    card = (bundle / "README.md").read_text()
+    index = yaml.safe_load(card.split("---")[1])["model-index"][0]
+    assert len(index["results"]) == 7 and all(r["metrics"][0]["type"] == "accuracy" for r in index["results"])
+    board = (smoke / "outputs/leaderboard.md").read_text().splitlines()
+    ranked = [line for line in board if line.startswith("| ") and line[2].isdigit()]
+    scores = [float(line.split("|")[3]) for line in ranked]
+    assert len(ranked) >= 10 and scores == sorted(scores, reverse=True)
+
+
+def test_official_prediction_formats():
+    from reports.submit import _prediction_files
+
+    samples = [{"doc_id": 0, "doc": {"id": "validation_Art_1"}, "filtered_resps": ["<answer>B</answer>"]},
+               {"doc_id": 1, "doc": {"id": "validation_Art_2"}, "filtered_resps": ["no tags"]}]
+    mmmu = json.loads(_prediction_files("prism_mmmu_val", samples)["mmmu_val.json"])
+    assert mmmu == {"validation_Art_1": "B", "validation_Art_2": ""}
+    vista = json.loads(_prediction_files("prism_mathvista_testmini",
+                                         [{"doc_id": 3, "doc": {"pid": "17"}, "filtered_resps": ["<answer>4.5</answer>"]}])
+                       ["mathvista_testmini.json"])
+    assert vista == {"17": {"response": "<answer>4.5</answer>", "extraction": "4.5"}}
