@@ -86,7 +86,7 @@ def main() -> None:
     for preset, path in policies.items():
         command = [sys.executable, __file__, "--worker", "--preset", preset, "--policy", path,
                    "--discriminator", args.discriminator, "--steps", str(args.steps)]
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             sys.exit(f"bench/align_step.py: {preset} failed:\n{done.stderr[-3000:]}")
         result["runs"][preset] = {"policy": path, **json.loads(done.stdout.strip().splitlines()[-1])}

@@ -28,19 +28,17 @@ def reproduce(cwd: Path, name: str, preset: str, kill_after: float | None = None
     """(seconds, exit code or None when killed)."""
     cwd.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    log = open(cwd / "reproduce.log", "a")
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "prism.cli", "reproduce", name, "--preset", preset],
-                               cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        process.wait(timeout=kill_after)
-        return time.perf_counter() - started, process.returncode
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        return time.perf_counter() - started, None
-    finally:
-        log.close()
+    with open(cwd / "reproduce.log", "a") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-m", "prism.cli", "reproduce", name, "--preset", preset],
+                                   cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            process.wait(timeout=kill_after)
+            return time.perf_counter() - started, process.returncode
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return time.perf_counter() - started, None
 
 
 def main() -> None:

@@ -11,11 +11,17 @@ import shutil
 import uuid
 from pathlib import Path
 
-
 from experiments.matrix import Plan, build_plan, load_matrix
 from prism.data.formats import atomic_write_text, read_rl_parquet
 from reports import figures
-from reports.tables import ablation_table, read_record, results_frame, table1, to_latex, to_markdown
+from reports.tables import (
+    ablation_table,
+    read_record,
+    results_frame,
+    table1,
+    to_latex,
+    to_markdown,
+)
 
 REPORT_ROOT = Path("outputs/reports")
 
@@ -34,10 +40,11 @@ def _teacher_texts(plan: Plan) -> list[str]:
 
 
 def _html(title: str, sections: list[tuple[str, str]], images: list[Path], root: Path) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
+    style = ("<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
              "font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
-             "img{max-width:100%;margin:1em 0}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+             "img{max-width:100%;margin:1em 0}</style>")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"{style}</head><body>", f"<h1>{html.escape(title)}</h1>"]
     for heading, body in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
     if images:
@@ -87,8 +94,9 @@ def build_report(name: str, preset: str) -> Path:
         images += figures.token_efficiency(frame, fig_dir)
         pngs = [p for p in images if p.suffix == ".png"]
         cells = f"{len(frame)} of {len(plan.cells)} cells evaluated"
-        sections.insert(0, ("runs", f"<p>{html.escape(cells)}; every number and figure is computed from the runs "
-                                    "under outputs/stages and outputs/evals.</p>"))
+        provenance = (f"<p>{html.escape(cells)}; every number and figure is computed from the runs under "
+                      "outputs/stages and outputs/evals.</p>")
+        sections.insert(0, ("runs", provenance))
         atomic_write_text(tmp / "index.html", _html(f"PRISM {matrix.name} ({preset})", sections, pngs, tmp))
         old = None
         if final.exists():

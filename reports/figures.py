@@ -11,10 +11,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers or in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
-from prism.format import count_caption_bullets, count_reasoning_steps, split_segments  # noqa: E402
+from prism.format import count_caption_bullets, count_reasoning_steps, split_segments
 
 EVAL_ROOT = Path("outputs/evals")
 KIND_STYLE = {"perception": "tab:blue", "reasoning": "tab:orange", "response": "tab:green"}
@@ -157,7 +157,7 @@ def distribution_figure(plan, teacher_texts: list[str], record_of: Callable[[obj
     figure, axes = plt.subplots(1, 2, figsize=(9.6, 3.6))
     for axis, index, title in ((axes[0], 0, "Caption bullets"), (axes[1], 1, "Reasoning steps")):
         top = max(max(c[index]) for c in counted.values())
-        bins = [b - 0.5 for b in range(0, top + 2)]
+        bins = [b - 0.5 for b in range(top + 2)]
         for name, values in counted.items():
             mean = sum(values[index]) / len(values[index])
             axis.hist(values[index], bins=bins, density=True, histtype="step", linewidth=1.5,

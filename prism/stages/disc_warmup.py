@@ -77,9 +77,9 @@ def generate_pairs(cfg: DiscWarmupConfig, out: Path) -> int:
     missing = [r.id for r in records if not (r.teacher_caption and r.teacher_cot)]
     if missing:
         raise DataError(f"{cfg.teacher_files}: record {missing[0]} has no teacher_caption/teacher_cot")
-    bad = [r.id for r in records if len(r.images) != 1]
+    bad = [r for r in records if len(r.images) != 1]
     if bad:
-        raise DataError(f"{cfg.teacher_files}: record {bad[0]} has {len(records[0].images)} images; pairs take one")
+        raise DataError(f"{cfg.teacher_files}: record {bad[0].id} has {len(bad[0].images)} images; a pair takes one")
     policy, processor = load_policy(cfg.policy, cfg.seed)
     if cfg.rollout_backend == "hf":
         processor.tokenizer.padding_side = "left"
