@@ -65,14 +65,21 @@ def main() -> None:
     report = Path("outputs/reports") / f"{args.name}-{args.preset}"
     same = all((whole / report / name).read_text(encoding="utf-8") == (cut / report / name).read_text(encoding="utf-8")
                for name in ("table.csv", "results.csv", "deltas.csv"))  # results.csv: every accuracy, unrounded
+    from prism.runtime import sha256_file
+
+    weights = {label: {p.relative_to(folder).as_posix(): sha256_file(p)
+                       for p in sorted((folder / "outputs/stages").glob("*/model/model.safetensors"))}
+               for label, folder in (("whole", whole), ("killed", cut))}
+    same_weights = weights["whole"] == weights["killed"] and bool(weights["whole"])
     results = {"matrix": args.name, "preset": args.preset, "seed": args.seed, "uninterrupted_seconds": round(wall, 1),
-               "kills": killed_at, "tables_identical": same}
+               "kills": killed_at, "tables_identical": same, "final_models_compared": len(weights["whole"]),
+               "final_models_bit_identical": same_weights}
     from prism.data.formats import atomic_write_text
 
     atomic_write_text(Path("outputs/bench/matrix-kill-resume.json"), json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
-    if not same:
-        sys.exit("tables differ: see outputs/kill-resume/*/outputs/reports")
+    if not (same and same_weights):
+        sys.exit("runs differ: see outputs/kill-resume/*/outputs")
 
 
 if __name__ == "__main__":

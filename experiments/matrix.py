@@ -409,32 +409,41 @@ def build_plan(matrix: MatrixConfig, preset_name: str) -> Plan:
 # ----------------------------------------------------------------------------------------------------
 
 
-def measured_seconds_per_step() -> dict[tuple[str, str], float]:
-    """Median seconds per step of finished stage runs under outputs/stages, by (stage, model preset)."""
-    found: dict[tuple[str, str], list[float]] = {}
+def _work(stage: str, config: dict) -> tuple:
+    """What one step's cost depends on besides the model: (stage, model preset, batch shape)."""
+    shape = {"base": ("per_device_batch_size",), "sft": ("per_device_batch_size",),
+             "disc_warmup": ("effective_batch_size",),
+             "align": ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens"),
+             "rlvr": ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens")}[stage]
+    return (stage, config.get("model", {}).get("preset", ""), *(config.get(k) for k in shape))
+
+
+def measured_seconds_per_step() -> dict[tuple, float]:
+    """Median seconds per step of finished stage runs under outputs/stages, by the work a step does."""
+    found: dict[tuple, list[float]] = {}
     for manifest in STAGE_ROOT.glob("*/manifest.json"):
         run_dir = manifest.parent
         stage = run_dir.name.rsplit("-", 1)[0]
         metrics = run_dir / "metrics.jsonl"
         if stage not in STAGES or not metrics.is_file():
             continue
-        preset = json.loads(manifest.read_text(encoding="utf-8"))["config"].get("model", {}).get("preset", "")
+        config = json.loads(manifest.read_text(encoding="utf-8"))["config"]
         rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
         values = [r.get("seconds_step", r.get("seconds")) for r in rows[1:]]
         values = [v for v in values if isinstance(v, (int, float))]
         if values:
-            found.setdefault((stage, preset), []).append(statistics.median(values))
+            found.setdefault(_work(stage, config), []).append(statistics.median(values))
     return {key: statistics.median(values) for key, values in found.items()}
 
 
-def estimate_seconds(node: Node, measured: dict[tuple[str, str], float]) -> float | None:
+def estimate_seconds(node: Node, measured: dict[tuple, float]) -> float | None:
     if node.kind == "world":
         return 60.0
     if node.kind == "eval":  # model load + generation, measured on the embedded suite (S and M); none for paper
         if node.cfg is None or node.cfg["suite"] != "embedded":
             return None
         return 5.0 + 0.05 * 6 * (node.cfg["limit"] or 200)
-    per_step = measured.get((node.kind, node.preset), FALLBACK_SECONDS_PER_STEP.get((node.kind, node.preset)))
+    per_step = measured.get(_work(node.kind, config_to_dict(node.cfg)), FALLBACK_SECONDS_PER_STEP.get((node.kind, node.preset)))
     if per_step is None or not node.steps:
         return None
     return per_step * node.steps
@@ -486,9 +495,10 @@ def _format_duration(seconds: float) -> str:
 def run_inline(node: Node) -> None:
     """Run one node in this process (what its command would do)."""
     if node.kind == "world":
+        from prism.cli import _progress_printer
         from prism.data.export import export_world
 
-        export_world(node.cfg, Path(node.key))
+        export_world(node.cfg, Path(node.key), progress=_progress_printer())
     elif node.kind == "eval":
         eval_node(Path(node.key), **node.cfg)
     else:

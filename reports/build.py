@@ -3,6 +3,7 @@ outputs/reports/<matrix>-<preset>/ from the runs the matrix recorded. Cells not 
 
 from __future__ import annotations
 
+import datetime as _dt
 import html
 import json
 import os
@@ -117,13 +118,17 @@ def record_reproduce_time(plan: Plan, timings: dict[str, float], wall_seconds: f
         kind = plan.nodes[key].kind
         by_kind[kind] = by_kind.get(kind, 0.0) + seconds
     out = Path("outputs/bench") / f"reproduce-{plan.matrix.name}-{plan.preset_name}.json"
-    atomic_write_text(out, json.dumps({
+    record = {
         "matrix": plan.matrix.name, "preset": plan.preset_name, "wall_seconds": round(wall_seconds, 1),
         "nodes_total": len(plan.nodes), "nodes_run": len(timings),
         "seconds_by_kind": {k: round(v, 1) for k, v in sorted(by_kind.items())},
         "seconds_by_node": {Path(k).name: round(v, 1) for k, v in timings.items()},
         "host": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-    }, indent=2) + "\n")
+    }
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")  # the latest run
+    with open(out.with_name(out.stem + "-history.jsonl"), "a", encoding="utf-8") as history:  # every run
+        history.write(json.dumps({**record, "finished_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
+                      + "\n")
     return out
 
 

@@ -18,6 +18,7 @@ from prism.format import count_caption_bullets, count_reasoning_steps, split_seg
 
 EVAL_ROOT = Path("outputs/evals")
 KIND_STYLE = {"perception": "tab:blue", "reasoning": "tab:orange", "response": "tab:green"}
+LINE_STYLES = ("-", "--", ":", "-.")
 ALGORITHM_COLOUR = {"grpo": "tab:blue", "dapo": "tab:orange", "gspo": "tab:green"}
 
 
@@ -50,13 +51,13 @@ def _curves(nodes: list, keys: list[tuple[str, str]], ylabel: str, title: str, o
     """One line per (run, metric key); `keys` are (metric, legend suffix)."""
     figure, axis = plt.subplots(figsize=(6.4, 3.8))
     drawn = 0
-    for node in nodes:
+    for index, node in enumerate(nodes):  # colour: the expert view; line style: the run
         rows = _metrics(node.key)
         for key, suffix in keys:
             points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
             if points:
-                axis.plot(*zip(*points), label=f"{_label(node)} {suffix}".strip(),
-                          color=KIND_STYLE.get(suffix), alpha=0.9)
+                axis.plot(*zip(*points), label=f"{_label(node)} {suffix}".strip(), color=KIND_STYLE.get(suffix),
+                          linestyle=LINE_STYLES[index % len(LINE_STYLES)], alpha=0.9)
                 drawn += 1
     if not drawn:
         plt.close(figure)

@@ -61,7 +61,11 @@ def results_frame(plan) -> pd.DataFrame:
         columns = [c for c in out if c in FAMILIES or c in BENCHMARK_TO_PAPER.values()]
         out["Avg"] = sum(out[c] for c in columns) / len(columns) if columns else math.nan
         rows.append(out)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    # lmms-eval lists metrics in a varying order: fix the columns so equal results give equal files
+    labels = [c for c in ("size", "pipeline", "rl", "setting", "group", "seed", "checkpoint") if c in frame]
+    rest = [c for c in ("format_valid", "mean_tokens") if c in frame]
+    return frame[labels + rest + benchmark_columns(frame)] if len(frame) else frame
 
 
 def benchmark_columns(frame: pd.DataFrame) -> list[str]:
