@@ -469,8 +469,12 @@ def describe_plan(plan: Plan) -> str:
         estimate = "" if node.done else (f"~{seconds / 60:.1f} min" if seconds is not None else "~? min")
         lines.append(f"  [{index:2d}] {status:6s} {node.kind:11s} {_short(node.key):28s} {estimate:>10s}  <- {deps}")
     to_run = sum(1 for n in plan.nodes.values() if not n.done)
-    lines.append(f"{to_run} of {len(plan.nodes)} nodes to run, estimated {total / 60:.1f} min on this machine"
-                 + (f" (+ {unknown} without an estimate)" if unknown else ""))
+    if unknown and not total:
+        estimate = "no estimate (no run of these stages was measured on this machine)"
+    else:
+        estimate = f"estimated {total / 60:.1f} min on this machine" + (
+            f" (+ {unknown} without an estimate)" if unknown else "")
+    lines.append(f"{to_run} of {len(plan.nodes)} nodes to run, {estimate}")
     return "\n".join(lines)
 
 
