@@ -59,3 +59,7 @@ calibrate-world preset="embedded-s" *args: setup
 # Seconds per PRISM alignment step by phase and peak RSS (needs the embedded sft and disc_warmup stages).
 bench-align *args: setup
     .venv/bin/python bench/align_step.py {{args}}
+
+# Optuna sweep (2 workers sharing a SQLite study), then its report: `just sweep discriminator`.
+sweep name *args: setup
+    .venv/bin/prism sweep run {{name}} --workers 2 {{args}}

@@ -10,6 +10,7 @@
   prism matrix plan|run NAME [--preset embedded|smoke|full] [--launcher local|slurm] [--isolate]
   prism report NAME [--preset P]
   prism reproduce NAME [--preset P]                (run the matrix, then its report)
+  prism sweep run|report NAME [--workers N] [--storage URL]
   prism submit CHECKPOINT                          (leaderboard bundle; refreshes outputs/leaderboard.md)
 
 User mistakes (bad configs, malformed data, missing checkpoints) end with one line on stderr and
@@ -161,6 +162,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from experiments.sweep import load_sweep, run_sweep
+    from reports.sweep_report import build_sweep_report
+
+    cfg = load_sweep(args.name)
+    if args.action == "run":
+        run_sweep(cfg, args.workers, args.storage, source=args.name)
+    out = build_sweep_report(cfg, args.storage)
+    print(f"sweep report: {out / 'index.html'}")
+    return 0
+
+
 def cmd_submit(args) -> int:
     from reports.submit import submission_bundle, write_leaderboard
 
@@ -248,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("name", help="table1, ablations, or a matrix YAML path")
     report.add_argument("--preset", default="embedded")
     report.set_defaults(func=cmd_report)
+    sweep = commands.add_parser("sweep", help="Optuna sweeps over the discriminator and alignment knobs")
+    sweep.add_argument("action", choices=["run", "report"])
+    sweep.add_argument("name", help="a sweep under experiments/configs/sweeps/ (discriminator) or a YAML path")
+    sweep.add_argument("--workers", type=int, default=1, help="worker processes sharing the study")
+    sweep.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under outputs/sweeps/)")
+    sweep.set_defaults(func=cmd_sweep)
     submit = commands.add_parser("submit", help="bundle an evaluated checkpoint for a leaderboard; rank all evaluated")
     submit.add_argument("checkpoint", type=Path, help="checkpoint folder evaluated with `prism eval`")
     submit.set_defaults(func=cmd_submit)

@@ -223,7 +223,9 @@ def _proxy_rollouts(backend, policy, records: list[RLRecord], cfg: AlignConfig) 
     return batch.texts
 
 
-def run(cfg: AlignConfig) -> Path:
+def run(cfg: AlignConfig, on_step=None) -> Path:
+    """`on_step(step, metrics)` is called after every step on the main process (a sweep reports intermediate
+    values through it; an exception it raises, such as a pruned trial, stops the run at its last checkpoint)."""
     if cfg.discriminator.path is None:
         raise DataError("discriminator.path is not set: give the disc_warmup stage's model/ folder")
     accelerator = make_accelerator()
@@ -405,6 +407,8 @@ def run(cfg: AlignConfig) -> Path:
         if (cfg.save_every_steps and done % cfg.save_every_steps == 0) or done == cfg.steps:
             save_progress(run_dir, done, cfg, accelerator, both, optimizers, schedulers,
                           data_position={"prompts_consumed": cursor}, extra={"proxies": proxies})
+        if on_step is not None and accelerator.is_main_process:
+            on_step(done, record)
 
     if accelerator.is_main_process:
         progress.close()

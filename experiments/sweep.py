@@ -1,0 +1,291 @@
+"""Optuna sweeps over the discriminator and alignment knobs: `prism sweep run NAME`, `prism sweep report NAME`.
+
+A sweep file (experiments/configs/sweeps/<name>.yaml) names a matrix preset, the cell to tune (size, seed, SFT ->
+PRISM [-> RLVR]), a search space of stage fields (`align.alpha`, `disc_warmup.num_experts`, ...), the objective, the
+budget, the TPE sampler and the median pruner. Each trial is a chain of matrix stages with the suggested overrides:
+stage directories are content-addressed, so upstream stages (world, base, SFT, and a warm-up whose knobs did not
+change) are reused, never recomputed; a file lock keeps two workers from running the same stage at once.
+
+Objective: held-out accuracy (%) of the embedded suite after alignment (`align`, the cheap proxy) or after
+alignment and a short RLVR run (`align_rlvr`). Intermediate values, reported after every alignment step so the
+pruner can stop weak trials early: minus the summed Wasserstein-1 distances of caption bullets and reasoning steps
+to the teacher corpus (closer to the teacher = higher).
+
+The study lives in a real storage (SQLite under outputs/sweeps/ by default; a PostgreSQL URL for many machines).
+Workers send heartbeats; a killed worker's trial goes stale, is marked failed and retried with the same
+parameters (whose stages resume from their checkpoints) by whichever worker looks next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from prism.config import ConfigError, check, check_types, load_config
+
+SWEEP_DIR = Path(__file__).parent / "configs" / "sweeps"
+SWEEP_ROOT = Path("outputs/sweeps")
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 30
+
+
+@dataclass
+class ParamSpec:
+    """One searched field: a float/int range or a list of choices."""
+
+    type: Literal["float", "int", "categorical"] = field(default="float", metadata={"help": "Kind of parameter."})
+    low: float | None = field(default=None, metadata={"help": "Lower bound (float/int)."})
+    high: float | None = field(default=None, metadata={"help": "Upper bound (float/int)."})
+    log: bool = field(default=False, metadata={"help": "Sample on a log scale (float/int)."})
+    choices: list[Any] = field(default_factory=list, metadata={"help": "Values (categorical)."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.type == "categorical":
+            check(bool(self.choices), "choices", "a non-empty list for type categorical", self.choices)
+        else:
+            check(self.low is not None and self.high is not None and self.low < self.high, "low",
+                  "low < high for a range", (self.low, self.high), related=("high",))
+
+
+@dataclass
+class SweepConfig:
+    """A study: which cell of which matrix preset is tuned, over what space, toward what objective."""
+
+    name: str = field(default="", metadata={"help": "Study name (outputs/sweeps/<name>/)."})
+    matrix: str = field(default="table1", metadata={"help": "Matrix whose preset supplies the stage configs."})
+    preset: str = field(default="embedded", metadata={"help": "Preset of that matrix."})
+    size: str = field(default="s", metadata={"help": "Size of the tuned cell."})
+    seed: int = field(default=0, metadata={"help": "Stage seed of every trial (the sampler has its own)."})
+    objective: Literal["align", "align_rlvr"] = field(
+        default="align", metadata={"help": "Accuracy after alignment (cheap proxy) or after alignment + RLVR."},
+    )
+    rl_algorithm: Literal["grpo", "dapo", "gspo"] = field(default="grpo", metadata={"help": "RL stage of align_rlvr."})
+    stage_overrides: dict[str, list[str]] = field(
+        default_factory=dict, metadata={"help": "Stage -> overrides applied to every trial (e.g. shorter runs)."},
+    )
+    eval_limit: int | None = field(default=None, metadata={"help": "Samples per family of the objective's evaluation."})
+    trials: int = field(default=12, metadata={"help": "Finished (complete or pruned) trials to reach."})
+    sampler_seed: int = field(default=0, metadata={"help": "TPE seed; worker i uses sampler_seed + i."})
+    n_startup_trials: int = field(default=4, metadata={"help": "Random trials before TPE, and before pruning."})
+    n_warmup_steps: int = field(default=2, metadata={"help": "Alignment steps a trial runs before it may be pruned."})
+    space: dict[str, ParamSpec] = field(
+        default_factory=dict, metadata={"help": "`<stage>.<field>` -> its range or choices."},
+    )
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check(bool(self.name), "name", "a non-empty string", self.name)
+        check(bool(self.space), "space", "at least one parameter", self.space)
+        for key in self.space:
+            check(key.split(".", 1)[0] in ("disc_warmup", "align") and "." in key, f"space.{key}",
+                  "`disc_warmup.<field>` or `align.<field>`", key)
+        check(self.trials >= 1, "trials", "an int >= 1", self.trials)
+
+
+def load_sweep(name_or_path: str | Path) -> SweepConfig:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SWEEP_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+        raise ConfigError(f"no sweep {name_or_path!r}: {path} does not exist (known: {', '.join(known)})")
+    return load_config(SweepConfig, path)
+
+
+def default_storage(cfg: SweepConfig) -> str:
+    return f"sqlite:///{(SWEEP_ROOT / cfg.name / 'study.db').as_posix()}"
+
+
+def _retry_callback(optuna):
+    """Optuna >= 4.9 names it RetryHeartbeatStaleTrialCallback; older releases RetryFailedTrialCallback."""
+    storages = optuna.storages
+    return getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
+
+
+def _storage(url: str):
+    import optuna
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(
+        url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+        heartbeat_stale_trial_callback=_retry_callback(optuna)(max_retry=2),
+        engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
+
+
+def create_study(cfg: SweepConfig, storage: str):
+    import optuna
+
+    return optuna.create_study(study_name=cfg.name, storage=_storage(storage), direction="maximize",
+                               load_if_exists=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One trial
+# ----------------------------------------------------------------------------------------------------
+
+
+def suggest(trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
+    values = {}
+    for key, spec in space.items():
+        if spec.type == "float":
+            values[key] = trial.suggest_float(key, spec.low, spec.high, log=spec.log)
+        elif spec.type == "int":
+            values[key] = trial.suggest_int(key, int(spec.low), int(spec.high), log=spec.log)
+        else:
+            values[key] = trial.suggest_categorical(key, spec.choices)
+    return values
+
+
+def trial_overrides(cfg: SweepConfig, params: dict[str, Any]) -> dict[str, list[str]]:
+    overrides = {stage: list(values) for stage, values in cfg.stage_overrides.items()}
+    for key, value in params.items():
+        stage, name = key.split(".", 1)
+        overrides.setdefault(stage, []).append(f"{name}={value}")
+    return overrides
+
+
+@contextlib.contextmanager
+def _locked(key: str):
+    """An exclusive lock per stage directory: two workers never run one stage at once."""
+    path = Path(f"{key}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def teacher_likeness(record: dict) -> float:
+    """The intermediate value: -(W1 caption bullets + W1 reasoning steps) to the teacher corpus."""
+    return -(record["caption_bullets_w1"] + record["reasoning_steps_w1"])
+
+
+def run_trial(cfg: SweepConfig, overrides: dict[str, list[str]], report=None) -> tuple[float, str]:
+    """Run (or reuse) the trial's stages and evaluation; returns (accuracy %, evaluated checkpoint).
+    `report(step, value)` receives the intermediate values (and may raise to prune)."""
+    from experiments.matrix import _Builder, _chain, eval_node, load_matrix, run_inline
+    from prism.stages.align import run as run_align
+
+    matrix = load_matrix(cfg.matrix)
+    preset = matrix.presets.get(cfg.preset)
+    if preset is None:
+        raise ConfigError(f"sweep {cfg.name}: matrix {cfg.matrix} has no preset {cfg.preset!r}")
+    if cfg.eval_limit is not None:
+        preset.eval.limit = cfg.eval_limit
+    builder = _Builder(matrix, cfg.preset)
+    rl = cfg.rl_algorithm if cfg.objective == "align_rlvr" else "none"
+    checkpoint, deps = _chain(builder, cfg.size, cfg.seed, "sft+prism", rl, overrides)
+    eval_key = builder.eval(checkpoint, deps)
+    for node in builder.nodes.values():
+        with _locked(node.key):
+            if node.done:
+                continue
+            if node.kind == "align" and report is not None:
+                def on_step(step: int, record: dict) -> None:
+                    value = teacher_likeness(record)
+                    if not math.isnan(value):
+                        report(step, value)
+
+                run_align(node.cfg, on_step=on_step)
+            elif node.kind == "eval":
+                eval_node(Path(node.key), **node.cfg)
+            else:
+                run_inline(node)
+    record = json.loads(Path(eval_key).read_text(encoding="utf-8"))
+    overall = [r for r in record["rows"] if r["task"] == "prism_embedded" and r["metric"] == "accuracy"]
+    if not overall:
+        raise ConfigError(f"sweep {cfg.name}: the objective needs the embedded suite (preset eval.suite: embedded)")
+    return 100.0 * float(overall[0]["value"]), checkpoint
+
+
+def objective_fn(cfg: SweepConfig):
+    import optuna
+
+    def objective(trial) -> float:
+        params = suggest(trial, cfg.space)
+
+        def report(step: int, value: float) -> None:
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at alignment step {step}")
+
+        accuracy, checkpoint = run_trial(cfg, trial_overrides(cfg, params), report)
+        trial.set_user_attr("checkpoint", checkpoint)
+        return accuracy
+
+    return objective
+
+
+def worker(cfg: SweepConfig, storage: str, index: int) -> None:
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(
+        study_name=cfg.name, storage=_storage(storage),
+        sampler=optuna.samplers.TPESampler(seed=cfg.sampler_seed + index, n_startup_trials=cfg.n_startup_trials),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps))
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    if len(study.get_trials(deepcopy=False, states=finished)) >= cfg.trials:
+        return
+    # An impossible combination (hard routing with top_k > experts / 2) is a recorded FAILED trial, not a crash.
+    study.optimize(objective_fn(cfg), callbacks=[MaxTrialsCallback(cfg.trials, states=finished)],
+                   catch=(ConfigError,), gc_after_trial=True)
+
+
+def run_sweep(cfg: SweepConfig, workers: int, storage: str | None, log=print, source: str | Path | None = None) -> str:
+    """Create (or reopen) the study and run `workers` worker processes on it until `trials` have finished.
+    `source` is the sweep's name or file, which each worker loads again (default: cfg.name)."""
+    storage = storage or default_storage(cfg)
+    create_study(cfg, storage)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(threads)}
+    log_dir = SWEEP_ROOT / cfg.name
+    log_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    processes = []
+    for index in range(workers):
+        with open(log_dir / f"worker-{index}.log", "a") as handle:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "experiments.sweep", "worker", str(source or cfg.name), "--storage", storage,
+                 "--index", str(index)], env=env, stdout=handle, stderr=subprocess.STDOUT))
+    log(f"sweep {cfg.name}: {workers} workers on {storage} (logs in {log_dir})")
+    codes = [p.wait() for p in processes]
+    log(f"sweep {cfg.name}: workers exited {codes} after {time.perf_counter() - started:.0f} s")
+    if any(codes):
+        from experiments.matrix import MatrixError
+
+        raise MatrixError(f"sweep {cfg.name}: a worker failed (exit codes {codes}); see {log_dir}/worker-*.log, "
+                          "then run again: finished trials are kept")
+    return storage
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m experiments.sweep")
+    commands = parser.add_subparsers(dest="command", required=True)
+    one = commands.add_parser("worker")
+    one.add_argument("name")
+    one.add_argument("--storage", required=True)
+    one.add_argument("--index", type=int, default=0)
+    args = parser.parse_args(argv)
+    worker(load_sweep(args.name), args.storage, args.index)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

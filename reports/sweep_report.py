@@ -1,0 +1,93 @@
+"""A sweep's report: best trial, parameter importances, optimisation history, intermediate values and a
+parallel-coordinate plot (Optuna's matplotlib plots) in one HTML page, and the best configuration exported as a
+matrix file whose preset carries the best overrides (`prism matrix plan outputs/sweeps/<name>/<matrix>-best.yaml`)."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import yaml
+
+from experiments.matrix import CONFIG_DIR
+from experiments.sweep import (
+    SWEEP_ROOT,
+    SweepConfig,
+    _storage,
+    default_storage,
+    trial_overrides,
+)
+from prism.data.formats import atomic_write_text
+
+
+def _plot(name: str, draw, out: Path) -> Path | None:
+    try:
+        axis = draw()
+    except (ValueError, RuntimeError):  # too few finished trials for this plot
+        plt.close("all")
+        return None
+    figure = axis.figure if hasattr(axis, "figure") else axis.flat[0].figure
+    figure.set_size_inches(8, 4.5)
+    figure.tight_layout()
+    path = out / f"{name}.png"
+    figure.savefig(path, dpi=110)
+    plt.close("all")
+    return path
+
+
+def best_matrix_file(cfg: SweepConfig, params: dict, out: Path) -> Path:
+    """The sweep's matrix with the best overrides appended to every size of the tuned preset."""
+    raw = yaml.safe_load((CONFIG_DIR / f"{cfg.matrix}.yaml").read_text(encoding="utf-8"))
+    raw["name"] = f"{raw['name']}-{cfg.name}-best"
+    tuned = {stage: [o for o in values if not o.startswith(("save_every", "proxy_prompts"))]
+             for stage, values in trial_overrides(SweepConfig(**{**cfg.__dict__, "stage_overrides": {}}), params).items()}
+    for size in raw["presets"][cfg.preset]["sizes"].values():
+        for stage, values in tuned.items():
+            size.setdefault("overrides", {}).setdefault(stage, []).extend(values)
+    path = out / f"{cfg.matrix}-best.yaml"
+    atomic_write_text(path, f"# Best trial of sweep {cfg.name}: {json.dumps(params)}\n" + yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def build_sweep_report(cfg: SweepConfig, storage: str | None = None) -> Path:
+    import optuna
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as plots
+
+    study = optuna.load_study(study_name=cfg.name, storage=_storage(storage or default_storage(cfg)))
+    out = SWEEP_ROOT / cfg.name / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    summary = {"study": cfg.name, "trials": len(trials), "states": counts}
+    images = [_plot("history", lambda: plots.plot_optimization_history(study), out),
+              _plot("intermediate", lambda: plots.plot_intermediate_values(study), out),
+              _plot("parallel_coordinate", lambda: plots.plot_parallel_coordinate(study), out)]
+    best_file = None
+    if complete:
+        best = study.best_trial
+        summary.update(best_trial=best.number, best_value=best.value, best_params=best.params,
+                       best_checkpoint=best.user_attrs.get("checkpoint"))
+        if len(complete) >= 2:
+            summary["importances"] = optuna.importance.get_param_importances(study)
+            images.append(_plot("importances", lambda: plots.plot_param_importances(study), out))
+        best_file = best_matrix_file(cfg, best.params, out)
+        summary["best_matrix_file"] = str(best_file)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    rows = "".join(f"<tr><td>{t.number}</td><td>{t.state.name}</td><td>{'' if t.value is None else f'{t.value:.2f}'}</td>"
+                   f"<td>{html.escape(json.dumps(t.params))}</td></tr>" for t in trials)
+    head = ("<!doctype html><html><head><meta charset='utf-8'><title>sweep</title><style>body{font-family:sans-serif;"
+            "margin:2em}td,th{border:1px solid #ccc;padding:3px}img{max-width:100%}</style></head><body>")
+    page = [head,
+            f"<h1>Sweep {html.escape(cfg.name)}</h1><pre>{html.escape(json.dumps(summary, indent=2, default=str))}</pre>",
+            "<h2>Trials</h2><table><tr><th>#</th><th>state</th><th>accuracy (%)</th><th>params</th></tr>" + rows + "</table>"]
+    page += [f"<h2>{p.stem}</h2><img src='{p.name}' alt='{p.stem}'>" for p in images if p is not None]
+    page.append("</body></html>")
+    atomic_write_text(out / "index.html", "\n".join(page))
+    return out
