@@ -80,7 +80,15 @@ def build_sweep_report(cfg: SweepConfig, storage: str | None = None) -> Path:
         best_file = best_matrix_file(cfg, best.params, out)
         summary["best_matrix_file"] = str(best_file)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-    rows = "".join(f"<tr><td>{t.number}</td><td>{t.state.name}</td><td>{'' if t.value is None else f'{t.value:.2f}'}</td>"
+    def outcome(trial) -> str:  # a pruned trial's value is its last intermediate value, not an accuracy
+        if trial.state == TrialState.COMPLETE:
+            return f"{trial.value:.2f}"
+        if trial.state == TrialState.PRUNED and trial.intermediate_values:
+            step = max(trial.intermediate_values)
+            return f"pruned at step {step} (teacher-likeness {trial.intermediate_values[step]:.2f})"
+        return ""
+
+    rows = "".join(f"<tr><td>{t.number}</td><td>{t.state.name}</td><td>{outcome(t)}</td>"
                    f"<td>{html.escape(json.dumps(t.params))}</td></tr>" for t in trials)
     head = ("<!doctype html><html><head><meta charset='utf-8'><title>sweep</title><style>body{font-family:sans-serif;"
             "margin:2em}td,th{border:1px solid #ccc;padding:3px}img{max-width:100%}</style></head><body>")
