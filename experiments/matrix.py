@@ -191,15 +191,20 @@ class MatrixConfig:
                       f"a size of preset {preset_name} ({', '.join(preset.sizes)})", self.size)
 
 
-def load_matrix(name_or_path: str | Path) -> MatrixConfig:
-    """`table1` -> experiments/configs/table1.yaml; a path is read as is."""
+def load_named(config_class: type, name_or_path: str | Path, folder: Path, what: str) -> Any:
+    """A bare name reads <folder>/<name>.yaml; a path is read as is. A missing file lists the known names."""
     path = Path(name_or_path)
     if not path.suffix:
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
+        path = folder / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ConfigError(f"no matrix {name_or_path!r}: {path} does not exist (known: {', '.join(known)})")
-    return load_config(MatrixConfig, path)
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ConfigError(f"no {what} {name_or_path!r}: {path} does not exist (known: {', '.join(known)})")
+    return load_config(config_class, path)
+
+
+def load_matrix(name_or_path: str | Path) -> MatrixConfig:
+    """`table1` -> experiments/configs/table1.yaml; a path is read as is."""
+    return load_named(MatrixConfig, name_or_path, CONFIG_DIR, "matrix")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,7 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from prism.config import ConfigError, check, check_types, load_config
+from experiments.matrix import (
+    MatrixError,
+    _Builder,
+    _chain,
+    eval_node,
+    load_matrix,
+    load_named,
+    run_inline,
+)
+from prism.config import ConfigError, check, check_types
 
 SWEEP_DIR = Path(__file__).parent / "configs" / "sweeps"
 SWEEP_ROOT = Path("outputs/sweeps")
@@ -93,13 +102,8 @@ class SweepConfig:
 
 
 def load_sweep(name_or_path: str | Path) -> SweepConfig:
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = SWEEP_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
-        raise ConfigError(f"no sweep {name_or_path!r}: {path} does not exist (known: {', '.join(known)})")
-    return load_config(SweepConfig, path)
+    """`discriminator` -> experiments/configs/sweeps/discriminator.yaml; a path is read as is."""
+    return load_named(SweepConfig, name_or_path, SWEEP_DIR, "sweep")
 
 
 def default_storage(cfg: SweepConfig) -> str:
@@ -176,7 +180,6 @@ def teacher_likeness(record: dict) -> float:
 def run_trial(cfg: SweepConfig, overrides: dict[str, list[str]], report=None) -> tuple[float, str]:
     """Run (or reuse) the trial's stages and evaluation; returns (accuracy %, evaluated checkpoint).
     `report(step, value)` receives the intermediate values (and may raise to prune)."""
-    from experiments.matrix import _Builder, _chain, eval_node, load_matrix, run_inline
     from prism.stages.align import run as run_align
 
     matrix = load_matrix(cfg.matrix)
@@ -266,8 +269,6 @@ def run_sweep(cfg: SweepConfig, workers: int, storage: str | None, log=print, so
     codes = [p.wait() for p in processes]
     log(f"sweep {cfg.name}: workers exited {codes} after {time.perf_counter() - started:.0f} s")
     if any(codes):
-        from experiments.matrix import MatrixError
-
         raise MatrixError(f"sweep {cfg.name}: a worker failed (exit codes {codes}); see {log_dir}/worker-*.log, "
                           "then run again: finished trials are kept")
     return storage

@@ -143,3 +143,14 @@ def count_reasoning_steps(text: str) -> int:
     """Non-empty lines of the think block."""
     lines = _segment_body(text, "think").splitlines()
     return sum(1 for line in lines if line.strip())
+
+
+def segment_counts(texts: Sequence[str]) -> tuple[list[int], list[int]]:
+    """(caption bullets, reasoning steps) of the format-valid responses among `texts`."""
+    bullets, steps = [], []
+    for text in texts:
+        segments = split_segments(text)
+        if segments is not None:
+            bullets.append(count_caption_bullets(segments.caption))
+            steps.append(count_reasoning_steps(segments.think))
+    return bullets, steps

@@ -8,12 +8,10 @@ import html
 import json
 import os
 import platform
-import shutil
-import uuid
 from pathlib import Path
 
 from experiments.matrix import Plan, build_plan, load_matrix
-from prism.data.formats import atomic_write_text, read_rl_parquet
+from prism.data.formats import atomic_directory, atomic_write_text, read_rl_parquet
 from reports import figures
 from reports.tables import (
     ablation_table,
@@ -66,9 +64,7 @@ def build_report(name: str, preset: str) -> Path:
     matrix = load_matrix(name)
     plan = build_plan(matrix, preset)
     final = REPORT_ROOT / f"{matrix.name}-{preset}"
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(final) as tmp:
         frame = results_frame(plan)
         frame.to_csv(tmp / "results.csv", index=False)
         sections = []
@@ -99,15 +95,6 @@ def build_report(name: str, preset: str) -> Path:
                       "outputs/stages and outputs/evals.</p>")
         sections.insert(0, ("runs", provenance))
         atomic_write_text(tmp / "index.html", _html(f"PRISM {matrix.name} ({preset})", sections, pngs, tmp))
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only; no display on servers or in CI
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from prism.format import count_caption_bullets, count_reasoning_steps, split_segments
+from prism.format import segment_counts
 
 EVAL_ROOT = Path("outputs/evals")
 KIND_STYLE = {"perception": "tab:blue", "reasoning": "tab:orange", "response": "tab:green"}
@@ -128,16 +128,6 @@ def _eval_texts(checkpoint_hash: str) -> list[str]:
     return texts
 
 
-def _counts(texts: list[str]) -> tuple[list[int], list[int]]:
-    bullets, steps = [], []
-    for text in texts:
-        segments = split_segments(text)
-        if segments is not None:
-            bullets.append(count_caption_bullets(segments.caption))
-            steps.append(count_reasoning_steps(segments.think))
-    return bullets, steps
-
-
 def distribution_figure(plan, teacher_texts: list[str], record_of: Callable[[object], dict | None],
                         out: Path) -> list[Path]:
     """Caption bullets and reasoning steps: teacher / SFT / PRISM / after RLVR (first size, first seed, GRPO)."""
@@ -151,7 +141,7 @@ def distribution_figure(plan, teacher_texts: list[str], record_of: Callable[[obj
             record = record_of(cell)
             if record is not None:
                 sources[wanted[key]] = _eval_texts(record["checkpoint_hash"])
-    counted = {name: _counts(texts) for name, texts in sources.items()}
+    counted = {name: segment_counts(texts) for name, texts in sources.items()}
     counted = {name: c for name, c in counted.items() if c[0]}
     if len(counted) < 2:
         return []

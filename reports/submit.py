@@ -13,15 +13,13 @@ Nothing is evaluated here: the bundle is built from what `prism eval` recorded u
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from prism.data.formats import atomic_write_text
+from prism.data.formats import atomic_directory, atomic_write_text
 from prism.format import extract_answer
 
 EVAL_ROOT = Path("outputs/evals")
@@ -98,9 +96,8 @@ def submission_bundle(checkpoint: str | Path, out_root: Path = SUBMISSION_ROOT, 
                           f"`prism eval --checkpoint {checkpoint} --suite embedded|paper` first")
     name = f"{checkpoint.parent.name if checkpoint.name == 'model' else checkpoint.name}-{digest[:8]}"
     final = out_root / name
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    (tmp / "predictions").mkdir(parents=True)
-    try:
+    with atomic_directory(final) as tmp:
+        (tmp / "predictions").mkdir()
         rows = []
         for entry in entries:
             for task, samples in _samples(entry).items():
@@ -113,11 +110,6 @@ def submission_bundle(checkpoint: str | Path, out_root: Path = SUBMISSION_ROOT, 
                 rows.append(pd.read_csv(entry / "rows.csv"))
         table = pd.concat(rows) if rows else pd.DataFrame(columns=["benchmark", "task", "metric", "value"])
         (tmp / "README.md").write_text(_model_card(name, checkpoint, table), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

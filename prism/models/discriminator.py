@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
     load_balancing_loss_func,
 )
 
+from prism.data.formats import atomic_directory
 from prism.models.presets import DENSE, MOE, load_model, save_model
 from prism.models.processor import ModelError
 
@@ -250,24 +249,13 @@ def build_discriminator(dense: nn.Module, spec: DiscriminatorSpec, *, num_expert
 def save_discriminator(discriminator: Discriminator, processor, directory: str | os.PathLike,
                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """The backbone as an HF checkpoint folder, then the head and spec inside it; renamed into place whole."""
-    directory = Path(directory)
-    tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     state = state_dict if state_dict is not None else discriminator.state_dict()
     backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    try:
+    with atomic_directory(directory) as tmp:
         save_model(discriminator.backbone, processor, tmp, state_dict=backbone_state)
         save_file({"weight": state["head.weight"].detach().contiguous().cpu()}, str(tmp / HEAD_FILE))
         (tmp / SPEC_FILE).write_text(json.dumps(asdict(discriminator.spec), indent=2) + "\n", encoding="utf-8")
-        old = None
-        if directory.exists():
-            old = directory.with_name(f"{directory.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+    return Path(directory)
 
 
 def load_discriminator(directory: str | os.PathLike, dtype: str = "float32") -> Discriminator:
@@ -305,7 +293,7 @@ def encode_prompt(processor, messages: list[dict[str, str]], images: Sequence, u
 
     Text-only scoring drops the placeholders and the images."""
     from prism.data.formats import IMAGE_TOKEN
-    from prism.stages.sft import chat_messages
+    from prism.stages.sft import chat_messages, process_images
 
     if not uses_images:
         messages = [{**m, "content": m["content"].replace(IMAGE_TOKEN, "")} for m in messages]
@@ -315,14 +303,13 @@ def encode_prompt(processor, messages: list[dict[str, str]], images: Sequence, u
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not images:
         return EncodedPrompt(ids, None, None)
-    vision = processor.image_processor(images=list(images), return_tensors="pt")
-    merge = processor.image_processor.merge_size ** 2
-    counts = iter((vision["image_grid_thw"].prod(-1) // merge).tolist())
+    pixel_values, image_grid_thw, tokens_per_image = process_images(processor, list(images))
+    counts = iter(tokens_per_image)
     image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     expanded = []
     for token in ids:
         expanded.extend([token] * (next(counts) if token == image_token else 1))
-    return EncodedPrompt(expanded, vision["pixel_values"], vision["image_grid_thw"])
+    return EncodedPrompt(expanded, pixel_values, image_grid_thw)
 
 
 def segment_batch(processor, prompts: Sequence[EncodedPrompt], segments: Sequence[str],
@@ -330,6 +317,8 @@ def segment_batch(processor, prompts: Sequence[EncodedPrompt], segments: Sequenc
     """Right-padded rows [prompt_i + segment_i + <|im_end|>], vision blocks in row order.
 
     Every row ends in the same terminator, so teacher and student segments share their last token."""
+    from prism.stages.sft import IGNORE, Encoded, collate
+
     if len(prompts) != len(segments):
         raise ValueError(f"{len(prompts)} prompts for {len(segments)} segments")
     tokenizer = processor.tokenizer
@@ -344,18 +333,10 @@ def segment_batch(processor, prompts: Sequence[EncodedPrompt], segments: Sequenc
                 raise ModelError(f"a prompt of {len(prompt.ids)} tokens leaves no room for a segment in max_length={max_length}")
             ids = ids[: max_length - 1] + [terminator]
         rows.append(ids)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-             "mm_token_type_ids": (input_ids == image_token).long()}
-    pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
-    if pixels:
-        batch["pixel_values"] = torch.cat(pixels)
-        batch["image_grid_thw"] = torch.cat([p.image_grid_thw for p in prompts if p.image_grid_thw is not None])
+    # sft.collate pads and concatenates vision blocks in row order; a scored segment has no labels
+    encoded = [Encoded(ids, [IGNORE] * len(ids), p.pixel_values, p.image_grid_thw) for ids, p in zip(rows, prompts)]
+    batch = collate(encoded, tokenizer.pad_token_id, image_token)
+    del batch["labels"]
     return batch
 
 

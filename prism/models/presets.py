@@ -10,8 +10,6 @@ Hugging Face folders: config.json + safetensors + tokenizer + processor files.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from transformers import AutoModelForImageTextToText, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
+from prism.data.formats import atomic_directory
 from prism.models.processor import (
     MERGE_SIZE,
     PATCH_SIZE,
@@ -211,22 +210,10 @@ def save_model(model: PreTrainedModel, processor: Qwen3VLImageTextProcessor, dir
     checkpoint; an existing folder is swapped out and then deleted. `state_dict` (e.g. gathered from FSDP
     shards) replaces the model's own.
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_directory(directory) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         save_processor(processor, tmp)
-        old = None
-        if directory.exists():
-            old = directory.with_name(f"{directory.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+    return Path(directory)
 
 
 def _preset_and_path(model_cfg: Any) -> tuple[str, str | None]:

@@ -42,7 +42,12 @@ from prism.algorithms import (
 )
 from prism.config import AlignConfig
 from prism.data.formats import DataError, RLRecord, atomic_write_text
-from prism.format import count_caption_bullets, count_reasoning_steps, split_segments
+from prism.format import (
+    count_caption_bullets,
+    count_reasoning_steps,
+    segment_counts,
+    split_segments,
+)
 from prism.models.discriminator import (
     Discriminator,
     encode_prompt,
@@ -96,17 +101,6 @@ def wasserstein_1(a: Sequence[float], b: Sequence[float]) -> float:
         cdf_b += cb[left] / len(b)
         total += abs(cdf_a - cdf_b) * (right - left)
     return total
-
-
-def segment_counts(texts: Sequence[str]) -> tuple[list[int], list[int]]:
-    """(caption bullets, reasoning steps) of the format-valid responses among `texts`."""
-    bullets, steps = [], []
-    for text in texts:
-        segments = split_segments(text)
-        if segments is not None:
-            bullets.append(count_caption_bullets(segments.caption))
-            steps.append(count_reasoning_steps(segments.think))
-    return bullets, steps
 
 
 def teacher_counts(records: Sequence[RLRecord]) -> tuple[list[int], list[int]]:

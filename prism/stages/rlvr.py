@@ -35,7 +35,7 @@ from prism.algorithms import (
 )
 from prism.config import RLVRConfig
 from prism.data.formats import DataError, RLRecord, read_rl_parquet
-from prism.format import count_caption_bullets, count_reasoning_steps, split_segments
+from prism.format import segment_counts
 from prism.rewards import compute_reward, overlong_penalty
 from prism.rollout import (
     HFRolloutBackend,
@@ -122,12 +122,7 @@ def score_rollouts(batch: RolloutBatch, records: list[RLRecord], cfg: RLVRConfig
 
 def text_statistics(texts: list[str]) -> dict[str, float]:
     """Caption bullets and reasoning steps of format-valid responses (the quantities alignment moves)."""
-    bullets, steps = [], []
-    for text in texts:
-        segments = split_segments(text)
-        if segments is not None:
-            bullets.append(count_caption_bullets(segments.caption))
-            steps.append(count_reasoning_steps(segments.think))
+    bullets, steps = segment_counts(texts)
     return {"caption_bullets": _mean(bullets), "reasoning_steps": _mean(steps)}
 
 

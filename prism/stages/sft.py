@@ -72,6 +72,14 @@ def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[i
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def process_images(processor, images: list) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(pixel_values, image_grid_thw, image tokens per image after merging): each image processed once, so the
+    caller expands each `<|image_pad|>` itself and skips the processor's text pass."""
+    vision = processor.image_processor(images=images, return_tensors="pt")
+    merge = processor.image_processor.merge_size ** 2
+    return vision["pixel_values"], vision["image_grid_thw"], (vision["image_grid_thw"].prod(-1) // merge).tolist()
+
+
 def encode_conversation(processor, conversation: Conversation, max_length: int, where: str = "record") -> Encoded:
     """Render with the chat template, label each assistant turn (up to its `<|im_end|>`), expand images."""
     tokenizer = processor.tokenizer
@@ -98,10 +106,8 @@ def encode_conversation(processor, conversation: Conversation, max_length: int, 
         for path in conversation.images:
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
-        vision = processor.image_processor(images=images, return_tensors="pt")
-        pixel_values, image_grid_thw = vision["pixel_values"], vision["image_grid_thw"]
-        merge = processor.image_processor.merge_size ** 2
-        counts = iter((image_grid_thw.prod(-1) // merge).tolist())
+        pixel_values, image_grid_thw, tokens_per_image = process_images(processor, images)
+        counts = iter(tokens_per_image)
         expanded_ids, expanded_labels = [], []
         for token, label in zip(ids, labels):
             repeat = next(counts) if token == image_token else 1

@@ -2,9 +2,9 @@
 world; a second run recomputes nothing; the HTML report renders in headless Chromium."""
 
 import json
-import os
 import shutil
 import subprocess
+from contextlib import chdir
 from pathlib import Path
 
 import pandas as pd
@@ -17,12 +17,8 @@ from prism.cli import main
 def smoke(tmp_path_factory):
     """Run the smoke table in an empty working folder (outputs/ lands there); returns that folder."""
     root = tmp_path_factory.mktemp("reproduce")
-    cwd = Path.cwd()
-    os.chdir(root)
-    try:
+    with chdir(root):
         assert main(["reproduce", "table1", "--preset", "smoke"]) == 0
-    finally:
-        os.chdir(cwd)
     return root
 
 
@@ -58,12 +54,8 @@ def test_every_number_comes_from_a_recorded_evaluation(smoke):
 def test_a_second_run_recomputes_nothing(smoke):
     first = json.loads((smoke / "outputs/bench/reproduce-table1-smoke.json").read_text())
     assert first["nodes_run"] == first["nodes_total"] == 39
-    cwd = Path.cwd()
-    os.chdir(smoke)
-    try:
+    with chdir(smoke):
         assert main(["reproduce", "table1", "--preset", "smoke"]) == 0
-    finally:
-        os.chdir(cwd)
     second = json.loads((smoke / "outputs/bench/reproduce-table1-smoke.json").read_text())
     assert second["nodes_run"] == 0
 
@@ -87,13 +79,9 @@ def test_submit_bundles_an_evaluated_checkpoint_and_ranks_all(smoke):
 
     results = pd.read_csv(smoke / "outputs/reports/table1-smoke/results.csv")
     checkpoint = results.sort_values("Avg").iloc[-1]["checkpoint"]
-    cwd = Path.cwd()
-    os.chdir(smoke)
-    try:
+    with chdir(smoke):
         assert main(["submit", checkpoint]) == 0
         assert main(["submit", "outputs/stages"]) == 2  # a folder that was never evaluated: one line, exit 2
-    finally:
-        os.chdir(cwd)
     bundle = next((smoke / "outputs/submissions").iterdir())
     predictions = sorted(p.name for p in (bundle / "predictions").iterdir())
     assert predictions == [f"prism_embedded_{f}.jsonl" for f in

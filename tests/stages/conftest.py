@@ -1,5 +1,6 @@
 """A tiny exported world and a random tiny policy, shared by the stage tests (built once per session)."""
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,26 @@ def degraded_pairs(world, tmp_path_factory):
                                     student.reasoning))
     write_warmup_pairs(out / "pairs.jsonl", pairs)
     return out / "pairs.jsonl"
+
+
+class Interrupt(Exception):
+    """A run stopped right after writing a checkpoint (see `interrupted_after`)."""
+
+
+@contextmanager
+def interrupted_after(monkeypatch, recipe_module, step: int):
+    """Inside the block, the recipe's `save_progress` raises Interrupt right after writing checkpoint `step`;
+    the block must end with that Interrupt. The real `save_progress` is back afterwards."""
+    real_save = recipe_module.save_progress
+
+    def save_then_die(run_dir, done, *args, **kwargs):
+        real_save(run_dir, done, *args, **kwargs)
+        if done == step:
+            raise Interrupt
+
+    monkeypatch.setattr(recipe_module, "save_progress", save_then_die)
+    try:
+        with pytest.raises(Interrupt):
+            yield
+    finally:
+        monkeypatch.setattr(recipe_module, "save_progress", real_save)

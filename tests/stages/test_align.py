@@ -20,7 +20,7 @@ from prism.stages.align import (
 )
 from prism.stages.rlvr import rollout_prompt
 
-from .conftest import discriminator_dir, model_tensors, scripted_text
+from .conftest import discriminator_dir, interrupted_after, model_tensors, scripted_text
 
 
 def align_config(world, policy_dir, disc_dir, out, *extra):
@@ -121,25 +121,13 @@ def test_each_variant_aligns(world, policy_dir, tmp_path, scripted_rollouts, var
     assert json.loads((out / "discriminator" / "discriminator.json").read_text())["variant"] == variant
 
 
-class Interrupt(Exception):
-    pass
-
 
 def test_interrupted_alignment_resumes_bit_identical(world, policy_dir, disc_dir, tmp_path, monkeypatch,
                                                      scripted_rollouts):
     steps = ["steps=3", "save_every_steps=1"]
     whole = run(align_config(world, policy_dir, disc_dir, tmp_path / "whole", *steps))
-    real_save = align.save_progress
-
-    def save_then_die(run_dir, step, *args, **kwargs):
-        real_save(run_dir, step, *args, **kwargs)
-        if step == 2:
-            raise Interrupt
-
-    monkeypatch.setattr(align, "save_progress", save_then_die)
-    with pytest.raises(Interrupt):
+    with interrupted_after(monkeypatch, align, step=2):
         run(align_config(world, policy_dir, disc_dir, tmp_path / "cut", *steps))
-    monkeypatch.setattr(align, "save_progress", real_save)
     torch.manual_seed(4321)
     resumed = run(align_config(world, policy_dir, disc_dir, tmp_path / "cut", *steps))
     for folder in ("model", "discriminator"):

@@ -8,16 +8,14 @@ import torch
 from prism.config import DiscWarmupConfig, load_config
 from prism.data.formats import (
     WARMUP_FIELDS,
-    WarmupPair,
     read_rl_parquet,
     read_warmup_pairs,
-    write_warmup_pairs,
 )
 from prism.format import split_segments
 from prism.stages import disc_warmup
 from prism.stages.disc_warmup import run, split_heldout
 
-from .conftest import model_tensors, scripted_text
+from .conftest import interrupted_after, model_tensors, scripted_text
 
 
 def warmup_config(world, policy_dir, out, *extra):
@@ -83,25 +81,13 @@ def test_each_variant_trains(world, policy_dir, tmp_path, degraded_pairs, varian
     assert json.loads((out / "model" / "discriminator.json").read_text())["variant"] == variant
 
 
-class Interrupt(Exception):
-    pass
-
 
 def test_interrupted_warmup_resumes_bit_identical_without_regenerating_pairs(world, policy_dir, tmp_path,
                                                                              monkeypatch, scripted_rollouts):
     steps = ["max_steps=4", "save_every_steps=2", "head_dropout=0.1"]
     whole = run(warmup_config(world, policy_dir, tmp_path / "whole", *steps))
-    real_save = disc_warmup.save_progress
-
-    def save_then_die(run_dir, step, *args, **kwargs):
-        real_save(run_dir, step, *args, **kwargs)
-        if step == 2:
-            raise Interrupt
-
-    monkeypatch.setattr(disc_warmup, "save_progress", save_then_die)
-    with pytest.raises(Interrupt):
+    with interrupted_after(monkeypatch, disc_warmup, step=2):
         run(warmup_config(world, policy_dir, tmp_path / "cut", *steps))
-    monkeypatch.setattr(disc_warmup, "save_progress", real_save)
     monkeypatch.setattr(disc_warmup, "generate_pairs", lambda *a: pytest.fail("pairs were generated again"))
     torch.manual_seed(999)  # the checkpoint must restore the RNG (head dropout draws from it)
     resumed = run(warmup_config(world, policy_dir, tmp_path / "cut", *steps))

@@ -18,17 +18,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch(stage, args, out, processes, timeout):
+    """`prism train STAGE` under torchrun (gloo) with `processes` processes, or plainly for 1; its metrics."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                "--master_port", str(_free_port())] if processes > 1 else [sys.executable]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launcher, "-m", "prism.cli", "train", stage, *args], env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def _train(world, policy_dir, out, processes, per_device):
     args = [f"model.path={policy_dir}", "model.preset=embedded-s", "model.dtype=float32",
             f"data_files=[{world}/sft.json]", "max_length=512", "max_steps=3", "optim.lr=3e-3",
             f"per_device_batch_size={per_device}", "gradient_accumulation_steps=2", f"output_dir={out}"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_port", str(_free_port())] if processes > 1 else [sys.executable]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*launcher, "-m", "prism.cli", "train", "sft", *args], env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return _launch("sft", args, out, processes, timeout=120)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")
@@ -50,13 +55,7 @@ def _warmup(policy_dir, pairs, out, processes, micro):
             f"data_files=[{pairs}]", "max_length=512", "max_steps=3", "optim.lr=3e-3", "head_dropout=0.0",
             "expert_noise_std=0.002", "heldout_fraction=0.0", "effective_batch_size=8",
             f"micro_batch_size={micro}", f"output_dir={out}"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_port", str(_free_port())] if processes > 1 else [sys.executable]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*launcher, "-m", "prism.cli", "train", "disc_warmup", *args], env=env,
-                            capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return _launch("disc_warmup", args, out, processes, timeout=180)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from prism.runtime import latest_checkpoint
@@ -15,7 +14,7 @@ from prism.stages import rlvr
 from prism.stages.rlvr import run as run_rlvr
 from prism.stages.sft import run as run_sft
 
-from .conftest import model_tensors
+from .conftest import interrupted_after, model_tensors
 from .test_rlvr import rlvr_config, varied_reward  # noqa: F401  (fixture)
 from .test_sft import sft_config
 
@@ -58,9 +57,6 @@ def test_sft_killed_with_sigkill_resumes_bit_identical(world, policy_dir, tmp_pa
     _assert_same_run(whole, resumed)
 
 
-class Interrupt(Exception):
-    pass
-
 
 def test_rlvr_interrupted_after_a_checkpoint_resumes_bit_identical(world, policy_dir, tmp_path, monkeypatch,
                                                                    varied_reward):  # noqa: F811
@@ -68,17 +64,8 @@ def test_rlvr_interrupted_after_a_checkpoint_resumes_bit_identical(world, policy
              "on_underfilled_batch=partial"]
     whole = run_rlvr(rlvr_config(world, policy_dir, tmp_path / "whole", *steps))
 
-    real_save = rlvr.save_progress
-
-    def save_then_die(run_dir, step, *args, **kwargs):
-        real_save(run_dir, step, *args, **kwargs)
-        if step == 2:
-            raise Interrupt
-
-    monkeypatch.setattr(rlvr, "save_progress", save_then_die)
-    with pytest.raises(Interrupt):
+    with interrupted_after(monkeypatch, rlvr, step=2):
         run_rlvr(rlvr_config(world, policy_dir, tmp_path / "cut", *steps))
-    monkeypatch.setattr(rlvr, "save_progress", real_save)
     torch.manual_seed(12345)  # the process's RNG moved on meanwhile: the checkpoint must restore it
     resumed = run_rlvr(rlvr_config(world, policy_dir, tmp_path / "cut", *steps))
     _assert_same_run(whole, resumed)
