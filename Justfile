@@ -52,6 +52,10 @@ bench-rlvr *args: setup
     .venv/bin/python -c "import trl" 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check --no-deps "trl==1.16.0"
     .venv/bin/python bench/rlvr_vs_trl.py {{args}}
 
+# RLVR gains over SFT per size, algorithm and seed, each evaluated through lmms-eval (needs the SFT stages).
+rlvr-gains *args: setup
+    .venv/bin/python bench/rlvr_gains.py {{args}}
+
 # Calibrate the embedded world: base + SFT of a preset, held-out accuracy per family (S ~12 min, M ~25 min).
 calibrate-world preset="embedded-s" *args: setup
     .venv/bin/python bench/calibrate_world.py --preset {{preset}} {{args}}

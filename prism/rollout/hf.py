@@ -1,17 +1,20 @@
-"""Rollouts with Hugging Face `generate` (CPU tests and small runs), and re-scoring under any HF model.
+"""Rollouts with a Hugging Face model (CPU tests and small runs), and re-scoring under any HF model.
 
-One processor call per batch: each prompt's images are processed once; `generate(num_return_sequences=n)`
-repeats prompts and their per-image pixel blocks in prompt-major order. Sampling is pure temperature + top_p
-(top_k is switched off). Behaviour log-probs come from `output_logits` (the raw logits of every step),
-scaled by the temperature as described in prism.rollout.base.
+One processor call per batch: each prompt's images are processed once. `sample_responses` is a KV-cached
+decode loop that prefills each prompt once and repeats its cache for the n rows (HF `generate` would prefill
+n copies); sampling is pure temperature + top_p (no top_k), with `generate`'s processors. Behaviour log-probs
+are log softmax(logits / temperature) of the raw logits, as described in prism.rollout.base. Re-scoring
+(`log_probs_and_entropy`) also runs each prompt once per group.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.integrations.fsdp import is_fsdp_managed_module
 
 from prism.rollout.base import (
     RolloutBatch,
@@ -86,38 +89,13 @@ class HFRolloutBackend:
         device = self.model.device
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         stop_ids = _stop_ids(self.model, self.tokenizer)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": sampling.max_new_tokens,
-            "min_new_tokens": sampling.min_new_tokens or None,
-            "num_return_sequences": 1 if sampling.greedy else n,  # HF refuses n > 1 for greedy
-            "return_dict_in_generate": True,
-            "use_cache": True,  # trainers switch model.config.use_cache off for their forwards
-            "output_logits": self.behaviour_log_probs,
-            "eos_token_id": stop_ids,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "suppress_tokens": vision_token_ids(self.model),
-        }
-        if sampling.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-        with torch.random.fork_rng(devices=[], enabled=sampling.seed is not None):
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
-            out = self.model.generate(**inputs, **kwargs)
+        rows_per_prompt = 1 if sampling.greedy else n  # greedy rollouts of a prompt are identical
+        response_ids, log_probs = sample_responses(self.model, inputs, rows_per_prompt, sampling, stop_ids,
+                                                   self.tokenizer.pad_token_id, self.behaviour_log_probs)
         inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        prompt_len = inputs["input_ids"].shape[1]
-        response_ids = out.sequences[:, prompt_len:]
-        log_probs = None
-        if self.behaviour_log_probs:  # one step at a time: never a float32 [rows, R, V] copy
-            suppressed = vision_token_ids(self.model)
-            log_probs = torch.stack([
-                token_log_probs(step_logits.unsqueeze(1), response_ids[:, t : t + 1], sampling.logprob_temperature,
-                                suppressed).squeeze(1)
-                for t, step_logits in enumerate(out.logits)
-            ], dim=1).cpu()
         response_ids = response_ids.cpu()
-        if sampling.greedy and n > 1:  # greedy rollouts of a prompt are identical: decode once, repeat rows
+        log_probs = log_probs.cpu() if log_probs is not None else None
+        if rows_per_prompt < n:  # decode once, repeat rows
             response_ids = response_ids.repeat_interleave(n, 0)
             log_probs = log_probs.repeat_interleave(n, 0) if log_probs is not None else None
         response_mask, finish = response_mask_and_finish(response_ids, stop_ids)
@@ -155,32 +133,23 @@ def log_probs_and_entropy(
 
     Scaled by `temperature` (default: the batch's own logprob temperature, so the result is comparable with
     `behaviour_log_probs`). Runs under the caller's grad mode: wrap in `torch.no_grad()` for old/reference
-    log-probs, leave gradients on for the policy loss. The vision tower sees each image once per row."""
+    log-probs, leave gradients on for the policy loss.
+
+    The n rows of a prompt share their prompt, so the prompt (and its images) goes through the model once per
+    prompt and its key/value cache is repeated for the rows (`response_logits_shared_prompt`); gradients flow
+    back through the repeat. Where a cache cannot carry gradients (gradient checkpointing recomputes layers and
+    would append to it twice) or the model sits in a wrapper that must see every forward (FSDP1), every row
+    runs whole (`response_logits_per_row`). Both give the same log-probs up to float rounding."""
     temperature = batch.sampling.logprob_temperature if temperature is None else temperature
     if not temperature > 0:
         raise RolloutError(f"temperature for log-probs must be > 0, got {temperature!r}")
-    device = model.device if hasattr(model, "device") else next(model.parameters()).device
-    input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    response_ids, response_mask = batch.response_ids.to(device), batch.response_mask.to(device)
-    pixel_values, image_grid_thw = expand_vision_inputs(
-        batch.pixel_values, batch.image_grid_thw, batch.images_per_prompt, batch.n
-    )
     core = getattr(model, "module", model)  # the HF model inside a DDP/FSDP wrapper
-    image_token_id = core.config.image_token_id
-    mm_token_type_ids = torch.zeros_like(input_ids)
-    mm_token_type_ids[:, : batch.prompt_ids.shape[1]] = (batch.prompt_ids.to(device) == image_token_id).long()
-    extra = {}
-    if pixel_values is not None:
-        extra = {"pixel_values": pixel_values.to(device), "image_grid_thw": image_grid_thw.to(device)}
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        mm_token_type_ids=mm_token_type_ids,
-        use_cache=False,
-        **extra,
-    )
-    prompt_len, resp_len = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-    logits = out.logits[:, prompt_len - 1 : prompt_len + resp_len - 1]  # logits at t predict token t + 1
+    device = next(core.parameters()).device
+    if shares_prompts(model, batch):
+        logits = response_logits_shared_prompt(model, batch, device)
+    else:
+        logits = response_logits_per_row(model, batch, device)
+    response_ids, response_mask = batch.response_ids.to(device), batch.response_mask.to(device)
     suppressed = vision_token_ids(core)
     log_probs = token_log_probs(logits, response_ids, temperature, suppressed) * response_mask
     entropy = None
@@ -192,3 +161,185 @@ def log_probs_and_entropy(
             logp = F.log_softmax(scaled, dim=-1)
             entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1) * response_mask
     return log_probs, entropy
+
+
+def shares_prompts(model: Any, batch: RolloutBatch) -> bool:
+    """Whether the prompt-once forward applies: several rows per prompt, a cache that may carry gradients,
+    and a model that is bare or in DDP (whose gradient hooks live on the parameters, so a forward of the
+    inner module still synchronises)."""
+    core = getattr(model, "module", model)
+    if batch.n < 2 or batch.response_ids.shape[1] == 0:
+        return False
+    checkpointing = getattr(core, "is_activation_checkpointing", None)  # transformers >= 5.2x
+    if checkpointing is None:
+        checkpointing = getattr(core, "is_gradient_checkpointing", False)
+    if torch.is_grad_enabled() and checkpointing:
+        return False
+    return model is core or isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+def _mm_token_type_ids(core: Any, prompt_ids: torch.Tensor, total_len: int) -> torch.Tensor:
+    """1 at image placeholders (the prompt's), 0 elsewhere: M-RoPE needs it whenever images are passed."""
+    types = torch.zeros(prompt_ids.shape[0], total_len, dtype=torch.long, device=prompt_ids.device)
+    types[:, : prompt_ids.shape[1]] = (prompt_ids == core.config.image_token_id).long()
+    return types
+
+
+def response_logits_per_row(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
+    """Logits [rows, R, V] predicting each response token, one whole forward per row (images once per row)."""
+    core = getattr(model, "module", model)
+    input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    pixel_values, image_grid_thw = expand_vision_inputs(
+        batch.pixel_values, batch.image_grid_thw, batch.images_per_prompt, batch.n
+    )
+    extra = {}
+    if pixel_values is not None:
+        extra = {"pixel_values": pixel_values.to(device), "image_grid_thw": image_grid_thw.to(device)}
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        mm_token_type_ids=_mm_token_type_ids(core, batch.prompt_ids.to(device), input_ids.shape[1]),
+        use_cache=False,
+        **extra,
+    )
+    prompt_len, resp_len = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    return out.logits[:, prompt_len - 1 : prompt_len + resp_len - 1]  # logits at t predict token t + 1
+
+
+def response_logits_shared_prompt(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
+    """Logits [rows, R, V] predicting each response token: one forward of the unique prompts (images once
+    per prompt), its key/value cache repeated n times, then one forward of the rows' responses on it."""
+    core = getattr(model, "module", model)
+    n, first_rows = batch.n, torch.arange(0, batch.num_rows, batch.n)
+    prompt_ids, prompt_mask = batch.prompt_ids[first_rows].to(device), batch.prompt_mask[first_rows].to(device)
+    prompt_len, resp_len = prompt_ids.shape[1], batch.response_ids.shape[1]
+    mm_token_type_ids = _mm_token_type_ids(core, prompt_ids, prompt_len)
+    extra = {}
+    if batch.pixel_values is not None:
+        extra = {"pixel_values": batch.pixel_values.to(device), "image_grid_thw": batch.image_grid_thw.to(device)}
+    prompt_out = core(input_ids=prompt_ids, attention_mask=prompt_mask, mm_token_type_ids=mm_token_type_ids,
+                      use_cache=True, logits_to_keep=1, **extra)
+    first_logits = prompt_out.logits[:, -1:].repeat_interleave(n, dim=0)  # predicts response token 0
+    if resp_len == 1:
+        return first_logits
+    cache = output_cache(prompt_out)
+    cache.batch_repeat_interleave(n)
+    start = response_start_positions(core, prompt_ids, prompt_mask, mm_token_type_ids, batch.image_grid_thw)
+    positions = start.repeat_interleave(n)[:, None] + torch.arange(resp_len - 1, device=device)
+    response_ids = batch.response_ids[:, : resp_len - 1].to(device)
+    attention_mask = torch.cat([batch.prompt_mask, batch.response_mask[:, : resp_len - 1]], dim=1).to(device)
+    response_out = model(input_ids=response_ids, attention_mask=attention_mask,
+                         position_ids=positions[None].expand(3, -1, -1), use_cache=True, **{cache_kwarg(core): cache})
+    return torch.cat([first_logits, response_out.logits], dim=1)
+
+
+def cache_kwarg(core: Any) -> str:
+    """The forward's key/value cache argument: `cache` from transformers 5.2x, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(type(core).forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    return out.get("cache", None) or out.get("past_key_values", None)
+
+
+def response_start_positions(
+    core: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, mm_token_type_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+) -> torch.Tensor:
+    """Per prompt, the position of its first response token in every M-RoPE axis: its prompt's last position
+    + 1, as a whole forward numbers it. Passed explicitly, never read from the model's `rope_deltas`, which
+    an earlier call may have left for another batch."""
+    if image_grid_thw is None:  # text only: a whole forward numbers every column, padding included
+        return torch.full((prompt_ids.shape[0],), prompt_ids.shape[1], device=prompt_ids.device)
+    _, deltas = core.model.get_rope_index(input_ids=prompt_ids, mm_token_type_ids=mm_token_type_ids,
+                                          image_grid_thw=image_grid_thw.to(prompt_ids.device),
+                                          attention_mask=prompt_mask)
+    return prompt_mask.sum(-1) + deltas.reshape(-1).to(prompt_ids.device)
+
+
+@torch.no_grad()
+def sample_responses(
+    model: Any, inputs: dict[str, torch.Tensor], n: int, sampling: SamplingParams, stop_ids: list[int],
+    pad_id: int, with_log_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n sampled responses per prompt, rows prompt-major: [rows, R] ids (pad after the stop token) and, if
+    asked, their behaviour log-probs [rows, R] (0 after the stop token is masked later).
+
+    What `generate(num_return_sequences=n)` does, minus its per-step machinery: the prompts (and images) are
+    prefilled once, not n times, and their key/value cache is repeated for the n rows; tokens are drawn with
+    one uniform per row (`draw_tokens`). Processors, in `generate`'s order: vision placeholders
+    suppressed, stop tokens masked before `min_new_tokens`, temperature, then top-p (HF's nucleus: the
+    smallest set of tokens whose probability reaches top_p, at least one)."""
+    device = inputs["input_ids"].device
+    prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
+    vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if inputs.get(k) is not None}
+    mm_token_type_ids = _mm_token_type_ids(model, prompt_ids, prompt_ids.shape[1])
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, mm_token_type_ids=mm_token_type_ids,
+                use_cache=True, logits_to_keep=1, **vision)
+    cache = output_cache(out)
+    cache.batch_repeat_interleave(n)
+    logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+    start = response_start_positions(model, prompt_ids, prompt_mask, mm_token_type_ids,
+                                     inputs.get("image_grid_thw")).repeat_interleave(n)
+    rows, max_new = logits.shape[0], sampling.max_new_tokens
+    attention_mask = torch.ones(rows, prompt_ids.shape[1] + max_new, dtype=prompt_mask.dtype, device=device)
+    attention_mask[:, : prompt_ids.shape[1]] = prompt_mask.repeat_interleave(n, dim=0)
+    suppressed = torch.tensor(vision_token_ids(model), dtype=torch.long, device=device)
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    tokens = torch.full((rows, max_new), pad_id, dtype=torch.long, device=device)
+    log_probs = torch.zeros(rows, max_new, device=device) if with_log_probs else None
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    cache_arg, steps = cache_kwarg(model), 0
+    # Under FSDP every process must join every forward: go on until all processes are done (as `generate`'s
+    # synced_gpus does).
+    synced = (torch.distributed.is_available() and torch.distributed.is_initialized()
+              and torch.distributed.get_world_size() > 1 and is_fsdp_managed_module(model))
+    for t in range(max_new):
+        scores = logits.float().index_fill(-1, suppressed, float("-inf"))
+        if t < sampling.min_new_tokens:
+            scores = scores.index_fill(-1, stops, float("-inf"))
+        if sampling.greedy:
+            next_tokens = scores.argmax(-1)
+        else:
+            scores = scores / sampling.temperature
+            if sampling.top_p < 1.0:
+                scores = top_p_filter(scores, sampling.top_p)
+            next_tokens = draw_tokens(scores, generator)
+        next_tokens = next_tokens.masked_fill(finished, pad_id)
+        if log_probs is not None:  # the documented behaviour distribution: no min-length mask, no top-p
+            log_probs[:, t] = token_log_probs(logits, next_tokens, sampling.logprob_temperature,
+                                              suppressed.tolist())
+        tokens[:, t] = next_tokens
+        steps = t + 1
+        finished |= torch.isin(next_tokens, stops)
+        done = finished.all().float()
+        if synced:
+            torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
+        if bool(done) or steps == max_new:
+            break
+        positions = (start + t)[None, :, None].expand(3, -1, -1)
+        out = model(input_ids=next_tokens[:, None], attention_mask=attention_mask[:, : prompt_ids.shape[1] + t + 1],
+                    position_ids=positions, use_cache=True, **{cache_arg: cache})
+        logits = out.logits[:, -1]
+    return tokens[:, :steps], (log_probs[:, :steps] if log_probs is not None else None)
+
+
+def draw_tokens(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from softmax(scores), by inverting the cumulative distribution: one uniform per row
+    (`multinomial` and an exponential race draw one per vocabulary entry, the slowest part of a tiny model's
+    decode step). A token of probability 0 is never drawn: the first index whose CDF exceeds u is taken."""
+    cdf = torch.softmax(scores.float(), dim=-1).cumsum(-1)
+    u = torch.rand(scores.shape[0], 1, device=scores.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(scores.shape[-1] - 1)
+
+
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of highest-probability tokens whose probability reaches top_p (always >= 1)."""
+    sorted_scores, order = torch.sort(scores, descending=False)
+    cumulative = sorted_scores.softmax(-1).cumsum(-1)
+    drop_sorted = cumulative <= (1 - top_p)
+    drop_sorted[..., -1] = False
+    return scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))

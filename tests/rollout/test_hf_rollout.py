@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from prism.rollout import (
     response_mask_and_finish,
     sequence_log_probs,
 )
+from prism.rollout.hf import vision_token_ids
 
 
 def _corpus(n=300, seed=0):
@@ -103,7 +105,10 @@ def test_response_mask_stops_after_first_eos():
 
 
 def test_masks_finish_reasons_and_texts_with_eos(eos_backend, processor):
-    batch = eos_backend.generate(_prompts(), n=4, sampling=SamplingParams(max_new_tokens=8, seed=0))
+    for seed in range(20):  # the first seed whose rollouts both stop and run out of tokens
+        batch = eos_backend.generate(_prompts(), n=4, sampling=SamplingParams(max_new_tokens=8, seed=seed))
+        if set(batch.finish_reasons) == {"stop", "length"}:
+            break
     assert set(batch.finish_reasons) == {"stop", "length"}, batch.finish_reasons
     stop_ids = set(eos_backend.model.generation_config.eos_token_id)
     for row, reason in enumerate(batch.finish_reasons):
@@ -205,3 +210,117 @@ def test_prompt_without_images_mixes_with_image_prompts(backend):
     with torch.no_grad():
         recomputed = sequence_log_probs(backend.model, batch)
     torch.testing.assert_close(recomputed, batch.behaviour_log_probs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("with_images", [True, False])
+def test_prompt_once_forward_equals_per_row_forward_with_gradients(processor, with_images):
+    """The shared-prompt forward (prompt and images once per prompt, cache repeated for its rows) gives the
+    per-row forward's log-probs and the same parameter gradients, with and without images, over prompts of
+    different lengths (left padding) and responses that stop early (right padding)."""
+    from prism.rollout.hf import response_logits_per_row, response_logits_shared_prompt, shares_prompts
+
+    model = build_model("embedded-s", processor.tokenizer, seed=0)
+    bias = torch.zeros(model.config.text_config.vocab_size)
+    bias[EOS_TOKEN_ID] = 3.0  # some rollouts stop early
+    model.lm_head.register_forward_hook(lambda module, args, output: output + bias)
+    hf = HFRolloutBackend(model, processor, behaviour_log_probs=False)
+    prompts = _prompts() if with_images else [RolloutPrompt(question="Count them all, please.", images=[]),
+                                              RolloutPrompt(question="Hi", images=[])]
+    batch = hf.generate(prompts, n=3, sampling=SamplingParams(max_new_tokens=7, temperature=1.0, seed=5))
+    assert batch.prompt_mask.min() == 0 and batch.response_mask.min() == 0  # both paddings are exercised
+    assert shares_prompts(model, batch)
+
+    def loss_and_grads(logits_fn):
+        model.zero_grad(set_to_none=True)
+        logits = logits_fn(model, batch, torch.device("cpu"))
+        picked = torch.gather(torch.log_softmax(logits, -1), -1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+        loss = (picked * batch.response_mask).sum()
+        loss.backward()
+        return picked * batch.response_mask, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    shared, shared_grads = loss_and_grads(response_logits_shared_prompt)
+    per_row, per_row_grads = loss_and_grads(response_logits_per_row)
+    torch.testing.assert_close(shared, per_row, atol=1e-5, rtol=0)
+    assert shared_grads.keys() == per_row_grads.keys()
+    if with_images:
+        assert any(name.startswith("model.visual") for name in shared_grads)
+    for name in per_row_grads:
+        torch.testing.assert_close(shared_grads[name], per_row_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_prompt_once_forward_is_off_where_it_cannot_apply(backend):
+    from prism.rollout.hf import shares_prompts
+
+    batch = backend.generate(_prompts(), n=2, sampling=SamplingParams(max_new_tokens=3, seed=0))
+    single = backend.generate(_prompts(), n=1, sampling=SamplingParams(max_new_tokens=3, seed=0))
+    assert shares_prompts(backend.model, batch) and not shares_prompts(backend.model, single)
+    backend.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        assert not shares_prompts(backend.model, batch)  # a checkpointed layer would append to the cache twice
+        with torch.no_grad():
+            assert shares_prompts(backend.model, batch)  # no recomputation without a backward
+    finally:
+        backend.model.gradient_checkpointing_disable()
+
+
+def test_draw_tokens_samples_the_softmax():
+    from prism.rollout.hf import draw_tokens
+
+    probs = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    scores = probs.log().expand(40_000, -1)  # log 0 = -inf: never drawn
+    counts = torch.bincount(draw_tokens(scores, torch.Generator().manual_seed(0)), minlength=4).float() / 40_000
+    torch.testing.assert_close(counts, probs, atol=0.01, rtol=0)  # 4 standard errors at most
+    again = draw_tokens(scores[:50], torch.Generator().manual_seed(0))
+    assert torch.equal(again, draw_tokens(scores[:50], torch.Generator().manual_seed(0)))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    from prism.rollout.hf import top_p_filter
+
+    scores = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    # sorted ascending: 0.05, 0.15, 0.3, 0.5 -> cumulative 0.05, 0.2, 0.5, 1.0; drop cumulative <= 1 - p
+    kept = lambda p: torch.isfinite(top_p_filter(scores, p)).squeeze(0).tolist()  # noqa: E731
+    assert kept(0.8) == [True, True, False, False]
+    assert kept(0.81) == [True, True, True, False]
+    assert kept(0.3) == [True, False, False, False]
+    assert kept(1e-6) == [True, False, False, False]  # at least one token survives
+
+
+def test_greedy_rollouts_equal_transformers_generate(backend, processor):
+    inputs, _ = backend.encode(_prompts())
+    expected = backend.model.generate(**inputs, max_new_tokens=6, do_sample=False, temperature=None, top_p=None,
+                                      top_k=None, suppress_tokens=vision_token_ids(backend.model),
+                                      pad_token_id=processor.tokenizer.pad_token_id)
+    batch = backend.generate(_prompts(), n=1, sampling=SamplingParams(max_new_tokens=6, temperature=0.0))
+    assert torch.equal(batch.response_ids, expected[:, inputs["input_ids"].shape[1]:])
+
+
+def test_min_new_tokens_holds_back_the_stop_token(eos_backend):
+    early = eos_backend.generate(_prompts(), n=4, sampling=SamplingParams(max_new_tokens=8, seed=0))
+    assert min(int(m.sum()) for m in early.response_mask) < 5  # the eos bias stops some rollouts early
+    held = eos_backend.generate(_prompts(), n=4, sampling=SamplingParams(max_new_tokens=8, min_new_tokens=5, seed=0))
+    assert min(int(m.sum()) for m in held.response_mask) >= 6  # 5 tokens, then the stop token at the earliest
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")
+def test_prompt_once_forward_synchronises_gradients_under_ddp(tmp_path):
+    """2 processes under torchrun: the gradient through DDP equals the mean of the processes' own gradients,
+    although the prompt forward bypasses the wrapper (DDP's hooks sit on the parameters)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("ddp_log_probs_worker.py")
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), str(worker), str(tmp_path / "out.json")],
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["same_keys"] and out["scale"] > 0
+    assert out["worst"] <= 1e-5 * max(1.0, out["scale"])

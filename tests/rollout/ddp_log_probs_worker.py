@@ -1,0 +1,54 @@
+"""Run under torchrun (2 processes, gloo): each process rolls out its own batch, then compares the gradient
+of its policy-gradient-like loss taken through DDP (the prompt-once forward runs the inner module, the
+response forward the wrapper) with the average of both processes' gradients taken without DDP."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from prism.models import PRESETS, build_model, build_processor, build_tokenizer
+from prism.rollout import HFRolloutBackend, RolloutPrompt, SamplingParams, sequence_log_probs
+from prism.rollout.hf import shares_prompts
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    corpus = [f"There are {i % 5 + 1} red circles." for i in range(200)]
+    size = PRESETS["embedded-s"].image_size
+    processor = build_processor(build_tokenizer(corpus), image_size=size)
+    model = build_model("embedded-s", processor.tokenizer, seed=0)
+    image = torch.Generator().manual_seed(rank)
+    pixels = (torch.rand(size, size, 3, generator=image) * 255).to(torch.uint8).numpy()
+    from PIL import Image
+
+    prompt = RolloutPrompt(question="How many circles?" + " Count." * rank, images=[Image.fromarray(pixels)])
+    batch = HFRolloutBackend(model, processor).generate([prompt], n=3, sampling=SamplingParams(max_new_tokens=5, seed=rank))
+
+    def grads(module) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        sequence_log_probs(module, batch).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    local = grads(model)
+    for g in local.values():  # what DDP should produce: the mean over processes
+        dist.all_reduce(g)
+        g /= world
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    assert shares_prompts(ddp, batch)
+    synced = grads(ddp)
+    worst = max((synced[n] - local[n]).abs().max().item() for n in local)
+    scale = max(g.abs().max().item() for g in local.values())
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"worst": worst, "scale": scale, "same_keys": sorted(synced) == sorted(local)}, f)
+    del ddp  # a live DDP reducer at teardown hangs gloo's shutdown
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
