@@ -9,7 +9,12 @@ import torch
 import torch.distributed as dist
 
 from prism.models import PRESETS, build_model, build_processor, build_tokenizer
-from prism.rollout import HFRolloutBackend, RolloutPrompt, SamplingParams, sequence_log_probs
+from prism.rollout import (
+    HFRolloutBackend,
+    RolloutPrompt,
+    SamplingParams,
+    sequence_log_probs,
+)
 from prism.rollout.hf import shares_prompts
 
 
