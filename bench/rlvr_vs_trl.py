@@ -1,4 +1,5 @@
-"""Benchmark: one RLVR (GRPO) step of ours vs TRL's GRPOTrainer on the same tiny Qwen3-VL, plus our SFT throughput.
+"""Benchmark: one RLVR (GRPO) step of ours vs TRL's GRPOTrainer on the same tiny Qwen3-VL, plus our SFT throughput
+(padded and packed batches).
 
 Per preset, both peers start from the same saved random-init model (outputs/bench/rlvr-models/<preset>) and do
 the same work per optimizer step: 4 prompts x 16 rollouts x exactly 128 new tokens (min_new_tokens=128), beta 0,
@@ -73,7 +74,7 @@ def ours_rlvr(args) -> dict:
     return {**{k: median_after_warmup(rows, k) for k in keys}, "peak_rss_mb": peak_rss_mb()}
 
 
-def ours_sft(args) -> dict:
+def ours_sft(args, packing: bool = False) -> dict:
     from prism.config import SFTConfig, load_config
     from prism.stages.sft import run
 
@@ -83,7 +84,7 @@ def ours_sft(args) -> dict:
             f"model.preset={args.preset}", f"model.path={args.model_dir}", "model.dtype=float32",
             f"data_files=[{args.world}/sft.json]", "max_length=512", "per_device_batch_size=32",
             "gradient_accumulation_steps=1", f"max_steps={SFT_STEPS}", f"output_dir={tmp / 'run'}",
-            "save_every_steps=0", "log_every_steps=1", "optim.lr=1e-4"])
+            "save_every_steps=0", "log_every_steps=1", "optim.lr=1e-4", f"packing={str(packing).lower()}"])
         run(cfg)
         rows = read_metrics(tmp / "run")
     finally:
@@ -185,7 +186,8 @@ def trl_rlvr(args) -> dict:
             "max_param_change": changed}
 
 
-WORKERS = {"ours-rlvr": ours_rlvr, "ours-sft": ours_sft, "trl-rlvr": trl_rlvr}
+WORKERS = {"ours-rlvr": ours_rlvr, "ours-sft": ours_sft, "ours-sft-packed": lambda args: ours_sft(args, packing=True),
+           "trl-rlvr": trl_rlvr}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +264,8 @@ def main() -> None:
         model_dir, parameters = ensure_model(preset, world)
         print(f"{preset}: {parameters:,} parameters, model {model_dir}", flush=True)
         ours = {"rlvr": run_worker("ours-rlvr", preset, model_dir, world, args.steps),
-                "sft": run_worker("ours-sft", preset, model_dir, world, args.steps)}
+                "sft": run_worker("ours-sft", preset, model_dir, world, args.steps),
+                "sft_packed": run_worker("ours-sft-packed", preset, model_dir, world, args.steps)}
         theirs = {"rlvr": run_worker("trl-rlvr", preset, model_dir, world, args.steps)}
         ratio = None
         if ours["rlvr"]["seconds_step"] and theirs["rlvr"]["seconds_step"]:

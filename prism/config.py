@@ -920,7 +920,7 @@ class BaseConfig(StageConfig):
         metadata={"help": "Untagged caption/QA files (sharegpt JSON); the pipeline fills these from the world export."},
     )
     max_length: int = field(default=1024, metadata={"help": "Maximum sequence length (tokens, prompt + response)."})
-    packing: bool = field(default=False, metadata={"help": "Pack several samples into one sequence of max_length tokens."})
+    packing: bool = field(default=False, metadata={"help": "Pack each micro-batch's samples into rows of max_length tokens (attention stays within a sample)."})
 
     # --- batching and schedule ---
     per_device_batch_size: int = field(default=16, metadata={"help": "Sequences per device per micro-step."})
@@ -961,7 +961,7 @@ class SFTConfig(StageConfig):
         metadata={"help": "Train on the first N records of data_files only (the SFT data scale ablation); null = all."},
     )
     max_length: int = field(default=8192, metadata={"help": "Maximum sequence length (tokens, prompt + response)."})
-    packing: bool = field(default=False, metadata={"help": "Pack several samples into one sequence of max_length tokens."})
+    packing: bool = field(default=False, metadata={"help": "Pack each micro-batch's samples into rows of max_length tokens (attention stays within a sample)."})
 
     # --- batching and schedule ---
     per_device_batch_size: int = field(default=4, metadata={"help": "Sequences per device per micro-step (not published)."})

@@ -6,7 +6,8 @@ Loss on assistant tokens only (each assistant turn through its `<|im_end|>`), su
 the whole optimizer step and divided by their count, so gradient accumulation and data parallelism give
 the gradient of one large batch. Each image is processed once; its `<|image_pad|>` is expanded here to
 the number of merged patches, so the processor's text pass is not needed. Data order is a pure function
-of (seed, step): a resumed run sees exactly the batches an uninterrupted one would.
+of (seed, step): a resumed run sees exactly the batches an uninterrupted one would. With `packing: true`
+each micro-batch's samples share rows of max_length tokens instead of being padded to the longest.
 """
 
 from __future__ import annotations
@@ -144,6 +145,61 @@ def collate(encoded: list[Encoded], pad_id: int, image_token_id: int) -> dict[st
     return batch
 
 
+def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
+    """First-fit decreasing: sample indices per row, each row holding at most max_length tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if row is None:
+            rows.append([])
+            room.append(max_length)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def collate_packed(encoded: list[Encoded], pad_id: int, image_token_id: int, max_length: int,
+                   rope_index) -> dict[str, torch.Tensor]:
+    """The same samples as `collate`, packed into as few rows of at most max_length tokens as fit.
+
+    No attention mask: each sample's positions restart at 0, which transformers reads as packed sequences
+    (a block-diagonal causal mask; flash-attention's variable-length kernels on GPU), so no token sees
+    another sample. Positions are [4, rows, L]: the text position, then the sample's own M-RoPE positions
+    (`rope_index(ids, mm_token_type_ids, image_grid_thw)` per sample). Vision inputs follow the packed order."""
+    rows = pack_rows([len(e.input_ids) for e in encoded], max_length)
+    width = max(sum(len(encoded[i].input_ids) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((4, len(rows), width), dtype=torch.long)
+    pixels, grids = [], []
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            e = encoded[i]
+            ids = torch.tensor(e.input_ids)
+            end = at + len(ids)
+            input_ids[r, at:end] = ids
+            labels[r, at:end] = torch.tensor(e.labels)
+            labels[r, at] = IGNORE  # never predicted from the previous sample's last token
+            positions[0, r, at:end] = torch.arange(len(ids))
+            if e.image_grid_thw is not None:
+                positions[1:, r, at:end] = rope_index(ids[None], (ids[None] == image_token_id).long(),
+                                                      e.image_grid_thw)[:, 0]
+                pixels.append(e.pixel_values)
+                grids.append(e.image_grid_thw)
+            else:
+                positions[1:, r, at:end] = torch.arange(len(ids))
+            at = end
+        positions[:, r, at:] = torch.arange(width - at)  # the padding tail is a segment of its own
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels)
+        batch["image_grid_thw"] = torch.cat(grids)
+    return batch
+
+
 def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropies over labelled positions (float32, logits only where labelled)."""
     labels = batch["labels"]
@@ -190,8 +246,6 @@ def step_records(step: int, steps_per_epoch: int, global_batch: int, num_records
 
 def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
     """Train to the end (resuming from the newest checkpoint) and return the stage directory."""
-    if cfg.packing:
-        raise NotImplementedError("packing: true is not implemented; batches are right-padded per micro-batch")
     accelerator = make_accelerator()
     run_dir, finished = start_stage(stage, cfg, accelerator)
     if finished:
@@ -217,6 +271,16 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
     start = restored["step"] if restored else 0
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    policy = accelerator.unwrap_model(model)
+
+    def rope_index(ids, mm_token_type_ids, image_grid_thw):
+        return policy.model.get_rope_index(input_ids=ids, mm_token_type_ids=mm_token_type_ids,
+                                           image_grid_thw=image_grid_thw)[0]
+
+    def batch_of(samples: list[Encoded]) -> dict[str, torch.Tensor]:
+        if cfg.packing:
+            return collate_packed(samples, tokenizer.pad_token_id, image_token_id, cfg.max_length, rope_index)
+        return collate(samples, tokenizer.pad_token_id, image_token_id)
 
     logger = MetricsLogger(run_dir, cfg.tracking, project="prism", resume_step=start, config=None) \
         if accelerator.is_main_process else None
@@ -225,12 +289,12 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
     started, tokens_seen = time.perf_counter(), 0
     for step in range(start, total_steps):
         step_started = time.perf_counter()
-        micro_batches = [
-            collate([encode_conversation(processor, records[i], cfg.max_length, where=f"record [{i}]") for i in idx],
-                    tokenizer.pad_token_id, image_token_id)
+        micro_samples = [
+            [encode_conversation(processor, records[i], cfg.max_length, where=f"record [{i}]") for i in idx]
             for idx in step_records(step, steps_per_epoch, global_batch, len(records), cfg.seed, rank, world,
                                     cfg.per_device_batch_size, cfg.gradient_accumulation_steps)
         ]
+        micro_batches = [batch_of(samples) for samples in micro_samples]
         local_tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)))
         total_tokens = accelerator.reduce(local_tokens, reduction="sum") if world > 1 else local_tokens
         loss_sum = torch.zeros((), device=accelerator.device)
@@ -251,7 +315,7 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
-        step_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches) * world
+        step_tokens = sum(len(e.input_ids) for samples in micro_samples for e in samples) * world
         tokens_seen += step_tokens
         if accelerator.is_main_process:
             seconds = time.perf_counter() - step_started
