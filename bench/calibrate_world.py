@@ -35,7 +35,6 @@ from prism.format import SYSTEM_PROMPT, extract_answer, is_format_valid, split_s
 from prism.models import build_model, build_processor, build_tokenizer, count_parameters
 from prism.rewards import answers_match
 
-
 # What the calibration runs used; a larger model needs a smaller lr here (docs/ENVIRONMENT.md).
 CALIBRATED_LR = {"embedded-s": 2e-3, "embedded-m": 1.2e-3}
 

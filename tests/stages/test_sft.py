@@ -1,7 +1,6 @@
 """The SFT recipe (and `base`, the same recipe): labels, batches, data order, a short run, its outputs."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -70,7 +69,7 @@ def test_data_order_covers_each_epoch_once_and_splits_over_processes():
     one = step_records(0, 2, 8, 16, seed=5, rank=0, world=1, per_device=4, accumulation=2)
     rank0 = step_records(0, 2, 8, 16, seed=5, rank=0, world=2, per_device=2, accumulation=2)
     rank1 = step_records(0, 2, 8, 16, seed=5, rank=1, world=2, per_device=2, accumulation=2)
-    flat = lambda micro: sorted(i for m in micro for i in m)  # noqa: E731
+    flat = lambda micro: sorted(i for m in micro for i in m)
     assert flat(one) == sorted(flat(rank0) + flat(rank1))
     second = step_records(1, 2, 8, 16, seed=5, rank=0, world=1, per_device=4, accumulation=2)
     assert sorted(flat(one) + flat(second)) == list(range(16))  # the epoch, each record once
@@ -117,7 +116,7 @@ def test_gradient_accumulation_equals_one_large_batch(world, policy_dir, tmp_pat
     a = run(sft_config(world, policy_dir, tmp_path / "a", "max_steps=2"))
     b = run(sft_config(world, policy_dir, tmp_path / "b", "max_steps=2", "per_device_batch_size=8",
                        "gradient_accumulation_steps=1"))
-    read = lambda d, key: [json.loads(l)[key] for l in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731,E741
+    read = lambda d, key: [json.loads(l)[key] for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert read(a, "loss") == pytest.approx(read(b, "loss"), rel=1e-6)
     assert read(a, "grad_norm") == pytest.approx(read(b, "grad_norm"), rel=1e-6)
     # Adam divides by sqrt(v): float-rounding differences of near-zero gradients grow to ~lr * 1e-2
@@ -172,7 +171,7 @@ def test_packed_batch_gives_the_padded_batch_loss_and_gradients(world, processor
 def test_packed_run_trains_like_the_padded_run(world, policy_dir, tmp_path):
     a = run(sft_config(world, policy_dir, tmp_path / "a", "max_steps=2"))
     b = run(sft_config(world, policy_dir, tmp_path / "b", "max_steps=2", "packing=true"))
-    read = lambda d, key: [json.loads(l)[key] for l in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731,E741
+    read = lambda d, key: [json.loads(l)[key] for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert read(b, "loss") == pytest.approx(read(a, "loss"), rel=1e-5)
     assert read(b, "tokens") == read(a, "tokens")  # real tokens, not padding
     ta, tb = model_tensors(a / "model"), model_tensors(b / "model")
