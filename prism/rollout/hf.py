@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 from transformers.integrations.fsdp import is_fsdp_managed_module
 
 from prism.rollout.base import (
@@ -233,6 +234,41 @@ def response_logits_shared_prompt(model: Any, batch: RolloutBatch, device: torch
     return torch.cat([first_logits, response_out.logits], dim=1)
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values sit in a buffer sized for the whole decode: a step writes its
+    token in place instead of copying the whole cache (`torch.cat`), a tenth of a tiny model's decode time."""
+
+    @classmethod
+    def taking_over(cls, layer: DynamicLayer, extra_tokens: int) -> PreallocatedLayer:
+        new = cls()
+        new.__dict__.update(layer.__dict__)
+        rows, heads, length, dim = layer.keys.shape
+        new.key_buffer = layer.keys.new_empty(rows, heads, length + extra_tokens, dim)
+        new.value_buffer = layer.values.new_empty(rows, heads, length + extra_tokens, layer.values.shape[-1])
+        new.key_buffer[:, :, :length] = layer.keys
+        new.value_buffer[:, :, :length] = layer.values
+        new.length = length
+        return new
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+
+def reserve_cache(cache: Any, extra_tokens: int) -> None:
+    """Give each plain DynamicLayer of `cache` room for `extra_tokens` more (other caches are left alone)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
+            layers[i] = PreallocatedLayer.taking_over(layer, extra_tokens)
+
+
 def cache_kwarg(core: Any) -> str:
     """The forward's key/value cache argument: `cache` from transformers 5.2x, `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(type(core).forward).parameters else "past_key_values"
@@ -278,6 +314,7 @@ def sample_responses(
                 use_cache=True, logits_to_keep=1, **vision)
     cache = output_cache(out)
     cache.batch_repeat_interleave(n)
+    reserve_cache(cache, sampling.max_new_tokens)
     logits = out.logits[:, -1].repeat_interleave(n, dim=0)
     start = response_start_positions(model, prompt_ids, prompt_mask, mm_token_type_ids,
                                      inputs.get("image_grid_thw")).repeat_interleave(n)
