@@ -27,7 +27,8 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from prism.algorithms import aggregate_loss, ppo_clip
 from prism.data.formats import atomic_write_text
-from prism.rollout.hf import token_log_probs
+from prism.rollout import SamplingParams
+from prism.rollout.hf import sample_responses, token_log_probs
 
 # Released Qwen3-VL-{4B,8B}-Instruct architecture (config.json); vocabulary 151936, mRoPE [24, 20, 20].
 ARCHITECTURES = {
@@ -124,10 +125,11 @@ def main() -> None:
         model.eval()
         inputs = fake_inputs(args.prompts, args.prompt_len, args.image_px, generator)
 
-        def generate():  # as HFRolloutBackend(behaviour_log_probs=False), which the RLVR recipe uses
-            return model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                  num_return_sequences=args.n, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                                  pad_token_id=0, eos_token_id=None)
+        sampling = SamplingParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, seed=0)
+
+        def generate():  # the HF backend's decode loop, as the RLVR recipe runs it (no behaviour log-probs)
+            # min_new_tokens = max_new_tokens: the stop token is masked throughout, every row runs to the end
+            return sample_responses(model, inputs, args.n, sampling, stop_ids=[0], pad_id=0, with_log_probs=False)
 
         try:
             times, _ = timed(generate, 2)
