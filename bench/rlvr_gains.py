@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-FAMILIES = ("counting", "presence", "chart", "geometry", "composite", "multichoice")
+from prism.data.world import FAMILIES
+
 PRESETS = {"s": "embedded-s", "m": "embedded-m"}
 
 

@@ -45,14 +45,19 @@ def vision_token_ids(model: Any) -> list[int]:
     return [getattr(model.config, name) for name in names if getattr(model.config, name, None) is not None]
 
 
+def scaled_log_softmax(logits: torch.Tensor, temperature: float, suppressed: list[int] = ()) -> torch.Tensor:
+    """log softmax(logits / temperature) over the vocabulary, with `suppressed` ids at -inf; float32."""
+    scaled = logits.float() / temperature
+    if suppressed:
+        scaled = scaled.index_fill(-1, torch.tensor(list(suppressed), device=scaled.device), float("-inf"))
+    return F.log_softmax(scaled, dim=-1)
+
+
 def token_log_probs(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float, suppressed: list[int] = ()
 ) -> torch.Tensor:
     """log softmax(logits / temperature) at `tokens`, with `suppressed` ids at -inf; float32."""
-    scaled = logits.float() / temperature
-    if suppressed:
-        scaled = scaled.index_fill(-1, torch.tensor(list(suppressed), device=scaled.device), float("-inf"))
-    return torch.gather(F.log_softmax(scaled, dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return torch.gather(scaled_log_softmax(logits, temperature, suppressed), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 class HFRolloutBackend:
@@ -151,15 +156,12 @@ def log_probs_and_entropy(
     else:
         logits = response_logits_per_row(model, batch, device)
     response_ids, response_mask = batch.response_ids.to(device), batch.response_mask.to(device)
-    suppressed = vision_token_ids(core)
-    log_probs = token_log_probs(logits, response_ids, temperature, suppressed) * response_mask
+    logp = scaled_log_softmax(logits, temperature, vision_token_ids(core))  # once, for both results
+    log_probs = torch.gather(logp, -1, response_ids.unsqueeze(-1)).squeeze(-1) * response_mask
     entropy = None
     if with_entropy:  # a metric, never a loss term here: no graph
         with torch.no_grad():
-            scaled = logits.float() / temperature
-            if suppressed:
-                scaled = scaled.index_fill(-1, torch.tensor(suppressed, device=scaled.device), float("-inf"))
-            logp = F.log_softmax(scaled, dim=-1)
+            logp = logp.detach()
             entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1) * response_mask
     return log_probs, entropy
 
@@ -211,22 +213,17 @@ def response_logits_shared_prompt(model: Any, batch: RolloutBatch, device: torch
     """Logits [rows, R, V] predicting each response token: one forward of the unique prompts (images once
     per prompt), its key/value cache repeated n times, then one forward of the rows' responses on it."""
     core = getattr(model, "module", model)
-    n, first_rows = batch.n, torch.arange(0, batch.num_rows, batch.n)
-    prompt_ids, prompt_mask = batch.prompt_ids[first_rows].to(device), batch.prompt_mask[first_rows].to(device)
-    prompt_len, resp_len = prompt_ids.shape[1], batch.response_ids.shape[1]
-    mm_token_type_ids = _mm_token_type_ids(core, prompt_ids, prompt_len)
-    extra = {}
+    first_rows = torch.arange(0, batch.num_rows, batch.n)
+    vision = {}
     if batch.pixel_values is not None:
-        extra = {"pixel_values": batch.pixel_values.to(device), "image_grid_thw": batch.image_grid_thw.to(device)}
-    prompt_out = core(input_ids=prompt_ids, attention_mask=prompt_mask, mm_token_type_ids=mm_token_type_ids,
-                      use_cache=True, logits_to_keep=1, **extra)
-    first_logits = prompt_out.logits[:, -1:].repeat_interleave(n, dim=0)  # predicts response token 0
+        vision = {"pixel_values": batch.pixel_values.to(device), "image_grid_thw": batch.image_grid_thw.to(device)}
+    first_logits, cache, start = prefill_prompts(core, batch.prompt_ids[first_rows].to(device),
+                                                 batch.prompt_mask[first_rows].to(device), vision, batch.n)
+    first_logits = first_logits[:, None]  # predicts response token 0
+    resp_len = batch.response_ids.shape[1]
     if resp_len == 1:
         return first_logits
-    cache = output_cache(prompt_out)
-    cache.batch_repeat_interleave(n)
-    start = response_start_positions(core, prompt_ids, prompt_mask, mm_token_type_ids, batch.image_grid_thw)
-    positions = start.repeat_interleave(n)[:, None] + torch.arange(resp_len - 1, device=device)
+    positions = start[:, None] + torch.arange(resp_len - 1, device=device)
     response_ids = batch.response_ids[:, : resp_len - 1].to(device)
     attention_mask = torch.cat([batch.prompt_mask, batch.response_mask[:, : resp_len - 1]], dim=1).to(device)
     response_out = model(input_ids=response_ids, attention_mask=attention_mask,
@@ -278,6 +275,20 @@ def output_cache(out: Any) -> Any:
     return out.get("cache", None) or out.get("past_key_values", None)
 
 
+def prefill_prompts(
+    core: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vision: dict[str, torch.Tensor], n: int,
+) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """One forward of the unique prompts (and their images), its cache repeated for n rows each: the logits
+    [rows, V] predicting each row's first response token, the cache, and each row's first response position."""
+    mm_token_type_ids = _mm_token_type_ids(core, prompt_ids, prompt_ids.shape[1])
+    out = core(input_ids=prompt_ids, attention_mask=prompt_mask, mm_token_type_ids=mm_token_type_ids,
+               use_cache=True, logits_to_keep=1, **vision)
+    cache = output_cache(out)
+    cache.batch_repeat_interleave(n)
+    start = response_start_positions(core, prompt_ids, prompt_mask, mm_token_type_ids, vision.get("image_grid_thw"))
+    return out.logits[:, -1].repeat_interleave(n, dim=0), cache, start.repeat_interleave(n)
+
+
 def response_start_positions(
     core: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, mm_token_type_ids: torch.Tensor,
     image_grid_thw: torch.Tensor | None,
@@ -309,15 +320,8 @@ def sample_responses(
     device = inputs["input_ids"].device
     prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
     vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if inputs.get(k) is not None}
-    mm_token_type_ids = _mm_token_type_ids(model, prompt_ids, prompt_ids.shape[1])
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, mm_token_type_ids=mm_token_type_ids,
-                use_cache=True, logits_to_keep=1, **vision)
-    cache = output_cache(out)
-    cache.batch_repeat_interleave(n)
+    logits, cache, start = prefill_prompts(model, prompt_ids, prompt_mask, vision, n)
     reserve_cache(cache, sampling.max_new_tokens)
-    logits = out.logits[:, -1].repeat_interleave(n, dim=0)
-    start = response_start_positions(model, prompt_ids, prompt_mask, mm_token_type_ids,
-                                     inputs.get("image_grid_thw")).repeat_interleave(n)
     rows, max_new = logits.shape[0], sampling.max_new_tokens
     attention_mask = torch.ones(rows, prompt_ids.shape[1] + max_new, dtype=prompt_mask.dtype, device=device)
     attention_mask[:, : prompt_ids.shape[1]] = prompt_mask.repeat_interleave(n, dim=0)
