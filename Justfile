@@ -19,8 +19,10 @@ setup:
     echo "$want" > "$stamp"
     echo "installed into .venv in $(( $(date +%s) - start )) s ($(du -sh .venv | cut -f1))"
 
-# Run the test suite (CPU, no network). Extra arguments go to pytest.
+# Check the import layers (pyproject.toml's import-linter contracts), then run the test suite (CPU, no network).
+# Extra arguments go to pytest.
 test *args: setup
+    .venv/bin/lint-imports --no-cache
     .venv/bin/python -m pytest {{args}}
 
 # Rebuild a paper table (table1 or ablations) on the embedded default.

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
+from prism.atomic_io import atomic_write_text
 from prism.config import load_config
 from prism.data.export import corpus_texts
-from prism.data.formats import atomic_write_text
 from prism.data.world import WorldConfig, iter_split, make_sample
-from prism.format import SYSTEM_PROMPT, extract_answer, is_format_valid, split_segments
 from prism.models import build_model, build_processor, build_tokenizer, count_parameters
+from prism.response_format import SYSTEM_PROMPT, extract_answer, is_format_valid, split_segments
 from prism.rewards import answers_match
 
 # What the calibration runs used; a larger model needs a smaller lr here (docs/ENVIRONMENT.md).

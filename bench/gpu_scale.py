@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from prism.algorithms import aggregate_loss, ppo_clip
-from prism.data.formats import atomic_write_text
+from prism.atomic_io import atomic_write_text
 from prism.rollout import SamplingParams
 from prism.rollout.hf import sample_responses, token_log_probs
 

@@ -74,7 +74,7 @@ def main() -> None:
     results = {"matrix": args.name, "preset": args.preset, "seed": args.seed, "uninterrupted_seconds": round(wall, 1),
                "kills": killed_at, "tables_identical": same, "final_models_compared": len(weights["whole"]),
                "final_models_bit_identical": same_weights}
-    from prism.data.formats import atomic_write_text
+    from prism.atomic_io import atomic_write_text
 
     atomic_write_text(Path("outputs/bench/matrix-kill-resume.json"), json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

@@ -106,7 +106,7 @@ def main() -> None:
     if not (args.world / "rl.parquet").is_file():
         raise SystemExit(f"no world export at {args.world}: run prism world export --out {args.world}")
 
-    from prism.data.formats import atomic_write_text
+    from prism.atomic_io import atomic_write_text
 
     result = {"config": str(args.config), "overrides": args.overrides, "limit": args.limit, "sizes": {}}
     for size in sizes:

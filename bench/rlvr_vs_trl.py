@@ -62,9 +62,10 @@ def ours_rlvr(args) -> dict:
     try:
         cfg = load_config(RLVRConfig, overrides=[
             "algorithm=grpo", f"model.preset={args.preset}", f"model.path={args.model_dir}", "model.dtype=float32",
-            f"data_files=[{args.world}/rl.parquet]", "rollout_backend=hf", f"prompts_per_step={PROMPTS}",
-            f"rollouts_per_prompt={ROLLOUTS}", f"max_new_tokens={NEW_TOKENS}", f"min_new_tokens={NEW_TOKENS}",
-            "micro_batch_size=64", "kl_coef=0.0", "mini_batches=1", f"steps={args.steps}",
+            f"data_files=[{args.world}/rl.parquet]", "rollout.backend=hf", f"rollout.prompts_per_step={PROMPTS}",
+            f"rollout.rollouts_per_prompt={ROLLOUTS}", f"rollout.max_new_tokens={NEW_TOKENS}",
+            f"rollout.min_new_tokens={NEW_TOKENS}", "update.micro_batch_size=64", "update.kl_coef=0.0",
+            "update.mini_batches=1", f"steps={args.steps}",
             f"output_dir={tmp / 'run'}", "save_every_steps=0", "log_every_steps=1", "optim.lr=1e-6"])
         run(cfg)
         rows = read_metrics(tmp / "run")
@@ -272,7 +273,7 @@ def main() -> None:
             ratio = round(theirs["rlvr"]["seconds_step"] / ours["rlvr"]["seconds_step"], 2)
         result[preset] = {"parameters": parameters, "ours": ours, "trl": theirs, "trl_over_ours_step_time": ratio}
 
-    from prism.data.formats import atomic_write_text
+    from prism.atomic_io import atomic_write_text
 
     atomic_write_text(args.out, json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

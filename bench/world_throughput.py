@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from prism.atomic_io import atomic_write_text
 from prism.data.export import export_world
-from prism.data.formats import atomic_write_text
 from prism.data.world import WorldConfig, iter_split
 
 

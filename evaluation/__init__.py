@@ -5,7 +5,7 @@
     config.py                     EvalConfig (decoding, suites, judge, vLLM) and EvalError
     model.py, vllm_model.py       lmms-eval models: PrismHF (transformers, CPU), PrismVLLM (full world)
     plugin.py                     lmms_eval.models entry points (prism_hf, prism_vllm)
-    scoring.py, published.py      per-sample scoring with prism.format / prism.rewards
+    scoring.py, published.py      per-sample scoring with prism.response_format / prism.rewards
     judge.py                      the OpenAI-compatible judge behind judge-dependent metrics
     runner.py                     run_eval: results JSON + samples under outputs/evals/<checkpoint-hash>/
     results.py                    results JSON -> tidy rows; the CSV store (read_store -> pandas)

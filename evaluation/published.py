@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from evaluation.judge import judge_equivalent, require_judge
 from evaluation.scoring import all_correct_rate, chat_messages, score_response
-from prism.format import extract_answer
+from prism.response_format import extract_answer
 
 LETTERS = [chr(ord("A") + i) for i in range(26)]
 

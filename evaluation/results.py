@@ -25,6 +25,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from prism.atomic_io import atomic_path
+
 STORE_COLUMNS = (
     "checkpoint", "checkpoint_hash", "suite", "benchmark", "task", "metric", "value", "stderr", "n", "eval_key", "date",
 )
@@ -85,13 +87,10 @@ def parse_results(results: Mapping | str | Path, **columns: Any) -> list[dict]:
 
 def write_rows(path: Path, rows: Iterable[Mapping]) -> None:
     """Write rows as a CSV file (a run's own rows.csv)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=STORE_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def read_rows(path: Path) -> list[dict]:

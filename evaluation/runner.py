@@ -47,6 +47,7 @@ from evaluation.config import (
 )
 from evaluation.judge import export_judge_env, require_judge, resolve_judge
 from evaluation.results import STORE_COLUMNS, append_to_store, parse_results, read_rows, write_rows
+from prism.atomic_io import atomic_write_text
 
 SUITES = ("embedded", "paper")
 SUITE_VERSION = 1  # bump when scoring or prompting changes, so stored evaluations are not reused
@@ -143,10 +144,7 @@ def checkpoint_hash(checkpoint: Path | str, cache_file: Path | None = None) -> s
     for path in files:
         total.update(f"{path.relative_to(checkpoint).as_posix()}\0{_file_digest(path, cache)}\n".encode("utf-8"))
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=0, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, cache_file)
+        atomic_write_text(cache_file, json.dumps(cache, indent=0, sort_keys=True))
     return total.hexdigest()[:16]
 
 
@@ -292,9 +290,8 @@ def _build_model(cfg: EvalConfig, checkpoint: Path):
 
 
 def _public_config(cfg: EvalConfig) -> dict[str, Any]:
-    from prism.config import config_to_dict
-
     from evaluation.config import redact_url
+    from prism.config import config_to_dict
 
     data = config_to_dict(cfg)
     data["judge"]["base_url"] = redact_url(data["judge"]["base_url"])
@@ -478,9 +475,7 @@ def _note_checkpoint(out_dir: Path, checkpoint: Path) -> None:
     seen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"paths": []}
     if str(checkpoint) not in seen["paths"]:
         seen["paths"].append(str(checkpoint))
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(seen, indent=2), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(seen, indent=2))
 
 
 __all__ = [

@@ -4,7 +4,7 @@ Every task reports, per sample:
   accuracy              1 when the last `<answer>` block answers the ground truth by `prism.rewards`
                         rules (letters, numbers with tolerance, yes/no, multi-part, math-verify fallback),
                         else 0. A response without `<answer>` is wrong; the format is not a gate here.
-  format_valid_rate     1 when the whole response is format-valid (`prism.format.is_format_valid`).
+  format_valid_rate     1 when the whole response is format-valid (`prism.response_format.is_format_valid`).
   mean_response_tokens  how many tokens the model generated (up to its eos), as the prism adapters
                         record them (`note_response_tokens`); for a response they did not record (a model
                         lmms-eval builds itself), the text's length in the checkpoint's tokenizer.
@@ -24,7 +24,7 @@ from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
 from evaluation.config import EvalError
-from prism.format import SYSTEM_PROMPT, extract_answer, is_format_valid
+from prism.response_format import SYSTEM_PROMPT, extract_answer, is_format_valid
 from prism.rewards import answers_match
 
 TOKENIZER_ENV = "PRISM_EVAL_TOKENIZER"

@@ -268,7 +268,7 @@ def _steps(stage: str, cfg: Any) -> int:
     return cfg.max_steps or 0
 
 
-class _Builder:
+class PlanBuilder:
     """Adds nodes once (content-addressed keys) in dependency order."""
 
     def __init__(self, matrix: MatrixConfig, preset_name: str):
@@ -325,7 +325,7 @@ class _Builder:
 FILES = {"base": "base.json", "sft": "sft.json", "teacher": "teacher.parquet", "rl": "rl.parquet"}
 
 
-def _world_files(builder: _Builder, *names: str) -> list[str]:
+def _world_files(builder: PlanBuilder, *names: str) -> list[str]:
     return [] if builder.world is None else [f"{builder.world}/{FILES[n]}" for n in names]
 
 
@@ -333,7 +333,7 @@ def _list(values: list[str]) -> str:
     return "[" + ",".join(values) + "]"
 
 
-def _chain(builder: _Builder, size: str, seed: int, pipeline: str, rl: str,
+def add_chain(builder: PlanBuilder, size: str, seed: int, pipeline: str, rl: str,
            extra: dict[str, list[str]] | None = None) -> tuple[str, list[str]]:
     """Add the stages of one cell; returns (model folder to evaluate, its node keys)."""
     preset = builder.preset
@@ -385,13 +385,13 @@ def _chain(builder: _Builder, size: str, seed: int, pipeline: str, rl: str,
 
 
 def build_plan(matrix: MatrixConfig, preset_name: str) -> Plan:
-    builder = _Builder(matrix, preset_name)
+    builder = PlanBuilder(matrix, preset_name)
     preset = builder.preset
     cells: list[Cell] = []
 
     def add_cell(labels: dict[str, Any], pipeline: str, rl: str, size: str, seed: int,
                  extra: dict[str, list[str]] | None = None) -> None:
-        model, deps = _chain(builder, size, seed, pipeline, rl, extra)
+        model, deps = add_chain(builder, size, seed, pipeline, rl, extra)
         cells.append(Cell(labels, model, builder.eval(model, deps)))
 
     for seed in preset.seeds:
@@ -418,9 +418,16 @@ def _work(stage: str, config: dict) -> tuple:
     """What one step's cost depends on besides the model: (stage, model preset, batch shape)."""
     shape = {"base": ("per_device_batch_size",), "sft": ("per_device_batch_size",),
              "disc_warmup": ("effective_batch_size",),
-             "align": ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens"),
-             "rlvr": ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens")}[stage]
-    return (stage, config.get("model", {}).get("preset", ""), *(config.get(k) for k in shape))
+             "align": ("rollout.prompts_per_step", "rollout.rollouts_per_prompt", "rollout.max_new_tokens"),
+             "rlvr": ("rollout.prompts_per_step", "rollout.rollouts_per_prompt", "rollout.max_new_tokens")}[stage]
+
+    def value(path: str):
+        node = config
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    return (stage, config.get("model", {}).get("preset", ""), *(value(k) for k in shape))
 
 
 def measured_seconds_per_step() -> dict[tuple, float]:
@@ -504,10 +511,10 @@ def _format_duration(seconds: float) -> str:
 def run_inline(node: Node) -> None:
     """Run one node in this process (what its command would do)."""
     if node.kind == "world":
-        from prism.cli import _progress_printer
         from prism.data.export import export_world
+        from prism.runtime import split_progress
 
-        export_world(node.cfg, Path(node.key), progress=_progress_printer())
+        export_world(node.cfg, Path(node.key), progress=split_progress())
     elif node.kind == "eval":
         eval_node(Path(node.key), **node.cfg)
     else:
@@ -618,8 +625,8 @@ def run_slurm(plan: Plan, log=print) -> dict[str, str]:
 def eval_node(record: Path, checkpoint: str, suite: str, limit: int | None, world: str | None,
               overrides: list[str]) -> None:
     from evaluation.config import EvalConfig
-    from prism.data.formats import atomic_write_text
-    from prism.evaluate import run_eval
+    from evaluation.runner import run_eval
+    from prism.atomic_io import atomic_write_text
 
     config = load_config(EvalConfig, None, overrides)
     report = run_eval(checkpoint, suite=suite, limit=limit, world=world, config=config,

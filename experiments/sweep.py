@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 from experiments.matrix import (
     MatrixError,
-    _Builder,
-    _chain,
+    PlanBuilder,
+    add_chain,
     eval_node,
     load_matrix,
     load_named,
@@ -116,7 +116,7 @@ def _retry_callback(optuna):
     return getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
 
 
-def _storage(url: str):
+def open_storage(url: str):
     import optuna
 
     if url.startswith("sqlite:///"):
@@ -130,7 +130,7 @@ def _storage(url: str):
 def create_study(cfg: SweepConfig, storage: str):
     import optuna
 
-    return optuna.create_study(study_name=cfg.name, storage=_storage(storage), direction="maximize",
+    return optuna.create_study(study_name=cfg.name, storage=open_storage(storage), direction="maximize",
                                load_if_exists=True)
 
 
@@ -188,9 +188,9 @@ def run_trial(cfg: SweepConfig, overrides: dict[str, list[str]], report=None) ->
         raise ConfigError(f"sweep {cfg.name}: matrix {cfg.matrix} has no preset {cfg.preset!r}")
     if cfg.eval_limit is not None:
         preset.eval.limit = cfg.eval_limit
-    builder = _Builder(matrix, cfg.preset)
+    builder = PlanBuilder(matrix, cfg.preset)
     rl = cfg.rl_algorithm if cfg.objective == "align_rlvr" else "none"
-    checkpoint, deps = _chain(builder, cfg.size, cfg.seed, "sft+prism", rl, overrides)
+    checkpoint, deps = add_chain(builder, cfg.size, cfg.seed, "sft+prism", rl, overrides)
     eval_key = builder.eval(checkpoint, deps)
     for node in builder.nodes.values():
         with _locked(node.key):
@@ -238,7 +238,7 @@ def worker(cfg: SweepConfig, storage: str, index: int) -> None:
     from optuna.trial import TrialState
 
     study = optuna.load_study(
-        study_name=cfg.name, storage=_storage(storage),
+        study_name=cfg.name, storage=open_storage(storage),
         sampler=optuna.samplers.TPESampler(seed=cfg.sampler_seed + index, n_startup_trials=cfg.n_startup_trials),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps))
     finished = (TrialState.COMPLETE, TrialState.PRUNED)

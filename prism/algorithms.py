@@ -7,8 +7,10 @@ name so that an RL preset (grpo, dapo, gspo, prism alignment) is data, not code:
   `broadcast_to_tokens` spreads them over the response tokens.
 - `POLICY_LOSSES`: `ppo_clip`, `gspo` -> (per-token loss matrix [batch, tokens], metrics).
 - `LOSS_AGGREGATIONS`: `token-mean`, `seq-mean-token-mean`, `seq-mean-token-sum` -> scalar loss.
-- DAPO helpers: `dapo_overlong_penalty`, `dynamic_sampling_keep`.
-- The discriminator's `bradley_terry_loss`.
+- `kl_penalty`: the k3 estimator of KL(pi || pi_ref) per token.
+- DAPO helpers: `overlong_penalty` (reward shaping), `dynamic_sampling_keep`.
+- The discriminator's losses: `bradley_terry_loss` (warm-up) and `discriminator_loss` (the published update of
+  the alignment stage).
 
 Conventions (all functions):
 - Masks are 0/1 float or bool tensors of shape [batch, tokens]; padding positions may hold any
@@ -363,21 +365,40 @@ def gspo(
 
 
 # ---------------------------------------------------------------------------------------------
+# KL to a reference policy
+
+
+def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k3 estimate of KL(pi || pi_ref) per token, [batch, tokens], 0 on padding (Schulman's unbiased, >= 0):
+
+        d_t = clamp(log pi_ref_t - log pi_t, -20, 20),   kl_t = exp(d_t) - d_t - 1
+
+    The gradient flows through `log_prob` (the policy) only; pass the reference log-probs without a graph.
+    """
+    valid = _bool_mask(mask, log_prob)
+    log_ratio = torch.where(valid, ref_log_prob - log_prob, torch.zeros_like(log_prob)).clamp(-20.0, 20.0)
+    kl = log_ratio.exp() - log_ratio - 1.0
+    return torch.where(valid, kl, torch.zeros_like(kl))
+
+
+# ---------------------------------------------------------------------------------------------
 # DAPO helpers
 
 
-def dapo_overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> torch.Tensor:
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> torch.Tensor:
     """DAPO's soft overlong punishment per response, added to the reward (float tensor).
 
         p(len) = clamp( -(len - (L - buffer)) / buffer, -1, 0 )
 
-    0 up to L - buffer tokens, then linear down to -1 at L, and -1 beyond L. Tensor twin of
-    `prism.rewards.overlong_penalty`.
+    0 up to L - buffer tokens, then linear down to -1 at L, and -1 beyond L (generation stops at L, so a
+    response cannot be longer; DAPO caps it there all the same).
     """
     if buffer <= 0:
         raise ValueError(f"buffer must be > 0, got {buffer}")
     if buffer > max_length:
         raise ValueError(f"buffer must be <= max_length ({max_length}), got {buffer}")
+    if (lengths < 0).any():
+        raise ValueError(f"response lengths must be >= 0, got {lengths.min().item()}")
     lengths = lengths.to(torch.float32) if not lengths.is_floating_point() else lengths
     expected = max_length - buffer
     return (-(lengths - expected) / buffer).clamp(-1.0, 0.0)
@@ -448,4 +469,60 @@ def bradley_terry_loss(
             "score_reg": reg.detach(),
             "num_valid": n,
         }
+    return loss, metrics
+
+
+def discriminator_loss(
+    teacher: dict[str, torch.Tensor],
+    student: dict[str, torch.Tensor],
+    valid: torch.Tensor,
+    *,
+    batch_has_valid: bool,
+    score_clip: float = 10.0,
+    score_reg_coef: float = 1e-3,
+    fallback_coef: float = 0.01,
+) -> tuple[torch.Tensor, Metrics]:
+    """The published discriminator loss of the alignment stage on one micro-batch of rollouts (METHOD.md,
+    "Published discriminator-update details").
+
+    `teacher[k]` and `student[k]` are [rows] scores of segment kind k (caption and reasoning, or one `response`
+    kind): row i pairs rollout i's segment with its prompt's teacher segment, scored for that row (train mode).
+    Format-invalid rollouts (`valid` false) are scored on their fallback split: they count in the regulariser
+    and, when no rollout of the whole step is valid (`batch_has_valid` false), nowhere else.
+
+        s <- clamp(s, -score_clip, score_clip)                          every teacher and student score
+        bt_k = mean_{i valid} -log sigmoid(t_ik - s_ik)                  0 when no row is valid
+        reg  = score_reg_coef * mean_{side, k} mean_i s_{side,ik}^2      over every row, teacher and student
+        loss = sum_k bt_k + reg                                          if batch_has_valid
+             = fallback_coef * sum_k -log sigmoid(mean_i t_ik) + reg     otherwise
+
+    The kinds' means are added, not pooled. Metrics: `bt_<k>` and `accuracy_<k>` (fraction of valid rows with
+    t > s; NaN without one), `score_reg`, `fallback` (its value, 0 when not used), `num_valid`.
+    """
+    kinds = list(teacher)
+    if not kinds or set(student) != set(kinds):
+        raise ValueError(f"teacher and student must score the same kinds, got {sorted(teacher)} and {sorted(student)}")
+    valid = valid.bool()
+    for kind in kinds:
+        if teacher[kind].shape != valid.shape or student[kind].shape != valid.shape:
+            raise ValueError(f"kind {kind!r}: scores must be [rows] like valid {tuple(valid.shape)}")
+    t = {k: teacher[k].clamp(-score_clip, score_clip) for k in kinds}
+    s = {k: student[k].clamp(-score_clip, score_clip) for k in kinds}
+    squares = [x[k].pow(2).mean() for k in kinds for x in (s, t)]
+    reg = score_reg_coef * torch.stack(squares).mean()
+    metrics: Metrics = {"score_reg": reg.detach(), "num_valid": valid.sum()}
+    nan = torch.full((), float("nan"))
+    loss = reg
+    fallback = torch.zeros(())
+    for k in kinds:
+        bt = _masked_mean(-F.logsigmoid(t[k] - s[k]), valid)  # 0 (on the graph) with no valid row
+        metrics[f"bt_{k}"] = bt.detach()
+        metrics[f"accuracy_{k}"] = _masked_mean((t[k] > s[k]).float(), valid).detach() if valid.any() else nan
+        if batch_has_valid:
+            loss = loss + bt
+        else:
+            term = fallback_coef * -F.logsigmoid(t[k].mean())
+            fallback = fallback + term.detach()
+            loss = loss + term
+    metrics["fallback"] = fallback
     return loss, metrics

@@ -31,16 +31,16 @@ import sys
 import time
 from pathlib import Path
 
+
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from evaluation.config import EvalError
+    from experiments.matrix import MatrixError
     from prism.config import ConfigError
     from prism.data.formats import DataError
-    from prism.evaluate import EvalError
     from prism.models import ModelError
     from prism.rewards import RewardInputError
     from prism.rollout.base import RolloutError
     from prism.runtime import NonFiniteError, RuntimeConfigError
-
-    from experiments.matrix import MatrixError
     from reports.submit import SubmitError
 
     return (ConfigError, DataError, EvalError, ModelError, RewardInputError, RolloutError, RuntimeConfigError,
@@ -54,27 +54,12 @@ def _world_config(args):
     return load_config(WorldConfig, args.config, args.overrides)
 
 
-def _progress_printer():
-    """Per-split progress on stderr: count, rate and ETA."""
-    started: dict[str, float] = {}
-
-    def report(split: str, done: int, total: int) -> None:
-        start = started.setdefault(split, time.perf_counter())
-        elapsed = time.perf_counter() - start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (total - done) / rate if rate > 0 else 0.0
-        print(f"\r  {split:8s} {done:6d}/{total:<6d} {rate:7.0f} samples/s  eta {eta:5.0f}s", end="", file=sys.stderr)
-        if done == total:
-            print(file=sys.stderr)
-
-    return report
-
-
 def cmd_world_export(args) -> int:
     from prism.data.export import export_world
+    from prism.runtime import split_progress
 
     cfg = _world_config(args)
-    manifest = export_world(cfg, Path(args.out), progress=_progress_printer())
+    manifest = export_world(cfg, Path(args.out), progress=split_progress())
     print(json.dumps({"out": str(args.out), "counts": manifest["counts"], "seconds": manifest["seconds"]}))
     return 0
 
@@ -120,7 +105,7 @@ def cmd_reward_score(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from prism.evaluate import cmd_eval as evaluate
+    from evaluation.command import cmd_eval as evaluate
 
     return evaluate(args)
 
@@ -237,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--jsonl", required=True, type=Path)
     score.set_defaults(func=cmd_reward_score)
 
-    from prism.evaluate import add_eval_arguments
+    from evaluation.command import add_eval_arguments
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint through lmms-eval (embedded suite or the published benchmarks)")
     add_eval_arguments(evaluate)

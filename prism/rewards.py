@@ -1,4 +1,4 @@
-"""The RLVR reward (docs/METHOD.md, "Stage 3: RLVR") and DAPO's overlong shaping.
+"""The RLVR reward (docs/METHOD.md, "Stage 3: RLVR"); DAPO's overlong shaping is prism.algorithms.overlong_penalty.
 
     reward = accuracy_weight * accuracy + format_weight * format      (published 0.8 / 0.2)
 
@@ -39,7 +39,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
-from prism.format import extract_answer, is_format_valid
+from prism.response_format import extract_answer, is_format_valid
 
 
 class RewardInputError(ValueError):
@@ -434,24 +434,6 @@ def compute_reward(
     correct = answer is not None and answers_match(answer, ground_truth, equivalent_answers, choices)
     accuracy = 1.0 if correct else 0.0
     return RewardResult(accuracy_weight * accuracy + format_weight, accuracy, 1.0, answer)
-
-
-def overlong_penalty(response_length: int, max_length: int, buffer: int) -> float:
-    """DAPO's soft overlong punishment, added to the reward.
-
-    0 up to `max_length - buffer` tokens, then falling linearly to -1 at `max_length`; a response
-    longer than `max_length` (it cannot be, when generation stops there) gets -1, as in DAPO.
-    """
-    if buffer <= 0:
-        raise ValueError(f"buffer must be > 0, got {buffer}")
-    if buffer > max_length:
-        raise ValueError(f"buffer must be <= max_length ({max_length}), got {buffer}")
-    if response_length < 0:
-        raise ValueError(f"response_length must be >= 0, got {response_length}")
-    expected = max_length - buffer
-    if response_length <= expected:
-        return 0.0
-    return max(-1.0, min(0.0, -(response_length - expected) / buffer))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Self
@@ -29,8 +29,8 @@ from typing import Any, Self
 import numpy as np
 import torch
 
+from prism.atomic_io import atomic_write_text
 from prism.config import config_hash, config_to_dict
-from prism.data.formats import atomic_write_text
 
 
 class RuntimeConfigError(ValueError):
@@ -298,6 +298,12 @@ def _plain_number(value: Any) -> Any:
     return value
 
 
+def mean_or_nan(values) -> float:
+    """The mean of a sequence of numbers; NaN for none (a step that trained nothing), so it never reads as 0."""
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
 class MetricsLogger:
     """One JSON line per `log(step, metrics)` in run_dir/metrics.jsonl, flushed each time.
 
@@ -412,6 +418,22 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def split_progress(noun: str = "samples") -> Callable[[str, int, int], None]:
+    """A `report(split, done, total)` callback (what `prism.data.export.export_world` takes): one Progress
+    per split, each with its rate and ETA."""
+    bars: dict[str, Progress] = {}
+
+    def report(split: str, done: int, total: int) -> None:
+        bar = bars.get(split)
+        if bar is None:
+            bar = bars[split] = Progress(total, desc=f"{split} {noun}")
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return report
 
 
 # ----------------------------------------------------------------------------------------------------

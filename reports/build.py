@@ -11,7 +11,8 @@ import platform
 from pathlib import Path
 
 from experiments.matrix import Plan, build_plan, load_matrix
-from prism.data.formats import atomic_directory, atomic_write_text, read_rl_parquet
+from prism.atomic_io import atomic_directory, atomic_write_text
+from prism.data.formats import read_rl_parquet
 from reports import figures
 from reports.tables import (
     ablation_table,

@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only; no display on servers or in CI
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from prism.format import segment_counts
+from prism.response_format import segment_counts
 
 EVAL_ROOT = Path("outputs/evals")
 KIND_STYLE = {"perception": "tab:blue", "reasoning": "tab:orange", "response": "tab:green"}

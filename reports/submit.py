@@ -19,8 +19,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from prism.data.formats import atomic_directory, atomic_write_text
-from prism.format import extract_answer
+from prism.atomic_io import atomic_directory, atomic_write_text
+from prism.response_format import extract_answer
 
 EVAL_ROOT = Path("outputs/evals")
 SUBMISSION_ROOT = Path("outputs/submissions")
@@ -54,7 +54,7 @@ def _sample_id(sample: dict) -> str:
     return str(sample["doc_id"])
 
 
-def _prediction_files(task: str, samples: list[dict]) -> dict[str, str]:
+def prediction_files(task: str, samples: list[dict]) -> dict[str, str]:
     """File name -> content for one task's samples, in the benchmark's official format where one exists."""
     rows = [(_sample_id(s), _response(s)) for s in samples]
     if task.endswith("mmmu_val"):
@@ -101,7 +101,7 @@ def submission_bundle(checkpoint: str | Path, out_root: Path = SUBMISSION_ROOT, 
         rows = []
         for entry in entries:
             for task, samples in _samples(entry).items():
-                for file_name, content in _prediction_files(task, samples).items():
+                for file_name, content in prediction_files(task, samples).items():
                     (tmp / "predictions" / file_name).write_text(content, encoding="utf-8")
             (tmp / "lmms_eval" / entry.name).mkdir(parents=True)
             for result in entry.glob("*_results.json"):

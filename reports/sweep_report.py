@@ -18,11 +18,11 @@ from experiments.matrix import CONFIG_DIR
 from experiments.sweep import (
     SWEEP_ROOT,
     SweepConfig,
-    _storage,
     default_storage,
+    open_storage,
     trial_overrides,
 )
-from prism.data.formats import atomic_write_text
+from prism.atomic_io import atomic_write_text
 
 
 def _plot(name: str, draw, out: Path) -> Path | None:
@@ -59,7 +59,7 @@ def build_sweep_report(cfg: SweepConfig, storage: str | None = None) -> Path:
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as plots
 
-    study = optuna.load_study(study_name=cfg.name, storage=_storage(storage or default_storage(cfg)))
+    study = optuna.load_study(study_name=cfg.name, storage=open_storage(storage or default_storage(cfg)))
     out = SWEEP_ROOT / cfg.name / "report"
     out.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)

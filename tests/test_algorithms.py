@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from prism import algorithms as alg
-from prism.rewards import overlong_penalty
 
 INF = float("inf")
 NAN = float("nan")
@@ -324,23 +323,45 @@ def test_gspo_clamps_the_log_ratio_and_then_passes_no_gradient():
 # DAPO helpers
 
 
-def test_dapo_overlong_penalty_by_hand():
+def test_overlong_penalty_by_hand():
     # L = 100, buffer 20: 0 up to 80 tokens, then -(len - 80) / 20, capped at -1.
     lengths = torch.tensor([0, 80, 81, 90, 99, 100, 120])
     expected = [0.0, 0.0, -0.05, -0.5, -0.95, -1.0, -1.0]
-    out = alg.dapo_overlong_penalty(lengths, max_length=100, buffer=20)
+    out = alg.overlong_penalty(lengths, max_length=100, buffer=20)
     assert out.dtype == torch.float32
     close(out, expected, tol=1e-7)
-    # Agrees with the scalar version used by the reward function.
-    assert out.tolist() == pytest.approx([overlong_penalty(int(n), 100, 20) for n in lengths])
     # Published numbers: L = 8192, buffer 4096 -> 6144 tokens is 4096 - 2048 over the free budget.
-    close(alg.dapo_overlong_penalty(torch.tensor([4096, 6144, 8192]), 8192, 4096), [0.0, -0.5, -1.0])
+    close(alg.overlong_penalty(torch.tensor([4096, 6144, 8192]), 8192, 4096), [0.0, -0.5, -1.0])
 
 
-@pytest.mark.parametrize("max_length, buffer", [(100, 0), (100, -5), (10, 20)])
-def test_dapo_overlong_penalty_rejects_bad_settings(max_length, buffer):
-    with pytest.raises(ValueError, match="buffer"):
-        alg.dapo_overlong_penalty(torch.tensor([1]), max_length, buffer)
+@pytest.mark.parametrize(
+    "length, max_length, buffer, expected",
+    [
+        (0, 8192, 4096, 0.0),
+        (4096, 8192, 4096, 0.0),  # exactly L - buffer: no penalty yet
+        (4097, 8192, 4096, -1 / 4096),
+        (5120, 8192, 4096, -0.25),  # 1024 tokens into the buffer
+        (6144, 8192, 4096, -0.5),
+        (8192, 8192, 4096, -1.0),
+        (9000, 8192, 4096, -1.0),  # past L: DAPO's hard -1
+        (90, 100, 20, -0.5),
+        (85, 100, 20, -0.25),
+        (80, 100, 20, 0.0),
+        (50, 100, 100, -0.5),  # the whole length is buffer
+    ],
+)
+def test_overlong_penalty_cases(length, max_length, buffer, expected):
+    assert float(alg.overlong_penalty(torch.tensor([length]), max_length, buffer)) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "max_length, buffer, name", [(100, 0, "buffer"), (100, -5, "buffer"), (100, 101, "buffer"), (10, 20, "buffer")]
+)
+def test_overlong_penalty_validates(max_length, buffer, name):
+    with pytest.raises(ValueError, match=name):
+        alg.overlong_penalty(torch.tensor([10]), max_length, buffer)
+    with pytest.raises(ValueError, match="lengths"):
+        alg.overlong_penalty(torch.tensor([-1]), 100, 20)
 
 
 def test_dynamic_sampling_keeps_groups_whose_values_differ():
@@ -414,3 +435,75 @@ def test_bradley_terry_rejects_mismatched_shapes():
         alg.bradley_terry_loss(t([1.0, 2.0]), t([1.0]))
     with pytest.raises(ValueError, match="valid_mask shape"):
         alg.bradley_terry_loss(t([1.0, 2.0]), t([1.0, 0.0]), valid_mask=torch.ones(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# The published discriminator update (alignment)
+
+
+def _scores():
+    """Two kinds, three rollouts, the third format-invalid (its scores are of its fallback split)."""
+    teacher = {"perception": t([1.0, 3.0, 0.5]).requires_grad_(), "reasoning": t([0.5, 0.5, 0.5]).requires_grad_()}
+    student = {"perception": t([0.0, 1.0, -0.5]).requires_grad_(), "reasoning": t([1.5, -2.5, 0.0]).requires_grad_()}
+    return teacher, student, torch.tensor([True, True, False])
+
+
+def test_discriminator_loss_adds_the_kinds_means_clamps_and_regularises_every_rollout():
+    teacher, student, valid = _scores()
+    loss, m = alg.discriminator_loss(teacher, student, valid, batch_has_valid=True, score_clip=2.0,
+                                     score_reg_coef=0.001)
+    # clamped to [-2, 2]: teacher caption 3 -> 2, student reasoning -2.5 -> -2
+    bt_cap = (softplus(-(1.0 - 0.0)) + softplus(-(2.0 - 1.0))) / 2  # valid rows only
+    bt_cot = (softplus(-(0.5 - 1.5)) + softplus(-(0.5 + 2.0))) / 2
+    # every row, the four (side, kind) means of squares averaged: (1.25 + 5.25 + 6.25 + 0.75) / 3 / 4
+    reg = 0.001 * (13.5 / 3) / 4
+    close(loss, bt_cap + bt_cot + reg)  # a pooled mean over the 4 pairs would be half the BT part
+    close(m["bt_perception"], bt_cap)
+    close(m["bt_reasoning"], bt_cot)
+    close(m["score_reg"], reg)
+    close(m["accuracy_perception"], 1.0)
+    close(m["accuracy_reasoning"], 0.5)
+    assert float(m["fallback"]) == 0.0 and int(m["num_valid"]) == 2
+    loss.backward()
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # the clamped scores get no gradient; the invalid row only the regulariser's 0.001 * 2 s / 3 / 4
+    close(teacher["perception"].grad, [-sig(-1.0) / 2 + 0.001 * 2 * 1.0 / 12, 0.0, 0.001 * 2 * 0.5 / 12])
+    close(student["reasoning"].grad, [sig(1.0) / 2 + 0.001 * 2 * 1.5 / 12, 0.0, 0.0])
+
+
+def test_discriminator_loss_falls_back_on_the_teacher_scores_when_the_step_has_no_valid_rollout():
+    teacher, student, _ = _scores()
+    none = torch.tensor([False, False, False])
+    loss, m = alg.discriminator_loss(teacher, student, none, batch_has_valid=False, score_clip=2.0,
+                                     score_reg_coef=0.001, fallback_coef=0.01)
+    fallback = 0.01 * (softplus(-(1.0 + 2.0 + 0.5) / 3) + softplus(-0.5))  # -log sigmoid(mean teacher score)
+    reg = 0.001 * (13.5 / 3) / 4
+    close(loss, fallback + reg)
+    close(m["fallback"], fallback)
+    assert float(m["bt_perception"]) == 0.0 and math.isnan(float(m["accuracy_perception"]))
+    loss.backward()
+    assert float(teacher["reasoning"].grad.abs().sum()) > 0  # the fallback pushes the teacher scores up
+    # a micro-batch without a valid rollout in a step that has some: the regulariser alone
+    loss, _ = alg.discriminator_loss(*_scores()[:2], none, batch_has_valid=True, score_clip=2.0,
+                                     score_reg_coef=0.001)
+    close(loss, reg)
+
+
+def test_discriminator_loss_rejects_mismatched_kinds():
+    teacher, student, valid = _scores()
+    with pytest.raises(ValueError, match="same kinds"):
+        alg.discriminator_loss(teacher, {"perception": student["perception"]}, valid, batch_has_valid=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# KL to the reference policy
+
+
+def test_kl_penalty_is_k3_by_hand_and_zero_on_padding():
+    log_prob = t([[-1.0, -2.0, NAN]]).requires_grad_()
+    ref = t([[-1.5, -1.0, 0.0]])
+    kl = alg.kl_penalty(log_prob, ref, torch.tensor([[1, 1, 0]]))
+    # d = ref - log_prob = -0.5, 1.0; kl = exp(d) - d - 1
+    close(kl, [[math.exp(-0.5) + 0.5 - 1, math.e - 2, 0.0]])
+    kl.sum().backward()
+    close(log_prob.grad, [[-(math.exp(-0.5) - 1), -(math.e - 1), 0.0]])  # d kl / d log_prob = 1 - exp(d)

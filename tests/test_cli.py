@@ -73,8 +73,8 @@ def test_train_config_errors_are_one_line(tmp_path, capsys):
 
 
 def test_train_overrides_after_the_config_reach_the_stage(tmp_path, capsys):
-    assert main(["train", "rlvr", "mini_batches=3"]) == 2  # prompts_per_step=32 is not divisible by 3
-    assert "override 'mini_batches=3'" in capsys.readouterr().err
+    assert main(["train", "rlvr", "update.mini_batches=3"]) == 2  # prompts_per_step=32 is not divisible by 3
+    assert "override 'update.mini_batches=3'" in capsys.readouterr().err
 
 
 def test_train_align_without_a_discriminator_is_one_line(tmp_path, capsys):

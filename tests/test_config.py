@@ -19,7 +19,9 @@ from prism.config import (
     DiscWarmupConfig,
     FieldError,
     OptimConfig,
+    PolicyUpdateConfig,
     RLVRConfig,
+    RolloutConfig,
     SFTConfig,
     apply_rlvr_preset,
     check,
@@ -94,9 +96,9 @@ def test_unknown_key_names_file_line_key_suggestion_and_valid_keys(tmp_path):
 
 
 def test_wrong_type_names_expected_type_and_line(tmp_path):
-    path = _yaml(tmp_path, "seed: 1\n\ntemperature: hot\n")
+    path = _yaml(tmp_path, "seed: 1\nrollout:\n  temperature: hot\n")
     message = _error(RLVRConfig, path)
-    assert message == f"{path}:3: field 'temperature': expected a float, got 'hot' (a string)"
+    assert message == f"{path}:3: field 'rollout.temperature': expected a float, got 'hot' (a string)"
     assert "expected an int, got 1.5" in _error(SFTConfig, _yaml(tmp_path, "epochs: 1.5\n"))
     assert "expected an int, got true" in _error(SFTConfig, _yaml(tmp_path, "epochs: yes\n"))
     assert "expected a bool" in _error(SFTConfig, _yaml(tmp_path, "packing: 1\n"))
@@ -116,8 +118,13 @@ def test_post_init_range_error_reports_the_nested_fields_line(tmp_path):
 
 
 def test_cross_field_error_on_a_default_points_at_the_field_it_depends_on(tmp_path):
-    path = _yaml(tmp_path, "algorithm: dapo\nsteps: 10\nmax_new_tokens: 1024\noverlong_buffer: 2048\n")
-    assert _error(RLVRConfig, path).startswith(f"{path}:4: field 'overlong_buffer': expected an int <= max_new_tokens (1024)")
+    path = _yaml(tmp_path, "algorithm: dapo\nsteps: 10\nrollout:\n  max_new_tokens: 1024\noverlong_buffer: 2048\n")
+    assert _error(RLVRConfig, path).startswith(
+        f"{path}:5: field 'overlong_buffer': expected an int <= rollout.max_new_tokens (1024)")
+    path = _yaml(tmp_path, "rollout:\n  prompts_per_step: 6\nupdate:\n  policy_loss: ppo_clip\n")
+    assert _error(RLVRConfig, path, ["update.mini_batches=4"]) == (
+        "override 'update.mini_batches=4': field 'update.mini_batches': expected a divisor of "
+        "rollout.prompts_per_step=6, got 4")
     path = _yaml(tmp_path, "variant: hard_routed\nnum_experts: 2\n")
     assert _error(DiscWarmupConfig, path).startswith(f"{path}:2: field 'top_k': expected an int <= num_experts / 2 = 1")
 
@@ -125,9 +132,10 @@ def test_cross_field_error_on_a_default_points_at_the_field_it_depends_on(tmp_pa
 def test_dapo_preset_buffer_keeps_at_most_half_the_response_budget(tmp_path):
     # Published: 4096 of 8192 tokens. A smaller budget gets half of it; a user's value always wins.
     assert load_config(RLVRConfig, overrides=["algorithm=dapo"]).overlong_buffer == 4096
-    assert load_config(RLVRConfig, overrides=["algorithm=dapo", "max_new_tokens=1024"]).overlong_buffer == 512
-    assert load_config(RLVRConfig, overrides=["algorithm=dapo", "max_new_tokens=1024", "overlong_buffer=100"]).overlong_buffer == 100
-    assert load_config(RLVRConfig, overrides=["algorithm=grpo", "max_new_tokens=1024"]).overlong_buffer is None
+    assert load_config(RLVRConfig, overrides=["algorithm=dapo", "rollout.max_new_tokens=1024"]).overlong_buffer == 512
+    assert load_config(RLVRConfig, overrides=["algorithm=dapo", "rollout.max_new_tokens=1024",
+                                              "overlong_buffer=100"]).overlong_buffer == 100
+    assert load_config(RLVRConfig, overrides=["algorithm=grpo", "rollout.max_new_tokens=1024"]).overlong_buffer is None
 
 
 def test_literal_and_list_item_errors(tmp_path):
@@ -203,21 +211,27 @@ def test_data_mapping_layers_between_file_and_overrides(tmp_path):
 
 
 def test_sections_of_a_bigger_yaml_keep_their_lines(tmp_path):
-    path = _yaml(tmp_path, "name: table1\nrlvr:\n  algorithm: grpo\n  temperature: -1\n")
+    path = _yaml(tmp_path, "name: table1\nrlvr:\n  algorithm: grpo\n  rollout:\n    temperature: -1\n")
     document = read_yaml(path)
-    assert document.lines["rlvr.temperature"] == 4
-    assert _error(RLVRConfig, data=document.section("rlvr")) == f"{path}:4: field 'temperature': expected a float > 0, got -1"
+    assert document.lines["rlvr.rollout.temperature"] == 5
+    assert _error(RLVRConfig, data=document.section("rlvr")) == (
+        f"{path}:5: field 'rollout.temperature': expected a float > 0, got -1")
 
 
 def test_defaults_load_with_no_file():
     for cls in STAGES:
         assert load_config(cls) == cls()
     cfg = load_config(RLVRConfig)
-    assert (cfg.prompts_per_step, cfg.rollouts_per_prompt, cfg.steps, cfg.max_new_tokens) == (32, 16, 1500, 8192)
-    assert (cfg.optim.lr, cfg.accuracy_weight, cfg.format_weight, cfg.kl_coef) == (1e-6, 0.8, 0.2, 0.0)
+    rollout = cfg.rollout
+    assert (rollout.prompts_per_step, rollout.rollouts_per_prompt, cfg.steps, rollout.max_new_tokens) == (32, 16, 1500, 8192)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.accuracy_weight, cfg.format_weight, cfg.update.kl_coef) == (
+        1e-6, 0.01, 0.8, 0.2, 0.0)
     align = AlignConfig()
-    assert (align.prompts_per_step, align.rollouts_per_prompt, align.alpha, align.format_penalty, align.score_clip) == (4, 16, 0.5, 1.5, 10.0)
+    assert (align.rollout.prompts_per_step, align.rollout.rollouts_per_prompt, align.rollout.max_new_tokens) == (4, 16, 6144)
+    assert (align.alpha, align.format_penalty, align.score_clip, align.fallback_loss_coef) == (0.5, 1.5, 10.0, 0.01)
     assert (align.disc_optim.lr, align.disc_optim.weight_decay, align.policy_optim.lr_scheduler, align.steps) == (1e-6, 0.01, "constant", 500)
+    assert (align.policy_optim.weight_decay, align.update.clip_low, align.update.dual_clip_c) == (0.01, 0.2, 3.0)
+    assert (align.teacher_scoring, align.advantage, cfg.advantage) == ("per_rollout", "prism", "grpo")
     disc = DiscWarmupConfig()
     assert (disc.num_experts, disc.top_k, disc.expert_noise_std, disc.router_init_std, disc.aux_loss_coef) == (4, 2, 0.01, 0.02, 0.01)
     sft = SFTConfig()
@@ -225,7 +239,7 @@ def test_defaults_load_with_no_file():
 
 
 def test_every_field_has_help():
-    for cls in [*STAGES, OptimConfig]:
+    for cls in [*STAGES, OptimConfig, RolloutConfig, PolicyUpdateConfig]:
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
 
@@ -235,8 +249,10 @@ def test_every_field_has_help():
 
 def test_direct_construction_is_checked_and_normalised():
     with pytest.raises(FieldError) as error:
-        RLVRConfig(clip_ratio_low=0)
-    assert str(error.value) == "field 'clip_ratio_low': expected a float in (0, 1), got 0"
+        PolicyUpdateConfig(clip_low=0)
+    assert str(error.value) == "field 'clip_low': expected a float in (0, 1), got 0"
+    with pytest.raises(FieldError, match="field 'update.clip_low': expected a float in"):
+        RLVRConfig(update={"clip_low": 1})
     with pytest.raises(FieldError, match="field 'steps': expected an int, got '10'"):
         AlignConfig(steps="10")
     assert OptimConfig(lr=1).lr == 1.0 and isinstance(OptimConfig(lr=1).lr, float)
@@ -281,7 +297,7 @@ def test_config_hash_is_stable_and_changes_with_one_field():
 def test_write_config_yaml_round_trips(tmp_path):
     cfgs = [
         load_config(SFTConfig, overrides=["optim.lr=3e-5", "data_files=['1e-5', 'yes', a.json]", "output_dir=out/sft", "max_steps=7"]),
-        load_config(RLVRConfig, overrides=["algorithm=gspo", "dual_clip_c=null", "seed=4"]),
+        load_config(RLVRConfig, overrides=["algorithm=gspo", "update.kl_coef=0.1", "seed=4"]),
         load_config(DiscWarmupConfig, overrides=["variant=hard_routed", "top_k=1"]),
         load_config(AlignConfig, overrides=["alpha=0.3"]),
         BaseConfig(),
@@ -299,26 +315,34 @@ def test_write_config_yaml_round_trips(tmp_path):
 
 def test_rlvr_presets_apply_under_user_values(tmp_path):
     dapo = load_config(RLVRConfig, _yaml(tmp_path, "algorithm: dapo\n"))
-    assert (dapo.clip_ratio_low, dapo.clip_ratio_high, dapo.loss_agg, dapo.dynamic_sampling) == (0.2, 0.28, "token-mean", True)
+    assert (dapo.update.clip_low, dapo.update.clip_high, dapo.update.loss_agg, dapo.dynamic_sampling) == (
+        0.2, 0.28, "token-mean", True)
+    assert (dapo.update.policy_loss, dapo.update.dual_clip_c) == ("ppo_clip", 10.0)
     assert (dapo.overlong_buffer, dapo.optim.weight_decay, dapo.optim.warmup_steps, dapo.optim.lr) == (4096, 0.1, 10, 1e-6)
     gspo = load_config(RLVRConfig, overrides=["algorithm=gspo"])
-    assert (gspo.gspo_clip_low, gspo.gspo_clip_high, gspo.loss_agg, gspo.dual_clip_c) == (3e-4, 4e-4, "seq-mean-token-mean", None)
+    assert (gspo.update.policy_loss, gspo.update.clip_low, gspo.update.clip_high, gspo.update.loss_agg,
+            gspo.update.dual_clip_c) == ("gspo", 3e-4, 4e-4, "seq-mean-token-mean", None)
     assert (gspo.optim.weight_decay, gspo.optim.warmup_ratio, gspo.optim.warmup_steps, gspo.overlong_buffer) == (0.1, 0.05, 0, None)
     grpo = load_config(RLVRConfig)
-    assert (grpo.clip_ratio_high, grpo.dual_clip_c, grpo.dynamic_sampling, grpo.overlong_buffer) == (0.2, 3.0, False, None)
+    assert (grpo.update.clip_high, grpo.update.dual_clip_c, grpo.dynamic_sampling, grpo.overlong_buffer) == (
+        0.2, 3.0, False, None)
+    assert (grpo.optim.weight_decay, grpo.optim.warmup_steps) == (0.01, 0)
 
     # User values win, in the file and in overrides; a user's warm-up ratio replaces the preset's steps.
-    path = _yaml(tmp_path, "algorithm: dapo\nclip_ratio_high: 0.3\noptim:\n  warmup_ratio: 0.02\n")
+    path = _yaml(tmp_path, "algorithm: dapo\nupdate:\n  clip_high: 0.3\noptim:\n  warmup_ratio: 0.02\n")
     cfg = load_config(RLVRConfig, path, ["overlong_buffer=null"])
-    assert (cfg.clip_ratio_high, cfg.overlong_buffer, cfg.dynamic_sampling) == (0.3, None, True)
+    assert (cfg.update.clip_high, cfg.update.dual_clip_c, cfg.overlong_buffer, cfg.dynamic_sampling) == (
+        0.3, 10.0, None, True)
     assert (cfg.optim.warmup_ratio, cfg.optim.warmup_steps, cfg.optim.weight_decay) == (0.02, 0, 0.1)
     # The algorithm chosen by an override picks the preset, even over the file's.
-    assert load_config(RLVRConfig, path, ["algorithm=grpo"]).clip_ratio_high == 0.3
+    assert load_config(RLVRConfig, path, ["algorithm=grpo"]).update.clip_high == 0.3
     assert load_config(RLVRConfig, path, ["algorithm=grpo"]).dynamic_sampling is False
 
-    merged = apply_rlvr_preset({"algorithm": "dapo", "clip_ratio_high": 0.25, "optim": {"lr": 2e-6}})
-    assert merged["clip_ratio_high"] == 0.25 and merged["optim"] == {"weight_decay": 0.1, "warmup_steps": 10, "lr": 2e-6}
-    assert RLVR_ALGORITHM_PRESETS["dapo"]["clip_ratio_high"] == 0.28  # the preset itself is untouched
+    merged = apply_rlvr_preset({"algorithm": "dapo", "update": {"clip_high": 0.25}, "optim": {"lr": 2e-6}})
+    assert merged["update"]["clip_high"] == 0.25 and merged["update"]["dual_clip_c"] == 10.0
+    assert merged["optim"] == {"weight_decay": 0.1, "warmup_steps": 10, "lr": 2e-6}
+    assert RLVR_ALGORITHM_PRESETS["dapo"]["update"]["clip_high"] == 0.28  # the preset itself is untouched
+    assert "null for policy_loss gspo" in _error(RLVRConfig, overrides=["algorithm=gspo", "update.dual_clip_c=3"])
     assert "did you mean 'dapo'?" in _error(RLVRConfig, overrides=["algorithm=dapoo"])
 
 

@@ -1,16 +1,15 @@
-"""The RLVR reward: answer matching rules, the format gate, DAPO's overlong penalty, JSONL scoring."""
+"""The RLVR reward: answer matching rules, the format gate, JSONL scoring (DAPO's overlong penalty: test_algorithms)."""
 
 import json
 
 import pytest
 
-from prism.format import render_response
+from prism.response_format import render_response
 from prism.rewards import (
     RewardInputError,
     RewardResult,
     answers_match,
     compute_reward,
-    overlong_penalty,
     score_jsonl,
 )
 
@@ -205,34 +204,6 @@ def test_compute_reward_weights_choices_and_equivalents():
     assert compute_reward(_response("3"), "2", accuracy_weight=0.5, format_weight=0.5).score == pytest.approx(0.5)
     assert compute_reward(_response("12"), "B", choices=CHOICES).accuracy == 1.0
     assert compute_reward(_response("2.0"), "3", equivalent_answers=["2"]).accuracy == 1.0
-
-
-@pytest.mark.parametrize(
-    "length, max_length, buffer, expected",
-    [
-        (0, 8192, 4096, 0.0),
-        (4096, 8192, 4096, 0.0),  # exactly L - buffer: no penalty yet
-        (4097, 8192, 4096, -1 / 4096),
-        (5120, 8192, 4096, -0.25),  # 1024 tokens into the buffer
-        (6144, 8192, 4096, -0.5),
-        (8192, 8192, 4096, -1.0),
-        (9000, 8192, 4096, -1.0),  # past L: DAPO's hard -1
-        (90, 100, 20, -0.5),
-        (85, 100, 20, -0.25),
-        (80, 100, 20, 0.0),
-        (50, 100, 100, -0.5),  # the whole length is buffer
-    ],
-)
-def test_overlong_penalty(length, max_length, buffer, expected):
-    assert overlong_penalty(length, max_length, buffer) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(
-    "max_length, buffer, name", [(100, 0, "buffer"), (100, -5, "buffer"), (100, 101, "buffer")]
-)
-def test_overlong_penalty_validates(max_length, buffer, name):
-    with pytest.raises(ValueError, match=name):
-        overlong_penalty(10, max_length, buffer)
 
 
 def _write(tmp_path, lines):

@@ -23,19 +23,19 @@ from typing import Callable, Iterable
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
+from prism.atomic_io import atomic_path, atomic_write_text
 from prism.config import config_to_dict
 from prism.data.formats import (
     RLRecord,
     WarmupPair,
     atomic_write_parquet,
-    atomic_write_text,
     sharegpt_dataset_info,
     write_rl_parquet,
     write_sharegpt,
     write_warmup_pairs,
 )
 from prism.data.world import Sample, WorldConfig, iter_split, make_sample
-from prism.format import SYSTEM_PROMPT, count_caption_bullets, count_reasoning_steps, split_segments
+from prism.response_format import SYSTEM_PROMPT, count_caption_bullets, count_reasoning_steps, split_segments
 
 WORLD_FORMAT_VERSION = 3  # 2: tokenizer/ also holds the image processor; 3: warmup_pairs.jsonl
 MANIFEST = "world.json"
@@ -263,8 +263,6 @@ def show_world(cfg: WorldConfig, out: Path, per_family: int = 2, split: str = "s
         sheet.paste(block, (0, y))
         y += block.height
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    sheet.save(tmp)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        sheet.save(tmp)
     return out

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from prism.config import FieldError
-from prism.format import SYSTEM_PROMPT, render_response
+from prism.response_format import SYSTEM_PROMPT, render_response
 
 FAMILIES = ("counting", "presence", "chart", "geometry", "composite", "multichoice")
 SPLITS = ("base", "sft", "teacher", "rl", "bench")

@@ -7,7 +7,7 @@
   copied. transformers keeps the experts fused (checked on the installed version, docs/ENVIRONMENT.md):
   `experts.gate_up_proj` [E, 2I, H] (gate rows first, then up rows) and `experts.down_proj` [E, H, I].
 - Segments: the caption segment and the think+answer segment are scored in separate forwards, neither with the
-  other in context. Both teacher and student segments are the canonical renderings of prism.format.Segments
+  other in context. Both teacher and student segments are the canonical renderings of prism.response_format.Segments
   followed by `<|im_end|>`, so a pair never differs in its last token (the known flaw METHOD.md warns about).
 - Variants (the ablations): `moe` (published), `dense` (no upcycling), `text_only` (the image is left out of the
   prompt), `hard_routed` (perception segments may only use the first half of the experts, reasoning segments
@@ -35,7 +35,9 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
     load_balancing_loss_func,
 )
 
-from prism.data.formats import atomic_directory
+from prism.atomic_io import atomic_directory
+from prism.data.encoding import IGNORE, Encoded, chat_messages, collate, process_images
+from prism.data.formats import IMAGE_TOKEN
 from prism.models.presets import DENSE, MOE, load_model, save_model
 from prism.models.processor import ModelError
 
@@ -210,7 +212,14 @@ class Discriminator(nn.Module):
                 kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores [rows] float32, load-balancing aux loss: a 0-d tensor, 0 for a dense backbone).
 
-        Rows are right-padded; each is scored at its last attended token."""
+        Rows are right-padded; each is scored at its last attended token. Head dropout acts in train mode."""
+        hidden, aux = self.last_hidden(input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw, kind)
+        return self.head_scores(hidden, dropout=self.training), aux
+
+    def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mm_token_type_ids: torch.Tensor,
+                    pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                    kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last hidden state of each row [rows, hidden], aux loss): the backbone part of `forward`."""
         self._route(kind)
         extra = {} if pixel_values is None else {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
         if self.is_moe:
@@ -219,13 +228,18 @@ class Discriminator(nn.Module):
                                   mm_token_type_ids=mm_token_type_ids, use_cache=False, **extra)
         last = attention_mask.sum(-1) - 1
         hidden = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), last]
-        scores = self.head(self.dropout(hidden)).squeeze(-1).float()
-        aux = torch.zeros((), device=scores.device)
+        aux = torch.zeros((), device=hidden.device)
         if self.is_moe:
             text = self.backbone.config.text_config
             aux = load_balancing_loss_func(out.router_logits, text.num_experts, text.num_experts_per_tok,
                                            attention_mask).float()
-        return scores, aux
+        return hidden, aux
+
+    def head_scores(self, hidden: torch.Tensor, dropout: bool) -> torch.Tensor:
+        """Scores [rows] float32 of last hidden states; `dropout` draws the head's dropout mask (one per row)."""
+        if dropout:
+            hidden = nn.functional.dropout(hidden, self.dropout.p, training=True)
+        return self.head(hidden).squeeze(-1).float()
 
 
 def build_discriminator(dense: nn.Module, spec: DiscriminatorSpec, *, num_experts: int, top_k: int,
@@ -292,9 +306,6 @@ def encode_prompt(processor, messages: list[dict[str, str]], images: Sequence, u
     """sharegpt-style messages with `<image>` placeholders (+ PIL images) -> ids ending in the assistant header.
 
     Text-only scoring drops the placeholders and the images."""
-    from prism.data.formats import IMAGE_TOKEN
-    from prism.stages.sft import chat_messages, process_images
-
     if not uses_images:
         messages = [{**m, "content": m["content"].replace(IMAGE_TOKEN, "")} for m in messages]
         images = []
@@ -317,8 +328,6 @@ def segment_batch(processor, prompts: Sequence[EncodedPrompt], segments: Sequenc
     """Right-padded rows [prompt_i + segment_i + <|im_end|>], vision blocks in row order.
 
     Every row ends in the same terminator, so teacher and student segments share their last token."""
-    from prism.stages.sft import IGNORE, Encoded, collate
-
     if len(prompts) != len(segments):
         raise ValueError(f"{len(prompts)} prompts for {len(segments)} segments")
     tokenizer = processor.tokenizer
@@ -333,16 +342,32 @@ def segment_batch(processor, prompts: Sequence[EncodedPrompt], segments: Sequenc
                 raise ModelError(f"a prompt of {len(prompt.ids)} tokens leaves no room for a segment in max_length={max_length}")
             ids = ids[: max_length - 1] + [terminator]
         rows.append(ids)
-    # sft.collate pads and concatenates vision blocks in row order; a scored segment has no labels
+    # collate pads and concatenates vision blocks in row order; a scored segment has no labels
     encoded = [Encoded(ids, [IGNORE] * len(ids), p.pixel_values, p.image_grid_thw) for ids, p in zip(rows, prompts)]
     batch = collate(encoded, tokenizer.pad_token_id, image_token)
     del batch["labels"]
     return batch
 
 
+def segment_hidden(discriminator: Discriminator, processor, prompts: Sequence[EncodedPrompt], segments: Sequence[str],
+                   kind: str, micro_batch_size: int, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden states [rows, hidden] of [prompt_i + segment_i + <|im_end|>] and the mean aux loss over
+    micro-batches of `micro_batch_size` rows, under the caller's grad mode."""
+    hidden, aux = [], []
+    for start in range(0, len(segments), micro_batch_size):
+        batch = segment_batch(processor, prompts[start : start + micro_batch_size],
+                              segments[start : start + micro_batch_size], max_length)
+        batch = {k: v.to(discriminator.device) for k, v in batch.items()}
+        h, a = discriminator.last_hidden(**batch, kind=kind)
+        hidden.append(h)
+        aux.append(a)
+    return torch.cat(hidden), torch.stack(aux).mean()
+
+
 def score_segments(discriminator: Discriminator, processor, prompts: Sequence[EncodedPrompt], segments: Sequence[str],
                    kind: str, micro_batch_size: int, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores [rows] and the mean aux loss over micro-batches, under the caller's grad mode."""
+    """Scores [rows] and the mean aux loss over micro-batches, under the caller's grad mode (head dropout in
+    train mode)."""
     scores, aux = [], []
     for start in range(0, len(segments), micro_batch_size):
         batch = segment_batch(processor, prompts[start : start + micro_batch_size],

@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForImageTextToText, PreTrainedModel, PreTrainedTokenizerBase
-from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import (
+    AutoModelForImageTextToText,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
 
-from prism.data.formats import atomic_directory
+from prism.atomic_io import atomic_directory
 from prism.models.processor import (
     MERGE_SIZE,
     PATCH_SIZE,

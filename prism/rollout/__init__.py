@@ -1,6 +1,7 @@
 """Rollout backends behind one interface: `generate(prompts, n, sampling) -> RolloutBatch`.
 
-`hf` runs anywhere (CPU tests, small runs); `vllm` is the colocated GPU engine (imported lazily).
+`hf` runs anywhere (CPU tests, small runs); `vllm` is the colocated GPU engine (imported lazily);
+`backends.make_backend` builds one by name. `prompts` holds the RL prompt stream and the sampling seeds.
 """
 
 from prism.rollout.base import (

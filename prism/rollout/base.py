@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from prism.format import SYSTEM_PROMPT
+from prism.response_format import SYSTEM_PROMPT
 
 
 class RolloutError(ValueError):

@@ -5,15 +5,20 @@
 
 One step is METHOD.md's loop, one discriminator update per policy update:
   1. generate: B prompts (with teacher segments), G rollouts each, seeded by (seed, step);
-  2. score: every rollout with the discriminator BEFORE its update (eval mode, no grad): s_cap = D(x, caption),
-     s_cot = D(x, think+answer), and the prompt's teacher segments the same way;
-  3. advantages: the `prism` multi-reward estimator (clip, invalid-format replacement, alpha * GN(s_cap) +
+  2. score and 4. discriminator loss, from one pass of the discriminator (train mode) over micro-batches of
+     `disc_micro_batch_size` rollouts: each rollout's caption and think+answer segments (a format-invalid one on
+     its fallback split at half its length), and its prompt's teacher segments. The backbone runs once per
+     segment; the head is applied twice to each last hidden state: without dropout for the scores the advantage
+     and the diagnostics read (the discriminator before its update), and with the head's dropout for the loss,
+     the teacher's once per rollout it is paired with (`teacher_scoring: per_rollout`, published) or once per
+     prompt (`shared`). The loss is the published one (prism.algorithms.discriminator_loss): per micro-batch the
+     kinds' Bradley-Terry means over valid rollouts added, scores clamped to +-score_clip, the regulariser over
+     every rollout, and the fallback on the teacher scores when no rollout of the step is valid; each micro-batch
+     is back-propagated as soon as it is scored and the step's gradient is their mean;
+  3. advantages: the `advantage` estimator (prism: clip, invalid-format replacement, alpha * GN(s_cap) +
      (1 - alpha) * GN(s_cot) - penalty * F); no accuracy reward;
-  4. discriminator update: Bradley-Terry of the teacher segments (scored once per group, shared by its G
-     rollouts) against the valid rollouts' segments, both kinds pooled, + score_reg_coef * mean squared score;
-     groups are back-propagated one at a time, each weighted by its share of the valid pairs. A step whose
-     rollouts are all format-invalid makes no discriminator update (logged as disc_updated = 0);
-  5. policy update: PPO-clip, token-mean, one update per step (the policy is its own old policy), optional KL.
+  5. policy update: prism.stages.policy_update with the `update` section (PPO-clip, dual clip, token-mean,
+     `mini_batches` updates), then the discriminator's optimizer step.
 Diagnostics every step: discriminator accuracy and reward gap (teacher - policy) per kind, format rate, response
 length, and two distribution proxies against the teacher corpus (caption bullets and reasoning steps: means and
 Wasserstein-1 distances). `proxies.json` compares the same statistics on a fixed prompt set for the teacher,
@@ -29,35 +34,29 @@ import math
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from prism.algorithms import (
-    aggregate_loss,
-    bradley_terry_loss,
-    compute_prism_advantage,
-    get_policy_loss,
-)
+from prism.algorithms import discriminator_loss, get_advantage_estimator
+from prism.atomic_io import atomic_write_text
 from prism.config import AlignConfig
-from prism.data.formats import DataError, RLRecord, atomic_write_text
-from prism.format import (
-    count_caption_bullets,
-    count_reasoning_steps,
-    segment_counts,
-    split_segments,
-)
+from prism.data.formats import DataError, RLRecord
 from prism.models.discriminator import (
     Discriminator,
+    EncodedPrompt,
     encode_prompt,
     load_discriminator,
     save_discriminator,
-    score_segments,
+    segment_hidden,
 )
+from prism.response_format import count_caption_bullets, count_reasoning_steps, scored_segments, segment_counts
 from prism.rollout import RolloutError, SamplingParams
-from prism.rollout.hf import log_probs_and_entropy
-from prism.runtime import MetricsLogger, Progress, check_finite, seed_everything
+from prism.rollout.backends import make_backend
+from prism.rollout.prompts import load_prompts, rollout_prompt, sampling_seed, take_prompts
+from prism.runtime import MetricsLogger, Progress, check_finite, mean_or_nan, seed_everything
 from prism.stages.common import (
     average_gradients,
     build_optimizer,
@@ -66,19 +65,11 @@ from prism.stages.common import (
     is_fsdp,
     load_policy,
     make_accelerator,
-    no_sync,
     resume,
     save_progress,
     start_stage,
 )
-from prism.stages.rlvr import (
-    _mean,
-    load_prompts,
-    make_backend,
-    rollout_prompt,
-    sampling_seed,
-    take_prompts,
-)
+from prism.stages.policy_update import Group, policy_update
 
 DISCRIMINATOR_DIR = "discriminator"
 PROXY_SEED_OFFSET = 4_242
@@ -109,22 +100,14 @@ def teacher_counts(records: Sequence[RLRecord]) -> tuple[list[int], list[int]]:
 
 
 def proxy_summary(bullets: list[int], steps: list[int], teacher: tuple[list[int], list[int]]) -> dict[str, float]:
-    return {"caption_bullets": _mean(bullets), "reasoning_steps": _mean(steps),
+    return {"caption_bullets": mean_or_nan(bullets), "reasoning_steps": mean_or_nan(steps),
             "caption_bullets_w1": wasserstein_1(bullets, teacher[0]),
             "reasoning_steps_w1": wasserstein_1(steps, teacher[1])}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Discriminator scores of a batch
+# The discriminator's pass over a step: its scores before the update, and the published loss's gradient
 # ----------------------------------------------------------------------------------------------------
-
-
-def segments_of(text: str, kind: str) -> str | None:
-    """The canonical segment a discriminator scores (None for a format-invalid response)."""
-    segments = split_segments(text)
-    if segments is None:
-        return None
-    return {"perception": segments.perception, "reasoning": segments.reasoning, "response": segments.text}[kind]
 
 
 def teacher_segment(record: RLRecord, kind: str) -> str:
@@ -135,53 +118,77 @@ def teacher_segment(record: RLRecord, kind: str) -> str:
     return record.teacher_caption + "\n" + record.teacher_cot
 
 
-@torch.no_grad()
-def score_batch(discriminator: Discriminator, processor, prompts, records: list[RLRecord], texts: list[str],
-                n: int, cfg: AlignConfig) -> dict[str, torch.Tensor]:
-    """Per kind: `student_<kind>` [rows] (NaN for invalid rows) and `teacher_<kind>` [prompts], in eval mode."""
-    was_training = discriminator.training
-    discriminator.eval()
-    out: dict[str, torch.Tensor] = {}
-    for kind in discriminator.spec.segment_kinds:
-        segments = [segments_of(text, kind) for text in texts]
-        valid = [row for row, segment in enumerate(segments) if segment is not None]
-        student = torch.full((len(texts),), float("nan"))
-        if valid:
-            scores, _ = score_segments(discriminator, processor, [prompts[row // n] for row in valid],
-                                       [segments[row] for row in valid], kind, cfg.disc_micro_batch_size,
-                                       cfg.disc_max_length)
-            student[valid] = scores.cpu()
-        teacher, _ = score_segments(discriminator, processor, prompts, [teacher_segment(r, kind) for r in records],
-                                    kind, cfg.disc_micro_batch_size, cfg.disc_max_length)
-        out[f"student_{kind}"], out[f"teacher_{kind}"] = student, teacher.cpu()
-    discriminator.train(was_training)
-    return out
+@dataclass
+class DiscriminatorPass:
+    """What one pass of the discriminator over a step's rollouts gives (`discriminator_pass`)."""
+
+    student: dict[str, torch.Tensor]  # kind -> [rows]: each rollout's score before the update (no dropout)
+    teacher: dict[str, torch.Tensor]  # kind -> [prompts]: each teacher segment's score before the update
+    valid: torch.Tensor  # [rows] bool: format-valid (an invalid row's scores are of its fallback split)
+    loss: float  # the mean of the micro-batches' losses, aux term included
+    bt_loss: float  # its Bradley-Terry part (the kinds' means added)
+    score_reg: float
+    fallback: float  # its fallback part (0 unless no rollout of the step is valid)
+    seconds_forward: float
+    seconds_backward: float
 
 
-def discriminator_loss_groups(discriminator: Discriminator, processor, prompts, records: list[RLRecord],
-                              texts: list[str], n: int, cfg: AlignConfig, total_valid: float):
-    """Yield each group's loss (its Bradley-Terry mean x its share of all valid pairs) and metrics, ready for
-    backward, so only one group's activations are alive at a time."""
-    for p, record in enumerate(records):
-        teacher, student = [], []
-        aux = []
-        for kind in discriminator.spec.segment_kinds:
-            segments = [segments_of(texts[p * n + k], kind) for k in range(n)]
-            valid = [s for s in segments if s is not None]
-            if not valid:
-                continue
-            scores, a = score_segments(discriminator, processor, [prompts[p]] * (1 + len(valid)),
-                                       [teacher_segment(record, kind), *valid], kind, cfg.disc_micro_batch_size,
-                                       cfg.disc_max_length)
-            teacher.append(scores[:1].expand(len(valid)))
-            student.append(scores[1:])
-            aux.append(a)
-        if not teacher:
-            continue
-        t, s = torch.cat(teacher), torch.cat(student)
-        loss, metrics = bradley_terry_loss(t, s, score_reg_coef=cfg.score_reg_coef)
-        loss = loss * (len(t) / total_valid) + cfg.disc_aux_loss_coef * torch.stack(aux).mean() / len(records)
-        yield loss, metrics
+def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequence[EncodedPrompt],
+                       records: Sequence[RLRecord], texts: Sequence[str], n: int, cfg: AlignConfig,
+                       batch_has_valid: bool, backward: bool = True) -> DiscriminatorPass:
+    """Score the rollouts `texts` (row i answers prompt i // n) and back-propagate the published loss.
+
+    Micro-batches of `cfg.disc_micro_batch_size` rollouts, in row order: per segment kind, the rollouts' segments
+    and the teacher segments of the prompts the micro-batch holds each run through the backbone once. From each
+    last hidden state the head gives a score without dropout (returned: what the advantage and diagnostics read)
+    and, for the loss, with the head's dropout, the teacher's drawn once per rollout it is paired with
+    (`teacher_scoring: per_rollout`) or once per prompt (`shared`). Each micro-batch's loss over the number of
+    micro-batches is back-propagated at once (`backward`), so one micro-batch's activations are alive at a time
+    and the gradient is the mean of the micro-batches'. `batch_has_valid`: whether any rollout of the whole step
+    (every process) is format-valid; without one, the loss is the fallback. With `backward=False` (under
+    torch.no_grad) the pass only scores."""
+    kinds = discriminator.spec.segment_kinds
+    split = [scored_segments(text) for text in texts]
+    valid = torch.tensor([ok for _, ok in split], dtype=torch.bool)
+    size = cfg.disc_micro_batch_size
+    micro = [list(range(start, min(start + size, len(texts)))) for start in range(0, len(texts), size)]
+    student = {kind: torch.empty(len(texts)) for kind in kinds}
+    teacher = {kind: torch.empty(len(records)) for kind in kinds}
+    totals = dict.fromkeys(("loss", "bt_loss", "score_reg", "fallback", "seconds_forward", "seconds_backward"), 0.0)
+    for rows in micro:
+        started = time.perf_counter()
+        owners = sorted({row // n for row in rows})  # the prompts of this micro-batch
+        owner_of_row = torch.tensor([owners.index(row // n) for row in rows], device=discriminator.device)
+        train_teacher, train_student, aux = {}, {}, []
+        for kind in kinds:
+            hidden_t, aux_t = segment_hidden(discriminator, processor, [prompts[p] for p in owners],
+                                             [teacher_segment(records[p], kind) for p in owners], kind, len(owners),
+                                             cfg.disc_max_length)
+            hidden_s, aux_s = segment_hidden(discriminator, processor, [prompts[row // n] for row in rows],
+                                             [split[row][0][kind] for row in rows], kind, len(rows), cfg.disc_max_length)
+            with torch.no_grad():
+                teacher[kind][owners] = discriminator.head_scores(hidden_t, dropout=False).cpu()
+                student[kind][rows] = discriminator.head_scores(hidden_s, dropout=False).cpu()
+            if cfg.teacher_scoring == "per_rollout":
+                train_teacher[kind] = discriminator.head_scores(hidden_t[owner_of_row], dropout=True)
+            else:
+                train_teacher[kind] = discriminator.head_scores(hidden_t, dropout=True)[owner_of_row]
+            train_student[kind] = discriminator.head_scores(hidden_s, dropout=True)
+            aux += [aux_t, aux_s]
+        loss, metrics = discriminator_loss(
+            train_teacher, train_student, valid[rows].to(discriminator.device), batch_has_valid=batch_has_valid,
+            score_clip=cfg.score_clip, score_reg_coef=cfg.score_reg_coef, fallback_coef=cfg.fallback_loss_coef)
+        loss = (loss + cfg.disc_aux_loss_coef * torch.stack(aux).mean()) / len(micro)
+        totals["seconds_forward"] += time.perf_counter() - started
+        started = time.perf_counter()
+        if backward:
+            loss.backward()
+        totals["seconds_backward"] += time.perf_counter() - started
+        totals["loss"] += float(loss.detach())
+        totals["bt_loss"] += sum(float(metrics[f"bt_{kind}"]) for kind in kinds) / len(micro)
+        totals["score_reg"] += float(metrics["score_reg"]) / len(micro)
+        totals["fallback"] += float(metrics["fallback"]) / len(micro)
+    return DiscriminatorPass(student=student, teacher=teacher, valid=valid, **totals)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,7 +196,7 @@ def discriminator_loss_groups(discriminator: Discriminator, processor, prompts, 
 # ----------------------------------------------------------------------------------------------------
 
 
-class _Named:
+class NamedParts:
     """state_dict / load_state_dict over named parts, so one checkpoint holds both optimizers (schedulers)."""
 
     def __init__(self, **parts):
@@ -203,15 +210,15 @@ class _Named:
             part.load_state_dict(state[name])
 
 
-def _proxy_prompts(records: list[RLRecord], count: int, seed: int) -> list[RLRecord]:
+def proxy_prompts(records: list[RLRecord], count: int, seed: int) -> list[RLRecord]:
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed + PROXY_SEED_OFFSET))
     return [records[i] for i in order[:count].tolist()]
 
 
-def _proxy_rollouts(backend, policy, records: list[RLRecord], cfg: AlignConfig) -> list[str]:
+def proxy_rollouts(backend, policy, records: list[RLRecord], cfg: AlignConfig) -> list[str]:
     policy.eval()
     batch = backend.generate([rollout_prompt(r) for r in records], 1, SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
         seed=cfg.seed + PROXY_SEED_OFFSET))
     policy.train()
     return batch.texts
@@ -231,11 +238,16 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
         raise NotImplementedError("align under FSDP is not implemented (policy and discriminator are checkpointed "
                                   "together unsharded): run it data-parallel")
     world, rank = accelerator.num_processes, accelerator.process_index
-    if cfg.prompts_per_step % world:
-        raise RolloutError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the {world} processes")
+    rollout, update = cfg.rollout, cfg.update
+    if rollout.prompts_per_step % world:
+        raise RolloutError(f"rollout.prompts_per_step={rollout.prompts_per_step} must be divisible by the {world} "
+                           "processes")
+    if (rollout.prompts_per_step // world) % update.mini_batches:
+        raise RolloutError(f"each process's {rollout.prompts_per_step // world} prompts must split into "
+                           f"update.mini_batches={update.mini_batches}")
 
     seed_everything(cfg.seed)
-    records = load_prompts(cfg)
+    records = load_prompts(cfg.data_files)
     missing = [r.id for r in records if not (r.teacher_caption and r.teacher_cot)]
     if missing:
         raise DataError(f"{cfg.data_files}: record {missing[0]} has no teacher_caption/teacher_cot (align needs the "
@@ -243,14 +255,18 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
     teacher = teacher_counts(records)
     policy, processor = load_policy(cfg.model, cfg.seed)
     discriminator = load_discriminator(cfg.discriminator.path, dtype=cfg.discriminator.dtype).train()
-    reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+    if discriminator.backbone.config.text_config.attention_dropout:
+        raise NotImplementedError(
+            f"{cfg.discriminator.path}: attention_dropout > 0. align takes the scores and the loss from one pass of "
+            "the backbone, which must then be deterministic (Qwen3-VL's attention_dropout is 0)")
+    reference = copy.deepcopy(policy).eval().requires_grad_(False) if update.kl_coef > 0 else None
     policy_optimizer = build_optimizer(policy, cfg.policy_optim)
     disc_optimizer = build_optimizer(discriminator, cfg.disc_optim)
-    policy_scheduler = build_scheduler(policy_optimizer, cfg.policy_optim, cfg.steps)
+    policy_scheduler = build_scheduler(policy_optimizer, cfg.policy_optim, cfg.steps * update.mini_batches)
     disc_scheduler = build_scheduler(disc_optimizer, cfg.disc_optim, cfg.steps)
     both = nn.ModuleDict({"policy": policy, "discriminator": discriminator})
-    optimizers = _Named(policy=policy_optimizer, discriminator=disc_optimizer)
-    schedulers = _Named(policy=policy_scheduler, discriminator=disc_scheduler)
+    optimizers = NamedParts(policy=policy_optimizer, discriminator=disc_optimizer)
+    schedulers = NamedParts(policy=policy_scheduler, discriminator=disc_scheduler)
     restored = resume(run_dir, both, optimizers, schedulers, accelerator)
     start = restored["step"] if restored else 0
     cursor = restored["data_position"]["prompts_consumed"] if restored else 0
@@ -258,110 +274,66 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
     model, policy_optimizer = accelerator.prepare(policy, policy_optimizer)
     if reference is not None:
         reference.to(accelerator.device)
-    backend = make_backend(cfg, policy, processor)
-    loss_fn = get_policy_loss("ppo_clip")
+    backend = make_backend(rollout.backend, policy, processor, model_path=cfg.model.path, dtype=cfg.model.dtype)
+    advantage_fn = get_advantage_estimator(cfg.advantage)
     kinds = discriminator.spec.segment_kinds
-    prompts_per_micro = max(1, cfg.micro_batch_size // cfg.rollouts_per_prompt)
-    policy_clip = cfg.policy_optim.grad_clip if cfg.policy_optim.grad_clip is not None else math.inf
     disc_clip = cfg.disc_optim.grad_clip if cfg.disc_optim.grad_clip is not None else math.inf
-    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
+    sampling = {"max_new_tokens": rollout.max_new_tokens, "min_new_tokens": rollout.min_new_tokens,
+                "temperature": rollout.temperature, "top_p": rollout.top_p}
+    n = rollout.rollouts_per_prompt
 
-    proxy_records = _proxy_prompts(records, cfg.proxy_prompts, cfg.seed) if cfg.proxy_prompts else []
+    proxy_records = proxy_prompts(records, cfg.proxy_prompts, cfg.seed) if cfg.proxy_prompts else []
     proxies = (restored["extra"].get("proxies") if restored else None) or {}
     if proxy_records and "before" not in proxies and accelerator.is_main_process:
         proxies = {"prompts": len(proxy_records),
                    "teacher": proxy_summary(*teacher_counts(proxy_records), teacher),
-                   "before": proxy_summary(*segment_counts(_proxy_rollouts(backend, policy, proxy_records, cfg)), teacher)}
+                   "before": proxy_summary(*segment_counts(proxy_rollouts(backend, policy, proxy_records, cfg)), teacher)}
 
     logger = MetricsLogger(run_dir, cfg.tracking, project="prism", resume_step=start) if accelerator.is_main_process else None
     progress = Progress(cfg.steps, desc="align", initial=start) if accelerator.is_main_process else None
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         # ---- 1. generate ----
-        indices = take_prompts(cursor, cfg.prompts_per_step, len(records), cfg.seed)[rank::world]
-        cursor += cfg.prompts_per_step
+        indices = take_prompts(cursor, rollout.prompts_per_step, len(records), cfg.seed)[rank::world]
+        cursor += rollout.prompts_per_step
         chosen = [records[i] for i in indices]
         started = time.perf_counter()
         policy.eval()
-        batch = backend.generate([rollout_prompt(r) for r in chosen], cfg.rollouts_per_prompt,
+        batch = backend.generate([rollout_prompt(r) for r in chosen], n,
                                  SamplingParams(**sampling, seed=sampling_seed(cfg.seed, step, 0, rank)))
         policy.train()
         if hasattr(backend, "sleep"):
             backend.sleep()
         seconds_generate = time.perf_counter() - started
 
-        # ---- 2-3. score with the discriminator before its update; advantages ----
+        # ---- 2-4. discriminator: scores before its update, its loss, its update; advantages ----
         started = time.perf_counter()
-        n = cfg.rollouts_per_prompt
         prompts = [encode_prompt(processor, r.prompt, rollout_prompt(r).images, discriminator.spec.uses_images)
                    for r in chosen]
-        scores = score_batch(discriminator, processor, prompts, chosen, batch.texts, n, cfg)
-        valid = torch.tensor([split_segments(text) is not None for text in batch.texts])
-        s_cap = scores[f"student_{kinds[0]}"]
-        s_cot = scores[f"student_{kinds[-1]}"]  # whole_response: one score serves both views
-        advantages = compute_prism_advantage(s_cap, s_cot, valid, batch.group_ids, alpha=cfg.alpha,
-                                             format_penalty=cfg.format_penalty, score_clip=cfg.score_clip)
-        seconds_score = time.perf_counter() - started
-
-        # ---- 4. discriminator update ----
+        has_valid = torch.tensor([float(any(scored_segments(text)[1] for text in batch.texts))])
+        if world > 1:
+            has_valid = accelerator.reduce(has_valid, reduction="sum")
+        seconds_encode = time.perf_counter() - started
+        scored = discriminator_pass(discriminator, processor, prompts, chosen, batch.texts, n, cfg,
+                                    batch_has_valid=float(has_valid) > 0)
         started = time.perf_counter()
-        local_valid = torch.tensor(float(valid.sum()) * len(kinds))
-        total_valid = accelerator.reduce(local_valid, reduction="sum") if world > 1 else local_valid
-        disc_stats = {"loss": 0.0, "bt_loss": 0.0, "score_reg": 0.0}
-        disc_grad_norm = disc_lr = float("nan")
-        if float(total_valid) > 0:
-            for loss, metrics in discriminator_loss_groups(discriminator, processor, prompts, chosen,
-                                                           batch.texts, n, cfg, float(total_valid)):
-                loss.backward()
-                share = float(metrics["num_valid"]) / float(total_valid)
-                disc_stats["loss"] += float(loss.detach())
-                disc_stats["bt_loss"] += float(metrics["bt_loss"]) * share
-                disc_stats["score_reg"] += float(metrics["score_reg"]) * share
-            average_gradients(discriminator, accelerator)
-            check_finite(disc_stats["loss"], discriminator, step=step + 1)
-            disc_grad_norm = float(torch.nn.utils.clip_grad_norm_(discriminator.parameters(), disc_clip))
-            disc_lr = disc_scheduler.get_last_lr()[0]
-            disc_optimizer.step()
-            disc_scheduler.step()  # the discriminator's schedule counts its updates
-            disc_optimizer.zero_grad(set_to_none=True)
-        seconds_disc_update = time.perf_counter() - started
+        average_gradients(discriminator, accelerator)
+        check_finite(scored.loss, discriminator, step=step + 1)
+        disc_grad_norm = float(torch.nn.utils.clip_grad_norm_(discriminator.parameters(), disc_clip))
+        disc_lr = disc_scheduler.get_last_lr()[0]
+        disc_optimizer.step()
+        disc_scheduler.step()  # the discriminator's schedule counts its updates
+        disc_optimizer.zero_grad(set_to_none=True)
+        seconds_disc_step = time.perf_counter() - started
+        advantages = advantage_fn(scored.student[kinds[0]], scored.student[kinds[-1]], scored.valid, batch.group_ids,
+                                  alpha=cfg.alpha, format_penalty=cfg.format_penalty, score_clip=cfg.score_clip)
 
-        # ---- 5. policy update: PPO-clip, one update, micro-batches of whole groups ----
+        # ---- 5. policy update ----
         started = time.perf_counter()
-        groups = list(range(len(chosen)))
-        micros = [groups[i : i + prompts_per_micro] for i in range(0, len(groups), prompts_per_micro)]
-        tokens = torch.tensor(float(batch.response_mask.sum()))
-        tokens = (accelerator.reduce(tokens, reduction="sum") if world > 1 else tokens).clamp_min(1.0)
-        stats: dict[str, list[float]] = {"clipfrac": [], "ppo_kl": [], "entropy": [], "kl_ref": []}
-        policy_loss = 0.0
-        for i, group_indices in enumerate(micros):
-            micro = batch.select_prompts(group_indices)
-            adv = advantages.reshape(-1, n)[group_indices].flatten()
-            with no_sync(accelerator, model, last_micro_step=i == len(micros) - 1):
-                lp, entropy = log_probs_and_entropy(model, micro)
-                mask, adv = micro.response_mask.to(lp.device), adv.to(lp.device)
-                loss_mat, metrics = loss_fn(lp, lp.detach(), adv, mask, clip_low=cfg.clip_ratio,
-                                            clip_high=cfg.clip_ratio, dual_clip_c=None)
-                if reference is not None:
-                    with torch.no_grad():
-                        ref_lp = log_probs_and_entropy(reference, micro, with_entropy=False)[0]
-                    log_ratio = (ref_lp - lp).clamp(-20, 20)
-                    kl = (log_ratio.exp() - log_ratio - 1) * mask
-                    loss_mat = loss_mat + cfg.kl_coef * kl
-                    stats["kl_ref"].append(float((kl.sum() / mask.sum().clamp_min(1)).detach()))
-                weight = float(mask.sum()) / float(tokens) if cfg.loss_agg == "token-mean" else len(group_indices) / len(chosen)
-                loss = aggregate_loss(loss_mat, mask, cfg.loss_agg) * weight * world
-                accelerator.backward(loss)
-            policy_loss += float(loss.detach()) / world
-            stats["clipfrac"].append(float(metrics["clipfrac"]))
-            stats["ppo_kl"].append(float(metrics["ppo_kl"]))
-            stats["entropy"].append(float(entropy.sum() / mask.sum().clamp_min(1)))
-        check_finite(policy_loss, policy, step=step + 1)
-        policy_grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), policy_clip))
-        policy_lr = policy_scheduler.get_last_lr()[0]
-        policy_optimizer.step()
-        policy_scheduler.step()
-        policy_optimizer.zero_grad(set_to_none=True)
+        groups = [Group(batch, p, advantages.reshape(-1, n)[p]) for p in range(len(chosen))]
+        stats = policy_update(model, policy_optimizer, policy_scheduler, accelerator, groups, update,
+                              grad_clip=cfg.policy_optim.grad_clip, reference=reference, filler=groups[0],
+                              step=step + 1)
         backend.update_weights(policy)
         seconds_policy_update = time.perf_counter() - started
 
@@ -369,30 +341,31 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
         done = step + 1
         bullets, steps_count = segment_counts(batch.texts)
         record: dict[str, float] = {
-            "format_rate": float(valid.float().mean()),
+            "format_rate": float(scored.valid.float().mean()),
             "response_length": float(batch.response_mask.sum(-1).float().mean()),
-            "truncated_rate": _mean([reason == "length" for reason in batch.finish_reasons]),
+            "truncated_rate": mean_or_nan([reason == "length" for reason in batch.finish_reasons]),
             "advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
             **proxy_summary(bullets, steps_count, teacher),
-            "disc_loss": disc_stats["loss"], "disc_bt_loss": disc_stats["bt_loss"],
-            "disc_score_reg": disc_stats["score_reg"], "disc_grad_norm": disc_grad_norm,
-            "disc_updated": float(float(total_valid) > 0), "disc_lr": disc_lr,
-            "policy_loss": policy_loss, "clipfrac": _mean(stats["clipfrac"]), "ppo_kl": _mean(stats["ppo_kl"]),
-            "entropy": _mean(stats["entropy"]), "policy_grad_norm": policy_grad_norm, "policy_lr": policy_lr,
-            "seconds_generate": seconds_generate, "seconds_disc_score": seconds_score,
-            "seconds_disc_update": seconds_disc_update, "seconds_policy_update": seconds_policy_update,
-            "seconds_step": time.perf_counter() - t0,
+            "disc_loss": scored.loss, "disc_bt_loss": scored.bt_loss, "disc_score_reg": scored.score_reg,
+            "disc_fallback_loss": scored.fallback, "disc_fallback": float(float(has_valid) == 0),
+            "disc_grad_norm": disc_grad_norm, "disc_lr": disc_lr,
+            "policy_loss": stats["loss"], "clipfrac": stats["clipfrac"], "ppo_kl": stats["ppo_kl"],
+            "entropy": stats["entropy"], "policy_grad_norm": stats["grad_norm"], "policy_lr": stats["lr"],
+            "seconds_generate": seconds_generate,
+            "seconds_disc_score": seconds_encode + scored.seconds_forward,
+            "seconds_disc_update": scored.seconds_backward + seconds_disc_step,
+            "seconds_policy_update": seconds_policy_update, "seconds_step": time.perf_counter() - t0,
         }
+        ok = scored.valid
         for kind in kinds:
-            student, teacher_scores = scores[f"student_{kind}"], scores[f"teacher_{kind}"]
+            student, teacher_scores = scored.student[kind], scored.teacher[kind]
             paired = teacher_scores.repeat_interleave(n)
-            ok = ~torch.isnan(student)
             record[f"disc_accuracy_{kind}"] = float((paired[ok] > student[ok]).float().mean()) if ok.any() else float("nan")
             record[f"reward_gap_{kind}"] = float((paired[ok] - student[ok]).mean()) if ok.any() else float("nan")
             record[f"teacher_score_{kind}"] = float(teacher_scores.mean())
             record[f"policy_score_{kind}"] = float(student[ok].mean()) if ok.any() else float("nan")
         if reference is not None:
-            record["kl_ref"] = _mean(stats["kl_ref"])
+            record["kl_ref"] = stats["kl_ref"]
         if accelerator.is_main_process:
             if done % cfg.log_every_steps == 0 or done == cfg.steps:
                 logger.log(done, record)
@@ -408,7 +381,7 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
         progress.close()
         logger.close()
         if proxy_records:
-            proxies["after"] = proxy_summary(*segment_counts(_proxy_rollouts(backend, policy, proxy_records, cfg)),
+            proxies["after"] = proxy_summary(*segment_counts(proxy_rollouts(backend, policy, proxy_records, cfg)),
                                              teacher)
             atomic_write_text(run_dir / "proxies.json", json.dumps(proxies, indent=2) + "\n")
         save_discriminator(discriminator, processor, run_dir / DISCRIMINATOR_DIR)

@@ -26,17 +26,18 @@ import torch
 from PIL import Image
 
 from prism.algorithms import bradley_terry_loss
+from prism.atomic_io import atomic_write_text
 from prism.config import DiscWarmupConfig
+from prism.data.encoding import chat_messages
 from prism.data.formats import (
     IMAGE_TOKEN,
     DataError,
     WarmupPair,
-    atomic_write_text,
     read_rl_parquet,
     read_warmup_pairs,
     write_warmup_pairs,
 )
-from prism.format import SYSTEM_PROMPT, split_segments
+from prism.data.order import epoch_order, step_records
 from prism.models.discriminator import (
     Discriminator,
     DiscriminatorSpec,
@@ -45,7 +46,9 @@ from prism.models.discriminator import (
     save_discriminator,
     score_segments,
 )
-from prism.rollout import HFRolloutBackend, RolloutError, RolloutPrompt, SamplingParams
+from prism.response_format import SYSTEM_PROMPT, split_segments
+from prism.rollout import RolloutPrompt, SamplingParams
+from prism.rollout.backends import make_backend
 from prism.runtime import MetricsLogger, Progress, check_finite, seed_everything
 from prism.stages.common import (
     average_gradients,
@@ -58,7 +61,6 @@ from prism.stages.common import (
     save_progress,
     start_stage,
 )
-from prism.stages.sft import chat_messages, epoch_order, step_records
 
 PAIRS_FILE = "pairs.jsonl"
 GENERATION_PROMPTS = 16  # teacher prompts per generate call
@@ -81,15 +83,8 @@ def generate_pairs(cfg: DiscWarmupConfig, out: Path) -> int:
     if bad:
         raise DataError(f"{cfg.teacher_files}: record {bad[0].id} has {len(bad[0].images)} images; a pair takes one")
     policy, processor = load_policy(cfg.policy, cfg.seed)
-    if cfg.rollout_backend == "hf":
-        processor.tokenizer.padding_side = "left"
-        backend = HFRolloutBackend(policy.eval(), processor, behaviour_log_probs=False)
-    else:
-        if cfg.policy.path is None:
-            raise RolloutError("rollout_backend=vllm needs policy.path (vLLM builds its engine from a checkpoint folder)")
-        from prism.rollout.vllm import VLLMRolloutBackend
-
-        backend = VLLMRolloutBackend(cfg.policy.path, processor, dtype=cfg.policy.dtype)
+    backend = make_backend(cfg.rollout_backend, policy.eval(), processor, model_path=cfg.policy.path,
+                           dtype=cfg.policy.dtype, path_field="policy.path")
     image_dir = out.parent / "pair_images"
     image_dir.mkdir(parents=True, exist_ok=True)
     pairs: list[WarmupPair] = []

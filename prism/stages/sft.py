@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from prism.config import BaseConfig, SFTConfig
+from prism.data.encoding import IGNORE, Encoded, collate, collate_packed, encode_conversation
 from prism.data.formats import Conversation, DataError, read_sharegpt
+from prism.data.order import step_records
 from prism.runtime import MetricsLogger, Progress, check_finite, seed_everything
 from prism.stages.common import (
     build_optimizer,
@@ -36,169 +36,6 @@ from prism.stages.common import (
     start_stage,
 )
 
-IGNORE = -100
-IMAGE_PLACEHOLDER = "<image>"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Encoding: a sharegpt conversation -> ids, labels and pixel values
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE outside assistant tokens
-    pixel_values: torch.Tensor | None  # [patches, D]
-    image_grid_thw: torch.Tensor | None  # [images, 3]
-
-
-def chat_messages(messages: list[dict[str, str]]) -> list[dict]:
-    """sharegpt strings with `<image>` placeholders -> chat-template parts ({"type": "image"} / text)."""
-    out = []
-    for message in messages:
-        pieces = message["content"].split(IMAGE_PLACEHOLDER)
-        parts: list[dict] = []
-        for i, piece in enumerate(pieces):
-            if i > 0:
-                parts.append({"type": "image"})
-            if piece:
-                parts.append({"type": "text", "text": piece})
-        out.append({"role": message["role"], "content": parts})
-    return out
-
-
-def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def process_images(processor, images: list) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """(pixel_values, image_grid_thw, image tokens per image after merging): each image processed once, so the
-    caller expands each `<|image_pad|>` itself and skips the processor's text pass."""
-    vision = processor.image_processor(images=images, return_tensors="pt")
-    merge = processor.image_processor.merge_size ** 2
-    return vision["pixel_values"], vision["image_grid_thw"], (vision["image_grid_thw"].prod(-1) // merge).tolist()
-
-
-def encode_conversation(processor, conversation: Conversation, max_length: int, where: str = "record") -> Encoded:
-    """Render with the chat template, label each assistant turn (up to its `<|im_end|>`), expand images."""
-    tokenizer = processor.tokenizer
-    messages = chat_messages(conversation.messages)
-    ids = _ids(tokenizer, messages, add_generation_prompt=False)
-    labels = [IGNORE] * len(ids)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    for turn, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(_ids(tokenizer, messages[:turn], add_generation_prompt=True))
-        prefix_ids = ids if turn == len(messages) - 1 else _ids(tokenizer, messages[: turn + 1], add_generation_prompt=False)
-        end = len(prefix_ids)
-        if ids[:end] != prefix_ids:
-            raise DataError(f"{where}: the chat template does not render turn {turn} as a prefix of the conversation")
-        turn_ids = ids[start:end]
-        stop = max((i for i, t in enumerate(turn_ids) if t == eos), default=len(turn_ids) - 1)
-        labels[start : start + stop + 1] = ids[start : start + stop + 1]
-
-    pixel_values = image_grid_thw = None
-    image_token = processor.image_token_id if hasattr(processor, "image_token_id") else tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    if conversation.images:
-        images = []
-        for path in conversation.images:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        pixel_values, image_grid_thw, tokens_per_image = process_images(processor, images)
-        counts = iter(tokens_per_image)
-        expanded_ids, expanded_labels = [], []
-        for token, label in zip(ids, labels):
-            repeat = next(counts) if token == image_token else 1
-            expanded_ids.extend([token] * repeat)
-            expanded_labels.extend([label] * repeat)
-        if next(counts, None) is not None:
-            raise DataError(f"{where}: fewer image tokens in the rendered text than images")
-        ids, labels = expanded_ids, expanded_labels
-    if len(ids) > max_length:
-        if image_token in ids[max_length:]:
-            raise DataError(f"{where}: {len(ids)} tokens exceed max_length={max_length} inside an image; raise max_length")
-        ids, labels = ids[:max_length], labels[:max_length]
-    if all(label == IGNORE for label in labels):
-        raise DataError(f"{where}: no assistant token left to train on (max_length={max_length})")
-    return Encoded(ids, labels, pixel_values, image_grid_thw)
-
-
-def collate(encoded: list[Encoded], pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; vision inputs concatenated in row order."""
-    width = max(len(e.input_ids) for e in encoded)
-    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, e in enumerate(encoded):
-        input_ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[row, : len(e.labels)] = torch.tensor(e.labels)
-        attention_mask[row, : len(e.input_ids)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-             "mm_token_type_ids": (input_ids == image_token_id).long()}
-    pixels = [e.pixel_values for e in encoded if e.pixel_values is not None]
-    if pixels:
-        batch["pixel_values"] = torch.cat(pixels)
-        batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in encoded if e.image_grid_thw is not None])
-    return batch
-
-
-def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
-    """First-fit decreasing: sample indices per row, each row holding at most max_length tokens."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
-        if row is None:
-            rows.append([])
-            room.append(max_length)
-            row = len(rows) - 1
-        rows[row].append(i)
-        room[row] -= lengths[i]
-    return rows
-
-
-def collate_packed(encoded: list[Encoded], pad_id: int, image_token_id: int, max_length: int,
-                   rope_index) -> dict[str, torch.Tensor]:
-    """The same samples as `collate`, packed into as few rows of at most max_length tokens as fit.
-
-    No attention mask: each sample's positions restart at 0, which transformers reads as packed sequences
-    (a block-diagonal causal mask; flash-attention's variable-length kernels on GPU), so no token sees
-    another sample. Positions are [4, rows, L]: the text position, then the sample's own M-RoPE positions
-    (`rope_index(ids, mm_token_type_ids, image_grid_thw)` per sample). Vision inputs follow the packed order."""
-    rows = pack_rows([len(e.input_ids) for e in encoded], max_length)
-    width = max(sum(len(encoded[i].input_ids) for i in row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    positions = torch.zeros((4, len(rows), width), dtype=torch.long)
-    pixels, grids = [], []
-    for r, row in enumerate(rows):
-        at = 0
-        for i in row:
-            e = encoded[i]
-            ids = torch.tensor(e.input_ids)
-            end = at + len(ids)
-            input_ids[r, at:end] = ids
-            labels[r, at:end] = torch.tensor(e.labels)
-            labels[r, at] = IGNORE  # never predicted from the previous sample's last token
-            positions[0, r, at:end] = torch.arange(len(ids))
-            if e.image_grid_thw is not None:
-                positions[1:, r, at:end] = rope_index(ids[None], (ids[None] == image_token_id).long(),
-                                                      e.image_grid_thw)[:, 0]
-                pixels.append(e.pixel_values)
-                grids.append(e.image_grid_thw)
-            else:
-                positions[1:, r, at:end] = torch.arange(len(ids))
-            at = end
-        positions[:, r, at:] = torch.arange(width - at)  # the padding tail is a segment of its own
-    batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
-    if pixels:
-        batch["pixel_values"] = torch.cat(pixels)
-        batch["image_grid_thw"] = torch.cat(grids)
-    return batch
-
 
 def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropies over labelled positions (float32, logits only where labelled)."""
@@ -211,7 +48,7 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data order
+# Data
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -223,20 +60,6 @@ def load_conversations(cfg: BaseConfig | SFTConfig) -> list[Conversation]:
         records.extend(read_sharegpt(Path(name)))
     limit = getattr(cfg, "max_records", None)
     return records[:limit] if limit else records  # the first N: a smaller corpus, nested in the larger one
-
-
-def epoch_order(num_records: int, seed: int, epoch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(num_records, generator=generator)
-
-
-def step_records(step: int, steps_per_epoch: int, global_batch: int, num_records: int, seed: int,
-                 rank: int, world: int, per_device: int, accumulation: int) -> list[list[int]]:
-    """Record indices of optimizer step `step` for one process: `accumulation` micro-batches of `per_device`."""
-    epoch, offset = divmod(step, steps_per_epoch)
-    order = epoch_order(num_records, seed, epoch)[offset * global_batch : (offset + 1) * global_batch].tolist()
-    mine = order[rank::world]
-    return [mine[i * per_device : (i + 1) * per_device] for i in range(accumulation)]
 
 
 # ----------------------------------------------------------------------------------------------------

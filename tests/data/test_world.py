@@ -7,7 +7,7 @@ import pytest
 
 from prism.config import ConfigError, FieldError, load_config
 from prism.data.world import FAMILIES, PALETTE, WorldConfig, family_of, make_sample
-from prism.format import count_caption_bullets, count_reasoning_steps, is_format_valid
+from prism.response_format import count_caption_bullets, count_reasoning_steps, is_format_valid
 from prism.rewards import compute_reward
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from evaluation.config import EvalConfig, EvalError
 from evaluation.scoring import chat_messages
-from prism.format import SYSTEM_PROMPT
+from prism.response_format import SYSTEM_PROMPT
 
 
 def image(size=32):
@@ -60,7 +60,7 @@ def test_vllm_backend_without_vllm_is_one_line(model_module, checkpoint, world, 
 
 
 def test_cli_entry_prints_one_line_for_user_mistakes(tmp_path, capsys):
-    from prism.evaluate import main
+    from evaluation.command import main
 
     assert main(["--checkpoint", str(tmp_path / "none"), "--suite", "embedded", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -13,7 +13,7 @@ from evaluation import published
 from evaluation.config import JUDGE_METRICS, PUBLISHED_TASKS, EvalConfig, JudgeConfig, PaperConfig
 from evaluation.judge import JudgeError, JudgeUnavailable, judge_equivalent, resolve_judge
 from evaluation.scoring import register_tokenizer
-from prism.format import SYSTEM_PROMPT
+from prism.response_format import SYSTEM_PROMPT
 
 SECRET = "sk-test-never-written-1234"
 

@@ -7,7 +7,7 @@ import pytest
 
 from evaluation.config import EMBEDDED_GROUP, EMBEDDED_TASKS, EvalConfig
 from evaluation.scoring import question_pair_acc, register_tokenizer, score_response
-from prism.format import SYSTEM_PROMPT
+from prism.response_format import SYSTEM_PROMPT
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ see what they should, and a saved discriminator scores the same after loading.""
 import pytest
 import torch
 
-from prism.format import SYSTEM_PROMPT, split_segments
 from prism.models import (
     PRESETS,
     ModelError,
@@ -22,6 +21,7 @@ from prism.models.discriminator import (
     segment_batch,
     upcycle,
 )
+from prism.response_format import SYSTEM_PROMPT, split_segments
 from tests.models.fixtures import noise_image, shape_corpus
 
 MESSAGES = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "<image>How many red circles?"}]

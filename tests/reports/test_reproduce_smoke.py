@@ -98,13 +98,13 @@ def test_submit_bundles_an_evaluated_checkpoint_and_ranks_all(smoke):
 
 
 def test_official_prediction_formats():
-    from reports.submit import _prediction_files
+    from reports.submit import prediction_files
 
     samples = [{"doc_id": 0, "doc": {"id": "validation_Art_1"}, "filtered_resps": ["<answer>B</answer>"]},
                {"doc_id": 1, "doc": {"id": "validation_Art_2"}, "filtered_resps": ["no tags"]}]
-    mmmu = json.loads(_prediction_files("prism_mmmu_val", samples)["mmmu_val.json"])
+    mmmu = json.loads(prediction_files("prism_mmmu_val", samples)["mmmu_val.json"])
     assert mmmu == {"validation_Art_1": "B", "validation_Art_2": ""}
-    vista = json.loads(_prediction_files("prism_mathvista_testmini",
+    vista = json.loads(prediction_files("prism_mathvista_testmini",
                                          [{"doc_id": 3, "doc": {"pid": "17"}, "filtered_resps": ["<answer>4.5</answer>"]}])
                        ["mathvista_testmini.json"])
     assert vista == {"17": {"response": "<answer>4.5</answer>", "extraction": "4.5"}}

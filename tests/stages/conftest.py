@@ -1,32 +1,12 @@
-"""A tiny exported world and a random tiny policy, shared by the stage tests (built once per session)."""
+"""Helpers of the stage tests: model tensors, scripted rollouts, discriminators, interrupted runs (the world and
+the random policy are fixtures of tests/conftest.py)."""
 
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from prism.config import load_config
-from prism.data.export import export_world
-from prism.data.world import WorldConfig
-from prism.models import build_model, load_processor, save_model
-
-WORLD_OVERRIDES = ["base_size=48", "sft_size=48", "teacher_size=12", "rl_size=24", "bench_size=4"]
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    export_world(load_config(WorldConfig, overrides=WORLD_OVERRIDES), out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def policy_dir(world, tmp_path_factory) -> Path:
-    """A randomly initialised embedded-s policy saved as a checkpoint folder (with the world's processor)."""
-    processor = load_processor(world / "tokenizer")
-    out = tmp_path_factory.mktemp("policy") / "model"
-    save_model(build_model("embedded-s", processor.tokenizer, seed=0), processor, out)
-    return out
+from prism.models import load_processor
 
 
 def model_tensors(folder: Path) -> dict:
@@ -45,7 +25,7 @@ SHAPES = ("a red circle", "a blue square", "a green triangle")
 
 def scripted_text(prompt: int, rollout: int, invalid_every: int = 4) -> str:
     """Rollout k of prompt p: 1-3 caption bullets and 1-2 steps; every `invalid_every`-th one format-invalid."""
-    from prism.format import render_response
+    from prism.response_format import render_response
 
     if invalid_every and rollout % invalid_every == invalid_every - 1:
         return "<caption>\n- " + SHAPES[0] + "\n<think>no closing tags"
@@ -104,7 +84,7 @@ def discriminator_dir(policy_dir: Path, out: Path, variant: str = "moe") -> Path
 def degraded_pairs(world, tmp_path_factory):
     """Teacher vs a weaker student (first caption bullet and first step only) on the exported prompts."""
     from prism.data.formats import WarmupPair, read_rl_parquet, write_warmup_pairs
-    from prism.format import split_segments
+    from prism.response_format import split_segments
 
     out = tmp_path_factory.mktemp("pairs")
     pairs = []

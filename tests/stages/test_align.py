@@ -11,14 +11,9 @@ from prism.config import AlignConfig, load_config
 from prism.data.formats import read_rl_parquet
 from prism.models import load_processor
 from prism.models.discriminator import encode_prompt, load_discriminator
+from prism.rollout.prompts import rollout_prompt
 from prism.stages import align
-from prism.stages.align import (
-    discriminator_loss_groups,
-    run,
-    score_batch,
-    wasserstein_1,
-)
-from prism.stages.rlvr import rollout_prompt
+from prism.stages.align import discriminator_pass, run, teacher_segment, wasserstein_1
 
 from .conftest import discriminator_dir, interrupted_after, model_tensors, scripted_text
 
@@ -27,8 +22,8 @@ def align_config(world, policy_dir, disc_dir, out, *extra):
     return load_config(AlignConfig, overrides=[
         "model.preset=embedded-s", f"model.path={policy_dir}", "model.dtype=float32",
         "discriminator.preset=embedded-s", f"discriminator.path={disc_dir}", "discriminator.dtype=float32",
-        f"data_files=[{world}/teacher.parquet]", "rollout_backend=hf", "prompts_per_step=2", "rollouts_per_prompt=4",
-        "max_new_tokens=8", "micro_batch_size=4", "disc_micro_batch_size=8", "disc_max_length=512",
+        f"data_files=[{world}/teacher.parquet]", "rollout.backend=hf", "rollout.prompts_per_step=2",
+        "rollout.rollouts_per_prompt=4", "rollout.max_new_tokens=8", "update.micro_batch_size=4", "disc_micro_batch_size=8", "disc_max_length=512",
         "policy_optim.lr=1e-2", "disc_optim.lr=1e-3", "steps=2", "proxy_prompts=3", f"output_dir={out}",
         "save_every_steps=1", *extra])
 
@@ -58,7 +53,8 @@ def test_align_updates_both_models_and_logs_every_diagnostic(world, policy_dir, 
     for name in ("caption_bullets", "reasoning_steps", "caption_bullets_w1", "reasoning_steps_w1", "response_length",
                  "seconds_generate", "seconds_disc_score", "seconds_disc_update", "seconds_policy_update"):
         assert name in row and row[name] == row[name], name  # present and not NaN
-    assert row["disc_updated"] == 1.0 and row["clipfrac"] == 0.0  # one update: the policy is its own old policy
+    assert row["disc_fallback"] == 0.0 and row["clipfrac"] == 0.0  # one update: the policy is its own old policy
+    assert row["disc_loss"] == pytest.approx(row["disc_bt_loss"] + row["disc_score_reg"], rel=1e-5)
     # both models moved
     embed = "model.language_model.embed_tokens.weight"
     assert not torch.equal(model_tensors(out / "model")[embed], model_tensors(policy_dir)[embed])
@@ -72,43 +68,107 @@ def test_align_updates_both_models_and_logs_every_diagnostic(world, policy_dir, 
     assert json.loads((out / "manifest.json").read_text())["upstream"].keys() >= {"data:" + f"{world}/teacher.parquet"}
 
 
-def test_all_invalid_rollouts_leave_the_discriminator_untouched(world, policy_dir, disc_dir, tmp_path,
-                                                                scripted_rollouts):
+def test_all_invalid_rollouts_step_the_discriminator_on_the_fallback(world, policy_dir, disc_dir, tmp_path,
+                                                                     scripted_rollouts):
     scripted_rollouts["invalid_every"] = 1
     out = run(align_config(world, policy_dir, disc_dir, tmp_path / "a", "steps=1", "proxy_prompts=0"))
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert row["format_rate"] == 0.0 and row["disc_updated"] == 0.0
+    assert row["format_rate"] == 0.0 and row["disc_fallback"] == 1.0 and row["disc_bt_loss"] == 0.0
+    assert row["disc_loss"] == pytest.approx(row["disc_fallback_loss"] + row["disc_score_reg"], rel=1e-5)
+    assert row["disc_fallback_loss"] > 0 and row["disc_grad_norm"] > 0
     before, after = model_tensors(disc_dir), model_tensors(out / "discriminator")
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the published fallback step
     # every advantage is the format penalty alone: each group's scores are all replaced by -1, GN = 0
     assert row["advantage_std"] == 0.0
     assert not (out / "proxies.json").exists()
 
 
-def test_one_discriminator_step_widens_the_gap_on_its_batch(world, disc_dir):
+def _pass_inputs(world, disc_dir, *overrides):
     processor = load_processor(disc_dir)
+    records = read_rl_parquet(world / "teacher.parquet")[:2]
+    texts = [scripted_text(p, k) for p in range(2) for k in range(4)]  # rollout 3 of each prompt is invalid
+    prompts = [encode_prompt(processor, r.prompt, rollout_prompt(r).images, True) for r in records]
+    cfg = load_config(AlignConfig, overrides=["disc_micro_batch_size=8", "disc_max_length=512", *overrides])
+    return processor, records, texts, prompts, cfg
+
+
+def test_one_discriminator_step_widens_the_gap_on_its_batch(world, disc_dir):
+    processor, records, texts, prompts, cfg = _pass_inputs(world, disc_dir)
     discriminator = load_discriminator(disc_dir).train()
     discriminator.dropout.p = 0.0
-    records = read_rl_parquet(world / "teacher.parquet")[:2]
-    texts = [scripted_text(p, k) for p in range(2) for k in range(4)]
-    prompts = [encode_prompt(processor, r.prompt, rollout_prompt(r).images, True) for r in records]
-    cfg = load_config(AlignConfig, overrides=["disc_micro_batch_size=8", "disc_max_length=512"])
 
-    def gap():
-        scores = score_batch(discriminator, processor, prompts, records, texts, 4, cfg)
-        s = scores["student_perception"]
-        ok = ~torch.isnan(s)
-        return float((scores["teacher_perception"].repeat_interleave(4)[ok] - s[ok]).mean())
+    def gap(scored):
+        ok = scored.valid
+        return float((scored.teacher["perception"].repeat_interleave(4)[ok] - scored.student["perception"][ok]).mean())
 
-    before = gap()
     optimizer = torch.optim.SGD(discriminator.parameters(), lr=0.05)
-    valid_pairs = 2 * sum(1 for t in texts if "</answer>" in t)
-    losses = list(discriminator_loss_groups(discriminator, processor, prompts, records, texts, 4, cfg, valid_pairs))
-    assert len(losses) == 2 and sum(int(m["num_valid"]) for _, m in losses) == valid_pairs == 12
-    for loss, _ in losses:
-        loss.backward()
+    first = discriminator_pass(discriminator, processor, prompts, records, texts, 4, cfg, batch_has_valid=True)
+    assert first.valid.tolist() == [True, True, True, False] * 2 and first.fallback == 0.0
     optimizer.step()
-    assert gap() > before
+    with torch.no_grad():
+        second = discriminator_pass(discriminator, processor, prompts, records, texts, 4, cfg, batch_has_valid=True,
+                                    backward=False)
+    assert gap(second) > gap(first)
+
+
+@pytest.mark.parametrize("micro", [8, 3])
+def test_the_pass_equals_the_published_loss_on_per_rollout_teacher_forwards(world, disc_dir, micro):
+    """Teacher scored once per rollout (its segment repeated for each of the G rows), invalid rollouts on their
+    fallback split, the loss per micro-batch, the gradient their mean: the pass (one backbone forward per
+    teacher segment) gives the same loss and gradients as the published layout computed row by row."""
+    from prism.algorithms import discriminator_loss
+    from prism.models.discriminator import score_segments
+    from prism.response_format import scored_segments
+
+    processor, records, texts, prompts, cfg = _pass_inputs(world, disc_dir, f"disc_micro_batch_size={micro}",
+                                                          "score_clip=0.05", "score_reg_coef=0.5")
+    discriminator = load_discriminator(disc_dir).train()
+    discriminator.dropout.p = 0.0  # the two layouts draw their dropout masks in another order
+    scored = discriminator_pass(discriminator, processor, prompts, records, texts, 4, cfg, batch_has_valid=True)
+    ours = {name: p.grad.clone() for name, p in discriminator.named_parameters() if p.grad is not None}
+    discriminator.zero_grad(set_to_none=True)
+
+    micro_batches = [list(range(start, min(start + micro, 8))) for start in range(0, 8, micro)]
+    total = 0.0
+    for rows in micro_batches:
+        teacher, student = {}, {}
+        for kind in ("perception", "reasoning"):
+            row_prompts = [prompts[row // 4] for row in rows]
+            teacher[kind], _ = score_segments(discriminator, processor, row_prompts,
+                                              [teacher_segment(records[row // 4], kind) for row in rows], kind, 1, 512)
+            student[kind], _ = score_segments(discriminator, processor, row_prompts,
+                                              [scored_segments(texts[row])[0][kind] for row in rows], kind, 1, 512)
+        valid = torch.tensor([scored_segments(texts[row])[1] for row in rows])
+        loss, _ = discriminator_loss(teacher, student, valid, batch_has_valid=True, score_clip=0.05,
+                                     score_reg_coef=0.5, fallback_coef=0.01)
+        (loss / len(micro_batches)).backward()
+        total += float(loss.detach()) / len(micro_batches)
+    assert scored.loss == pytest.approx(total, rel=1e-5)
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, discriminator.get_parameter(name).grad, rtol=1e-4, atol=1e-6)
+
+
+def test_per_rollout_teacher_draws_its_own_dropout_and_shared_one_per_prompt(world, disc_dir, monkeypatch):
+    from prism.stages import align as align_module
+
+    seen = []
+    real = align_module.discriminator_loss
+
+    def spy(teacher, student, valid, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in teacher.items()})
+        return real(teacher, student, valid, **kwargs)
+
+    monkeypatch.setattr(align_module, "discriminator_loss", spy)
+    discriminator = load_discriminator(disc_dir).train()
+    discriminator.dropout.p = 0.5
+    for scoring in ("per_rollout", "shared"):
+        processor, records, texts, prompts, cfg = _pass_inputs(world, disc_dir, f"teacher_scoring={scoring}")
+        scored = discriminator_pass(discriminator, processor, prompts, records, texts, 4, cfg, batch_has_valid=True)
+        per_prompt = seen[-1]["perception"].reshape(2, 4)
+        distinct = [len(set(row.tolist())) for row in per_prompt]
+        assert distinct == ([4, 4] if scoring == "per_rollout" else [1, 1]), scoring
+        # the scores the advantage reads carry no dropout: one value per teacher segment
+        assert scored.teacher["perception"].shape == (2,)
 
 
 @pytest.mark.parametrize("variant", ["dense", "text_only", "hard_routed", "whole_response"])
@@ -117,9 +177,16 @@ def test_each_variant_aligns(world, policy_dir, tmp_path, scripted_rollouts, var
     out = run(align_config(world, policy_dir, disc, tmp_path / "a", "steps=1", "proxy_prompts=0"))
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     kinds = ["response"] if variant == "whole_response" else ["perception", "reasoning"]
-    assert all(f"reward_gap_{k}" in row for k in kinds) and row["disc_updated"] == 1.0
+    assert all(f"reward_gap_{k}" in row for k in kinds) and row["disc_fallback"] == 0.0
     assert json.loads((out / "discriminator" / "discriminator.json").read_text())["variant"] == variant
 
+
+
+def test_several_policy_updates_per_step_make_the_clip_act(world, policy_dir, disc_dir, tmp_path, scripted_rollouts):
+    out = run(align_config(world, policy_dir, disc_dir, tmp_path / "a", "steps=1", "proxy_prompts=0",
+                           "update.mini_batches=2", "update.micro_batch_size=4"))
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["clipfrac"] > 0 and row["ppo_kl"] != 0  # the second update sees a moved policy
 
 
 def test_interrupted_alignment_resumes_bit_identical(world, policy_dir, disc_dir, tmp_path, monkeypatch,

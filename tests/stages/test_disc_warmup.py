@@ -11,7 +11,7 @@ from prism.data.formats import (
     read_rl_parquet,
     read_warmup_pairs,
 )
-from prism.format import split_segments
+from prism.response_format import split_segments
 from prism.stages import disc_warmup
 from prism.stages.disc_warmup import run, split_heldout
 

@@ -1,4 +1,4 @@
-"""The SFT recipe (and `base`, the same recipe): labels, batches, data order, a short run, its outputs."""
+"""The SFT recipe (and `base`, the same recipe): a short run, its outputs, accumulation, packing."""
 
 import json
 
@@ -6,18 +6,10 @@ import pytest
 import torch
 
 from prism.config import SFTConfig, load_config
-from prism.data.formats import Conversation, DataError, read_sharegpt
+from prism.data.encoding import IGNORE, collate, collate_packed, encode_conversation
+from prism.data.formats import DataError, read_sharegpt
 from prism.models import load_processor
-from prism.stages.sft import (
-    IGNORE,
-    collate,
-    collate_packed,
-    encode_conversation,
-    pack_rows,
-    run,
-    step_records,
-    summed_token_loss,
-)
+from prism.stages.sft import run, summed_token_loss
 
 from .conftest import model_tensors
 
@@ -25,56 +17,6 @@ from .conftest import model_tensors
 @pytest.fixture(scope="module")
 def processor(world):
     return load_processor(world / "tokenizer")
-
-
-def test_labels_are_exactly_the_assistant_turn_and_its_end_token(world, processor):
-    conversation = read_sharegpt(world / "sft.json")[0]
-    encoded = encode_conversation(processor, conversation, max_length=512)
-    labelled = [t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE]
-    assert processor.tokenizer.decode(labelled) == conversation.messages[-1]["content"] + "<|im_end|>"
-    # the image became one token per merged patch: a 96 px image is 3 x 3 cells
-    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    assert encoded.input_ids.count(image_token) == 9 == int(encoded.image_grid_thw.prod() // 4)
-
-
-def test_every_assistant_turn_is_labelled_and_no_user_turn(world, processor):
-    image = read_sharegpt(world / "sft.json")[0].images
-    messages = [{"role": "user", "content": "<image>How many?"}, {"role": "assistant", "content": "two"},
-                {"role": "user", "content": "And red?"}, {"role": "assistant", "content": "one"}]
-    encoded = encode_conversation(processor, Conversation(messages, image), max_length=512)
-    labelled = processor.tokenizer.decode([t for t, l in zip(encoded.input_ids, encoded.labels) if l != IGNORE])
-    assert labelled == "two<|im_end|>one<|im_end|>"
-
-
-def test_truncation_inside_an_image_names_the_record(world, processor):
-    conversation = read_sharegpt(world / "sft.json")[0]
-    with pytest.raises(DataError, match=r"record \[7\].*max_length=5"):
-        encode_conversation(processor, conversation, max_length=5, where="record [7]")
-
-
-def test_collate_pads_right_and_marks_image_tokens(world, processor):
-    records = read_sharegpt(world / "sft.json")[:3]
-    encoded = [encode_conversation(processor, r, 512) for r in records]
-    batch = collate(encoded, pad_id=0, image_token_id=6)
-    width = max(len(e.input_ids) for e in encoded)
-    assert batch["input_ids"].shape == (3, width)
-    for row, e in enumerate(encoded):
-        assert batch["attention_mask"][row].sum() == len(e.input_ids)
-        assert (batch["labels"][row, len(e.input_ids):] == IGNORE).all()
-    assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == 6).long())
-    assert batch["pixel_values"].shape[0] == sum(e.pixel_values.shape[0] for e in encoded)
-
-
-def test_data_order_covers_each_epoch_once_and_splits_over_processes():
-    one = step_records(0, 2, 8, 16, seed=5, rank=0, world=1, per_device=4, accumulation=2)
-    rank0 = step_records(0, 2, 8, 16, seed=5, rank=0, world=2, per_device=2, accumulation=2)
-    rank1 = step_records(0, 2, 8, 16, seed=5, rank=1, world=2, per_device=2, accumulation=2)
-    flat = lambda micro: sorted(i for m in micro for i in m)
-    assert flat(one) == sorted(flat(rank0) + flat(rank1))
-    second = step_records(1, 2, 8, 16, seed=5, rank=0, world=1, per_device=4, accumulation=2)
-    assert sorted(flat(one) + flat(second)) == list(range(16))  # the epoch, each record once
-    next_epoch = step_records(2, 2, 8, 16, seed=5, rank=0, world=1, per_device=4, accumulation=2)
-    assert flat(next_epoch) != flat(one)  # a new permutation per epoch
 
 
 def sft_config(world, policy_dir, out, *extra):
@@ -128,14 +70,6 @@ def test_too_few_records_is_a_clear_error(world, policy_dir, tmp_path):
     cfg = sft_config(world, policy_dir, tmp_path / "x", "per_device_batch_size=64")
     with pytest.raises(DataError, match="fewer than one optimizer step"):
         run(cfg)
-
-
-def test_pack_rows_is_first_fit_decreasing():
-    # lengths 5, 3, 4, 2 into rows of 7: 5 opens row 0 (2 left), 4 opens row 1 (3 left), 3 fills row 1,
-    # 2 fills row 0
-    assert pack_rows([5, 3, 4, 2], 7) == [[0, 3], [2, 1]]
-    assert pack_rows([7, 7], 7) == [[0], [1]]
-    assert pack_rows([1, 1, 1], 7) == [[0, 1, 2]]
 
 
 def test_packed_batch_gives_the_padded_batch_loss_and_gradients(world, processor, policy_dir):

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from prism.format import (
+from prism.response_format import (
     RESPONSE_PATTERN,
     SYSTEM_PROMPT,
     Segments,

@@ -91,6 +91,20 @@ def split_segments(text: str) -> Segments | None:
     return Segments(match["caption"].strip(), match["think"].strip(), match["answer"].strip())
 
 
+def scored_segments(text: str) -> tuple[dict[str, str], bool]:
+    """({kind: segment} for the discriminator's kinds `perception`, `reasoning` and `response`, format-valid?).
+
+    A format-valid response gives its canonical segments. Any other response is split at half its length (in
+    characters) as the published code does: the first half stands for the caption, the second for the
+    reasoning, the whole text for the response. Such scores count in the discriminator's regulariser; its
+    advantage replaces them (prism.algorithms.compute_prism_advantage)."""
+    segments = split_segments(text)
+    if segments is not None:
+        return {"perception": segments.perception, "reasoning": segments.reasoning, "response": segments.text}, True
+    half = len(text) // 2
+    return {"perception": text[:half], "reasoning": text[half:], "response": text}, False
+
+
 def extract_answer(text: str) -> str | None:
     """Content of the last `<answer>...</answer>` block, stripped; None if there is none.
 

@@ -1,4 +1,4 @@
-"""`prism eval`: evaluate a checkpoint through lmms-eval (the code lives in the repository's evaluation/).
+"""`prism eval`: evaluate a checkpoint through lmms-eval.
 
     prism eval --checkpoint DIR --suite embedded|paper [--limit N] [--world DIR] [--out DIR]
                [--config eval.yaml] [key=value ...]
@@ -20,14 +20,7 @@ from pathlib import Path
 
 from evaluation.config import EvalConfig, EvalError
 
-__all__ = ["EvalConfig", "EvalError", "add_eval_arguments", "cmd_eval", "main", "run_eval"]
-
-
-def run_eval(checkpoint, suite="embedded", limit=None, world=None, out_root="outputs/evals", config=None, **kwargs):
-    """See evaluation.runner.run_eval."""
-    from evaluation.runner import run_eval as _run_eval
-
-    return _run_eval(checkpoint, suite=suite, limit=limit, world=world, out_root=out_root, config=config, **kwargs)
+__all__ = ["add_eval_arguments", "cmd_eval", "main"]
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -42,9 +35,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from prism.config import load_config
-
     from evaluation.results import metrics_table
+    from evaluation.runner import run_eval
+    from prism.config import load_config
 
     config = load_config(EvalConfig, args.config, args.overrides)
     report = run_eval(
