@@ -25,7 +25,7 @@ test *args: setup
     .venv/bin/lint-imports --no-cache
     .venv/bin/python -m pytest {{args}}
 
-# Rebuild a paper table (table1 or ablations) on the embedded default.
+# Rebuild a paper table (table1 or ablations) on the embedded default (--jobs N nodes at once; default: the cores).
 reproduce name *args: setup
     .venv/bin/prism reproduce {{name}} {{args}}
 
@@ -65,6 +65,11 @@ calibrate-world preset="embedded-s" *args: setup
 # Seconds per PRISM alignment step by phase and peak RSS (needs the embedded sft and disc_warmup stages).
 bench-align *args: setup
     .venv/bin/python bench/align_step.py {{args}}
+
+# FLOPs and seconds per kind of work (SFT step, rollout, RLVR update, discriminator, evaluation) beside the GEMM
+# peaks of the model's shapes, per tiny preset: outputs/bench/throughput.json (`--profile` adds top operators).
+bench-throughput *args: setup
+    .venv/bin/python bench/throughput.py {{args}}
 
 # Optuna sweep (2 workers sharing a SQLite study), then its report: `just sweep discriminator`.
 sweep name *args: setup

@@ -3,9 +3,10 @@ again must give the same table as an uninterrupted run.
 
 Runs NAME/PRESET (default table1/smoke) three ways in separate working folders under outputs/kill-resume/:
 uninterrupted; then killed at two seeded random moments within the uninterrupted wall time and finally run to the
-end. Compares the results tables cell by cell and writes outputs/bench/matrix-kill-resume.json.
+end, with --jobs N nodes at once (the uninterrupted run goes one node after another). Compares the results tables
+cell by cell and every final model's weights, and writes outputs/bench/matrix-kill-resume[-jobsN].json.
 
-    .venv/bin/python bench/matrix_kill_resume.py [--name table1] [--preset smoke] [--seed 0]
+    .venv/bin/python bench/matrix_kill_resume.py [--name table1] [--preset smoke] [--seed 0] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from pathlib import Path
 ROOT = Path("outputs/kill-resume")
 
 
-def reproduce(cwd: Path, name: str, preset: str, kill_after: float | None = None) -> tuple[float, int | None]:
+def reproduce(cwd: Path, name: str, preset: str, kill_after: float | None = None, jobs: int = 1) -> tuple[float, int | None]:
     """(seconds, exit code or None when killed)."""
     cwd.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     with open(cwd / "reproduce.log", "a") as log:
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", "prism.cli", "reproduce", name, "--preset", preset],
+        process = subprocess.Popen([sys.executable, "-m", "prism.cli", "reproduce", name, "--preset", preset,
+                                    "--jobs", str(jobs)],
                                    cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             process.wait(timeout=kill_after)
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("--name", default="table1")
     parser.add_argument("--preset", default="smoke")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="nodes at once in the killed and resumed runs")
     args = parser.parse_args()
     shutil.rmtree(ROOT, ignore_errors=True)
     whole, cut = ROOT / "whole", ROOT / "killed"
@@ -57,9 +60,9 @@ def main() -> None:
     moments = [kills[0], kills[1] - kills[0]]  # the second kill counts from the restart
     killed_at = []
     for moment in moments:
-        seconds, code = reproduce(cut, args.name, args.preset, kill_after=moment)
+        seconds, code = reproduce(cut, args.name, args.preset, kill_after=moment, jobs=args.jobs)
         killed_at.append({"after_seconds": round(seconds, 1), "killed": code is None})
-    _, code = reproduce(cut, args.name, args.preset)
+    _, code = reproduce(cut, args.name, args.preset, jobs=args.jobs)
     if code != 0:
         sys.exit(f"resumed run failed (exit {code}); see {cut / 'reproduce.log'}")
     report = Path("outputs/reports") / f"{args.name}-{args.preset}"
@@ -72,11 +75,13 @@ def main() -> None:
                for label, folder in (("whole", whole), ("killed", cut))}
     same_weights = weights["whole"] == weights["killed"] and bool(weights["whole"])
     results = {"matrix": args.name, "preset": args.preset, "seed": args.seed, "uninterrupted_seconds": round(wall, 1),
+               "uninterrupted_jobs": 1, "killed_and_resumed_jobs": args.jobs,
                "kills": killed_at, "tables_identical": same, "final_models_compared": len(weights["whole"]),
                "final_models_bit_identical": same_weights}
     from prism.atomic_io import atomic_write_text
 
-    atomic_write_text(Path("outputs/bench/matrix-kill-resume.json"), json.dumps(results, indent=2) + "\n")
+    suffix = f"-jobs{args.jobs}" if args.jobs > 1 else ""
+    atomic_write_text(Path(f"outputs/bench/matrix-kill-resume{suffix}.json"), json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     if not (same and same_weights):
         sys.exit("runs differ: see outputs/kill-resume/*/outputs")

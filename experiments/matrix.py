@@ -14,6 +14,8 @@ outputs/matrix/evals/<key>.json for the reports.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -521,10 +523,18 @@ def run_inline(node: Node) -> None:
         STAGES[node.kind][1](node.cfg)
 
 
-def run_local(plan: Plan, log=print, isolate: bool = False) -> dict[str, float]:
-    """Run every unfinished node in order (in this process, or each in its own with `isolate`); returns
-    seconds per node run."""
+def available_cores() -> int:
+    """The cores this process may run on (the affinity mask, e.g. a SLURM or container limit)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_local(plan: Plan, log=print, isolate: bool = False, jobs: int = 1) -> dict[str, float]:
+    """Run every unfinished node; returns seconds per node run. `jobs` > 1 runs independent ready nodes at once,
+    each in its own process (`run_parallel`); otherwise one after another, in this process or, with `isolate`,
+    each in its own."""
     write_stage_configs(plan)
+    if jobs > 1:
+        return run_parallel(plan, jobs, log)
     measured = measured_seconds_per_step()
     pending = [n for n in plan.nodes.values() if not n.done]
     remaining = sum(estimate_seconds(n, measured) or 0.0 for n in pending)
@@ -537,17 +547,135 @@ def run_local(plan: Plan, log=print, isolate: bool = False) -> dict[str, float]:
             f"{'resuming' if node.started else 'running'} (elapsed {_format_duration(time.perf_counter() - started_all)}, "
             f"~{_format_duration(remaining)} left)")
         started = time.perf_counter()
-        if isolate:
-            result = subprocess.run(node.command, env=env, check=False)
-            if result.returncode != 0:
-                raise MatrixError(f"{node.kind} {node.key} failed (exit {result.returncode}); command: "
-                                  f"{shlex.join(node.command)}. Fix it and run again: finished nodes are kept")
-        else:
-            run_inline(node)
+        with node_lock(node.key):
+            if isolate:
+                result = subprocess.run(node.command, env=env, check=False)
+                if result.returncode != 0:
+                    raise MatrixError(f"{node.kind} {node.key} failed (exit {result.returncode}); command: "
+                                      f"{shlex.join(node.command)}. Fix it and run again: finished nodes are kept")
+            elif not node.done:  # another launcher may have finished it while we waited for the lock
+                run_inline(node)
         if not node.done:
             raise MatrixError(f"{node.kind} {node.key} exited 0 but left no {node.done_marker}")
         timings[node.key] = time.perf_counter() - started
         remaining = max(0.0, remaining - estimate)
+    return timings
+
+
+@contextlib.contextmanager
+def node_lock(key: str):
+    """An exclusive lock per node (`<key>.lock`): two launchers (matrix runs, sweep workers) never run one node at
+    once; the second waits, then finds it done."""
+    path = Path(f"{key}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def node_log(node: Node) -> Path:
+    """Where a node's output goes when it runs in its own process: its stage directory, or beside its record."""
+    return Path(node.key) / "log.txt" if node.kind in STAGES else Path(f"{node.key}.log")
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: Linux's PR_SET_PDEATHSIG, so a killed launcher leaves no node running on behind
+    it (and writing into a stage directory a resumed launcher works in)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (AttributeError, OSError):  # not Linux: the child outlives a killed launcher, as before
+        pass
+
+
+def critical_path_seconds(pending: dict[str, Node], measured: dict[tuple, float]) -> dict[str, float]:
+    """Per pending node: its estimate plus the longest estimated chain of pending nodes that waits on it. Ready
+    nodes start longest-chain first, so the critical path never waits behind short side work."""
+    children: dict[str, list[str]] = {key: [] for key in pending}
+    for key, node in pending.items():
+        for dep in node.deps:
+            if dep in children:
+                children[dep].append(key)
+    chain: dict[str, float] = {}
+    for key in reversed(list(pending)):  # plan order is topological: children are done first
+        own = estimate_seconds(pending[key], measured) or 1.0
+        chain[key] = own + max((chain[child] for child in children[key]), default=0.0)
+    return chain
+
+
+def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None) -> dict[str, float]:
+    """Run the unfinished nodes `jobs` at a time, each node in its own process with `cores // jobs` threads
+    (OMP_NUM_THREADS, which torch reads at start) and its output in `node_log(node)`. One line per start and
+    finish, with the running estimate of what is left. A node that fails stops the run: the others are
+    stopped too (they resume from their last checkpoints next time), and MatrixError names the node and its log."""
+    threads = max(1, (cores or available_cores()) // jobs)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    measured = measured_seconds_per_step()
+    pending = {n.key: n for n in plan.nodes.values() if not n.done}
+    chain = critical_path_seconds(pending, measured)
+    left = {key: estimate_seconds(node, measured) or 0.0 for key, node in pending.items()}
+    finished: set[str] = set()
+    running: dict[str, tuple[subprocess.Popen, float, Any, Any]] = {}
+    timings: dict[str, float] = {}
+    started_all = time.perf_counter()
+
+    def eta() -> str:
+        work = sum(seconds for key, seconds in left.items() if key not in finished)
+        longest = max((chain[key] for key in pending if key not in finished), default=0.0)
+        return _format_duration(max(work / jobs, longest))
+
+    def stop_all() -> None:
+        for process, _, _, _ in running.values():
+            process.terminate()
+        while running:
+            process, _, handle, lock = running.popitem()[1]
+            process.wait()
+            handle.close()
+            lock.__exit__(None, None, None)
+
+    try:
+        while len(finished) < len(pending):
+            ready = [key for key, node in pending.items() if key not in finished and key not in running
+                     and all(dep in finished or dep not in pending for dep in node.deps)]
+            for key in sorted(ready, key=lambda k: -chain[k])[: jobs - len(running)]:
+                node = pending[key]
+                lock = node_lock(key)
+                lock.__enter__()
+                path = node_log(node)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(path, "a")
+                process = subprocess.Popen(node.command, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                           preexec_fn=_die_with_parent)
+                running[key] = (process, time.perf_counter(), handle, lock)
+                log(f"[{len(finished) + len(running)}/{len(pending)}] start {node.kind} {_short(key)}"
+                    f"{' (resuming)' if node.started else ''}, {threads} threads, log {path} "
+                    f"(elapsed {_format_duration(time.perf_counter() - started_all)}, ~{eta()} left)")
+            if not running:
+                raise MatrixError("no node can start: a dependency is missing from the plan")  # cannot happen
+            time.sleep(0.2)
+            for key in [k for k, (p, _, _, _) in running.items() if p.poll() is not None]:
+                process, started, handle, lock = running.pop(key)
+                handle.close()
+                lock.__exit__(None, None, None)
+                node = pending[key]
+                if process.returncode != 0 or not node.done:
+                    why = f"exit {process.returncode}" if process.returncode else f"no {node.done_marker}"
+                    stop_all()
+                    raise MatrixError(f"{node.kind} {key} failed ({why}); see {node_log(node)}. Fix it and run "
+                                      "again: finished nodes are kept, stopped ones resume")
+                finished.add(key)
+                timings[key] = time.perf_counter() - started
+                log(f"[{len(finished)}/{len(pending)}] done  {node.kind} {_short(key)} in "
+                    f"{_format_duration(timings[key])} (elapsed {_format_duration(time.perf_counter() - started_all)}, "
+                    f"~{eta()} left)")
+    except BaseException:
+        stop_all()
+        raise
     return timings
 
 

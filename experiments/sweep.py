@@ -18,8 +18,6 @@ parameters (whose stages resume from their checkpoints) by whichever worker look
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
 import os
@@ -37,6 +35,7 @@ from experiments.matrix import (
     eval_node,
     load_matrix,
     load_named,
+    node_lock,
     run_inline,
 )
 from prism.config import ConfigError, check, check_types
@@ -159,19 +158,6 @@ def trial_overrides(cfg: SweepConfig, params: dict[str, Any]) -> dict[str, list[
     return overrides
 
 
-@contextlib.contextmanager
-def _locked(key: str):
-    """An exclusive lock per stage directory: two workers never run one stage at once."""
-    path = Path(f"{key}.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def teacher_likeness(record: dict) -> float:
     """The intermediate value: -(W1 caption bullets + W1 reasoning steps) to the teacher corpus."""
     return -(record["caption_bullets_w1"] + record["reasoning_steps_w1"])
@@ -193,7 +179,7 @@ def run_trial(cfg: SweepConfig, overrides: dict[str, list[str]], report=None) ->
     checkpoint, deps = add_chain(builder, cfg.size, cfg.seed, "sft+prism", rl, overrides)
     eval_key = builder.eval(checkpoint, deps)
     for node in builder.nodes.values():
-        with _locked(node.key):
+        with node_lock(node.key):
             if node.done:
                 continue
             if node.kind == "align" and report is not None:

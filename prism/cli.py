@@ -7,9 +7,9 @@
   prism data check FILE [--kind sharegpt|rl|warmup]
   prism reward score --jsonl FILE
   prism train STAGE --config F [key=value ...]     (base, sft, disc_warmup, align, rlvr)
-  prism matrix plan|run NAME [--preset embedded|smoke|full] [--launcher local|slurm] [--isolate]
+  prism matrix plan|run NAME [--preset embedded|smoke|full] [--launcher local|slurm] [--jobs N] [--isolate]
   prism report NAME [--preset P]
-  prism reproduce NAME [--preset P]                (run the matrix, then its report)
+  prism reproduce NAME [--preset P] [--jobs N]     (run the matrix, then its report)
   prism sweep run|report NAME [--workers N] [--storage URL]
   prism submit CHECKPOINT                          (leaderboard bundle; refreshes outputs/leaderboard.md)
 
@@ -121,6 +121,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _jobs(args) -> int:
+    """--jobs, or by default the cores available (1 on a GPU machine, whose stages would share the device)."""
+    if args.jobs is not None:
+        return args.jobs
+    import torch
+
+    from experiments.matrix import available_cores
+
+    return 1 if torch.cuda.is_available() else available_cores()
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children."""
+    import resource
+
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
 def cmd_matrix(args) -> int:
     from experiments.matrix import build_plan, describe_plan, load_matrix, run_local, run_slurm, slurm_scripts
 
@@ -135,7 +154,7 @@ def cmd_matrix(args) -> int:
         run_slurm(plan)
         return 0
     print(describe_plan(plan), flush=True)
-    run_local(plan, log=lambda message: print(message, flush=True), isolate=args.isolate)
+    run_local(plan, log=lambda message: print(message, flush=True), isolate=args.isolate, jobs=_jobs(args))
     return 0
 
 
@@ -175,10 +194,11 @@ def cmd_reproduce(args) -> int:
 
     plan = build_plan(load_matrix(args.name), args.preset)
     print(describe_plan(plan), flush=True)
-    started = time.perf_counter()
-    timings = run_local(plan, log=lambda message: print(message, flush=True), isolate=args.isolate)
+    started, cpu = time.perf_counter(), _cpu_seconds()
+    jobs = _jobs(args)
+    timings = run_local(plan, log=lambda message: print(message, flush=True), isolate=args.isolate, jobs=jobs)
     out = build_report(args.name, args.preset)
-    record_reproduce_time(plan, timings, time.perf_counter() - started)
+    record_reproduce_time(plan, timings, time.perf_counter() - started, cpu_seconds=_cpu_seconds() - cpu, jobs=jobs)
     from reports.submit import write_leaderboard
 
     write_leaderboard()
@@ -239,8 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("name", help="table1, ablations, or a matrix YAML path")
     matrix.add_argument("--preset", default="embedded", help="embedded (default), smoke or full")
     matrix.add_argument("--launcher", choices=["local", "slurm"], default="local",
-                        help="local: one node after another here; slurm: submitit jobs with dependencies")
-    matrix.add_argument("--isolate", action="store_true", help="local: run each node in its own process")
+                        help="local: here, --jobs nodes at once; slurm: submitit jobs with dependencies")
+    matrix.add_argument("--jobs", type=int, default=None,
+                        help="local: nodes run at once, each in its own process with cores // jobs threads "
+                             "(default: the cores available; 1 = one after another in this process)")
+    matrix.add_argument("--isolate", action="store_true", help="local, --jobs 1: run each node in its own process")
     matrix.set_defaults(func=cmd_matrix)
     report = commands.add_parser("report", help="tables, figures and the HTML report of a matrix's recorded runs")
     report.add_argument("name", help="table1, ablations, or a matrix YAML path")
@@ -258,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce = commands.add_parser("reproduce", help="run a paper table's matrix, then write its report")
     reproduce.add_argument("name", help="table1 or ablations")
     reproduce.add_argument("--preset", default="embedded", help="embedded (default) or smoke")
-    reproduce.add_argument("--isolate", action="store_true", help="run each node in its own process")
+    reproduce.add_argument("--jobs", type=int, default=None,
+                           help="nodes run at once (default: the cores available; 1 = one after another)")
+    reproduce.add_argument("--isolate", action="store_true", help="with --jobs 1: run each node in its own process")
     reproduce.set_defaults(func=cmd_reproduce)
     return parser
 

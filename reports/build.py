@@ -99,8 +99,10 @@ def build_report(name: str, preset: str) -> Path:
     return final
 
 
-def record_reproduce_time(plan: Plan, timings: dict[str, float], wall_seconds: float) -> Path:
-    """outputs/bench/reproduce-<matrix>-<preset>.json: the wall time and what ran (0 nodes = all cached)."""
+def record_reproduce_time(plan: Plan, timings: dict[str, float], wall_seconds: float, cpu_seconds: float | None = None,
+                          jobs: int = 1) -> Path:
+    """outputs/bench/reproduce-<matrix>-<preset>.json: the wall time, the CPU time of the launcher and every node
+    (and so the cores used: cpu_percent), and what ran (0 nodes = all cached)."""
     by_kind: dict[str, float] = {}
     for key, seconds in timings.items():
         kind = plan.nodes[key].kind
@@ -108,6 +110,9 @@ def record_reproduce_time(plan: Plan, timings: dict[str, float], wall_seconds: f
     out = Path("outputs/bench") / f"reproduce-{plan.matrix.name}-{plan.preset_name}.json"
     record = {
         "matrix": plan.matrix.name, "preset": plan.preset_name, "wall_seconds": round(wall_seconds, 1),
+        "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 1),
+        "cpu_percent": None if cpu_seconds is None else round(100 * cpu_seconds / max(wall_seconds, 1e-9)),
+        "jobs": jobs,
         "nodes_total": len(plan.nodes), "nodes_run": len(timings),
         "seconds_by_kind": {k: round(v, 1) for k, v in sorted(by_kind.items())},
         "seconds_by_node": {Path(k).name: round(v, 1) for k, v in timings.items()},

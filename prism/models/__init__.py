@@ -1,14 +1,5 @@
 """Models: the offline tokenizer and processor, presets, and building/loading/saving Qwen3-VL policies."""
 
-from prism.models.processor import (
-    ModelError,
-    Qwen3VLImageTextProcessor,
-    build_image_processor,
-    build_processor,
-    load_processor,
-    num_image_tokens,
-    save_processor,
-)
 from prism.models.presets import (
     PRESETS,
     ModelPreset,
@@ -19,6 +10,15 @@ from prism.models.presets import (
     load_model,
     resolve_model,
     save_model,
+)
+from prism.models.processor import (
+    ModelError,
+    Qwen3VLImageTextProcessor,
+    build_image_processor,
+    build_processor,
+    load_processor,
+    num_image_tokens,
+    save_processor,
 )
 from prism.models.tokenizer import SPECIAL_TOKEN_IDS, SPECIAL_TOKENS, assistant_token_mask, build_tokenizer
 

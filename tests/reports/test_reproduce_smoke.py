@@ -15,10 +15,12 @@ from prism.cli import main
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """Run the smoke table in an empty working folder (outputs/ lands there); returns that folder."""
+    """Run the smoke table in an empty working folder (outputs/ lands there); returns that folder. One node after
+    another in this process: a node process's start (torch, transformers) would cost more than a smoke node's work;
+    the parallel launcher is tested in tests/experiments/test_parallel.py."""
     root = tmp_path_factory.mktemp("reproduce")
     with chdir(root):
-        assert main(["reproduce", "table1", "--preset", "smoke"]) == 0
+        assert main(["reproduce", "table1", "--preset", "smoke", "--jobs", "1"]) == 0
     return root
 
 
@@ -54,8 +56,9 @@ def test_every_number_comes_from_a_recorded_evaluation(smoke):
 def test_a_second_run_recomputes_nothing(smoke):
     first = json.loads((smoke / "outputs/bench/reproduce-table1-smoke.json").read_text())
     assert first["nodes_run"] == first["nodes_total"] == 39
+    assert first["jobs"] == 1 and first["cpu_seconds"] > 0 and first["cpu_percent"] > 0
     with chdir(smoke):
-        assert main(["reproduce", "table1", "--preset", "smoke"]) == 0
+        assert main(["reproduce", "table1", "--preset", "smoke", "--jobs", "1"]) == 0
     second = json.loads((smoke / "outputs/bench/reproduce-table1-smoke.json").read_text())
     assert second["nodes_run"] == 0
 

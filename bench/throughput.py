@@ -1,0 +1,267 @@
+"""Benchmark: how close each kind of work comes to what these cores can do, per tiny preset.
+
+Per preset, in a fresh process each (strictly one after another), on the embedded world's data:
+  - sft_step: one SFT optimizer step, 32 conversations of the world's SFT file (forward, backward, AdamW);
+  - rollout: the HF backend's decode loop, 8 prompts x 8 rollouts x exactly 128 new tokens;
+  - rlvr_update: the shared policy update on those rollouts (re-scoring forward, PPO-clip, backward, AdamW);
+  - disc_pass: the alignment stage's discriminator pass on them (the published loss, forward and backward) and
+    disc_update its optimizer step; the discriminator is the preset's model sparse-upcycled (4 experts, top-2);
+  - eval: `run_eval` (lmms-eval) on 20 held-out samples per family, samples per second.
+Each is timed (median of R repeats after one warm-up), its FLOPs counted once with
+torch.utils.flop_counter.FlopCounterMode (matmuls and attention; elementwise work is not counted), and set beside
+the fp32 and bf16 GEMM peaks measured in the same process on the model's own shapes (tokens x hidden x
+intermediate and back). `--profile` adds the top operators of each kind by self CPU time (torch.profiler).
+Writes outputs/bench/throughput.json. Run it on an otherwise idle machine.
+
+    just bench-throughput                                     # embedded-s and embedded-m
+    .venv/bin/python bench/throughput.py --presets embedded-s --repeats 2 --profile
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP ruins shared-core timings
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path("outputs/bench")
+TRAINED = {"embedded-s": "outputs/stages/s/sft/model", "embedded-m": "outputs/stages/m/sft/model"}
+SFT_BATCH, PROMPTS, ROLLOUTS, NEW_TOKENS, EVAL_LIMIT = 32, 8, 8, 128, 20
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):  # the first is warm-up
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def counted_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def top_operators(fn, count: int = 8) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    rows = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[:count]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1
+    return [{"op": e.key, "shapes": str(e.input_shapes)[:120], "calls": e.count,
+             "self_cpu_ms": round(e.self_cpu_time_total / 1000, 2),
+             "share": round(e.self_cpu_time_total / total, 3)} for e in rows]
+
+
+def gemm_peaks(config, tokens: int, repeats: int) -> dict:
+    """GFLOP/s of fp32 and bf16 matmuls of the model's MLP shapes, [tokens, hidden] x [hidden, intermediate] and
+    [tokens, intermediate] x [intermediate, hidden]; the faster shape counts."""
+    import torch
+
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        best = 0.0
+        for k, n in ((hidden, intermediate), (intermediate, hidden)):
+            a, b = torch.randn(tokens, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            seconds = median_seconds(lambda: torch.mm(a, b), max(repeats, 10))
+            best = max(best, 2 * tokens * k * n / seconds / 1e9)
+        out[f"{name}_gflops"] = round(best, 1)
+    out["shapes"] = {"tokens": tokens, "hidden": hidden, "intermediate": intermediate}
+    return out
+
+
+def worker(args) -> dict:
+    import torch
+
+    from prism.algorithms import compute_grpo_advantage
+    from prism.config import AlignConfig, PolicyUpdateConfig, load_config
+    from prism.data.encoding import IGNORE, collate, encode_conversation
+    from prism.data.formats import read_rl_parquet, read_sharegpt
+    from prism.models import build_model, load_model, load_processor, save_model
+    from prism.models.discriminator import DiscriminatorSpec, build_discriminator, encode_prompt
+    from prism.rollout import SamplingParams
+    from prism.rollout.backends import make_backend
+    from prism.rollout.prompts import rollout_prompt
+    from prism.stages.align import discriminator_pass
+    from prism.stages.common import build_optimizer, make_accelerator
+    from prism.stages.policy_update import Group, policy_update
+    from prism.stages.sft import summed_token_loss
+
+    world, repeats = Path(args.world), args.repeats
+    processor = load_processor(world / "tokenizer")
+    trained = Path(TRAINED.get(args.preset, "")) if args.preset in TRAINED else None
+    if trained is not None and trained.is_dir():
+        model, source = load_model(trained, dtype=torch.float32).train(), str(trained)
+    else:
+        model, source = build_model(args.preset, processor.tokenizer, seed=0).train(), "random init"
+    text = model.config.text_config
+    result: dict = {"model": source, "parameters": sum(p.numel() for p in model.parameters()),
+                    "threads": torch.get_num_threads()}
+    profiles: dict = {}
+
+    def measure(name: str, fn, work: dict, after=None) -> None:
+        seconds = median_seconds(fn, repeats)
+        flops = counted_flops(fn)
+        entry = {"seconds": round(seconds, 4), "gflop": round(flops / 1e9, 3),
+                 "gflops_per_s": round(flops / seconds / 1e9, 1), **work}
+        if after is not None:
+            entry.update(after(seconds))
+        result[name] = entry
+        if args.profile:
+            profiles[name] = top_operators(fn)
+        print(f"  {args.preset} {name}: {json.dumps(entry)}", file=sys.stderr, flush=True)
+
+    # ---- SFT step ----
+    conversations = read_sharegpt(world / "sft.json")[:SFT_BATCH]
+    encoded = [encode_conversation(processor, c, 1024) for c in conversations]
+    batch = collate(encoded, processor.tokenizer.pad_token_id, model.config.image_token_id)
+    tokens = int(batch["attention_mask"].sum())
+    labelled = int((batch["labels"][:, 1:] != IGNORE).sum())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def sft_step() -> None:
+        loss = summed_token_loss(model, batch) / labelled
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    result["gemm_peaks"] = gemm_peaks(text, tokens=batch["input_ids"].numel(), repeats=repeats)
+    peak = result["gemm_peaks"]["fp32_gflops"]
+    measure("sft_step", sft_step, {"batch": list(batch["input_ids"].shape), "tokens": tokens},
+            after=lambda s: {"tokens_per_s": round(tokens / s, 1)})
+
+    # ---- rollout ----
+    records = read_rl_parquet(world / "teacher.parquet")[:PROMPTS]
+    backend = make_backend("hf", model, processor, model_path=None, dtype="float32")
+    sampling = SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, temperature=1.0, seed=0)
+    prompts = [rollout_prompt(r) for r in records]
+    rollouts = {}
+
+    def rollout() -> None:
+        model.eval()
+        rollouts["batch"] = backend.generate(prompts, ROLLOUTS, sampling)
+        model.train()
+
+    new_tokens = PROMPTS * ROLLOUTS * NEW_TOKENS
+    measure("rollout", rollout, {"prompts": PROMPTS, "rollouts_per_prompt": ROLLOUTS, "new_tokens": NEW_TOKENS},
+            after=lambda s: {"tokens_per_s": round(new_tokens / s, 1)})
+    rolled = rollouts["batch"]
+
+    # ---- RLVR update ----
+    update = PolicyUpdateConfig(micro_batch_size=64)
+    accelerator = make_accelerator()
+    policy_optimizer = build_optimizer(model, load_config(AlignConfig).policy_optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(policy_optimizer, lambda step: 1.0)
+    rewards = torch.rand(rolled.num_rows, generator=torch.Generator().manual_seed(0))
+    advantages = compute_grpo_advantage(rewards, rolled.group_ids).reshape(PROMPTS, ROLLOUTS)
+    groups = [Group(rolled, p, advantages[p]) for p in range(PROMPTS)]
+    measure("rlvr_update", lambda: policy_update(model, policy_optimizer, scheduler, accelerator, groups, update,
+                                                 grad_clip=1.0, filler=groups[0], step=1),
+            {"rollouts": rolled.num_rows, "response_tokens": int(rolled.response_mask.sum())})
+
+    # ---- discriminator pass and update ----
+    with tempfile.TemporaryDirectory() as tmp:  # the upcycled discriminator of this preset's (dense) model
+        save_model(model, processor, Path(tmp) / "dense")
+        dense = load_model(Path(tmp) / "dense", dtype=torch.float32)
+    discriminator = build_discriminator(dense, DiscriminatorSpec("moe"), num_experts=4, top_k=2,
+                                        expert_noise_std=0.002, router_init_std=0.02, aux_loss_coef=0.01,
+                                        seed=0).train()
+    cfg = load_config(AlignConfig, path="experiments/configs/embedded/align.yaml")
+    encoded_prompts = [encode_prompt(processor, r.prompt, rollout_prompt(r).images, True) for r in records]
+    disc_optimizer = build_optimizer(discriminator, cfg.disc_optim)
+
+    def disc_pass() -> None:
+        discriminator_pass(discriminator, processor, encoded_prompts, records, rolled.texts, ROLLOUTS, cfg,
+                           batch_has_valid=True)
+
+    def disc_update() -> None:
+        disc_optimizer.step()
+        disc_optimizer.zero_grad(set_to_none=False)
+
+    measure("disc_pass", disc_pass, {"rollouts": rolled.num_rows, "micro_batch": cfg.disc_micro_batch_size,
+                                     "teacher_scoring": cfg.teacher_scoring})
+    disc_pass()  # gradients for the optimizer step
+    measure("disc_update", disc_update, {"parameters": sum(p.numel() for p in discriminator.parameters())})
+
+    # ---- evaluation ----
+    from evaluation.runner import run_eval
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, processor, Path(tmp) / "model")
+        started = time.perf_counter()
+        report = run_eval(Path(tmp) / "model", suite="embedded", limit=EVAL_LIMIT, world=world,
+                          out_root=Path(tmp) / "evals", log=lambda message: None)
+        seconds = time.perf_counter() - started
+        samples = sum(o.samples or 0 for o in report.outcomes)
+    result["eval"] = {"seconds": round(seconds, 2), "samples": samples, "samples_per_s": round(samples / seconds, 2)}
+
+    for name in ("sft_step", "rollout", "rlvr_update", "disc_pass"):
+        result[name]["of_fp32_peak"] = round(result[name]["gflops_per_s"] / peak, 3)
+        result[name]["of_bf16_peak"] = round(result[name]["gflops_per_s"] / result["gemm_peaks"]["bf16_gflops"], 3)
+    if profiles:
+        result["profile"] = profiles
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="embedded-s,embedded-m")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each kind after one warm-up")
+    parser.add_argument("--world", type=Path, default=Path("outputs/world"))
+    parser.add_argument("--profile", action="store_true", help="also record the top operators of each kind")
+    parser.add_argument("--out", type=Path, default=BENCH / "throughput.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    if not (args.world / "world.json").is_file():
+        sys.exit(f"bench/throughput.py: no world at {args.world}; run `prism world export --out {args.world}` first")
+    import torch
+
+    result = {"host": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                       "torch_threads": torch.get_num_threads()}, "presets": {}}
+    for preset in args.presets.split(","):
+        command = [sys.executable, __file__, "--worker", "--preset", preset, "--world", str(args.world),
+                   "--repeats", str(args.repeats), *(["--profile"] if args.profile else [])]
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+        if done.returncode != 0:
+            sys.exit(f"bench/throughput.py: {preset} failed (exit {done.returncode})")
+        result["presets"][preset] = json.loads(done.stdout.strip().splitlines()[-1])
+    from prism.atomic_io import atomic_write_text
+
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    for preset, r in result["presets"].items():
+        peaks = r["gemm_peaks"]
+        print(f"{preset}: fp32 GEMM {peaks['fp32_gflops']} GFLOP/s, bf16 {peaks['bf16_gflops']}")
+        for name in ("sft_step", "rollout", "rlvr_update", "disc_pass"):
+            print(f"  {name:12s} {r[name]['seconds']:7.3f} s  {r[name]['gflops_per_s']:7.1f} GFLOP/s "
+                  f"({100 * r[name]['of_fp32_peak']:.0f}% of fp32 peak)")
+        print(f"  disc_update  {r['disc_update']['seconds']:7.3f} s;  eval {r['eval']['samples_per_s']} samples/s")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The local launcher with --jobs N: independent ready nodes at once, threads split, logs per node, failures
+stop the run, and a killed launcher leaves no node behind and resumes (nodes stand in for stages: tiny scripts)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments.matrix import MatrixError, Node, Plan, critical_path_seconds, run_parallel
+
+# A node: records its start, sleeps, fails when asked, writes its done marker (the key) last.
+NODE = textwrap.dedent("""
+    import json, os, pathlib, sys, time
+    key, seconds, code = pathlib.Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+    with open(key.parent / "events.jsonl", "a") as f:
+        f.write(json.dumps({"node": key.name, "start": time.time(), "pid": os.getpid(),
+                            "threads": os.environ["OMP_NUM_THREADS"]}) + "\\n")
+    print("working on", key.name, flush=True)
+    time.sleep(seconds)
+    if code:
+        sys.exit(code)
+    key.write_text(json.dumps({"end": time.time()}))
+""")
+
+
+def fake_plan(root: Path, edges: dict[str, list[str]], seconds: float = 0.6, fail: str | None = None) -> Plan:
+    script = root / "node.py"
+    script.write_text(NODE)
+    nodes = {}
+    for name, deps in edges.items():  # insertion order is topological
+        key = str(root / name)
+        command = [sys.executable, str(script), key, str(seconds), "3" if name == fail else "0"]
+        nodes[key] = Node("eval", key, command, [str(root / d) for d in deps], done_marker=Path(key))
+    return Plan(matrix=None, preset_name="test", nodes=nodes, cells=[])
+
+
+def events(root: Path) -> list[dict]:
+    path = root / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+DIAMOND = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}
+
+
+def alive(pid: int) -> bool:
+    """Running or sleeping; a killed process whose parent is gone may stay a zombie (state Z) here."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_independent_nodes_run_at_once_with_the_cores_split(tmp_path):
+    lines = []
+    timings = run_parallel(fake_plan(tmp_path, DIAMOND), jobs=2, log=lines.append, cores=4)
+    assert set(Path(k).name for k in timings) == {"a", "b", "c", "d"}
+    seen = {e["node"]: e for e in events(tmp_path)}
+    ends = {name: json.loads((tmp_path / name).read_text())["end"] for name in DIAMOND}
+    assert seen["b"]["start"] >= ends["a"] and seen["c"]["start"] >= ends["a"]  # after their dependency
+    assert abs(seen["b"]["start"] - seen["c"]["start"]) < 0.5  # side by side
+    assert seen["d"]["start"] >= max(ends["b"], ends["c"])
+    assert {e["threads"] for e in seen.values()} == {"2"}  # 4 cores // 2 jobs
+    assert "working on b" in (tmp_path / "b.log").read_text()  # each node's output in its own log
+    assert sum(line.split()[1] == "start" for line in lines) == 4 and sum(" done " in line for line in lines) == 4
+    assert all("left)" in line for line in lines)  # every line carries the running estimate
+
+
+def test_the_longest_chain_starts_first(tmp_path):
+    # a -> b -> c is longer than d or e alone: with one slot, the chain goes first
+    plan = fake_plan(tmp_path, {"d": [], "e": [], "a": [], "b": ["a"], "c": ["b"]}, seconds=0.3)
+    chain = critical_path_seconds(plan.nodes, {})
+    assert chain[str(tmp_path / "a")] == 3.0 and chain[str(tmp_path / "d")] == 1.0  # 1 s per node without estimates
+    run_parallel(plan, jobs=1, log=lambda _: None, cores=1)
+    assert [e["node"] for e in events(tmp_path)][:2] == ["a", "b"]
+
+
+def test_a_failed_node_stops_the_run_and_names_its_log(tmp_path):
+    plan = fake_plan(tmp_path, DIAMOND, fail="c")
+    with pytest.raises(MatrixError, match=r"eval .*c failed \(exit 3\); see .*c\.log"):
+        run_parallel(plan, jobs=2, log=lambda _: None, cores=2)
+    assert "d" not in {e["node"] for e in events(tmp_path)}  # nothing downstream of the failure started
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_launcher_takes_its_nodes_with_it_and_resumes(tmp_path):
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_parallel import DIAMOND, fake_plan
+        from experiments.matrix import run_parallel
+        from pathlib import Path
+        run_parallel(fake_plan(Path({str(tmp_path)!r}), DIAMOND, seconds=float(sys.argv[1])), jobs=2, cores=2)
+    """))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    process = subprocess.Popen([sys.executable, str(launcher), "3"], env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not {"b", "c"} <= {e["node"] for e in events(tmp_path)}:  # a done, b and c running
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    time.sleep(0.5)
+    assert not any(alive(event["pid"]) for event in events(tmp_path))  # no node outlives its launcher
+    assert (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    subprocess.run([sys.executable, str(launcher), "0.2"], env=env, check=True, stdout=subprocess.DEVNULL)
+    runs = [e["node"] for e in events(tmp_path)]
+    assert runs.count("a") == 1 and runs.count("b") == runs.count("c") == 2 and runs.count("d") == 1
+    assert all((tmp_path / name).exists() for name in DIAMOND)
