@@ -52,6 +52,17 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
+def best_seconds(fn, repeats: int) -> float:
+    """The fastest of `repeats` calls after one warm-up: a peak is the best rate the cores reach."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
 def counted_flops(fn) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -74,7 +85,9 @@ def top_operators(fn, count: int = 8) -> list[dict]:
 
 def gemm_peaks(config, tokens: int, repeats: int) -> dict:
     """GFLOP/s of fp32 and bf16 matmuls of the model's MLP shapes, [tokens, hidden] x [hidden, intermediate] and
-    [tokens, intermediate] x [intermediate, hidden]; the faster shape counts."""
+    [tokens, intermediate] x [intermediate, hidden]: the fastest call of the faster shape. On a shared machine the
+    rate of one shape varies between runs (50-108 GFLOP/s fp32 on embedded-s's, measured here), so the bench
+    measures the peaks again after the workloads (`gemm_peaks_after`) and each ratio uses the higher."""
     import torch
 
     hidden, intermediate = config.hidden_size, config.intermediate_size
@@ -83,7 +96,7 @@ def gemm_peaks(config, tokens: int, repeats: int) -> dict:
         best = 0.0
         for k, n in ((hidden, intermediate), (intermediate, hidden)):
             a, b = torch.randn(tokens, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-            seconds = median_seconds(lambda: torch.mm(a, b), max(repeats, 10))
+            seconds = best_seconds(lambda: torch.mm(a, b), max(repeats, 20))
             best = max(best, 2 * tokens * k * n / seconds / 1e9)
         out[f"{name}_gflops"] = round(best, 1)
     out["shapes"] = {"tokens": tokens, "hidden": hidden, "intermediate": intermediate}
@@ -94,7 +107,7 @@ def worker(args) -> dict:
     import torch
 
     from prism.algorithms import compute_grpo_advantage
-    from prism.config import AlignConfig, PolicyUpdateConfig, load_config
+    from prism.config import AlignConfig, OptimConfig, PolicyUpdateConfig, load_config
     from prism.data.encoding import IGNORE, collate, encode_conversation
     from prism.data.formats import read_rl_parquet, read_sharegpt
     from prism.models import build_model, load_model, load_processor, save_model
@@ -109,7 +122,7 @@ def worker(args) -> dict:
 
     world, repeats = Path(args.world), args.repeats
     processor = load_processor(world / "tokenizer")
-    trained = Path(TRAINED.get(args.preset, "")) if args.preset in TRAINED else None
+    trained = Path(TRAINED[args.preset]) if args.preset in TRAINED else None
     if trained is not None and trained.is_dir():
         model, source = load_model(trained, dtype=torch.float32).train(), str(trained)
     else:
@@ -170,7 +183,7 @@ def worker(args) -> dict:
     # ---- RLVR update ----
     update = PolicyUpdateConfig(micro_batch_size=64)
     accelerator = make_accelerator()
-    policy_optimizer = build_optimizer(model, load_config(AlignConfig).policy_optim)
+    policy_optimizer = build_optimizer(model, OptimConfig(lr=1e-6, weight_decay=0.01, lr_scheduler="constant"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(policy_optimizer, lambda step: 1.0)
     rewards = torch.rand(rolled.num_rows, generator=torch.Generator().manual_seed(0))
     advantages = compute_grpo_advantage(rewards, rolled.group_ids).reshape(PROMPTS, ROLLOUTS)
@@ -215,6 +228,8 @@ def worker(args) -> dict:
         samples = sum(o.samples or 0 for o in report.outcomes)
     result["eval"] = {"seconds": round(seconds, 2), "samples": samples, "samples_per_s": round(samples / seconds, 2)}
 
+    result["gemm_peaks_after"] = gemm_peaks(text, tokens=batch["input_ids"].numel(), repeats=repeats)
+    peak = max(peak, result["gemm_peaks_after"]["fp32_gflops"])
     for name in ("sft_step", "rollout", "rlvr_update", "disc_pass"):
         result[name]["of_fp32_peak"] = round(result[name]["gflops_per_s"] / peak, 3)
         result[name]["of_bf16_peak"] = round(result[name]["gflops_per_s"] / result["gemm_peaks"]["bf16_gflops"], 3)
@@ -255,7 +270,9 @@ def main() -> None:
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     for preset, r in result["presets"].items():
         peaks = r["gemm_peaks"]
-        print(f"{preset}: fp32 GEMM {peaks['fp32_gflops']} GFLOP/s, bf16 {peaks['bf16_gflops']}")
+        after = r["gemm_peaks_after"]
+        print(f"{preset}: fp32 GEMM {peaks['fp32_gflops']} / {after['fp32_gflops']} GFLOP/s (before / after the work), "
+              f"bf16 {peaks['bf16_gflops']} / {after['bf16_gflops']}")
         for name in ("sft_step", "rollout", "rlvr_update", "disc_pass"):
             print(f"  {name:12s} {r[name]['seconds']:7.3f} s  {r[name]['gflops_per_s']:7.1f} GFLOP/s "
                   f"({100 * r[name]['of_fp32_peak']:.0f}% of fp32 peak)")
