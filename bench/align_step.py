@@ -8,9 +8,10 @@ really updated) and a warmed-up discriminator. Work per step is the embedded con
 up to 256 new tokens. Reported numbers are medians over steps 2..K (step 1 is warm-up).
 
 `teacher_layouts` times one discriminator pass (forward and backward of the published loss, no optimizer step) over
-one step's real rollouts in two layouts: the recipe's (each teacher segment through the backbone once, its G pairs
-reading that hidden state) and the published code's layout (the teacher segment repeated for each of the G rollouts,
-G backbone forwards per prompt and kind), median of R repeats. Writes outputs/bench/align-step.json.
+one step's real rollouts in two layouts: the recipe's (each prompt and its image through the backbone once per
+micro-batch, every segment once on that prompt's key/value cache, each teacher segment's hidden state read by its G
+pairs) and the published code's layout (every row whole: prompt, image and segment, the teacher segment repeated for
+each of the G rollouts), median of R repeats. Writes outputs/bench/align-step.json.
 
     just bench-align                                  # S and M policies (whichever SFT stages exist), K=6
     .venv/bin/python bench/align_step.py --policy embedded-s=outputs/stages/s/sft/model --steps 3
@@ -83,7 +84,7 @@ def teacher_layouts_worker(args) -> dict:
     import torch
 
     from prism.algorithms import discriminator_loss
-    from prism.models.discriminator import encode_prompt, load_discriminator, score_segments
+    from prism.models.discriminator import encode_prompt, load_discriminator, segment_batch
     from prism.response_format import scored_segments
     from prism.rollout import SamplingParams
     from prism.rollout.backends import make_backend
@@ -105,19 +106,19 @@ def teacher_layouts_worker(args) -> dict:
     def ours() -> None:
         discriminator_pass(discriminator, processor, prompts, records, texts, n, cfg, batch_has_valid=True)
 
-    def row_by_row() -> None:  # the published layout: the teacher segment repeated for each of its G rollouts
+    def whole_rows(row_prompts, segments, kind):
+        batch = segment_batch(processor, row_prompts, segments, cfg.disc_max_length)
+        return discriminator(**{k: v.to(discriminator.device) for k, v in batch.items()}, kind=kind)[0]
+
+    def row_by_row() -> None:  # the published layout: every row whole, the teacher's repeated for its G rollouts
         size = cfg.disc_micro_batch_size
         micro = [list(range(s, min(s + size, len(texts)))) for s in range(0, len(texts), size)]
         for rows in micro:
             teacher, student = {}, {}
             for kind in kinds:
                 row_prompts = [prompts[row // n] for row in rows]
-                teacher[kind], _ = score_segments(discriminator, processor, row_prompts,
-                                                  [teacher_segment(records[row // n], kind) for row in rows], kind,
-                                                  len(rows), cfg.disc_max_length)
-                student[kind], _ = score_segments(discriminator, processor, row_prompts,
-                                                  [scored_segments(texts[row])[0][kind] for row in rows], kind,
-                                                  len(rows), cfg.disc_max_length)
+                teacher[kind] = whole_rows(row_prompts, [teacher_segment(records[row // n], kind) for row in rows], kind)
+                student[kind] = whole_rows(row_prompts, [scored_segments(texts[row])[0][kind] for row in rows], kind)
             valid = torch.tensor([scored_segments(texts[row])[1] for row in rows])
             loss, _ = discriminator_loss(teacher, student, valid, batch_has_valid=True, score_clip=cfg.score_clip,
                                          score_reg_coef=cfg.score_reg_coef, fallback_coef=cfg.fallback_loss_coef)
@@ -132,11 +133,14 @@ def teacher_layouts_worker(args) -> dict:
             times.append(time.perf_counter() - started)
         return round(statistics.median(times[1:]), 4)
 
+    size = cfg.disc_micro_batch_size
     result = {"recipe_layout_s": seconds(ours), "row_by_row_layout_s": seconds(row_by_row)}
     result.update({
         "row_by_row_over_recipe": round(result["row_by_row_layout_s"] / result["recipe_layout_s"], 2),
-        "teacher_backbone_forwards_per_step": {"recipe": len(records) * len(kinds),
-                                               "row_by_row": len(texts) * len(kinds)},
+        # prompt (and image) forwards: once per micro-batch and prompt in the recipe, twice per row and kind whole
+        "prompt_forwards_per_step": {"recipe": sum(len({row // n for row in range(s, min(s + size, len(texts)))})
+                                                   for s in range(0, len(texts), size)),
+                                     "row_by_row": 2 * len(texts) * len(kinds)},
         "format_rate": round(sum(scored_segments(t)[1] for t in texts) / len(texts), 3),
         "repeats": args.repeats, "peak_rss_mb": peak_rss_mb(),
     })

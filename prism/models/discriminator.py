@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+from transformers import DynamicCache, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
     Qwen3VLMoeTextTopKRouter,
     load_balancing_loss_func,
@@ -38,6 +38,7 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
 from prism.atomic_io import atomic_directory
 from prism.data.encoding import IGNORE, Encoded, chat_messages, collate, process_images
 from prism.data.formats import IMAGE_TOKEN
+from prism.kv_prefix import cache_kwarg, continuation_positions, image_token_types, output_cache
 from prism.models.presets import DENSE, MOE, load_model, save_model
 from prism.models.processor import ModelError
 
@@ -235,6 +236,50 @@ class Discriminator(nn.Module):
                                            attention_mask).float()
         return hidden, aux
 
+    def prefill(self, prefix: PromptPrefix, kind: str | None = None) -> Prefill:
+        """One forward of the distinct prompts (and their images), kept for `continue_hidden`. Routing depends on
+        the kind only for the hard-routed variant (`routes_by_kind`): otherwise one prefill serves every kind."""
+        self._route(kind)
+        model = self.backbone.model
+        types = image_token_types(self.backbone.config.image_token_id, prefix.prompt_ids, prefix.prompt_ids.shape[1])
+        out = model(input_ids=prefix.prompt_ids, attention_mask=prefix.prompt_mask, mm_token_type_ids=types,
+                    use_cache=True, **prefix.vision, **({"output_router_logits": True} if self.is_moe else {}))
+        cache = output_cache(out)
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        start = continuation_positions(model, prefix.prompt_ids, prefix.prompt_mask, types,
+                                       prefix.vision.get("image_grid_thw"))
+        return Prefill(layers, out.router_logits if self.is_moe else None, start, prefix.prompt_mask)
+
+    def continue_hidden(self, prefill: Prefill, rows: SegmentRows, kind: str | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`last_hidden` of rows [prompt + segment] from their prompts' prefill: each row's prompt cache is
+        gathered (gradients flow back into the one prompt forward) and only its segment runs. The aux loss is
+        that of the whole rows: each prompt's router logits are repeated for its rows."""
+        self._route(kind)
+        model = self.backbone.model
+        routing = {"output_router_logits": True} if self.is_moe else {}
+        cache = DynamicCache(config=self.backbone.config)
+        for index, (keys, values) in enumerate(prefill.layers):
+            cache.update(keys[rows.owner], values[rows.owner], index)
+        positions = prefill.start[rows.owner][:, None] + torch.arange(rows.segment_ids.shape[1], device=rows.owner.device)
+        mask = torch.cat([prefill.prompt_mask[rows.owner], rows.segment_mask], dim=1)
+        out = model(input_ids=rows.segment_ids, attention_mask=mask, position_ids=positions[None].expand(3, -1, -1),
+                    use_cache=True, **{cache_kwarg(model): cache}, **routing)
+        last = rows.segment_mask.sum(-1) - 1
+        hidden = out.last_hidden_state[torch.arange(last.shape[0], device=last.device), last]
+        aux = torch.zeros((), device=hidden.device)
+        if self.is_moe:
+            text = self.backbone.config.text_config
+            prompts, length = prefill.prompt_mask.shape
+            whole = [torch.cat([p.view(prompts, length, -1)[rows.owner], s.view(last.shape[0], -1, s.shape[-1])], 1)
+                     .flatten(0, 1) for p, s in zip(prefill.router_logits, out.router_logits)]
+            aux = load_balancing_loss_func(tuple(whole), text.num_experts, text.num_experts_per_tok, mask).float()
+        return hidden, aux
+
+    @property
+    def routes_by_kind(self) -> bool:
+        return bool(self.routers)
+
     def head_scores(self, hidden: torch.Tensor, dropout: bool) -> torch.Tensor:
         """Scores [rows] float32 of last hidden states; `dropout` draws the head's dropout mask (one per row)."""
         if dropout:
@@ -349,16 +394,110 @@ def segment_batch(processor, prompts: Sequence[EncodedPrompt], segments: Sequenc
     return batch
 
 
+@dataclass
+class PromptPrefix:
+    """Distinct prompts, left-padded so that every row's segment starts in the same column, with their vision
+    inputs (the images of the prompts that have them, in order)."""
+
+    prompt_ids: torch.Tensor  # [prompts, P]
+    prompt_mask: torch.Tensor
+    vision: dict[str, torch.Tensor]  # pixel_values, image_grid_thw, or empty
+
+    def to(self, device: torch.device) -> PromptPrefix:
+        return PromptPrefix(self.prompt_ids.to(device), self.prompt_mask.to(device),
+                            {k: v.to(device) for k, v in self.vision.items()})
+
+
+@dataclass
+class SegmentRows:
+    """Rows continuing a `PromptPrefix`: each row's prompt index and its segment + <|im_end|>, right-padded."""
+
+    owner: torch.Tensor  # [rows]
+    segment_ids: torch.Tensor  # [rows, S]
+    segment_mask: torch.Tensor
+
+    def to(self, device: torch.device) -> SegmentRows:
+        return SegmentRows(self.owner.to(device), self.segment_ids.to(device), self.segment_mask.to(device))
+
+
+@dataclass
+class Prefill:
+    """A `PromptPrefix` run through the backbone: per layer its keys and values, its router logits (MoE), the
+    position after each prompt, and the prompts' mask."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    router_logits: tuple[torch.Tensor, ...] | None
+    start: torch.Tensor
+    prompt_mask: torch.Tensor
+
+
+def prompt_prefix(processor, prompts: Sequence[EncodedPrompt]) -> PromptPrefix:
+    width = max(len(p.ids) for p in prompts)
+    prompt_ids = torch.full((len(prompts), width), processor.tokenizer.pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        prompt_ids[i, width - len(prompt.ids):] = torch.tensor(prompt.ids)
+        prompt_mask[i, width - len(prompt.ids):] = 1
+    with_images = [p for p in prompts if p.pixel_values is not None]
+    vision = {}
+    if with_images:
+        vision = {"pixel_values": torch.cat([p.pixel_values for p in with_images]),
+                  "image_grid_thw": torch.cat([p.image_grid_thw for p in with_images])}
+    return PromptPrefix(prompt_ids, prompt_mask, vision)
+
+
+def segment_rows(processor, prompts: Sequence[EncodedPrompt], owner: Sequence[int], segments: Sequence[str],
+                 max_length: int | None = None) -> SegmentRows:
+    """Row i continues `prompts[owner[i]]` with `segments[i]`; the same ids, and the same cut at `max_length`,
+    as `segment_batch`'s whole rows."""
+    if len(owner) != len(segments):
+        raise ValueError(f"{len(owner)} rows for {len(segments)} segments")
+    tokenizer = processor.tokenizer
+    terminator = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rows = []
+    for index, segment in zip(owner, segments):
+        prompt_length = len(prompts[index].ids)
+        ids = tokenizer(segment, add_special_tokens=False)["input_ids"] + [terminator]
+        if max_length is not None and prompt_length + len(ids) > max_length:  # keep the terminator
+            if prompt_length + 1 >= max_length:
+                raise ModelError(f"a prompt of {prompt_length} tokens leaves no room for a segment in max_length={max_length}")
+            ids = ids[: max_length - prompt_length - 1] + [terminator]
+        rows.append(ids)
+    length = max(len(ids) for ids in rows)
+    segment_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    segment_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        segment_ids[i, : len(ids)] = torch.tensor(ids)
+        segment_mask[i, : len(ids)] = 1
+    return SegmentRows(torch.tensor(list(owner), dtype=torch.long), segment_ids, segment_mask)
+
+
+def distinct_prompts(prompts: Sequence[EncodedPrompt]) -> tuple[list[EncodedPrompt], list[int]]:
+    """The distinct prompt objects of `prompts` (first-seen order) and each row's index among them."""
+    index: dict[int, int] = {}
+    distinct: list[EncodedPrompt] = []
+    for prompt in prompts:
+        if id(prompt) not in index:
+            index[id(prompt)] = len(distinct)
+            distinct.append(prompt)
+    return distinct, [index[id(p)] for p in prompts]
+
+
 def segment_hidden(discriminator: Discriminator, processor, prompts: Sequence[EncodedPrompt], segments: Sequence[str],
                    kind: str, micro_batch_size: int, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Last hidden states [rows, hidden] of [prompt_i + segment_i + <|im_end|>] and the mean aux loss over
-    micro-batches of `micro_batch_size` rows, under the caller's grad mode."""
+    micro-batches of `micro_batch_size` rows, under the caller's grad mode. Within a micro-batch, rows holding
+    the same prompt object share one forward of it (`Discriminator.prefill`): a prompt with its image is most
+    of a row's tokens."""
+    if len(prompts) != len(segments):
+        raise ValueError(f"{len(prompts)} prompts for {len(segments)} segments")
     hidden, aux = [], []
+    device = discriminator.device
     for start in range(0, len(segments), micro_batch_size):
-        batch = segment_batch(processor, prompts[start : start + micro_batch_size],
-                              segments[start : start + micro_batch_size], max_length)
-        batch = {k: v.to(discriminator.device) for k, v in batch.items()}
-        h, a = discriminator.last_hidden(**batch, kind=kind)
+        distinct, owner = distinct_prompts(prompts[start : start + micro_batch_size])
+        prefill = discriminator.prefill(prompt_prefix(processor, distinct).to(device), kind=kind)
+        rows = segment_rows(processor, distinct, owner, segments[start : start + micro_batch_size], max_length)
+        h, a = discriminator.continue_hidden(prefill, rows.to(device), kind=kind)
         hidden.append(h)
         aux.append(a)
     return torch.cat(hidden), torch.stack(aux).mean()
@@ -368,12 +507,5 @@ def score_segments(discriminator: Discriminator, processor, prompts: Sequence[En
                    kind: str, micro_batch_size: int, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores [rows] and the mean aux loss over micro-batches, under the caller's grad mode (head dropout in
     train mode)."""
-    scores, aux = [], []
-    for start in range(0, len(segments), micro_batch_size):
-        batch = segment_batch(processor, prompts[start : start + micro_batch_size],
-                              segments[start : start + micro_batch_size], max_length)
-        batch = {k: v.to(discriminator.device) for k, v in batch.items()}
-        s, a = discriminator(**batch, kind=kind)
-        scores.append(s)
-        aux.append(a)
-    return torch.cat(scores), torch.stack(aux).mean()
+    hidden, aux = segment_hidden(discriminator, processor, prompts, segments, kind, micro_batch_size, max_length)
+    return discriminator.head_scores(hidden, dropout=discriminator.training), aux

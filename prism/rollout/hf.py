@@ -9,7 +9,6 @@ are log softmax(logits / temperature) of the raw logits, as described in prism.r
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.fsdp import is_fsdp_managed_module
 
+from prism.kv_prefix import cache_kwarg, continuation_positions, image_token_types, output_cache
 from prism.rollout.base import (
     RolloutBatch,
     RolloutError,
@@ -181,13 +181,6 @@ def shares_prompts(model: Any, batch: RolloutBatch) -> bool:
     return model is core or isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
 
-def _mm_token_type_ids(core: Any, prompt_ids: torch.Tensor, total_len: int) -> torch.Tensor:
-    """1 at image placeholders (the prompt's), 0 elsewhere: M-RoPE needs it whenever images are passed."""
-    types = torch.zeros(prompt_ids.shape[0], total_len, dtype=torch.long, device=prompt_ids.device)
-    types[:, : prompt_ids.shape[1]] = (prompt_ids == core.config.image_token_id).long()
-    return types
-
-
 def response_logits_per_row(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
     """Logits [rows, R, V] predicting each response token, one whole forward per row (images once per row)."""
     core = getattr(model, "module", model)
@@ -201,7 +194,7 @@ def response_logits_per_row(model: Any, batch: RolloutBatch, device: torch.devic
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        mm_token_type_ids=_mm_token_type_ids(core, batch.prompt_ids.to(device), input_ids.shape[1]),
+        mm_token_type_ids=image_token_types(core.config.image_token_id, batch.prompt_ids.to(device), input_ids.shape[1]),
         use_cache=False,
         **extra,
     )
@@ -266,42 +259,19 @@ def reserve_cache(cache: Any, extra_tokens: int) -> None:
             layers[i] = PreallocatedLayer.taking_over(layer, extra_tokens)
 
 
-def cache_kwarg(core: Any) -> str:
-    """The forward's key/value cache argument: `cache` from transformers 5.2x, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(type(core).forward).parameters else "past_key_values"
-
-
-def output_cache(out: Any) -> Any:
-    return out.get("cache", None) or out.get("past_key_values", None)
-
-
 def prefill_prompts(
     core: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vision: dict[str, torch.Tensor], n: int,
 ) -> tuple[torch.Tensor, Any, torch.Tensor]:
     """One forward of the unique prompts (and their images), its cache repeated for n rows each: the logits
     [rows, V] predicting each row's first response token, the cache, and each row's first response position."""
-    mm_token_type_ids = _mm_token_type_ids(core, prompt_ids, prompt_ids.shape[1])
+    mm_token_type_ids = image_token_types(core.config.image_token_id, prompt_ids, prompt_ids.shape[1])
     out = core(input_ids=prompt_ids, attention_mask=prompt_mask, mm_token_type_ids=mm_token_type_ids,
                use_cache=True, logits_to_keep=1, **vision)
     cache = output_cache(out)
     cache.batch_repeat_interleave(n)
-    start = response_start_positions(core, prompt_ids, prompt_mask, mm_token_type_ids, vision.get("image_grid_thw"))
+    start = continuation_positions(core.model, prompt_ids, prompt_mask, mm_token_type_ids,
+                                   vision.get("image_grid_thw"))
     return out.logits[:, -1].repeat_interleave(n, dim=0), cache, start.repeat_interleave(n)
-
-
-def response_start_positions(
-    core: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, mm_token_type_ids: torch.Tensor,
-    image_grid_thw: torch.Tensor | None,
-) -> torch.Tensor:
-    """Per prompt, the position of its first response token in every M-RoPE axis: its prompt's last position
-    + 1, as a whole forward numbers it. Passed explicitly, never read from the model's `rope_deltas`, which
-    an earlier call may have left for another batch."""
-    if image_grid_thw is None:  # text only: a whole forward numbers every column, padding included
-        return torch.full((prompt_ids.shape[0],), prompt_ids.shape[1], device=prompt_ids.device)
-    _, deltas = core.model.get_rope_index(input_ids=prompt_ids, mm_token_type_ids=mm_token_type_ids,
-                                          image_grid_thw=image_grid_thw.to(prompt_ids.device),
-                                          attention_mask=prompt_mask)
-    return prompt_mask.sum(-1) + deltas.reshape(-1).to(prompt_ids.device)
 
 
 @torch.no_grad()

@@ -7,8 +7,8 @@ One step is METHOD.md's loop, one discriminator update per policy update:
   1. generate: B prompts (with teacher segments), G rollouts each, seeded by (seed, step);
   2. score and 4. discriminator loss, from one pass of the discriminator (train mode) over micro-batches of
      `disc_micro_batch_size` rollouts: each rollout's caption and think+answer segments (a format-invalid one on
-     its fallback split at half its length), and its prompt's teacher segments. The backbone runs once per
-     segment; the head is applied twice to each last hidden state: without dropout for the scores the advantage
+     its fallback split at half its length), and its prompt's teacher segments. The backbone runs each prompt
+     (with its image) once per micro-batch and every segment on that prompt's key/value cache; the head is applied twice to each last hidden state: without dropout for the scores the advantage
      and the diagnostics read (the discriminator before its update), and with the head's dropout for the loss,
      the teacher's once per rollout it is paired with (`teacher_scoring: per_rollout`, published) or once per
      prompt (`shared`). The loss is the published one (prism.algorithms.discriminator_loss): per micro-batch the
@@ -49,8 +49,9 @@ from prism.models.discriminator import (
     EncodedPrompt,
     encode_prompt,
     load_discriminator,
+    prompt_prefix,
     save_discriminator,
-    segment_hidden,
+    segment_rows,
 )
 from prism.response_format import count_caption_bullets, count_reasoning_steps, scored_segments, segment_counts
 from prism.rollout import RolloutError, SamplingParams
@@ -138,8 +139,9 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
                        batch_has_valid: bool, backward: bool = True) -> DiscriminatorPass:
     """Score the rollouts `texts` (row i answers prompt i // n) and back-propagate the published loss.
 
-    Micro-batches of `cfg.disc_micro_batch_size` rollouts, in row order: per segment kind, the rollouts' segments
-    and the teacher segments of the prompts the micro-batch holds each run through the backbone once. From each
+    Micro-batches of `cfg.disc_micro_batch_size` rollouts, in row order: the prompts the micro-batch holds run
+    through the backbone once (once per kind for the hard-routed variant), then per segment kind the rollouts'
+    segments and those prompts' teacher segments each run once on their prompt's key/value cache. From each
     last hidden state the head gives a score without dropout (returned: what the advantage and diagnostics read)
     and, for the loss, with the head's dropout, the teacher's drawn once per rollout it is paired with
     (`teacher_scoring: per_rollout`) or once per prompt (`shared`). Each micro-batch's loss over the number of
@@ -160,12 +162,17 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
         owners = sorted({row // n for row in rows})  # the prompts of this micro-batch
         owner_of_row = torch.tensor([owners.index(row // n) for row in rows], device=discriminator.device)
         train_teacher, train_student, aux = {}, {}, []
+        owner_prompts = [prompts[p] for p in owners]
+        prefix = prompt_prefix(processor, owner_prompts).to(discriminator.device)
+        prefill = None if discriminator.routes_by_kind else discriminator.prefill(prefix)
         for kind in kinds:
-            hidden_t, aux_t = segment_hidden(discriminator, processor, [prompts[p] for p in owners],
-                                             [teacher_segment(records[p], kind) for p in owners], kind, len(owners),
-                                             cfg.disc_max_length)
-            hidden_s, aux_s = segment_hidden(discriminator, processor, [prompts[row // n] for row in rows],
-                                             [split[row][0][kind] for row in rows], kind, len(rows), cfg.disc_max_length)
+            kind_prefill = prefill or discriminator.prefill(prefix, kind=kind)
+            teacher_rows = segment_rows(processor, owner_prompts, range(len(owners)),
+                                        [teacher_segment(records[p], kind) for p in owners], cfg.disc_max_length)
+            student_rows = segment_rows(processor, owner_prompts, owner_of_row.tolist(),
+                                        [split[row][0][kind] for row in rows], cfg.disc_max_length)
+            hidden_t, aux_t = discriminator.continue_hidden(kind_prefill, teacher_rows.to(discriminator.device), kind)
+            hidden_s, aux_s = discriminator.continue_hidden(kind_prefill, student_rows.to(discriminator.device), kind)
             with torch.no_grad():
                 teacher[kind][owners] = discriminator.head_scores(hidden_t, dropout=False).cpu()
                 student[kind][rows] = discriminator.head_scores(hidden_s, dropout=False).cpu()

@@ -162,3 +162,55 @@ def test_saved_discriminator_scores_the_same_after_loading(processor, dense, tmp
     (folder / "value_head.safetensors").unlink()
     with pytest.raises(ModelError, match="value_head.safetensors is missing"):
         load_discriminator(folder)
+
+
+@pytest.mark.parametrize("variant", ["moe", "hard_routed", "text_only", "dense"])
+def test_rows_sharing_a_prompt_run_it_once_and_match_whole_rows_in_scores_aux_and_gradients(processor, dense,
+                                                                                           variant):
+    from prism.models.discriminator import distinct_prompts, segment_hidden, segment_rows
+
+    backbone = dense if variant == "dense" else None
+    discriminator = (Discriminator(backbone, DiscriminatorSpec("dense")) if backbone is not None
+                     else build_discriminator(dense, DiscriminatorSpec(variant), **_kwargs()))
+    uses_images = variant != "text_only"
+    first = encode_prompt(processor, MESSAGES, [noise_image(96, seed=1)], uses_images)
+    second = encode_prompt(processor, [MESSAGES[0], {"role": "user", "content": "<image>Which shape is largest?"}],
+                           [noise_image(64, seed=2)], uses_images)  # another length and image size
+    prompts = [first, second, first, first, second]  # 5 rows, 2 distinct prompts
+    segments = [split_segments(TEACHER).perception, split_segments(STUDENT).perception, "- a red circle",
+                "- two\n- three\n- four", "- a blue square"]
+    vision_calls = []
+    hook = discriminator.backbone.model.visual.register_forward_hook(lambda *_: vision_calls.append(1))
+
+    def run(shared: bool):
+        discriminator.zero_grad(set_to_none=True)
+        if shared:
+            hidden, aux = segment_hidden(discriminator, processor, prompts, segments, "perception", 8)
+        else:  # every row whole: the prompt (and image) once per row
+            hidden, aux = discriminator.last_hidden(**segment_batch(processor, prompts, segments), kind="perception")
+        (hidden.square().sum() + 10 * aux).backward()
+        grads = {name: p.grad.clone() for name, p in discriminator.named_parameters() if p.grad is not None}
+        return hidden.detach(), aux.detach(), grads
+
+    shared_hidden, shared_aux, shared_grads = run(shared=True)
+    assert len(vision_calls) == (1 if uses_images else 0)  # one tower call for the 2 distinct prompts
+    whole_hidden, whole_aux, whole_grads = run(shared=False)
+    hook.remove()
+    assert torch.allclose(shared_hidden, whole_hidden, atol=1e-4)
+    assert torch.allclose(shared_aux, whole_aux, atol=1e-6)
+    assert (shared_aux > 0) == discriminator.is_moe
+    assert shared_grads.keys() == whole_grads.keys()
+    for name, grad in whole_grads.items():
+        scale = grad.abs().max()  # float sums in another order: tolerance relative to the tensor's scale
+        assert (shared_grads[name] - grad).abs().max() <= 1e-3 * scale + 1e-7, name
+    if uses_images:
+        assert whole_grads["backbone.model.visual.patch_embed.proj.weight"].abs().sum() > 0
+    # The prefix layout holds each prompt once, and cuts a long segment as the whole-row layout does
+    distinct, owner = distinct_prompts(prompts)
+    assert distinct == [first, second] and owner == [0, 1, 0, 0, 1]
+    cut = max(len(first.ids), len(second.ids)) + 3
+    rows = segment_rows(processor, distinct, owner, segments, max_length=cut)
+    whole = segment_batch(processor, prompts, segments, max_length=cut)
+    for row, prompt in enumerate(prompts):
+        kept = whole["input_ids"][row][whole["attention_mask"][row].bool()].tolist()
+        assert kept == prompt.ids + rows.segment_ids[row][rows.segment_mask[row].bool()].tolist()

@@ -19,7 +19,7 @@ from prism.models import (
     save_model,
 )
 from prism.models.presets import mrope_section
-from tests.models.fixtures import shape_corpus, noise_image, prompt
+from tests.models.fixtures import noise_image, prompt, shape_corpus
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from prism.models import (
     num_image_tokens,
     save_processor,
 )
-from tests.models.fixtures import shape_corpus, noise_image, prompt
+from tests.models.fixtures import noise_image, prompt, shape_corpus
 
 IMAGE_PAD = 6
 

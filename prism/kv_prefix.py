@@ -1,0 +1,44 @@
+"""Prompt prefixes computed once: a Qwen3-VL forward of the distinct prompts whose key/value cache the rows that
+continue them reuse (the n rollouts of a prompt, the teacher and student segments scored on it).
+
+Shared by the rollout backend (decode and re-scoring) and the discriminator (segment scoring). Gradients flow
+back through the cache, so a training forward that shares a prompt equals, up to float rounding, one forward per
+row. Also the two places where transformers' API moved between versions (the cache argument and output).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+
+def cache_kwarg(model: Any) -> str:
+    """The forward's key/value cache argument: `cache` from transformers 5.2x, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    return out.get("cache", None) or out.get("past_key_values", None)
+
+
+def image_token_types(image_token_id: int, prompt_ids: torch.Tensor, total_len: int) -> torch.Tensor:
+    """`mm_token_type_ids`: 1 at the prompt's image placeholders, 0 elsewhere (M-RoPE needs it with images)."""
+    types = torch.zeros(prompt_ids.shape[0], total_len, dtype=torch.long, device=prompt_ids.device)
+    types[:, : prompt_ids.shape[1]] = (prompt_ids == image_token_id).long()
+    return types
+
+
+def continuation_positions(vl_model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                           mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+    """Per left-padded prompt, the position (in every M-RoPE axis) of the first token after it: its last position
+    + 1, as a whole forward numbers it. `vl_model` is the Qwen3-VL base model (`.model` of the generation
+    class). Computed here, never read from the model's `rope_deltas`, which an earlier call may have left for
+    another batch."""
+    if image_grid_thw is None:  # text only: a whole forward numbers every column, padding included
+        return torch.full((prompt_ids.shape[0],), prompt_ids.shape[1], device=prompt_ids.device)
+    _, deltas = vl_model.get_rope_index(input_ids=prompt_ids, mm_token_type_ids=mm_token_type_ids,
+                                        image_grid_thw=image_grid_thw.to(prompt_ids.device),
+                                        attention_mask=prompt_mask)
+    return prompt_mask.sum(-1) + deltas.reshape(-1).to(prompt_ids.device)
