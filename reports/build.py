@@ -26,6 +26,9 @@ from reports.tables import (
 REPORT_ROOT = Path("outputs/reports")
 
 
+NUMERIC_DELTA_COLUMNS = ("mean", "low", "high", "p", "excludes 0")  # printed inside "delta Avg (ours)"
+
+
 def _teacher_texts(plan: Plan) -> list[str]:
     """The teacher corpus the alignment stage read (the world's teacher split in the embedded world)."""
     for node in plan.nodes.values():
@@ -70,18 +73,26 @@ def build_report(name: str, preset: str) -> Path:
         frame.to_csv(tmp / "results.csv", index=False)
         sections = []
         if matrix.kind == "table1":
-            table, deltas = table1(frame, list(matrix.presets[preset].sizes))
-            tables = {"table": table, "deltas": deltas}
-            note = ("Ours: accuracy (%), mean ± std over seeds. `X (paper)`: the published value of benchmark X, beside "
-                    "the embedded family that mirrors it (first size ↔ Qwen3-VL-4B, second ↔ 8B).")
+            tables = table1(frame, list(matrix.presets[preset].sizes))
+            note = ("Ours: accuracy (%), mean [95% interval] (bootstrap over seeds and items; `items` counts every "
+                    "column's). `X (paper)`: the published value of benchmark X, beside the embedded family that "
+                    "mirrors it (first size ↔ Qwen3-VL-4B, second ↔ 8B). Deltas: paired on the same items and "
+                    "seeds, with a 95% bootstrap interval and a permutation-test p-value; * marks an interval "
+                    "that excludes 0.")
         else:
-            tables = {"table": ablation_table(frame, matrix.settings)}
-            note = "Ours: accuracy (%), mean ± std over seeds. `X (paper)`: the published 4B GRPO ablation value."
+            tables = ablation_table(frame, matrix.settings)
+            note = ("Ours: accuracy (%), mean [95% interval] over seeds and items. `X (paper)`: the published 4B GRPO "
+                    "ablation value. Deltas: each setting minus the first, paired on the same items and seeds; * "
+                    "marks an interval that excludes 0.")
+        for key in ("cells", "deltas_by_column"):  # numbers in long form, for other tools
+            tables.pop(key).to_csv(tmp / f"{key}.csv", index=False)
+        shown = {}
         for key, data in tables.items():
-            data.to_csv(tmp / f"{key}.csv", index=False)
-            atomic_write_text(tmp / f"{key}.tex", to_latex(data))
-            sections.append((key, f"<p>{html.escape(note)}</p>" + data.to_html(index=False, na_rep="-")))
-        markdown = "\n\n".join(f"### {key}\n\n{to_markdown(data)}" for key, data in tables.items())
+            data.to_csv(tmp / f"{key}.csv", index=False)  # every number; the printed tables show each once
+            shown[key] = data.drop(columns=[c for c in NUMERIC_DELTA_COLUMNS if c in data and key == "deltas"])
+            atomic_write_text(tmp / f"{key}.tex", to_latex(shown[key]))
+            sections.append((key, f"<p>{html.escape(note)}</p>" + shown[key].to_html(index=False, na_rep="-")))
+        markdown = "\n\n".join(f"### {key}\n\n{to_markdown(data)}" for key, data in shown.items())
         atomic_write_text(tmp / "table.md", f"# {matrix.name} ({preset})\n\n{note}\n\n{markdown}\n")
 
         fig_dir = tmp / "figures"
@@ -90,6 +101,7 @@ def build_report(name: str, preset: str) -> Path:
         images += figures.rl_curves(plan, fig_dir)
         images += figures.distribution_figure(plan, _teacher_texts(plan), lambda c: read_record(Path(c.eval_key)), fig_dir)
         images += figures.token_efficiency(frame, fig_dir)
+        images += figures.delta_intervals(tables["deltas"], fig_dir)
         pngs = [p for p in images if p.suffix == ".png"]
         cells = f"{len(frame)} of {len(plan.cells)} cells evaluated"
         provenance = (f"<p>{html.escape(cells)}; every number and figure is computed from the runs under "

@@ -170,3 +170,24 @@ def token_efficiency(frame: pd.DataFrame, out: Path) -> list[Path]:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=6)
     return _save(figure, out, "token_efficiency")
+
+
+def delta_intervals(deltas: pd.DataFrame, out: Path) -> list[Path]:
+    """Each paired delta on Avg with its 95% interval (ours) beside the paper's delta, one row per comparison."""
+    if deltas.empty or "mean" not in deltas or deltas["mean"].isna().all():
+        return []
+    labels = [f"{row['size']} · {row['comparison']}" if "size" in deltas else str(row["comparison"])
+              for _, row in deltas.iterrows()]
+    positions = range(len(deltas))
+    figure, axis = plt.subplots(figsize=(7.0, 0.32 * len(deltas) + 1.4))
+    ours = deltas["mean"].to_numpy(float)
+    errors = [ours - deltas["low"].to_numpy(float), deltas["high"].to_numpy(float) - ours]
+    axis.errorbar(ours, positions, xerr=errors, fmt="o", color="tab:blue", capsize=3, label="ours (95% interval)")
+    axis.scatter(deltas["delta Avg (paper)"], positions, marker="x", color="tab:red", zorder=3, label="paper")
+    axis.axvline(0.0, color="grey", linewidth=0.8)
+    axis.set_yticks(list(positions), labels, fontsize=7)
+    axis.invert_yaxis()
+    axis.set(xlabel="paired difference in average accuracy (points)", title="Deltas with their intervals")
+    axis.grid(axis="x", alpha=0.3)
+    axis.legend(fontsize=7)
+    return _save(figure, out, "delta_intervals")

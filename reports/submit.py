@@ -113,30 +113,48 @@ def submission_bundle(checkpoint: str | Path, out_root: Path = SUBMISSION_ROOT, 
     return final
 
 
+def _limited(eval_root: Path, digest: str, eval_key: str) -> bool:
+    """Whether the evaluation ran with `--limit` (its manifest, eval.json, records the limit)."""
+    for manifest in (eval_root / digest).glob(f"*-{eval_key}/eval.json"):
+        return json.loads(manifest.read_text(encoding="utf-8")).get("limit") is not None
+    return False
+
+
 def write_leaderboard(eval_root: Path = EVAL_ROOT, out: Path = LEADERBOARD) -> Path:
     """Rank every evaluated checkpoint by its suite's mean accuracy (embedded: over all samples; paper: over the
-    benchmarks), newest evaluation per (checkpoint, task)."""
+    benchmarks) with its standard error, the newest full evaluation per (checkpoint, task): an evaluation run with
+    `--limit` counts only where no full one exists, is marked, and ranks below every full one."""
     store = eval_root / "results.csv"
     if not store.is_file():
         raise SubmitError(f"{store}: no evaluations recorded yet (run `prism eval` first)")
     rows = pd.read_csv(store)
-    rows = rows[rows["metric"] == "accuracy"].sort_values("date").groupby(["checkpoint_hash", "task"]).tail(1)
+    rows = rows[rows["metric"] == "accuracy"].copy()
+    rows["full"] = [not _limited(eval_root, d, k) for d, k in zip(rows["checkpoint_hash"], rows["eval_key"])]
+    rows = rows.sort_values(["full", "date"]).groupby(["checkpoint_hash", "task"]).tail(1)
     ranked = []
     for (digest, suite), part in rows.groupby(["checkpoint_hash", "suite"]):
         if suite == "embedded":
             overall = part[part["task"] == "prism_embedded"]
             score = float(overall["value"].iloc[-1]) if len(overall) else float("nan")
+            stderr = float(overall["stderr"].iloc[-1]) if len(overall) else float("nan")
             n = int(overall["n"].iloc[-1]) if len(overall) else 0
+            full = bool(overall["full"].all()) if len(overall) else False
         else:
-            per_benchmark = part.groupby("benchmark")["value"].mean()
-            score, n = float(per_benchmark.mean()), int(part["n"].sum())
+            per_benchmark = part.groupby("benchmark").agg(value=("value", "mean"), stderr=("stderr", "mean"))
+            score, n, full = float(per_benchmark["value"].mean()), int(part["n"].sum()), bool(part["full"].all())
+            stderr = float((per_benchmark["stderr"] ** 2).sum() ** 0.5 / len(per_benchmark))
         ranked.append({"checkpoint": part["checkpoint"].iloc[-1], "hash": digest, "suite": suite,
-                       "accuracy (%)": round(100 * score, 2), "samples": n, "evaluated": part["date"].max()})
-    board = pd.DataFrame(ranked).sort_values(["suite", "accuracy (%)"], ascending=[True, False])
-    lines = ["# Local leaderboard", "", "Every checkpoint evaluated under outputs/evals, best first per suite.", "",
+                       "accuracy (%)": round(100 * score, 2), "stderr (%)": round(100 * stderr, 2), "samples": n,
+                       "full": full, "evaluated": part["date"].max()})
+    board = pd.DataFrame(ranked).sort_values(["suite", "full", "accuracy (%)"], ascending=[True, False, False])
+    lines = ["# Local leaderboard", "",
+             "Every checkpoint evaluated under outputs/evals, best first per suite; ± is the standard error. "
+             "Evaluations run with `--limit` (marked) rank below every full one.", "",
              "| rank | suite | accuracy (%) | samples | checkpoint | hash | evaluated |", "|---|---|---|---|---|---|---|"]
     for suite, part in board.groupby("suite", sort=False):
         for rank, row in enumerate(part.itertuples(index=False), start=1):
-            lines.append(f"| {rank} | {suite} | {row[3]:.2f} | {row[4]} | `{row[0]}` | {row[1]} | {row[5]} |")
+            limited = "" if row.full else " (--limit)"
+            lines.append(f"| {rank} | {suite} | {row[3]:.2f} ± {row[4]:.2f} | {row.samples}{limited} | `{row.checkpoint}` "
+                         f"| {row.hash} | {row.evaluated} |")
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out

@@ -1,8 +1,13 @@
-"""Result tables of a matrix: our mean +- std over seeds beside the paper's value, and PRISM-minus-baseline deltas.
+"""Result tables of a matrix: our accuracies with their 95% intervals beside the paper's values, and paired deltas.
 
-Everything is computed from the evaluation records the matrix wrote (outputs/matrix/evals/*.json): one row per
-cell and seed, accuracies in %, then grouped over seeds. Columns are the suite's benchmarks: the embedded task
+Everything is computed from the evaluation records the matrix wrote (outputs/matrix/evals/*.json) and lmms-eval's
+per-sample scores beside them (outputs/evals/<checkpoint-hash>/<entry>-<key>/<date>_samples_<task>.jsonl): one row
+per cell and seed, accuracies in %, then grouped over seeds. Columns are the suite's benchmarks: the embedded task
 families (each beside the published benchmark it mirrors) or the seven published benchmarks.
+
+Intervals and paired differences are reports.stats's: bootstrap over seeds and items, a difference paired on the
+same items and seeds, a permutation-test p-value. A table cell reads `mean [low, high]`; a delta marked `*` has an
+interval that excludes 0.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from reports.stats import Estimate, format_estimate, interval, paired_difference
+
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference"
+EVAL_ROOT = Path("outputs/evals")
 
 # Embedded family -> the paper column it mirrors (docs/DESIGN.md, "The embedded world"); counting has none.
 FAMILY_TO_PAPER = {"chart": "MathVista", "geometry": "MathVerse", "composite": "WeMath", "multichoice": "MMMU",
@@ -47,7 +55,7 @@ def results_frame(plan) -> pd.DataFrame:
         record = read_record(Path(cell.eval_key))
         if record is None:
             continue
-        out = {**cell.labels, "checkpoint": cell.checkpoint}
+        out = {**cell.labels, "checkpoint": cell.checkpoint, "record": cell.eval_key}
         for row in record["rows"]:
             value = float(row["value"])
             if row["metric"] == "accuracy":
@@ -63,7 +71,7 @@ def results_frame(plan) -> pd.DataFrame:
         rows.append(out)
     frame = pd.DataFrame(rows)
     # lmms-eval lists metrics in a varying order: fix the columns so equal results give equal files
-    labels = [c for c in ("size", "pipeline", "rl", "setting", "group", "seed", "checkpoint") if c in frame]
+    labels = [c for c in ("size", "pipeline", "rl", "setting", "group", "seed", "checkpoint", "record") if c in frame]
     rest = [c for c in ("format_valid", "mean_tokens") if c in frame]
     return frame[labels + rest + benchmark_columns(frame)] if len(frame) else frame
 
@@ -87,10 +95,80 @@ def _paper_label(column: str) -> str | None:
     return None if name is None else f"{name} (paper)"
 
 
-def _fmt(mean: float, std: float, n: int) -> str:
-    if math.isnan(mean):
-        return "-"
-    return f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
+def sample_scores(record_path: str | Path, eval_root: Path | None = None) -> dict[str, dict[int, float]] | None:
+    """Per table column, each item's score {doc_id: accuracy} from the samples lmms-eval logged for this record's
+    evaluation; None when a column's samples file is missing (the table then shows the mean alone)."""
+    record = read_record(Path(record_path))
+    if record is None:
+        return None
+    eval_root = EVAL_ROOT if eval_root is None else eval_root
+    out: dict[str, dict[int, float]] = {}
+    for row in record["rows"]:
+        column = _column(row) if row["metric"] == "accuracy" else None
+        if column is None:
+            continue
+        entry = sorted((eval_root / row["checkpoint_hash"]).glob(f"*-{row['eval_key']}"))
+        path = entry[-1] / f"{row['date']}_samples_{row['task']}.jsonl" if entry else None
+        if path is None or not path.is_file():
+            return None
+        scores = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                sample = json.loads(line)
+                scores[int(sample["doc_id"])] = float(sample[row["metric"]])
+        out[column] = scores
+    return out
+
+
+def cell_scores(cell: pd.DataFrame, columns: list[str]) -> dict[str, pd.DataFrame] | None:
+    """A cell's per-item scores in %: per column a frame [seed x doc_id], the items every seed evaluated;
+    None without per-sample scores."""
+    if not len(cell) or "record" not in cell:
+        return None
+    seeds = cell["seed"].tolist() if "seed" in cell else list(range(len(cell)))
+    per_seed = [sample_scores(record) for record in cell["record"]]
+    if any(scores is None for scores in per_seed):
+        return None
+    out = {}
+    for column in (c for c in columns if c != "Avg"):
+        if any(column not in scores for scores in per_seed):
+            return None
+        frame = 100.0 * pd.DataFrame([scores[column] for scores in per_seed], index=seeds)
+        out[column] = frame.dropna(axis=1).sort_index().sort_index(axis=1)
+    return out
+
+
+def _estimates(scores: dict[str, pd.DataFrame] | None, columns: list[str]) -> dict[str, Estimate | None]:
+    """Per column, and Avg over the columns (each weighing the same), the cell's interval."""
+    if scores is None:
+        return dict.fromkeys(columns)
+    out = {column: interval({column: frame.to_numpy()}) for column, frame in scores.items()}
+    out["Avg"] = interval({column: frame.to_numpy() for column, frame in scores.items()})
+    return out
+
+
+def paired_estimates(a: dict[str, pd.DataFrame] | None, b: dict[str, pd.DataFrame] | None,
+                     columns: list[str]) -> dict[str, Estimate | None]:
+    """Per column and Avg, b - a on the seeds and items both cells hold; None without per-sample scores."""
+    if a is None or b is None or a.keys() != b.keys():
+        return dict.fromkeys(columns)
+    pairs = {}
+    for column in a:
+        seeds = a[column].index.intersection(b[column].index)
+        items = a[column].columns.intersection(b[column].columns)
+        if not len(seeds) or not len(items):
+            return dict.fromkeys(columns)
+        pairs[column] = (a[column].loc[seeds, items].to_numpy(), b[column].loc[seeds, items].to_numpy())
+    out = {c: paired_difference({c: x}, {c: y}) for c, (x, y) in pairs.items()}
+    out["Avg"] = paired_difference({c: x for c, (x, _) in pairs.items()}, {c: y for c, (_, y) in pairs.items()})
+    return out
+
+
+def _cell_text(estimate: Estimate | None, values: pd.Series) -> str:
+    """`mean [low, high]`; the mean over seeds alone where no per-sample scores were logged."""
+    if estimate is not None:
+        return format_estimate(estimate)
+    return f"{values.mean():.1f}" if len(values) else "-"
 
 
 def _paper_value(paper: pd.DataFrame, filters: dict, column: str) -> float:
@@ -103,52 +181,98 @@ def _paper_value(paper: pd.DataFrame, filters: dict, column: str) -> float:
     return float(match[name].iloc[0]) if len(match) else math.nan
 
 
-def table1(frame: pd.DataFrame, sizes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(main table, deltas). Main: one row per (size, pipeline, rl), cells 'mean ± std' with the paper's value in a
-    `paper <column>` column beside each. Deltas: per size and RL algorithm, PRISM minus baseline on Avg."""
+def _delta_row(labels: dict, estimates: dict[str, Estimate | None], paper_delta: float) -> dict:
+    avg = estimates["Avg"]
+    missing = avg is None
+    return {**labels,
+            "delta Avg (ours)": "-" if missing else format_estimate(avg, signed=True),
+            "mean": math.nan if missing else round(avg.mean, 2),
+            "low": math.nan if missing else round(avg.low, 2),
+            "high": math.nan if missing else round(avg.high, 2),
+            "p": math.nan if missing else avg.p_value,
+            "excludes 0": False if missing else avg.excludes_zero,
+            "items": 0 if missing else avg.items, "seeds": 0 if missing else avg.seeds,
+            "delta Avg (paper)": round(paper_delta, 2) if not math.isnan(paper_delta) else math.nan}
+
+
+def _long_rows(labels: dict, estimates: dict[str, Estimate | None]) -> list[dict]:
+    return [{**labels, "column": column, "mean": e.mean, "low": e.low, "high": e.high, "p": e.p_value,
+             "seeds": e.seeds, "items": e.items} for column, e in estimates.items() if e is not None]
+
+
+def table1(frame: pd.DataFrame, sizes: list[str]) -> dict[str, pd.DataFrame]:
+    """{"table", "deltas", "cells", "deltas_by_column"}.
+
+    table: one row per (size, pipeline, rl), cells `mean [low, high]` (%), the paper's value in an `X (paper)`
+    column beside each. deltas: per size, PRISM minus SFT for each RL algorithm (and without RL), and each RL run
+    minus its start (SFT or SFT -> PRISM), on Avg: the paired difference, its interval and p-value, beside the
+    paper's. cells and deltas_by_column: the same numbers per column, in long form."""
     paper = _paper_table1()
     columns = benchmark_columns(frame)
-    table_rows, delta_rows = [], []
+    table_rows, delta_rows, cell_rows, delta_long = [], [], [], []
     for index, size in enumerate(sizes):
         model = PAPER_MODELS[index] if index < len(PAPER_MODELS) else None
         part = frame[frame["size"] == size] if len(frame) else frame
+        scores = {}
         for pipeline, rl in ROW_ORDER:
             cell = part[(part["pipeline"] == pipeline) & (part["rl"] == rl)] if len(part) else part
-            row = {"size": size, "pipeline": pipeline, "rl": rl, "seeds": len(cell)}
+            scores[pipeline, rl] = cell_scores(cell, columns)
+            estimates = _estimates(scores[pipeline, rl], columns)
+            row = {"size": size, "pipeline": pipeline, "rl": rl, "seeds": len(cell),
+                   "items": estimates["Avg"].items if estimates["Avg"] is not None else 0}
             for column in columns:
                 values = cell[column].dropna() if column in cell else pd.Series(dtype=float)
-                std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-                row[column] = _fmt(float(values.mean()) if len(values) else math.nan, std, len(values))
+                row[column] = _cell_text(estimates[column], values)
                 if _paper_label(column):
                     row[_paper_label(column)] = _paper_value(
                         paper, {"model": model, "pipeline": pipeline, "rl_algorithm": rl}, column) if model else math.nan
             table_rows.append(row)
-        for rl in ("none", "grpo", "dapo", "gspo"):
-            base = part[(part["pipeline"] == "sft") & (part["rl"] == rl)]["Avg"] if len(part) else pd.Series(dtype=float)
-            prism = part[(part["pipeline"] == "sft+prism") & (part["rl"] == rl)]["Avg"] if len(part) else pd.Series(dtype=float)
-            ours = float(prism.mean() - base.mean()) if len(base) and len(prism) else math.nan
-            theirs = (_paper_value(paper, {"model": model, "pipeline": "sft+prism", "rl_algorithm": rl}, "Avg")
-                      - _paper_value(paper, {"model": model, "pipeline": "sft", "rl_algorithm": rl}, "Avg")) if model else math.nan
-            delta_rows.append({"size": size, "rl": rl, "delta Avg (ours)": round(ours, 2) if not math.isnan(ours) else math.nan,
-                               "delta Avg (paper)": round(theirs, 2) if not math.isnan(theirs) else math.nan})
-    return pd.DataFrame(table_rows), pd.DataFrame(delta_rows)
+            cell_rows += _long_rows({"size": size, "pipeline": pipeline, "rl": rl}, estimates)
+
+        def paper_avg(pipeline: str, rl: str) -> float:
+            return _paper_value(paper, {"model": model, "pipeline": pipeline, "rl_algorithm": rl}, "Avg") if model else math.nan
+
+        comparisons = [(f"PRISM - SFT ({rl})", ("sft", rl), ("sft+prism", rl)) for rl in ("none", "grpo", "dapo", "gspo")]
+        comparisons += [(f"{rl.upper()} - start ({pipeline})", (pipeline, "none"), (pipeline, rl))
+                        for pipeline in ("sft", "sft+prism") for rl in ("grpo", "dapo", "gspo")]
+        for name, base, other in comparisons:
+            estimates = paired_estimates(scores[base], scores[other], columns)
+            labels = {"size": size, "comparison": name, "rl": other[1]}
+            delta_rows.append(_delta_row(labels, estimates, paper_avg(*other) - paper_avg(*base)))
+            delta_long += _long_rows(labels, estimates)
+    return {"table": pd.DataFrame(table_rows), "deltas": pd.DataFrame(delta_rows),
+            "cells": pd.DataFrame(cell_rows), "deltas_by_column": pd.DataFrame(delta_long)}
 
 
-def ablation_table(frame: pd.DataFrame, settings: list) -> pd.DataFrame:
+def ablation_table(frame: pd.DataFrame, settings: list) -> dict[str, pd.DataFrame]:
+    """{"table", "deltas", "cells", "deltas_by_column"}: each setting's cells with intervals beside the paper's,
+    and each setting minus the reference setting (the first; `full`), paired, beside the paper's delta."""
     paper = pd.read_csv(REFERENCE_DIR / "paper_ablations.csv")
     columns = benchmark_columns(frame)
-    rows = []
+    rows, cell_rows, delta_rows, delta_long = [], [], [], []
+    scores = {}
     for setting in settings:
         cell = frame[frame["setting"] == setting.name] if len(frame) else frame
-        row = {"group": setting.group, "setting": setting.name, "seeds": len(cell)}
+        scores[setting.name] = cell_scores(cell, columns)
+        estimates = _estimates(scores[setting.name], columns)
+        row = {"group": setting.group, "setting": setting.name, "seeds": len(cell),
+               "items": estimates["Avg"].items if estimates["Avg"] is not None else 0}
         for column in columns:
             values = cell[column].dropna() if column in cell else pd.Series(dtype=float)
-            std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-            row[column] = _fmt(float(values.mean()) if len(values) else math.nan, std, len(values))
+            row[column] = _cell_text(estimates[column], values)
             if _paper_label(column):
                 row[_paper_label(column)] = _paper_value(paper, {"setting": setting.name}, column)
         rows.append(row)
-    return pd.DataFrame(rows)
+        cell_rows += _long_rows({"setting": setting.name}, estimates)
+    reference = settings[0].name if settings else None
+    for setting in settings[1:]:
+        estimates = paired_estimates(scores[reference], scores[setting.name], columns)
+        labels = {"setting": setting.name, "comparison": f"{setting.name} - {reference}"}
+        paper_delta = _paper_value(paper, {"setting": setting.name}, "Avg") - _paper_value(paper, {"setting": reference}, "Avg")
+        delta_rows.append(_delta_row(labels, estimates, paper_delta))
+        delta_long += _long_rows(labels, estimates)
+    return {"table": pd.DataFrame(rows), "deltas": pd.DataFrame(delta_rows), "cells": pd.DataFrame(cell_rows),
+            "deltas_by_column": pd.DataFrame(delta_long)}
 
 
 def to_markdown(table: pd.DataFrame) -> str:

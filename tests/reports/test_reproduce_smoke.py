@@ -96,7 +96,8 @@ def test_submit_bundles_an_evaluated_checkpoint_and_ranks_all(smoke):
     assert len(index["results"]) == 7 and all(r["metrics"][0]["type"] == "accuracy" for r in index["results"])
     board = (smoke / "outputs/leaderboard.md").read_text().splitlines()
     ranked = [line for line in board if line.startswith("| ") and line[2].isdigit()]
-    scores = [float(line.split("|")[3]) for line in ranked]
+    scores = [float(line.split("|")[3].split("±")[0]) for line in ranked]
+    assert all("±" in line.split("|")[3] for line in ranked)  # every accuracy with its standard error
     assert len(ranked) >= 10 and scores == sorted(scores, reverse=True)
 
 

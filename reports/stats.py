@@ -1,0 +1,122 @@
+"""Uncertainty of accuracies and of paired differences, computed from lmms-eval's per-sample scores.
+
+A cell's scores are, per column (a task family or benchmark), an array [seeds, items]: the per-item score of each
+seed's evaluation, items in doc-id order. Two cells pair when they hold the same seeds and the same items.
+
+- `interval`: the mean (over seeds, then over items; `Avg` weighs every column equally) and its 95% percentile
+  bootstrap interval. The bootstrap has two levels: the seeds are resampled (when there are several: a seed is a
+  training run, and its runs' items are correlated), then the items of every column (stratified). With one seed
+  it is scipy.stats.bootstrap's percentile interval of the mean (tests/reports/test_stats.py checks the two agree).
+- `paired_difference`: the mean of b - a over the same seeds and items, its interval from the same two-level
+  bootstrap applied to both cells at once (the same resampled seeds and items), and the two-sided p-value of a
+  paired permutation test (scipy.stats.permutation_test: each item's two seed-averaged scores swapped at random).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+RESAMPLES = 4000
+PERMUTATIONS = 9999
+SEED = 0  # the bootstrap's own seed: equal scores give equal intervals
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean with its 95% interval, over `seeds` seeds and `items` items (summed over columns)."""
+
+    mean: float
+    low: float
+    high: float
+    seeds: int
+    items: int
+    p_value: float = math.nan  # paired differences only: H0 "no difference"
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+    def scaled(self, factor: float) -> Estimate:
+        return Estimate(self.mean * factor, self.low * factor, self.high * factor, self.seeds, self.items,
+                        self.p_value)
+
+
+def _check(scores: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    arrays = [np.asarray(a, dtype=float) for a in scores.values()]
+    if not arrays or any(a.ndim != 2 or a.shape[1] == 0 for a in arrays):
+        raise ValueError("scores: one non-empty [seeds, items] array per column expected")
+    if len({a.shape[0] for a in arrays}) != 1:
+        raise ValueError("scores: every column needs the same seeds")
+    return arrays
+
+
+def bootstrap_means(scores: Mapping[str, np.ndarray], resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """[resamples] bootstrap replicates of the column-averaged mean: seeds resampled (when more than one), then
+    each column's items."""
+    arrays = _check(scores)
+    rng = np.random.default_rng(seed)
+    n_seeds = arrays[0].shape[0]
+    seeds = rng.integers(n_seeds, size=(resamples, n_seeds)) if n_seeds > 1 else np.zeros((resamples, 1), int)
+    total = np.zeros(resamples)
+    for array in arrays:
+        items = rng.integers(array.shape[1], size=(resamples, array.shape[1]))
+        per_seed = array[:, items].mean(-1).T  # [resamples, seeds]: each seed's mean over the resampled items
+        total += np.take_along_axis(per_seed, seeds, axis=1).mean(1)
+    return total / len(arrays)
+
+
+def _mean(arrays: list[np.ndarray]) -> float:
+    return float(np.mean([a.mean() for a in arrays]))
+
+
+def interval(scores: Mapping[str, np.ndarray], resamples: int = RESAMPLES, seed: int = SEED) -> Estimate:
+    arrays = _check(scores)
+    replicates = bootstrap_means(scores, resamples, seed)
+    tail = 100 * (1 - CONFIDENCE) / 2
+    low, high = np.percentile(replicates, [tail, 100 - tail])
+    return Estimate(_mean(arrays), float(low), float(high), arrays[0].shape[0], sum(a.shape[1] for a in arrays))
+
+
+def paired_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], resamples: int = RESAMPLES,
+                      permutations: int = PERMUTATIONS, seed: int = SEED) -> Estimate:
+    """b - a over the same columns, seeds and items (each column's arrays of equal shape, items in one order)."""
+    if a.keys() != b.keys():
+        raise ValueError(f"paired cells need the same columns: {sorted(a)} vs {sorted(b)}")
+    for column in a:
+        if np.shape(a[column]) != np.shape(b[column]):
+            raise ValueError(f"{column}: paired cells need the same seeds and items, got "
+                             f"{np.shape(a[column])} and {np.shape(b[column])}")
+    differences = {column: np.asarray(b[column], float) - np.asarray(a[column], float) for column in a}
+    estimate = interval(differences, resamples, seed)
+    # Permutation test on the seed-averaged item scores, each item weighted so that columns count equally
+    arrays_a = [np.asarray(a[c], float).mean(0) for c in a]
+    arrays_b = [np.asarray(b[c], float).mean(0) for c in a]
+    weights = np.concatenate([np.full(x.shape, 1 / (len(arrays_a) * x.size)) for x in arrays_a])
+    x, y = np.concatenate(arrays_a), np.concatenate(arrays_b)
+    if np.array_equal(x, y):
+        p_value = 1.0
+    else:
+        result = stats.permutation_test(
+            (x, y), lambda first, second, axis=-1: np.sum(weights * (second - first), axis=axis),
+            permutation_type="samples", vectorized=True, n_resamples=permutations, alternative="two-sided",
+            random_state=seed)
+        p_value = float(result.pvalue)
+    return Estimate(estimate.mean, estimate.low, estimate.high, estimate.seeds, estimate.items, p_value)
+
+
+def format_estimate(estimate: Estimate | None, digits: int = 1, signed: bool = False) -> str:
+    """'41.3 [34.7, 48.0]'; a paired difference as '+3.2 [-1.0, 7.5] p=0.14', marked '*' when its interval
+    excludes 0."""
+    if estimate is None or math.isnan(estimate.mean):
+        return "-"
+    sign = "+" if signed else ""
+    text = f"{estimate.mean:{sign}.{digits}f} [{estimate.low:.{digits}f}, {estimate.high:.{digits}f}]"
+    if not math.isnan(estimate.p_value):
+        text += f" p={estimate.p_value:.2g}" + (" *" if estimate.excludes_zero else "")
+    return text

@@ -1,0 +1,80 @@
+"""The statistics behind every table: intervals that cover, paired differences that find a known effect, and
+pairing that narrows the interval on correlated scores."""
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from reports.stats import format_estimate, interval, paired_difference
+
+
+def test_one_seed_interval_is_scipys_percentile_bootstrap_of_the_mean():
+    scores = np.random.default_rng(1).binomial(1, 0.4, size=(1, 200)).astype(float)
+    ours = interval({"chart": scores})
+    theirs = scipy_stats.bootstrap((scores[0],), np.mean, method="percentile", n_resamples=4000,
+                                   random_state=0).confidence_interval
+    assert ours.mean == pytest.approx(scores.mean())
+    assert ours.low == pytest.approx(theirs.low, abs=0.01) and ours.high == pytest.approx(theirs.high, abs=0.01)
+    assert (ours.seeds, ours.items) == (1, 200)
+    # about the binomial standard error: 1.96 * sqrt(0.4 * 0.6 / 200) = 0.068 on each side
+    assert ours.high - ours.low == pytest.approx(2 * 1.96 * np.sqrt(0.4 * 0.6 / 200), rel=0.15)
+
+
+def test_the_95_percent_interval_covers_the_true_accuracy_about_95_times_in_100():
+    rng = np.random.default_rng(7)
+    truth, covered, trials = 0.6, 0, 200
+    for trial in range(trials):
+        scores = {"a": rng.binomial(1, truth, size=(1, 100)).astype(float),
+                  "b": rng.binomial(1, truth, size=(1, 100)).astype(float)}
+        estimate = interval(scores, resamples=1000, seed=trial)
+        covered += estimate.low <= truth <= estimate.high
+    assert 0.90 <= covered / trials <= 0.99
+
+
+def test_seeds_widen_the_interval_when_runs_differ():
+    """Three training runs whose item scores share a run-level shift: resampling seeds must show it."""
+    rng = np.random.default_rng(3)
+    shifts = np.array([0.2, 0.5, 0.8])[:, None]
+    scores = (rng.random((3, 300)) < shifts).astype(float)
+    with_seeds = interval({"x": scores})
+    pooled_as_items = interval({"x": scores.reshape(1, -1)})
+    assert with_seeds.seeds == 3 and with_seeds.items == 300
+    assert (with_seeds.high - with_seeds.low) > 3 * (pooled_as_items.high - pooled_as_items.low)
+
+
+def test_a_known_paired_effect_is_recovered_and_marked():
+    rng = np.random.default_rng(0)
+    base = rng.binomial(1, 0.4, size=(1, 300)).astype(float)
+    better = base.copy()
+    wrong = np.flatnonzero(base[0] == 0)
+    better[0, rng.choice(wrong, size=45, replace=False)] = 1.0  # +15 points on the same items
+    delta = paired_difference({"x": base}, {"x": better})
+    assert delta.mean == pytest.approx(0.15)
+    assert delta.low > 0.1 and delta.high < 0.2 and delta.excludes_zero
+    assert delta.p_value < 0.001
+    assert format_estimate(delta.scaled(100), signed=True).startswith("+15.0 [") and "*" in format_estimate(delta)
+    none = paired_difference({"x": base}, {"x": base.copy()})
+    assert none.mean == 0 and none.p_value == 1.0 and not none.excludes_zero
+
+
+def test_pairing_narrows_the_interval_on_correlated_scores():
+    """Two checkpoints that agree on most items: the paired interval is much narrower than the unpaired one."""
+    rng = np.random.default_rng(5)
+    a = rng.binomial(1, 0.5, size=(1, 300)).astype(float)
+    b = a.copy()
+    flip = rng.choice(300, size=30, replace=False)
+    b[0, flip] = 1 - b[0, flip]
+    paired = paired_difference({"x": a}, {"x": b})
+    ia, ib = interval({"x": a}), interval({"x": b})
+    unpaired_half_width = 1.96 * np.hypot((ia.high - ia.low) / 3.92, (ib.high - ib.low) / 3.92)
+    assert (paired.high - paired.low) / 2 < 0.5 * unpaired_half_width
+    assert not paired.excludes_zero or abs(paired.mean) > 0.03
+
+
+def test_columns_weigh_equally_in_the_average_and_must_pair():
+    a = {"small": np.ones((1, 10)), "large": np.zeros((1, 1000))}
+    assert interval(a).mean == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="same seeds and items"):
+        paired_difference({"x": np.ones((1, 10))}, {"x": np.ones((1, 11))})
+    with pytest.raises(ValueError, match="same columns"):
+        paired_difference({"x": np.ones((1, 10))}, {"y": np.ones((1, 10))})

@@ -1,0 +1,58 @@
+"""Tables from recorded evaluations: every cell with its interval and n, deltas paired on the same items."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from reports import tables
+from reports.tables import FAMILIES, table1
+
+
+def _record(tmp_path, name, scores_by_family):
+    """An eval record and lmms-eval samples files for one checkpoint: {family: [0/1 per doc_id]}."""
+    digest, key, date = f"hash-{name}", f"key{name}", "20261201T000000"
+    entry = tmp_path / "evals" / digest / f"prism_embedded-{key}"
+    entry.mkdir(parents=True)
+    rows = []
+    for family, scores in scores_by_family.items():
+        task = f"prism_embedded_{family}"
+        lines = [json.dumps({"doc_id": i, "accuracy": float(s)}) for i, s in enumerate(scores)]
+        (entry / f"{date}_samples_{task}.jsonl").write_text("\n".join(lines) + "\n")
+        rows.append({"benchmark": "embedded", "task": task, "metric": "accuracy", "value": float(np.mean(scores)),
+                     "checkpoint_hash": digest, "eval_key": key, "date": date})
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"rows": rows}))
+    return str(path)
+
+
+def test_cells_carry_intervals_and_a_known_paired_effect_is_marked(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "EVAL_ROOT", tmp_path / "evals")
+    rng = np.random.default_rng(0)
+    base = {f: rng.binomial(1, 0.4, size=100) for f in FAMILIES}
+    better = {}
+    for family, scores in base.items():  # +20 points on the same items
+        improved = scores.copy()
+        improved[rng.choice(np.flatnonzero(scores == 0), size=20, replace=False)] = 1
+        better[family] = improved
+    rows = []
+    for pipeline, scores in (("sft", base), ("sft+prism", better)):
+        record = _record(tmp_path, pipeline.replace("+", "_"), scores)
+        accuracies = {f: 100 * float(np.mean(s)) for f, s in scores.items()}
+        rows.append({"size": "s", "pipeline": pipeline, "rl": "none", "seed": 0, "checkpoint": pipeline,
+                     "record": record, **accuracies, "Avg": float(np.mean(list(accuracies.values())))})
+    out = table1(pd.DataFrame(rows), ["s"])
+    table = out["table"].set_index(["pipeline", "rl"])
+    sft = table.loc[("sft", "none")]
+    assert sft["items"] == 600 and sft["seeds"] == 1
+    mean, low, high = (float(x) for x in sft["chart"].replace("[", "").replace("]", "").replace(",", "").split())
+    assert mean == pytest.approx(100 * base["chart"].mean()) and low < mean < high
+    assert table.loc[("sft", "grpo")]["Avg"] == "-"  # a cell that was not run
+    delta = out["deltas"].set_index("comparison").loc["PRISM - SFT (none)"]
+    assert delta["mean"] == pytest.approx(20.0) and delta["excludes 0"] and delta["p"] < 0.001
+    assert delta["delta Avg (ours)"].startswith("+20.0 [") and delta["delta Avg (ours)"].endswith("*")
+    assert delta["delta Avg (paper)"] == pytest.approx(0.4)  # 4B: SFT->PRISM 57.2 minus SFT 56.8
+    per_column = out["deltas_by_column"]
+    chart = per_column[(per_column["comparison"] == "PRISM - SFT (none)") & (per_column["column"] == "chart")]
+    assert chart["mean"].iloc[0] == pytest.approx(20.0) and chart["items"].iloc[0] == 100
