@@ -204,9 +204,19 @@ def load_named(config_class: type, name_or_path: str | Path, folder: Path, what:
     return load_config(config_class, path)
 
 
-def load_matrix(name_or_path: str | Path) -> MatrixConfig:
-    """`table1` -> experiments/configs/table1.yaml; a path is read as is."""
-    return load_named(MatrixConfig, name_or_path, CONFIG_DIR, "matrix")
+def load_matrix(name_or_path: str | Path, preset: str | None = None, seeds: int | None = None) -> MatrixConfig:
+    """`table1` -> experiments/configs/table1.yaml; a path is read as is. `seeds` (with `preset`): run that preset
+    with seeds 0..seeds-1 instead of its own; the matrix is then named `<name>-<seeds>seeds` (its report and
+    timing record), while every node keeps its content address, so seed 0 is shared with a one-seed run."""
+    matrix = load_named(MatrixConfig, name_or_path, CONFIG_DIR, "matrix")
+    if seeds is None:
+        return matrix
+    if not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"--seeds: expected a positive number of seeds, got {seeds!r}")
+    if preset not in matrix.presets:
+        raise ConfigError(f"matrix {matrix.name} has no preset {preset!r} (presets: {', '.join(matrix.presets)})")
+    presets = {**matrix.presets, preset: replace(matrix.presets[preset], seeds=list(range(seeds)))}
+    return replace(matrix, name=f"{matrix.name}-{seeds}seeds", presets=presets)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
   prism train STAGE --config F [key=value ...]     (base, sft, disc_warmup, align, rlvr)
   prism matrix plan|run NAME [--preset embedded|smoke|full] [--launcher local|slurm] [--jobs N] [--isolate]
   prism report NAME [--preset P]
-  prism reproduce NAME [--preset P] [--jobs N]     (run the matrix, then its report)
+  prism reproduce NAME [--preset P] [--jobs N] [--seeds N]   (run the matrix, then its report)
   prism sweep run|report NAME [--workers N] [--storage URL]
   prism submit CHECKPOINT                          (leaderboard bundle; refreshes outputs/leaderboard.md)
 
@@ -121,6 +121,9 @@ def cmd_train(args) -> int:
     return 0
 
 
+SEEDS_HELP = "run the preset with seeds 0..N-1 instead of its own (seed 0 is shared with a one-seed run)"
+
+
 def _jobs(args) -> int:
     """--jobs, or by default the cores available (1 on a GPU machine, whose stages would share the device)."""
     if args.jobs is not None:
@@ -143,7 +146,7 @@ def _cpu_seconds() -> float:
 def cmd_matrix(args) -> int:
     from experiments.matrix import build_plan, describe_plan, load_matrix, run_local, run_slurm, slurm_scripts
 
-    plan = build_plan(load_matrix(args.name), args.preset)
+    plan = build_plan(load_matrix(args.name, args.preset, args.seeds), args.preset)
     if args.action == "plan":
         print(describe_plan(plan))
         if args.launcher == "slurm":
@@ -161,7 +164,7 @@ def cmd_matrix(args) -> int:
 def cmd_report(args) -> int:
     from reports.build import build_report
 
-    out = build_report(args.name, args.preset)
+    out = build_report(args.name, args.preset, args.seeds)
     print(f"report: {out / 'index.html'}")
     return 0
 
@@ -192,12 +195,12 @@ def cmd_reproduce(args) -> int:
     from experiments.matrix import build_plan, describe_plan, load_matrix, run_local
     from reports.build import build_report, record_reproduce_time
 
-    plan = build_plan(load_matrix(args.name), args.preset)
-    print(describe_plan(plan), flush=True)
+    plan = build_plan(load_matrix(args.name, args.preset, args.seeds), args.preset)
+    print(describe_plan(plan), flush=True)  # with its estimate, before anything starts
     started, cpu = time.perf_counter(), _cpu_seconds()
     jobs = _jobs(args)
     timings = run_local(plan, log=lambda message: print(message, flush=True), isolate=args.isolate, jobs=jobs)
-    out = build_report(args.name, args.preset)
+    out = build_report(args.name, args.preset, args.seeds)
     record_reproduce_time(plan, timings, time.perf_counter() - started, cpu_seconds=_cpu_seconds() - cpu, jobs=jobs)
     from reports.submit import write_leaderboard
 
@@ -264,10 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="local: nodes run at once, each in its own process with cores // jobs threads "
                              "(default: the cores available; 1 = one after another in this process)")
     matrix.add_argument("--isolate", action="store_true", help="local, --jobs 1: run each node in its own process")
+    matrix.add_argument("--seeds", type=int, default=None, metavar="N", help=SEEDS_HELP)
     matrix.set_defaults(func=cmd_matrix)
     report = commands.add_parser("report", help="tables, figures and the HTML report of a matrix's recorded runs")
     report.add_argument("name", help="table1, ablations, or a matrix YAML path")
     report.add_argument("--preset", default="embedded")
+    report.add_argument("--seeds", type=int, default=None, metavar="N", help="the report of a `--seeds N` run")
     report.set_defaults(func=cmd_report)
     sweep = commands.add_parser("sweep", help="Optuna sweeps over the discriminator and alignment knobs")
     sweep.add_argument("action", choices=["run", "report"])
@@ -284,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--jobs", type=int, default=None,
                            help="nodes run at once (default: the cores available; 1 = one after another)")
     reproduce.add_argument("--isolate", action="store_true", help="with --jobs 1: run each node in its own process")
+    reproduce.add_argument("--seeds", type=int, default=None, metavar="N", help=SEEDS_HELP)
     reproduce.set_defaults(func=cmd_reproduce)
     return parser
 

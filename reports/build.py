@@ -64,8 +64,8 @@ def _html(title: str, sections: list[tuple[str, str]], images: list[Path], root:
     return "\n".join(parts)
 
 
-def build_report(name: str, preset: str) -> Path:
-    matrix = load_matrix(name)
+def build_report(name: str, preset: str, seeds: int | None = None) -> Path:
+    matrix = load_matrix(name, preset, seeds)
     plan = build_plan(matrix, preset)
     final = REPORT_ROOT / f"{matrix.name}-{preset}"
     with atomic_directory(final) as tmp:

@@ -150,11 +150,12 @@ def write_leaderboard(eval_root: Path = EVAL_ROOT, out: Path = LEADERBOARD) -> P
     lines = ["# Local leaderboard", "",
              "Every checkpoint evaluated under outputs/evals, best first per suite; ± is the standard error. "
              "Evaluations run with `--limit` (marked) rank below every full one.", "",
-             "| rank | suite | accuracy (%) | samples | checkpoint | hash | evaluated |", "|---|---|---|---|---|---|---|"]
+             "| rank | suite | accuracy (%) | samples | checkpoint | hash | evaluated |",
+             "|---|---|---|---|---|---|---|"]
     for suite, part in board.groupby("suite", sort=False):
         for rank, row in enumerate(part.itertuples(index=False), start=1):
             limited = "" if row.full else " (--limit)"
-            lines.append(f"| {rank} | {suite} | {row[3]:.2f} ± {row[4]:.2f} | {row.samples}{limited} | `{row.checkpoint}` "
-                         f"| {row.hash} | {row.evaluated} |")
+            lines.append(f"| {rank} | {suite} | {row[3]:.2f} ± {row[4]:.2f} | {row.samples}{limited} "
+                         f"| `{row.checkpoint}` | {row.hash} | {row.evaluated} |")
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out

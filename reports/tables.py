@@ -230,9 +230,12 @@ def table1(frame: pd.DataFrame, sizes: list[str]) -> dict[str, pd.DataFrame]:
             cell_rows += _long_rows({"size": size, "pipeline": pipeline, "rl": rl}, estimates)
 
         def paper_avg(pipeline: str, rl: str) -> float:
-            return _paper_value(paper, {"model": model, "pipeline": pipeline, "rl_algorithm": rl}, "Avg") if model else math.nan
+            if model is None:
+                return math.nan
+            return _paper_value(paper, {"model": model, "pipeline": pipeline, "rl_algorithm": rl}, "Avg")
 
-        comparisons = [(f"PRISM - SFT ({rl})", ("sft", rl), ("sft+prism", rl)) for rl in ("none", "grpo", "dapo", "gspo")]
+        comparisons = [(f"PRISM - SFT ({rl})", ("sft", rl), ("sft+prism", rl))
+                       for rl in ("none", "grpo", "dapo", "gspo")]
         comparisons += [(f"{rl.upper()} - start ({pipeline})", (pipeline, "none"), (pipeline, rl))
                         for pipeline in ("sft", "sft+prism") for rl in ("grpo", "dapo", "gspo")]
         for name, base, other in comparisons:
@@ -268,7 +271,8 @@ def ablation_table(frame: pd.DataFrame, settings: list) -> dict[str, pd.DataFram
     for setting in settings[1:]:
         estimates = paired_estimates(scores[reference], scores[setting.name], columns)
         labels = {"setting": setting.name, "comparison": f"{setting.name} - {reference}"}
-        paper_delta = _paper_value(paper, {"setting": setting.name}, "Avg") - _paper_value(paper, {"setting": reference}, "Avg")
+        paper_delta = (_paper_value(paper, {"setting": setting.name}, "Avg")
+                       - _paper_value(paper, {"setting": reference}, "Avg"))
         delta_rows.append(_delta_row(labels, estimates, paper_delta))
         delta_long += _long_rows(labels, estimates)
     return {"table": pd.DataFrame(rows), "deltas": pd.DataFrame(delta_rows), "cells": pd.DataFrame(cell_rows),

@@ -261,7 +261,8 @@ class Discriminator(nn.Module):
         cache = DynamicCache(config=self.backbone.config)
         for index, (keys, values) in enumerate(prefill.layers):
             cache.update(keys[rows.owner], values[rows.owner], index)
-        positions = prefill.start[rows.owner][:, None] + torch.arange(rows.segment_ids.shape[1], device=rows.owner.device)
+        offsets = torch.arange(rows.segment_ids.shape[1], device=rows.owner.device)
+        positions = prefill.start[rows.owner][:, None] + offsets
         mask = torch.cat([prefill.prompt_mask[rows.owner], rows.segment_mask], dim=1)
         out = model(input_ids=rows.segment_ids, attention_mask=mask, position_ids=positions[None].expand(3, -1, -1),
                     use_cache=True, **{cache_kwarg(model): cache}, **routing)
@@ -460,7 +461,8 @@ def segment_rows(processor, prompts: Sequence[EncodedPrompt], owner: Sequence[in
         ids = tokenizer(segment, add_special_tokens=False)["input_ids"] + [terminator]
         if max_length is not None and prompt_length + len(ids) > max_length:  # keep the terminator
             if prompt_length + 1 >= max_length:
-                raise ModelError(f"a prompt of {prompt_length} tokens leaves no room for a segment in max_length={max_length}")
+                raise ModelError(f"a prompt of {prompt_length} tokens leaves no room for a segment in "
+                                 f"max_length={max_length}")
             ids = ids[: max_length - prompt_length - 1] + [terminator]
         rows.append(ids)
     length = max(len(ids) for ids in rows)

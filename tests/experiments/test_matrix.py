@@ -101,3 +101,16 @@ def test_slurm_plan_writes_scripts_and_submits_nothing(tmp_path, monkeypatch):
     assert "# depends on (afterok): sft-" in align and "disc_warmup-" in align
     instruct_eval = next(p for p in scripts if p.name.startswith("000-")).read_text()
     assert "eval-node" in instruct_eval and "/models/Qwen3-VL-4B-Instruct" in instruct_eval
+
+
+def test_seeds_run_every_stage_per_seed_after_one_shared_world_and_keep_seed_zero():
+    one = build_plan(load_matrix("table1"), "embedded")
+    three = build_plan(load_matrix("table1", "embedded", 3), "embedded")
+    assert three.matrix.name == "table1-3seeds" and len(three.cells) == 3 * len(one.cells)
+    assert _kinds(three) == {kind: 1 if kind == "world" else 3 * n for kind, n in _kinds(one).items()}
+    assert set(one.nodes) < set(three.nodes)  # seed 0 is the one-seed run: nothing of it is recomputed
+    assert sorted({c.labels["seed"] for c in three.cells}) == [0, 1, 2]
+    with pytest.raises(ConfigError, match="--seeds"):
+        load_matrix("table1", "embedded", 0)
+    with pytest.raises(ConfigError, match="no preset"):
+        load_matrix("table1", "huge", 2)

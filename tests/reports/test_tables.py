@@ -56,3 +56,21 @@ def test_cells_carry_intervals_and_a_known_paired_effect_is_marked(tmp_path, mon
     per_column = out["deltas_by_column"]
     chart = per_column[(per_column["comparison"] == "PRISM - SFT (none)") & (per_column["column"] == "chart")]
     assert chart["mean"].iloc[0] == pytest.approx(20.0) and chart["items"].iloc[0] == 100
+
+
+def test_seeds_pair_by_seed_and_count_in_the_cell(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "EVAL_ROOT", tmp_path / "evals")
+    rng = np.random.default_rng(1)
+    rows = []
+    for seed in (0, 1):
+        for pipeline, p in (("sft", 0.3), ("sft+prism", 0.3)):
+            scores = {f: rng.binomial(1, p, size=40) for f in FAMILIES}
+            record = _record(tmp_path, f"{pipeline.replace('+', '_')}{seed}", scores)
+            rows.append({"size": "s", "pipeline": pipeline, "rl": "none", "seed": seed, "checkpoint": "c",
+                         "record": record, **{f: 100 * float(np.mean(s)) for f, s in scores.items()}})
+    out = table1(pd.DataFrame(rows), ["s"])
+    cell = out["table"].set_index(["pipeline", "rl"]).loc[("sft", "none")]
+    assert cell["seeds"] == 2 and cell["items"] == 240
+    delta = out["deltas"].set_index("comparison").loc["PRISM - SFT (none)"]
+    assert delta["seeds"] == 2 and delta["items"] == 240 and not delta["excludes 0"]  # no effect: none found
+    assert delta["p"] > 0.05
