@@ -334,7 +334,8 @@ class PlanBuilder:
         return self._add(node)
 
 
-FILES = {"base": "base.json", "sft": "sft.json", "teacher": "teacher.parquet", "rl": "rl.parquet"}
+FILES = {"base": "base.json", "sft": "sft.json", "teacher": "teacher.parquet", "rl": "rl.parquet",
+         "warmup": "warmup_pairs.jsonl"}
 
 
 def _world_files(builder: PlanBuilder, *names: str) -> list[str]:
@@ -379,9 +380,13 @@ def add_chain(builder: PlanBuilder, size: str, seed: int, pipeline: str, rl: str
         else:
             backbone_deps = []
         teacher = _world_files(builder, "teacher")
+        # Without SFT the policy never writes the format, so its rollouts make no pair: the warm-up reads the
+        # world's fixed teacher-vs-public pairs instead, as the published no-SFT ablation did.
+        fixed = _world_files(builder, "warmup") if pipeline == "prism" else []
         key = builder.stage("disc_warmup", size, seed, [
             f"model.path={backbone}", f"policy.path={model}",
-            *([f"teacher_files={_list(teacher)}"] if teacher else [])], deps + backbone_deps + world, extra)
+            *([f"teacher_files={_list(teacher)}"] if teacher else []),
+            *([f"data_files={_list(fixed)}"] if fixed else [])], deps + backbone_deps + world, extra)
         disc = f"{key}/model"
         key = builder.stage("align", size, seed, [
             f"model.path={model}", f"discriminator.path={disc}",

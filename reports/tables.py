@@ -48,6 +48,23 @@ def read_record(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def warmup_pairs(plan, cell) -> str:
+    """Which pairs the cell's discriminator warmed up on: `fixed: <files>`, `policy rollouts`, or `-` (no
+    alignment stage)."""
+    stack, seen = [cell.checkpoint.removesuffix("/model")], set()
+    while stack:
+        key = stack.pop()
+        node = plan.nodes.get(key)
+        if node is None or key in seen:
+            continue
+        seen.add(key)
+        if node.kind == "disc_warmup":
+            files = node.cfg.data_files
+            return "fixed: " + ", ".join(Path(f).name for f in files) if files else "policy rollouts"
+        stack.extend(node.deps)
+    return "-"
+
+
 def results_frame(plan) -> pd.DataFrame:
     """One row per evaluated cell: its labels, accuracy per column (%), Avg, format rate and mean tokens."""
     rows = []
@@ -55,7 +72,8 @@ def results_frame(plan) -> pd.DataFrame:
         record = read_record(Path(cell.eval_key))
         if record is None:
             continue
-        out = {**cell.labels, "checkpoint": cell.checkpoint, "record": cell.eval_key}
+        out = {**cell.labels, "checkpoint": cell.checkpoint, "record": cell.eval_key,
+               "warm-up pairs": warmup_pairs(plan, cell)}
         for row in record["rows"]:
             value = float(row["value"])
             if row["metric"] == "accuracy":
@@ -72,7 +90,7 @@ def results_frame(plan) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     # lmms-eval lists metrics in a varying order: fix the columns so equal results give equal files
     labels = [c for c in ("size", "pipeline", "rl", "setting", "group", "seed", "checkpoint", "record") if c in frame]
-    rest = [c for c in ("format_valid", "mean_tokens") if c in frame]
+    rest = [c for c in ("warm-up pairs", "format_valid", "mean_tokens") if c in frame]
     return frame[labels + rest + benchmark_columns(frame)] if len(frame) else frame
 
 
@@ -258,8 +276,9 @@ def ablation_table(frame: pd.DataFrame, settings: list) -> dict[str, pd.DataFram
         cell = frame[frame["setting"] == setting.name] if len(frame) else frame
         scores[setting.name] = cell_scores(cell, columns)
         estimates = _estimates(scores[setting.name], columns)
-        row = {"group": setting.group, "setting": setting.name, "seeds": len(cell),
-               "items": estimates["Avg"].items if estimates["Avg"] is not None else 0}
+        row = {"group": setting.group, "setting": setting.name,
+               "warm-up pairs": cell["warm-up pairs"].iloc[0] if "warm-up pairs" in cell and len(cell) else "-",
+               "seeds": len(cell), "items": estimates["Avg"].items if estimates["Avg"] is not None else 0}
         for column in columns:
             values = cell[column].dropna() if column in cell else pd.Series(dtype=float)
             row[column] = _cell_text(estimates[column], values)

@@ -86,6 +86,12 @@ def test_ablations_are_single_settings_at_one_size():
     align = plan.nodes[no_sft.cfg.model.path.removesuffix("/model")]
     assert "base-" in align.cfg.model.path  # alignment starts from the base model
     assert any(n.kind == "sft" and n.cfg.max_records == 2000 for n in plan.nodes.values())
+    # a base policy writes no format, so no-SFT's warm-up reads the world's fixed pairs; the others roll out
+    from reports.tables import warmup_pairs
+
+    pairs = {name: warmup_pairs(plan, cell) for name, cell in by_name.items()}
+    assert pairs["no_sft"] == "fixed: warmup_pairs.jsonl" and pairs["no_alignment"] == "-"
+    assert pairs["full"] == pairs["dense_discriminator"] == "policy rollouts"
 
 
 def test_slurm_plan_writes_scripts_and_submits_nothing(tmp_path, monkeypatch):
