@@ -86,6 +86,11 @@ class SweepConfig:
     sampler_seed: int = field(default=0, metadata={"help": "TPE seed; worker i uses sampler_seed + i."})
     n_startup_trials: int = field(default=4, metadata={"help": "Random trials before TPE, and before pruning."})
     n_warmup_steps: int = field(default=2, metadata={"help": "Alignment steps a trial runs before it may be pruned."})
+    report_top: int = field(
+        default=3,
+        metadata={"help": "The report re-evaluates this many best trials with the preset's own evaluation (not "
+                          "eval_limit) and exports the best of them by that, with intervals and paired deltas."},
+    )
     space: dict[str, ParamSpec] = field(
         default_factory=dict, metadata={"help": "`<stage>.<field>` -> its range or choices."},
     )
@@ -98,6 +103,7 @@ class SweepConfig:
             check(key.split(".", 1)[0] in ("disc_warmup", "align") and "." in key, f"space.{key}",
                   "`disc_warmup.<field>` or `align.<field>`", key)
         check(self.trials >= 1, "trials", "an int >= 1", self.trials)
+        check(self.report_top >= 1, "report_top", "an int >= 1", self.report_top)
 
 
 def load_sweep(name_or_path: str | Path) -> SweepConfig:
@@ -198,6 +204,19 @@ def run_trial(cfg: SweepConfig, overrides: dict[str, list[str]], report=None) ->
     if not overall:
         raise ConfigError(f"sweep {cfg.name}: the objective needs the embedded suite (preset eval.suite: embedded)")
     return 100.0 * float(overall[0]["value"]), checkpoint
+
+
+def reevaluate(cfg: SweepConfig, checkpoint: str) -> str:
+    """Evaluate a trial's checkpoint with the matrix preset's own evaluation (its full limit, not the sweep's
+    `eval_limit`); returns the evaluation record (cached like every matrix evaluation)."""
+    matrix = load_matrix(cfg.matrix)
+    builder = PlanBuilder(matrix, cfg.preset)
+    key = builder.eval(checkpoint, [])
+    node = builder.nodes[key]
+    with node_lock(node.key):
+        if not node.done:
+            eval_node(Path(node.key), **node.cfg)
+    return key
 
 
 def objective_fn(cfg: SweepConfig):

@@ -18,6 +18,8 @@ matrix: table1
 preset: smoke
 size: s
 trials: 3
+eval_limit: 1
+report_top: 2
 n_startup_trials: 1
 n_warmup_steps: 1
 stage_overrides:
@@ -68,7 +70,14 @@ def test_two_workers_share_one_study_and_the_report_exports_the_best(tmp_path, m
     assert stages.count("base") == 1 and stages.count("sft") == 1
     out = build_sweep_report(cfg)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["best_value"] == max(t.value for t in complete)
+    # the best 2 trials by their 1-item-per-family value, re-evaluated on the preset's 3 items per family: the
+    # exported best is the better of those two, each with its interval and its paired difference to it
+    top = summary["top_trials"]
+    assert [row["trial"] for row in top] == [t.number for t in sorted(complete, key=lambda t: -t.value)[:2]]
+    assert all(row["items"] == 18 and "[" in row["accuracy (full evaluation)"] for row in top)
+    assert summary["best_trial"] in [row["trial"] for row in top]
+    assert sum(row["minus the best"] == "-" for row in top) == 1
+    assert "Best trials, re-evaluated" in (out / "index.html").read_text()
     best = load_matrix(out / "table1-best.yaml")
     plan = build_plan(best, "smoke")
     aligns = {n.cfg.alpha for n in plan.nodes.values() if n.kind == "align"}
