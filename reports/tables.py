@@ -131,9 +131,12 @@ def sample_scores(record_path: str | Path, eval_root: Path | None = None) -> dic
             return None
         scores = {}
         for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                sample = json.loads(line)
-                scores[int(sample["doc_id"])] = float(sample[row["metric"]])
+            sample = json.loads(line) if line.strip() else None
+            if sample is None:
+                continue
+            if not isinstance(sample.get(row["metric"]), (int, float)):  # e.g. a judged metric logged another way
+                return None
+            scores[int(sample["doc_id"])] = float(sample[row["metric"]])
         out[column] = scores
     return out
 
