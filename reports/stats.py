@@ -8,8 +8,11 @@ seed's evaluation, items in doc-id order. Two cells pair when they hold the same
   training run, and its runs' items are correlated), then the items of every column (stratified). With one seed
   it is scipy.stats.bootstrap's percentile interval of the mean (tests/reports/test_stats.py checks the two agree).
 - `paired_difference`: the mean of b - a over the same seeds and items, its interval from the same two-level
-  bootstrap applied to both cells at once (the same resampled seeds and items), and the two-sided p-value of a
-  paired permutation test (scipy.stats.permutation_test: each item's two seed-averaged scores swapped at random).
+  bootstrap applied to both cells at once (the same resampled seeds and items), and a two-sided p-value: with one
+  seed, a paired permutation test (scipy.stats.permutation_test: each item's two scores swapped at random); with
+  several, twice the bootstrap's smaller tail at 0. The p-value then carries the seed-to-seed variation as the
+  interval does: a permutation test over seed-averaged items would treat the seeds as fixed and could call a
+  difference significant that one training run made.
 """
 
 from __future__ import annotations
@@ -94,11 +97,16 @@ def paired_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], 
                              f"{np.shape(a[column])} and {np.shape(b[column])}")
     differences = {column: np.asarray(b[column], float) - np.asarray(a[column], float) for column in a}
     estimate = interval(differences, resamples, seed)
-    # Permutation test on the seed-averaged item scores, each item weighted so that columns count equally
-    arrays_a = [np.asarray(a[c], float).mean(0) for c in a]
-    arrays_b = [np.asarray(b[c], float).mean(0) for c in a]
-    weights = np.concatenate([np.full(x.shape, 1 / (len(arrays_a) * x.size)) for x in arrays_a])
-    x, y = np.concatenate(arrays_a), np.concatenate(arrays_b)
+    if estimate.seeds > 1:
+        # Seeds vary between training runs: the p-value comes from the same two-level bootstrap as the interval
+        # (twice the smaller tail at 0), so that `*` and p < 0.05 agree.
+        replicates = bootstrap_means(differences, resamples, seed)
+        p_value = float(min(1.0, 2 * min(np.mean(replicates <= 0), np.mean(replicates >= 0))))
+        return Estimate(estimate.mean, estimate.low, estimate.high, estimate.seeds, estimate.items, p_value)
+    # One seed: a paired permutation test over items, each item weighted so that columns count equally
+    x = np.concatenate([np.asarray(a[c], float)[0] for c in a])
+    y = np.concatenate([np.asarray(b[c], float)[0] for c in a])
+    weights = np.concatenate([np.full(np.shape(a[c])[1], 1 / (len(a) * np.shape(a[c])[1])) for c in a])
     if np.array_equal(x, y):
         p_value = 1.0
     else:

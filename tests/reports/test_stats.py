@@ -78,3 +78,14 @@ def test_columns_weigh_equally_in_the_average_and_must_pair():
         paired_difference({"x": np.ones((1, 10))}, {"x": np.ones((1, 11))})
     with pytest.raises(ValueError, match="same columns"):
         paired_difference({"x": np.ones((1, 10))}, {"y": np.ones((1, 10))})
+
+
+def test_with_seeds_the_p_value_carries_the_seed_variation_as_the_interval_does():
+    """One bad training run makes a large item-level difference; across seeds it is not evidence of an effect."""
+    rng = np.random.default_rng(11)
+    base = rng.binomial(1, 0.5, size=(3, 300)).astype(float)
+    other = base.copy()
+    other[0] = 0.0  # seed 0 of the other cell collapsed; seeds 1 and 2 are unchanged
+    delta = paired_difference({"x": base}, {"x": other})
+    assert delta.mean < -0.1 and not delta.excludes_zero
+    assert delta.p_value > 0.05  # consistent with the interval
