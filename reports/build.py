@@ -77,8 +77,8 @@ def build_report(name: str, preset: str, seeds: int | None = None) -> Path:
             note = ("Ours: accuracy (%), mean [95% interval] (bootstrap over seeds and items; `items` counts every "
                     "column's). `X (paper)`: the published value of benchmark X, beside the embedded family that "
                     "mirrors it (first size ↔ Qwen3-VL-4B, second ↔ 8B). Deltas: paired on the same items and "
-                    "seeds, with a 95% bootstrap interval and a permutation-test p-value; * marks an interval "
-                    "that excludes 0.")
+                    "seeds, with a 95% bootstrap interval and a p-value (one seed: paired permutation test; several: "
+                    "the same bootstrap); * marks an interval that excludes 0.")
         else:
             tables = ablation_table(frame, matrix.settings)
             note = ("Ours: accuracy (%), mean [95% interval] over seeds and items. `X (paper)`: the published 4B GRPO "

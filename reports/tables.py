@@ -6,7 +6,7 @@ per cell and seed, accuracies in %, then grouped over seeds. Columns are the sui
 families (each beside the published benchmark it mirrors) or the seven published benchmarks.
 
 Intervals and paired differences are reports.stats's: bootstrap over seeds and items, a difference paired on the
-same items and seeds, a permutation-test p-value. A table cell reads `mean [low, high]`; a delta marked `*` has an
+same items and seeds, its p-value. A table cell reads `mean [low, high]`; a delta marked `*` has an
 interval that excludes 0.
 """
 
