@@ -369,6 +369,18 @@ def encode_prompt(processor, messages: list[dict[str, str]], images: Sequence, u
     return EncodedPrompt(expanded, pixel_values, image_grid_thw)
 
 
+def scored_segment_ids(tokenizer, segment: str, prompt_length: int, max_length: int | None) -> list[int]:
+    """A segment's ids + <|im_end|>, its tail cut so that the row [prompt + segment] fits `max_length` (the
+    terminator is kept: teacher and student rows always end in the same token)."""
+    ids = tokenizer(segment, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    if max_length is not None and prompt_length + len(ids) > max_length:
+        if prompt_length + 1 >= max_length:
+            raise ModelError(f"a prompt of {prompt_length} tokens leaves no room for a segment in "
+                             f"max_length={max_length}")
+        ids = ids[: max_length - prompt_length - 1] + ids[-1:]
+    return ids
+
+
 def segment_batch(processor, prompts: Sequence[EncodedPrompt], segments: Sequence[str],
                   max_length: int | None = None) -> dict[str, torch.Tensor]:
     """Right-padded rows [prompt_i + segment_i + <|im_end|>], vision blocks in row order.
@@ -377,17 +389,9 @@ def segment_batch(processor, prompts: Sequence[EncodedPrompt], segments: Sequenc
     if len(prompts) != len(segments):
         raise ValueError(f"{len(prompts)} prompts for {len(segments)} segments")
     tokenizer = processor.tokenizer
-    terminator = tokenizer.convert_tokens_to_ids("<|im_end|>")
     image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    rows = []
-    for prompt, segment in zip(prompts, segments):
-        segment_ids = tokenizer(segment, add_special_tokens=False)["input_ids"]
-        ids = prompt.ids + segment_ids + [terminator]
-        if max_length is not None and len(ids) > max_length:  # keep the terminator: cut the segment's tail
-            if len(prompt.ids) + 1 >= max_length:
-                raise ModelError(f"a prompt of {len(prompt.ids)} tokens leaves no room for a segment in max_length={max_length}")
-            ids = ids[: max_length - 1] + [terminator]
-        rows.append(ids)
+    rows = [prompt.ids + scored_segment_ids(tokenizer, segment, len(prompt.ids), max_length)
+            for prompt, segment in zip(prompts, segments)]
     # collate pads and concatenates vision blocks in row order; a scored segment has no labels
     encoded = [Encoded(ids, [IGNORE] * len(ids), p.pixel_values, p.image_grid_thw) for ids, p in zip(rows, prompts)]
     batch = collate(encoded, tokenizer.pad_token_id, image_token)
@@ -449,22 +453,13 @@ def prompt_prefix(processor, prompts: Sequence[EncodedPrompt]) -> PromptPrefix:
 
 def segment_rows(processor, prompts: Sequence[EncodedPrompt], owner: Sequence[int], segments: Sequence[str],
                  max_length: int | None = None) -> SegmentRows:
-    """Row i continues `prompts[owner[i]]` with `segments[i]`; the same ids, and the same cut at `max_length`,
-    as `segment_batch`'s whole rows."""
+    """Row i continues `prompts[owner[i]]` with `segments[i]` (`scored_segment_ids`, as `segment_batch`'s whole
+    rows)."""
     if len(owner) != len(segments):
         raise ValueError(f"{len(owner)} rows for {len(segments)} segments")
     tokenizer = processor.tokenizer
-    terminator = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    rows = []
-    for index, segment in zip(owner, segments):
-        prompt_length = len(prompts[index].ids)
-        ids = tokenizer(segment, add_special_tokens=False)["input_ids"] + [terminator]
-        if max_length is not None and prompt_length + len(ids) > max_length:  # keep the terminator
-            if prompt_length + 1 >= max_length:
-                raise ModelError(f"a prompt of {prompt_length} tokens leaves no room for a segment in "
-                                 f"max_length={max_length}")
-            ids = ids[: max_length - prompt_length - 1] + [terminator]
-        rows.append(ids)
+    rows = [scored_segment_ids(tokenizer, segment, len(prompts[index].ids), max_length)
+            for index, segment in zip(owner, segments)]
     length = max(len(ids) for ids in rows)
     segment_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     segment_mask = torch.zeros(len(rows), length, dtype=torch.long)
