@@ -78,12 +78,15 @@ def _mean(arrays: list[np.ndarray]) -> float:
     return float(np.mean([a.mean() for a in arrays]))
 
 
-def interval(scores: Mapping[str, np.ndarray], resamples: int = RESAMPLES, seed: int = SEED) -> Estimate:
-    arrays = _check(scores)
-    replicates = bootstrap_means(scores, resamples, seed)
+def _estimate(arrays: list[np.ndarray], replicates: np.ndarray, p_value: float = math.nan) -> Estimate:
     tail = 100 * (1 - CONFIDENCE) / 2
     low, high = np.percentile(replicates, [tail, 100 - tail])
-    return Estimate(_mean(arrays), float(low), float(high), arrays[0].shape[0], sum(a.shape[1] for a in arrays))
+    return Estimate(_mean(arrays), float(low), float(high), arrays[0].shape[0], sum(a.shape[1] for a in arrays),
+                    p_value)
+
+
+def interval(scores: Mapping[str, np.ndarray], resamples: int = RESAMPLES, seed: int = SEED) -> Estimate:
+    return _estimate(_check(scores), bootstrap_means(scores, resamples, seed))
 
 
 def paired_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], resamples: int = RESAMPLES,
@@ -96,13 +99,13 @@ def paired_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], 
             raise ValueError(f"{column}: paired cells need the same seeds and items, got "
                              f"{np.shape(a[column])} and {np.shape(b[column])}")
     differences = {column: np.asarray(b[column], float) - np.asarray(a[column], float) for column in a}
-    estimate = interval(differences, resamples, seed)
-    if estimate.seeds > 1:
+    arrays = _check(differences)
+    replicates = bootstrap_means(differences, resamples, seed)
+    if arrays[0].shape[0] > 1:
         # Seeds vary between training runs: the p-value comes from the same two-level bootstrap as the interval
         # (twice the smaller tail at 0), so that `*` and p < 0.05 agree.
-        replicates = bootstrap_means(differences, resamples, seed)
-        p_value = float(min(1.0, 2 * min(np.mean(replicates <= 0), np.mean(replicates >= 0))))
-        return Estimate(estimate.mean, estimate.low, estimate.high, estimate.seeds, estimate.items, p_value)
+        return _estimate(arrays, replicates, float(min(1.0, 2 * min(np.mean(replicates <= 0),
+                                                                     np.mean(replicates >= 0)))))
     # One seed: a paired permutation test over items, each item weighted so that columns count equally
     x = np.concatenate([np.asarray(a[c], float)[0] for c in a])
     y = np.concatenate([np.asarray(b[c], float)[0] for c in a])
@@ -115,7 +118,7 @@ def paired_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], 
             permutation_type="samples", vectorized=True, n_resamples=permutations, alternative="two-sided",
             random_state=seed)
         p_value = float(result.pvalue)
-    return Estimate(estimate.mean, estimate.low, estimate.high, estimate.seeds, estimate.items, p_value)
+    return _estimate(arrays, replicates, p_value)
 
 
 def format_estimate(estimate: Estimate | None, digits: int = 1, signed: bool = False) -> str:
