@@ -204,6 +204,12 @@ def load_named(config_class: type, name_or_path: str | Path, folder: Path, what:
     return load_config(config_class, path)
 
 
+def preset_spec(matrix: MatrixConfig, preset: str | None) -> PresetSpec:
+    if preset not in matrix.presets:
+        raise ConfigError(f"matrix {matrix.name} has no preset {preset!r} (presets: {', '.join(matrix.presets)})")
+    return matrix.presets[preset]
+
+
 def load_matrix(name_or_path: str | Path, preset: str | None = None, seeds: int | None = None) -> MatrixConfig:
     """`table1` -> experiments/configs/table1.yaml; a path is read as is. `seeds` (with `preset`): run that preset
     with seeds 0..seeds-1 instead of its own; the matrix is then named `<name>-<seeds>seeds` (its report and
@@ -213,9 +219,7 @@ def load_matrix(name_or_path: str | Path, preset: str | None = None, seeds: int 
         return matrix
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds: expected a positive number of seeds, got {seeds!r}")
-    if preset not in matrix.presets:
-        raise ConfigError(f"matrix {matrix.name} has no preset {preset!r} (presets: {', '.join(matrix.presets)})")
-    presets = {**matrix.presets, preset: replace(matrix.presets[preset], seeds=list(range(seeds)))}
+    presets = {**matrix.presets, preset: replace(preset_spec(matrix, preset), seeds=list(range(seeds)))}
     return replace(matrix, name=f"{matrix.name}-{seeds}seeds", presets=presets)
 
 
@@ -284,9 +288,7 @@ class PlanBuilder:
     """Adds nodes once (content-addressed keys) in dependency order."""
 
     def __init__(self, matrix: MatrixConfig, preset_name: str):
-        if preset_name not in matrix.presets:
-            raise ConfigError(f"matrix {matrix.name} has no preset {preset_name!r} (presets: {', '.join(matrix.presets)})")
-        self.matrix, self.preset_name, self.preset = matrix, preset_name, matrix.presets[preset_name]
+        self.matrix, self.preset_name, self.preset = matrix, preset_name, preset_spec(matrix, preset_name)
         self.nodes: dict[str, Node] = {}
         self.world = self._world()
 
