@@ -8,8 +8,9 @@ One step is METHOD.md's loop, one discriminator update per policy update:
   2. score and 4. discriminator loss, from one pass of the discriminator (train mode) over micro-batches of
      `disc_micro_batch_size` rollouts: each rollout's caption and think+answer segments (a format-invalid one on
      its fallback split at half its length), and its prompt's teacher segments. The backbone runs each prompt
-     (with its image) once per micro-batch and every segment on that prompt's key/value cache; the head is applied twice to each last hidden state: without dropout for the scores the advantage
-     and the diagnostics read (the discriminator before its update), and with the head's dropout for the loss,
+     (with its image) once per micro-batch and every segment on that prompt's key/value cache; the head is
+     applied twice to each last hidden state: without dropout for the scores the advantage and the diagnostics
+     read (the discriminator before its update), and with the head's dropout for the loss,
      the teacher's once per rollout it is paired with (`teacher_scoring: per_rollout`, published) or once per
      prompt (`shared`). The loss is the published one (prism.algorithms.discriminator_loss): per micro-batch the
      kinds' Bradley-Terry means over valid rollouts added, scores clamped to +-score_clip, the regulariser over
