@@ -8,6 +8,7 @@
     scoring.py, published.py      per-sample scoring with prism.response_format / prism.rewards
     judge.py                      the OpenAI-compatible judge behind judge-dependent metrics
     runner.py                     run_eval: results JSON + samples under outputs/evals/<checkpoint-hash>/
+    dataset_sources.py            the published tasks' datasets; without the Hub, cached or local or one error line
     results.py                    results JSON -> tidy rows; the CSV store (read_store -> pandas)
 
 Importing this package does not import lmms-eval; the modules that need it import it themselves.

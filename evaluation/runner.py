@@ -45,6 +45,7 @@ from evaluation.config import (
     EvalConfig,
     EvalError,
 )
+from evaluation.dataset_sources import require_published_datasets
 from evaluation.judge import export_judge_env, require_judge, resolve_judge
 from evaluation.results import STORE_COLUMNS, append_to_store, parse_results, read_rows, write_rows
 from prism.atomic_io import atomic_write_text
@@ -414,7 +415,8 @@ def run_eval(
     """Evaluate `checkpoint` on `suite` ("embedded" or "paper"); entries already evaluated are skipped.
 
     Raises EvalError (one line) for user mistakes: no checkpoint, no world export, no judge for a
-    judge-dependent metric, no vLLM for backend vllm, a bad limit.
+    judge-dependent metric, no vLLM for backend vllm, a bad limit, a published dataset that is neither
+    cached nor given as a local copy while the Hub cannot be used (evaluation.dataset_sources).
     """
     cfg = config or EvalConfig()
     log = log or (lambda message: None)
@@ -450,8 +452,15 @@ def run_eval(
         "HF_HOME": os.environ.get("HF_HOME") or str(out_root / ".cache" / "huggingface"),
     }
     with _environment({**cache_env, **judge_env}):
+        if suite == "paper":
+            # Before the model loads and lmms-eval runs: a dataset that cannot be had (no Hub, not cached, no
+            # local copy) is one line here, not a minute of lmms-eval's retries ending in tenacity.RetryError.
+            pending = [(e.benchmark, e.name) for e in entries if not (_entry_dir(out_dir, e) / DONE).is_file()]
+            # expanded as lmms-eval expands it
+            datasets_cache = Path(os.path.expandvars(cache_env["LMMS_EVAL_DATASETS_CACHE"])).expanduser()
+            require_published_datasets(pending, cfg.paper.dataset_paths, datasets_cache, PUBLISHED_TASKS_DIR)
         for entry in entries:
-            directory = out_dir / f"{entry.name}-{entry.key}"
+            directory = _entry_dir(out_dir, entry)
             if (directory / DONE).is_file():
                 manifest = json.loads((directory / "eval.json").read_text(encoding="utf-8"))
                 rows = read_rows(directory / "rows.csv") if (directory / "rows.csv").is_file() else []
@@ -467,6 +476,10 @@ def run_eval(
             log(f"{entry.name}: {outcome.samples} samples in {outcome.seconds:.1f} s -> {directory}")
             outcomes.append(outcome)
     return EvalReport(checkpoint, digest, suite, out_dir, store, outcomes)
+
+
+def _entry_dir(out_dir: Path, entry: Entry) -> Path:
+    return out_dir / f"{entry.name}-{entry.key}"
 
 
 def _note_checkpoint(out_dir: Path, checkpoint: Path) -> None:

@@ -1,10 +1,20 @@
 """The image+text processor for Qwen3-VL models, built and reloaded without torchvision or a hub.
 
-The stock `Qwen3VLProcessor` insists on a video processor, and the video processor needs torchvision (not
-installed beside the CPU torch). ProcessorMixin reads its sub-processors off the `__init__` signature, so a
-subclass whose `__init__` takes only an image processor, a tokenizer and a chat template is a full image+text
-processor. `AutoProcessor.from_pretrained` on a saved folder does not know this class and returns only the
-tokenizer, so `load_processor` rebuilds the processor from the saved tokenizer and image processor files.
+The stock `Qwen3VLProcessor` insists on a video processor, and in transformers 5.24 every video processor
+needs torchvision, which these CPU machines cannot have: the only torchvision for torch 2.13 that pip finds
+(PyPI's 0.28.0) is a CUDA build whose import fails beside the CPU torch, so `just setup` removes it.
+ProcessorMixin reads its sub-processors off the `__init__` signature, so a subclass whose `__init__` takes
+only an image processor, a tokenizer and a chat template is a full image+text processor.
+
+A saved folder (`save_processor`, `save_model`) is a plain Qwen3-VL checkpoint folder.
+`AutoModelForImageTextToText.from_pretrained(folder)` loads its model anywhere. Its processor files name the
+stock `Qwen3VLProcessor`, so `AutoProcessor.from_pretrained(folder)` builds that class where torchvision is
+installed (GPU nodes), with a video processor made from the image processor's settings (no video config is
+saved). Without torchvision that call raises ImportError: `ProcessorMixin.from_pretrained` loads every
+sub-processor the `__init__` names, the video processor too, whatever the inputs will be (transformers issue
+#48558). Here `load_processor` is the loader: it rebuilds this class from the saved tokenizer and image
+processor files (tests/models/test_processor.py compares its encoding with the stock processor's where
+torchvision is installed, and expects the ImportError where it is not).
 """
 
 from __future__ import annotations
@@ -73,8 +83,8 @@ def save_processor(processor: Qwen3VLImageTextProcessor, directory: str | os.Pat
     processor.save_pretrained(str(directory))
     # A plain preprocessor_config.json too, as released checkpoints have: any image-processor loader finds it.
     processor.image_processor.save_pretrained(str(directory))
-    # Name the stock class, so tools that have torchvision (vLLM, lmms-eval on GPU nodes) open the folder as a
-    # released Qwen3-VL checkpoint; our own loader does not read this field.
+    # Name the stock class, so AutoProcessor builds a Qwen3VLProcessor where torchvision is installed (GPU
+    # nodes); without torchvision that call fails (module docstring). `load_processor` does not read this field.
     for name in ("processor_config.json", "tokenizer_config.json"):
         path = directory / name
         config = json.loads(path.read_text(encoding="utf-8"))

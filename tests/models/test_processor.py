@@ -1,17 +1,23 @@
-"""The torchvision-free Qwen3-VL processor: image token counts, placeholders, save/load, assistant masks."""
+"""The torchvision-free Qwen3-VL processor: image token counts, placeholders, save/load, assistant masks,
+and a saved checkpoint opened by stock transformers (Auto classes)."""
 
 import json
 
 import pytest
 import torch
+from transformers import Qwen3VLProcessor
+from transformers.utils import is_torchvision_available
 
 from prism.models import (
     ModelError,
     Qwen3VLImageTextProcessor,
+    build_model,
     build_processor,
     build_tokenizer,
+    load_model,
     load_processor,
     num_image_tokens,
+    save_model,
     save_processor,
 )
 from tests.models.fixtures import noise_image, prompt, shape_corpus
@@ -86,3 +92,41 @@ def test_processor_assistant_mask_skips_expanded_image_tokens(processor):
     assert int((ids == IMAGE_PAD).sum()) == 9 and not mask[ids == IMAGE_PAD].any()
     assert processor.tokenizer.decode(ids[mask]) == "There are 2 red circles.<|im_end|>"
     assert mask.nonzero().flatten().tolist() == list(range(int(mask.nonzero()[0]), len(ids) - 1))  # one run, then "\n"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(processor, tmp_path_factory):
+    """A tiny policy saved as a finished stage's `model/` folder (save_model: model and processor)."""
+    model = build_model("embedded-s", processor.tokenizer, seed=0)
+    return save_model(model, processor, tmp_path_factory.mktemp("stage") / "model")
+
+
+def test_stock_auto_model_loads_a_saved_checkpoint(checkpoint):
+    from transformers import AutoModelForImageTextToText
+
+    stock = AutoModelForImageTextToText.from_pretrained(str(checkpoint)).eval()  # no prism code, no arguments
+    assert type(stock).__name__ == "Qwen3VLForConditionalGeneration"
+    ours = load_processor(checkpoint)
+    batch = ours(images=[noise_image(96, 4)], text=[prompt(ours, "How many red circles?")], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(stock(**batch).logits, load_model(checkpoint)(**batch).logits)
+
+
+@pytest.mark.xfail(
+    not is_torchvision_available(), raises=ImportError, strict=True,
+    reason="transformers loads Qwen3VLProcessor's video processor, which needs torchvision (prism/models/processor.py)",
+)
+def test_stock_auto_processor_encodes_like_load_processor(checkpoint):
+    from transformers import AutoProcessor
+
+    stock = AutoProcessor.from_pretrained(str(checkpoint))
+    assert type(stock) is Qwen3VLProcessor
+    ours = load_processor(checkpoint)
+    texts, images = [prompt(ours, "How many red circles?")], [noise_image(96, 4)]
+    assert prompt(stock, "How many red circles?") == texts[0]  # the same chat template
+    expected = ours(images=images, text=texts, return_tensors="pt")
+    got = stock(images=images, text=texts, return_tensors="pt")
+    assert expected.keys() == got.keys()
+    # where torchvision is installed the stock image processor is its torchvision version: equal up to rounding
+    assert torch.allclose(expected.pop("pixel_values"), got.pop("pixel_values"), atol=1e-5)
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
