@@ -96,7 +96,8 @@ def teacher_layouts_worker(args) -> dict:
     rollout, n = cfg.rollout, cfg.rollout.rollouts_per_prompt
     records = load_prompts(cfg.data_files)[: rollout.prompts_per_step]
     policy, processor = load_policy(cfg.model, cfg.seed)
-    backend = make_backend("hf", policy.eval(), processor, model_path=cfg.model.path, dtype=cfg.model.dtype)
+    backend = make_backend("hf", policy.eval(), processor, model_path=cfg.model.path,
+                           compute_dtype=cfg.model.compute_dtype)
     texts = backend.generate([rollout_prompt(r) for r in records], n, SamplingParams(
         max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, seed=cfg.seed)).texts
     discriminator = load_discriminator(cfg.discriminator.path, dtype=cfg.discriminator.dtype).train()

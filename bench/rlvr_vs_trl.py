@@ -62,6 +62,7 @@ def ours_rlvr(args) -> dict:
     try:
         cfg = load_config(RLVRConfig, overrides=[
             "algorithm=grpo", f"model.preset={args.preset}", f"model.path={args.model_dir}", "model.dtype=float32",
+            "model.mixed_precision=no",
             f"data_files=[{args.world}/rl.parquet]", "rollout.backend=hf", f"rollout.prompts_per_step={PROMPTS}",
             f"rollout.rollouts_per_prompt={ROLLOUTS}", f"rollout.max_new_tokens={NEW_TOKENS}",
             f"rollout.min_new_tokens={NEW_TOKENS}", "update.micro_batch_size=64", "update.kl_coef=0.0",
@@ -83,6 +84,7 @@ def ours_sft(args, packing: bool = False) -> dict:
     try:
         cfg = load_config(SFTConfig, overrides=[
             f"model.preset={args.preset}", f"model.path={args.model_dir}", "model.dtype=float32",
+            "model.mixed_precision=no",
             f"data_files=[{args.world}/sft.json]", "max_length=512", "per_device_batch_size=32",
             "gradient_accumulation_steps=1", f"max_steps={SFT_STEPS}", f"output_dir={tmp / 'run'}",
             "save_every_steps=0", "log_every_steps=1", "optim.lr=1e-4", f"packing={str(packing).lower()}"])

@@ -107,7 +107,7 @@ def worker(args) -> dict:
     import torch
 
     from prism.algorithms import compute_grpo_advantage
-    from prism.config import AlignConfig, OptimConfig, PolicyUpdateConfig, load_config
+    from prism.config import AlignConfig, ModelConfig, OptimConfig, PolicyUpdateConfig, load_config
     from prism.data.encoding import IGNORE, collate, encode_conversation
     from prism.data.formats import read_rl_parquet, read_sharegpt
     from prism.models import build_model, load_model, load_processor, save_model
@@ -165,7 +165,7 @@ def worker(args) -> dict:
 
     # ---- rollout ----
     records = read_rl_parquet(world / "teacher.parquet")[:PROMPTS]
-    backend = make_backend("hf", model, processor, model_path=None, dtype="float32")
+    backend = make_backend("hf", model, processor, model_path=None, compute_dtype="float32")
     sampling = SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, temperature=1.0, seed=0)
     prompts = [rollout_prompt(r) for r in records]
     rollouts = {}
@@ -182,7 +182,7 @@ def worker(args) -> dict:
 
     # ---- RLVR update ----
     update = PolicyUpdateConfig(micro_batch_size=64)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(ModelConfig(preset=args.preset, mixed_precision="no"))  # float32, as measured
     policy_optimizer = build_optimizer(model, OptimConfig(lr=1e-6, weight_decay=0.01, lr_scheduler="constant"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(policy_optimizer, lambda step: 1.0)
     rewards = torch.rand(rolled.num_rows, generator=torch.Generator().manual_seed(0))

@@ -1,5 +1,5 @@
-"""Runtime plumbing shared by every stage: seeding, RNG capture, atomic checkpoints, run manifest,
-metrics log, progress, DONE marker and a finite-loss guard.
+"""Runtime plumbing shared by every stage: seeding, RNG capture, mixed precision, atomic checkpoints, run
+manifest, metrics log, progress, DONE marker and a finite-loss guard.
 
 Read top to bottom. The contract (DESIGN.md "Tracking, reproducibility, resume"): a checkpoint holds
 model, optimizer, scheduler, RNG states and data position, so a resumed run equals an uninterrupted
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Self
@@ -84,6 +85,20 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Mixed precision
+# ----------------------------------------------------------------------------------------------------
+
+
+def autocast(device: torch.device | str, dtype: str | None) -> AbstractContextManager:
+    """`torch.autocast` to `dtype` (e.g. "bfloat16") on `device`'s type; a no-op for None (compute in the
+    parameters' dtype). Wrap the forwards, not the backward (it follows the forward's dtypes) nor the optimizer
+    step (it updates the float32 master weights)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
+
+
+# ----------------------------------------------------------------------------------------------------
 # Checkpoints: run_dir/checkpoints/step-000123/{model.safetensors, trainer_state.pt, checkpoint.json}
 # ----------------------------------------------------------------------------------------------------
 
@@ -120,7 +135,10 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model_state: Mapping[str,
                     data_position: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
                     keep_last: int | None = None) -> Path:
     """Write checkpoint `step` atomically (temp folder + os.replace) and return its folder. Older
-    checkpoints beyond the newest `keep_last` are deleted only after the new one is complete."""
+    checkpoints beyond the newest `keep_last` are deleted only after the new one is complete.
+
+    `model_state` is stored in its own dtype, never cast: under mixed precision these are the float32 master
+    weights (and the optimizer's float32 state), so a resumed run continues from exactly what was updated."""
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"

@@ -146,6 +146,26 @@ def test_literal_and_list_item_errors(tmp_path):
     assert _error(SFTConfig, path).startswith(f"{path}:3: field 'data_files[1]': expected a string, got 3 (an int)")
 
 
+def test_model_precision_defaults_to_fp32_master_weights_with_bf16_compute(tmp_path):
+    for cls in (SFTConfig, DiscWarmupConfig, AlignConfig, RLVRConfig):  # the full world's stages
+        cfg = cls()
+        for model in [cfg.model, *(getattr(cfg, role) for role in ("policy", "discriminator") if hasattr(cfg, role))]:
+            assert (model.dtype, model.mixed_precision, model.autocast_dtype, model.compute_dtype) == (
+                "float32", "bf16", "bfloat16", "bfloat16")
+    assert BaseConfig().model.mixed_precision == "no"  # embedded only: float32 on CPU
+    # pure bf16 is an explicit choice: bf16 parameters, no autocast; `no` unquoted (YAML 1.1 false) means no
+    pure = load_config(SFTConfig, overrides=["model.dtype=bfloat16", "model.mixed_precision=no"]).model
+    assert (pure.mixed_precision, pure.autocast_dtype, pure.compute_dtype) == ("no", None, "bfloat16")
+    # autocast over bf16 parameters (no float32 master copy) is refused, at the line that set the dtype
+    path = _yaml(tmp_path, "model:\n  preset: qwen3-vl-4b\n  dtype: bfloat16\n")
+    assert _error(SFTConfig, path).startswith(
+        f"{path}:3: field 'model.mixed_precision': expected 'no' with dtype bfloat16 (bf16 autocasts float32 master")
+    assert _error(AlignConfig, overrides=["discriminator.dtype=float16"]).startswith(
+        "override 'discriminator.dtype=float16': field 'discriminator.mixed_precision': expected 'no' with dtype float16")
+    assert _error(SFTConfig, overrides=["model.mixed_precision=fp16"]).startswith(  # fp16 needs loss scaling: none
+        "override 'model.mixed_precision=fp16': field 'model.mixed_precision': expected one of 'bf16', 'no', got 'fp16'")
+
+
 def test_duplicate_keys_are_errors_naming_both_lines(tmp_path):
     path = _yaml(tmp_path, "optim:\n  lr: 1e-5\n  warmup_ratio: 0.1\n  lr: 2e-5\n")
     assert _error(SFTConfig, path) == f"{path}:4: field 'optim.lr': duplicate key (first set at line 2)"
@@ -167,7 +187,7 @@ def test_overrides_apply_on_top_of_the_file(tmp_path):
     assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)
     assert cfg.optim.weight_decay == 0.1  # the file's sibling survives a nested override
     assert cfg.data_files == ["b.json", "c.json"] and cfg.output_dir is None and cfg.seed == 7
-    assert cfg.model.preset == "embedded-s" and cfg.model.dtype == "bfloat16"
+    assert cfg.model.preset == "embedded-s" and cfg.model.dtype == "float32"  # the stage default's other fields
     assert load_config(SFTConfig, path, ["seed=2", "seed=3"]).seed == 3  # later overrides win
 
 

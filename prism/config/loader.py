@@ -329,6 +329,8 @@ def _coerce(tp: Any, value: Any, path: str, default: Any = dataclasses.MISSING) 
         for option in args:
             if type(value) is type(option) and value == option:
                 return value
+        if value is False and "no" in args:  # YAML 1.1 reads an unquoted `no` as false (`mixed_precision=no`)
+            return "no"
         strings = [a for a in args if isinstance(a, str)]
         hint = _did_you_mean(value, strings) if isinstance(value, str) else None
         raise FieldError(path, _describe(tp), value, hint=hint)

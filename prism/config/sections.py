@@ -54,7 +54,8 @@ class OptimConfig:
 
 @dataclass
 class ModelConfig:
-    """Which model a stage loads. Whether the preset exists and needs a `path` is the model code's call."""
+    """Which model a stage loads, and its precision: float32 master weights and optimizer state with bf16
+    compute by default. Whether the preset exists and needs a `path` is the model code's call."""
 
     preset: str = field(
         default="qwen3-vl-4b", metadata={"help": "Model preset: embedded-s/-m (tiny, built offline) or qwen3-vl-2b/4b/8b."},
@@ -63,7 +64,19 @@ class ModelConfig:
         default=None, metadata={"help": "Local checkpoint directory; null = build from the preset (embedded only)."},
     )
     dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="bfloat16", metadata={"help": "Parameter and compute dtype."},
+        default="float32",
+        metadata={"help": "Parameter dtype: the master weights the optimizer updates (its AdamW state has the same "
+                          "dtype), what checkpoints hold (so a resumed run equals an uninterrupted one) and what "
+                          "the final model/ folder is saved in. float32 with mixed_precision bf16 is the standard; "
+                          "bfloat16 with mixed_precision no is pure bf16, an explicit choice: an update much smaller "
+                          "than a weight's bf16 spacing (at lr 1e-6 almost all of them) rounds away."},
+    )
+    mixed_precision: Literal["bf16", "no"] = field(
+        default="bf16",
+        metadata={"help": "Compute dtype of the forwards (training, scoring, HF rollouts): bf16 runs them under "
+                          "torch.autocast to bfloat16 over the float32 weights; no computes in dtype. vLLM "
+                          "rollouts run in the compute dtype. No fp16: it needs loss scaling. The embedded "
+                          "configs say no with float32 (bf16 matmuls are slow on CPUs without AMX)."},
     )
     processor_path: str | None = field(
         default=None,
@@ -84,6 +97,20 @@ class ModelConfig:
         check_nonempty(self, "path")
         check_nonempty(self, "processor_path")
         check_nonempty(self, "attn_implementation")
+        # Autocast over low-precision parameters would keep no full-precision master copy to update.
+        check(self.mixed_precision == "no" or self.dtype == "float32", "mixed_precision",
+              f"'no' with dtype {self.dtype} (bf16 autocasts float32 master weights; pure {self.dtype} "
+              "parameters are chosen by dtype with mixed_precision: no)", self.mixed_precision, related=("dtype",))
+
+    @property
+    def autocast_dtype(self) -> str | None:
+        """The dtype forwards autocast to (bfloat16), or None: they compute in `dtype`."""
+        return "bfloat16" if self.mixed_precision == "bf16" else None
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype forwards compute in (what a vLLM engine is built with)."""
+        return self.autocast_dtype or self.dtype
 
 
 @dataclass

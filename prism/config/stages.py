@@ -30,8 +30,8 @@ class BaseConfig(StageConfig):
 
     # --- model and data ---
     model: ModelConfig = field(
-        default_factory=lambda: ModelConfig(preset="embedded-s", dtype="float32"),
-        metadata={"help": "The tiny model, built from its preset (random init)."},
+        default_factory=lambda: ModelConfig(preset="embedded-s", dtype="float32", mixed_precision="no"),
+        metadata={"help": "The tiny model, built from its preset (random init); float32 throughout on CPU."},
     )
     data_files: list[str] = field(
         default_factory=list,
@@ -111,7 +111,8 @@ class DiscWarmupConfig(StageConfig):
     # --- backbone ---
     model: ModelConfig = field(
         default_factory=lambda: ModelConfig(preset="qwen3-vl-2b"),
-        metadata={"help": "Dense backbone VLM that is upcycled (published: Qwen3-VL-2B)."},
+        metadata={"help": "Dense backbone VLM that is upcycled (published: Qwen3-VL-2B); its dtype and "
+                          "mixed_precision are the discriminator's."},
     )
     variant: Literal["moe", "dense", "text_only", "hard_routed", "whole_response"] = field(
         default="moe",
@@ -222,7 +223,8 @@ class AlignConfig(StageConfig):
     )
     discriminator: ModelConfig = field(
         default_factory=lambda: ModelConfig(preset="qwen3-vl-2b"),
-        metadata={"help": "Warmed-up discriminator checkpoint (the pipeline sets path)."},
+        metadata={"help": "Warmed-up discriminator checkpoint (the pipeline sets path), with its own dtype and "
+                          "mixed_precision."},
     )
     data_files: list[str] = field(
         default_factory=list,

@@ -9,19 +9,20 @@ from prism.rollout.base import RolloutBackend, RolloutError
 from prism.rollout.hf import HFRolloutBackend
 
 
-def make_backend(name: str, model: Any, processor: Any, *, model_path: str | None, dtype: str,
+def make_backend(name: str, model: Any, processor: Any, *, model_path: str | None, compute_dtype: str,
                  path_field: str = "model.path") -> RolloutBackend:
-    """The `name` backend generating with `model` (hf) or with the checkpoint at `model_path` (vllm).
+    """The `name` backend generating with `model` (hf) or with the checkpoint at `model_path` (vllm), both in
+    `compute_dtype` (the model config's: bfloat16 under mixed precision, not the float32 master weights' dtype).
 
     Old log-probs are recomputed by the trainers, so the hf backend does not keep behaviour log-probs.
     `path_field` names the config field that sets `model_path`, for the error a user sees."""
     if name == "hf":
         processor.tokenizer.padding_side = "left"
-        return HFRolloutBackend(model, processor, behaviour_log_probs=False)
+        return HFRolloutBackend(model, processor, behaviour_log_probs=False, compute_dtype=compute_dtype)
     if name == "vllm":
         if model_path is None:
             raise RolloutError(f"rollout backend vllm needs {path_field} (vLLM builds its engine from a checkpoint folder)")
         from prism.rollout.vllm import VLLMRolloutBackend
 
-        return VLLMRolloutBackend(model_path, processor, dtype=dtype)
+        return VLLMRolloutBackend(model_path, processor, dtype=compute_dtype)
     raise RolloutError(f"unknown rollout backend {name!r}; known: hf, vllm")

@@ -25,6 +25,7 @@ from prism.rollout.base import (
     expand_vision_inputs,
     response_mask_and_finish,
 )
+from prism.runtime import autocast
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -63,12 +64,15 @@ def token_log_probs(
 class HFRolloutBackend:
     """Batched, left-padded, KV-cached generation with a Hugging Face Qwen3-VL model and its processor."""
 
-    def __init__(self, model: Any, processor: Any, behaviour_log_probs: bool = True):
+    def __init__(self, model: Any, processor: Any, behaviour_log_probs: bool = True,
+                 compute_dtype: str | None = None):
         """`behaviour_log_probs=False` skips them (the batch holds None): a trainer that recomputes old
         log-probs does not need the [rows, R, vocab] logits `generate` must otherwise keep (10 GB in bf16
-        for 64 x 512 tokens of a 152k vocabulary)."""
+        for 64 x 512 tokens of a 152k vocabulary). `compute_dtype` (e.g. "bfloat16") is the dtype generation
+        computes in, under autocast when the parameters are in another (float32 master weights); None = theirs."""
         self.model = model
         self.behaviour_log_probs = behaviour_log_probs
+        self.compute_dtype = compute_dtype
         self.processor = processor
         self.tokenizer = processor.tokenizer
         if self.tokenizer.padding_side != "left":
@@ -77,6 +81,12 @@ class HFRolloutBackend:
     def update_weights(self, model: Any) -> None:
         """Generate with `model` from now on (HF shares the trainer's module: no copy is made)."""
         self.model = model
+
+    def autocast_dtype(self) -> str | None:
+        """compute_dtype when the model's parameters are in another dtype, else None (no autocast)."""
+        if self.compute_dtype is None or next(self.model.parameters()).dtype == getattr(torch, self.compute_dtype):
+            return None
+        return self.compute_dtype
 
     def encode(self, prompts: list[RolloutPrompt]) -> tuple[dict[str, torch.Tensor], list[int]]:
         """Run the processor once over all prompts: left-padded ids, mask, mm_token_type_ids, vision inputs."""
@@ -96,8 +106,9 @@ class HFRolloutBackend:
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         stop_ids = _stop_ids(self.model, self.tokenizer)
         rows_per_prompt = 1 if sampling.greedy else n  # greedy rollouts of a prompt are identical
-        response_ids, log_probs = sample_responses(self.model, inputs, rows_per_prompt, sampling, stop_ids,
-                                                   self.tokenizer.pad_token_id, self.behaviour_log_probs)
+        with autocast(device, self.autocast_dtype()):
+            response_ids, log_probs = sample_responses(self.model, inputs, rows_per_prompt, sampling, stop_ids,
+                                                       self.tokenizer.pad_token_id, self.behaviour_log_probs)
         inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         response_ids = response_ids.cpu()
         log_probs = log_probs.cpu() if log_probs is not None else None

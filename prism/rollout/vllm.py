@@ -6,6 +6,8 @@ Design (the TRL/verl "colocate" pattern):
   `wake_up()` brings it back before generating;
 - `update_weights(model)` pushes the trainer's current parameters into the engine's model with
   `load_weights` (no checkpoint round-trip); with FSDP the caller must gather full parameters first;
+- the engine runs in the trainer's compute dtype (`dtype`, bfloat16 under mixed precision), not in the dtype of
+  its float32 master weights: they are cast one tensor at a time as they are pushed;
 - each prompt goes in once with `SamplingParams(n=...)` and its PIL images as `multi_modal_data`, so each
   image is processed once per prompt; token ids, finish reasons and sampled-token log-probs come back and
   are packed into the same `RolloutBatch` as the HF backend (the vision inputs for re-scoring come from our
@@ -62,6 +64,7 @@ class VLLMRolloutBackend:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.enable_sleep_mode = enable_sleep_mode
+        self.dtype = getattr(torch, dtype)
         self.llm = vllm.LLM(
             model=str(model_path),
             gpu_memory_utilization=gpu_memory_utilization,
@@ -85,9 +88,9 @@ class VLLMRolloutBackend:
             self.asleep = False
 
     def update_weights(self, model: Any) -> None:
-        """Load the trainer's parameters into the engine (full, unsharded tensors expected)."""
+        """Load the trainer's parameters into the engine (full, unsharded tensors expected), cast to its dtype."""
         self.wake_up()
-        weights = [(name, param.detach()) for name, param in model.state_dict().items()]
+        weights = ((name, param.detach().to(self.dtype)) for name, param in model.state_dict().items())
         engine_model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
         engine_model.load_weights(weights)
         self.llm.reset_prefix_cache()

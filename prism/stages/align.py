@@ -23,7 +23,8 @@ One step is METHOD.md's loop, one discriminator update per policy update:
 Diagnostics every step: discriminator accuracy and reward gap (teacher - policy) per kind, format rate, response
 length, and two distribution proxies against the teacher corpus (caption bullets and reasoning steps: means and
 Wasserstein-1 distances). `proxies.json` compares the same statistics on a fixed prompt set for the teacher,
-the starting (SFT) policy and the aligned policy.
+the starting (SFT) policy and the aligned policy. Policy and discriminator each compute in their own config's
+compute dtype (`model.mixed_precision`, `discriminator.mixed_precision`) over float32 master weights.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from prism.response_format import count_caption_bullets, count_reasoning_steps, 
 from prism.rollout import RolloutError, SamplingParams
 from prism.rollout.backends import make_backend
 from prism.rollout.prompts import load_prompts, rollout_prompt, sampling_seed, take_prompts
-from prism.runtime import MetricsLogger, Progress, check_finite, mean_or_nan, seed_everything
+from prism.runtime import MetricsLogger, Progress, autocast, check_finite, mean_or_nan, seed_everything
 from prism.stages.common import (
     average_gradients,
     build_optimizer,
@@ -158,33 +159,36 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
     student = {kind: torch.empty(len(texts)) for kind in kinds}
     teacher = {kind: torch.empty(len(records)) for kind in kinds}
     totals = dict.fromkeys(("loss", "bt_loss", "score_reg", "fallback", "seconds_forward", "seconds_backward"), 0.0)
+    device = discriminator.device
     for rows in micro:
         started = time.perf_counter()
         owners = sorted({row // n for row in rows})  # the prompts of this micro-batch
-        owner_of_row = torch.tensor([owners.index(row // n) for row in rows], device=discriminator.device)
+        owner_of_row = torch.tensor([owners.index(row // n) for row in rows], device=device)
         train_teacher, train_student, aux = {}, {}, []
         owner_prompts = [prompts[p] for p in owners]
-        prefix = prompt_prefix(processor, owner_prompts).to(discriminator.device)
-        prefill = None if discriminator.routes_by_kind else discriminator.prefill(prefix)
-        for kind in kinds:
-            kind_prefill = prefill or discriminator.prefill(prefix, kind=kind)
-            teacher_rows = segment_rows(processor, owner_prompts, range(len(owners)),
-                                        [teacher_segment(records[p], kind) for p in owners], cfg.disc_max_length)
-            student_rows = segment_rows(processor, owner_prompts, owner_of_row.tolist(),
-                                        [split[row][0][kind] for row in rows], cfg.disc_max_length)
-            hidden_t, aux_t = discriminator.continue_hidden(kind_prefill, teacher_rows.to(discriminator.device), kind)
-            hidden_s, aux_s = discriminator.continue_hidden(kind_prefill, student_rows.to(discriminator.device), kind)
-            with torch.no_grad():
-                teacher[kind][owners] = discriminator.head_scores(hidden_t, dropout=False).cpu()
-                student[kind][rows] = discriminator.head_scores(hidden_s, dropout=False).cpu()
-            if cfg.teacher_scoring == "per_rollout":
-                train_teacher[kind] = discriminator.head_scores(hidden_t[owner_of_row], dropout=True)
-            else:
-                train_teacher[kind] = discriminator.head_scores(hidden_t, dropout=True)[owner_of_row]
-            train_student[kind] = discriminator.head_scores(hidden_s, dropout=True)
-            aux += [aux_t, aux_s]
+        prefix = prompt_prefix(processor, owner_prompts).to(device)
+        # The forwards in the discriminator's compute dtype; the scores come out of the head in float32.
+        with autocast(device, cfg.discriminator.autocast_dtype):
+            prefill = None if discriminator.routes_by_kind else discriminator.prefill(prefix)
+            for kind in kinds:
+                kind_prefill = prefill or discriminator.prefill(prefix, kind=kind)
+                teacher_rows = segment_rows(processor, owner_prompts, range(len(owners)),
+                                            [teacher_segment(records[p], kind) for p in owners], cfg.disc_max_length)
+                student_rows = segment_rows(processor, owner_prompts, owner_of_row.tolist(),
+                                            [split[row][0][kind] for row in rows], cfg.disc_max_length)
+                hidden_t, aux_t = discriminator.continue_hidden(kind_prefill, teacher_rows.to(device), kind)
+                hidden_s, aux_s = discriminator.continue_hidden(kind_prefill, student_rows.to(device), kind)
+                with torch.no_grad():
+                    teacher[kind][owners] = discriminator.head_scores(hidden_t, dropout=False).cpu()
+                    student[kind][rows] = discriminator.head_scores(hidden_s, dropout=False).cpu()
+                if cfg.teacher_scoring == "per_rollout":
+                    train_teacher[kind] = discriminator.head_scores(hidden_t[owner_of_row], dropout=True)
+                else:
+                    train_teacher[kind] = discriminator.head_scores(hidden_t, dropout=True)[owner_of_row]
+                train_student[kind] = discriminator.head_scores(hidden_s, dropout=True)
+                aux += [aux_t, aux_s]
         loss, metrics = discriminator_loss(
-            train_teacher, train_student, valid[rows].to(discriminator.device), batch_has_valid=batch_has_valid,
+            train_teacher, train_student, valid[rows].to(device), batch_has_valid=batch_has_valid,
             score_clip=cfg.score_clip, score_reg_coef=cfg.score_reg_coef, fallback_coef=cfg.fallback_loss_coef)
         loss = (loss + cfg.disc_aux_loss_coef * torch.stack(aux).mean()) / len(micro)
         totals["seconds_forward"] += time.perf_counter() - started
@@ -237,7 +241,7 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
     values through it; an exception it raises, such as a pruned trial, stops the run at its last checkpoint)."""
     if cfg.discriminator.path is None:
         raise DataError("discriminator.path is not set: give the disc_warmup stage's model/ folder")
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg.model)
     run_dir, finished = start_stage("align", cfg, accelerator)
     if finished:
         print(f"align: already finished in {run_dir}", flush=True)
@@ -282,7 +286,8 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
     model, policy_optimizer = accelerator.prepare(policy, policy_optimizer)
     if reference is not None:
         reference.to(accelerator.device)
-    backend = make_backend(rollout.backend, policy, processor, model_path=cfg.model.path, dtype=cfg.model.dtype)
+    backend = make_backend(rollout.backend, policy, processor, model_path=cfg.model.path,
+                           compute_dtype=cfg.model.compute_dtype)
     advantage_fn = get_advantage_estimator(cfg.advantage)
     kinds = discriminator.spec.segment_kinds
     disc_clip = cfg.disc_optim.grad_clip if cfg.disc_optim.grad_clip is not None else math.inf
@@ -341,7 +346,7 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
         groups = [Group(batch, p, advantages.reshape(-1, n)[p]) for p in range(len(chosen))]
         stats = policy_update(model, policy_optimizer, policy_scheduler, accelerator, groups, update,
                               grad_clip=cfg.policy_optim.grad_clip, reference=reference, filler=groups[0],
-                              step=step + 1)
+                              step=step + 1, autocast_dtype=cfg.model.autocast_dtype)
         backend.update_weights(policy)
         seconds_policy_update = time.perf_counter() - started
 

@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
-from prism.config import OptimConfig, config_hash, load_config, write_config_yaml
+from prism.config import ModelConfig, OptimConfig, config_hash, load_config, write_config_yaml
 from prism.models import ModelError, build_model, load_model, load_processor
 from prism.models.presets import get_preset
 from prism.runtime import (
+    RuntimeConfigError,
     is_done,
     latest_checkpoint,
     mark_done,
@@ -64,7 +65,9 @@ def upstream_hashes(cfg: Any) -> dict[str, str]:
 
 def load_policy(model_cfg: Any, seed: int) -> tuple[torch.nn.Module, Any]:
     """(model in train mode, processor). A path loads a local checkpoint (safetensors, no remote code unless
-    asked); an embedded preset without a path is built from random init with the processor at processor_path."""
+    asked); an embedded preset without a path is built from random init with the processor at processor_path.
+    Parameters are in `model_cfg.dtype` (float32 master weights under mixed precision, whatever the checkpoint
+    holds); forwards pick the compute dtype by autocast."""
     preset = get_preset(model_cfg.preset)
     processor_dir = model_cfg.processor_path or model_cfg.path
     if processor_dir is None:
@@ -128,12 +131,31 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_
 # ----------------------------------------------------------------------------------------------------
 
 
-def make_accelerator():
-    """accelerate's Accelerator: a no-op wrapper in one process, DDP/FSDP under `accelerate launch`."""
+def make_accelerator(model: ModelConfig):
+    """accelerate's Accelerator: a no-op wrapper in one process, DDP/FSDP under `accelerate launch`.
+
+    Mixed precision is `model.mixed_precision`: the recipes autocast their forwards (prism.runtime.autocast) over
+    the float32 master weights, whatever the launcher. It is not passed on to Accelerator, whose state is one per
+    process and refuses a second, different setting (tests and sweeps run several stages in one process). A launch
+    config's `mixed_precision` must be `no` or the same: under FSDP2, accelerate (1.15) turns `bf16` into
+    MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16, output_dtype=bf16) over float32 parameter shards
+    (it upcasts trainable parameters to float32), so the AdamW state stays float32 and sharded."""
     from accelerate import Accelerator
 
     # cpu=True on a CPU-only machine: without it accelerate ignores a torchrun world and runs each process alone.
-    return Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    check_launch_precision(accelerator.mixed_precision, model)
+    return accelerator
+
+
+def check_launch_precision(launch: str, model: ModelConfig) -> None:
+    """`launch` (accelerate's mixed_precision: launch config, --mixed_precision, ACCELERATE_MIXED_PRECISION) must
+    be `no` or agree with `model.mixed_precision`, which decides the autocast of every forward."""
+    if launch not in ("no", model.mixed_precision):
+        raise RuntimeConfigError(
+            f"accelerate is launched with mixed_precision {launch!r} but model.mixed_precision is "
+            f"{model.mixed_precision!r}: set one to match the other (accelerate's setting decides FSDP's "
+            "parameter dtype, the model's the autocast of the forwards)")
 
 
 def no_sync(accelerator, model: torch.nn.Module, last_micro_step: bool):

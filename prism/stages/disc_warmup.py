@@ -11,7 +11,8 @@
 3. train: Bradley-Terry `-log sigmoid(D(x, y_teacher) - D(x, y_student))` over both segment kinds (their pairs
    pooled, so each kind weighs by its pairs) + aux_loss_coef * the router load-balancing loss; AdamW, warm-up
    then cosine. Every step logs loss, accuracy and mean scores per kind; held-out accuracy per kind is measured
-   before training and at the end (`heldout.json`).
+   before training and at the end (`heldout.json`). The discriminator computes in `model`'s compute dtype
+   (autocast, `model.mixed_precision`) over float32 master weights; pair generation in `policy`'s.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from prism.models.discriminator import (
 from prism.response_format import SYSTEM_PROMPT, split_segments
 from prism.rollout import RolloutPrompt, SamplingParams
 from prism.rollout.backends import make_backend
-from prism.runtime import MetricsLogger, Progress, check_finite, seed_everything
+from prism.runtime import MetricsLogger, Progress, autocast, check_finite, seed_everything
 from prism.stages.common import (
     average_gradients,
     build_optimizer,
@@ -84,7 +85,7 @@ def generate_pairs(cfg: DiscWarmupConfig, out: Path) -> int:
         raise DataError(f"{cfg.teacher_files}: record {bad[0].id} has {len(bad[0].images)} images; a pair takes one")
     policy, processor = load_policy(cfg.policy, cfg.seed)
     backend = make_backend(cfg.rollout_backend, policy.eval(), processor, model_path=cfg.policy.path,
-                           dtype=cfg.policy.dtype, path_field="policy.path")
+                           compute_dtype=cfg.policy.compute_dtype, path_field="policy.path")
     image_dir = out.parent / "pair_images"
     image_dir.mkdir(parents=True, exist_ok=True)
     pairs: list[WarmupPair] = []
@@ -174,12 +175,13 @@ def pair_scores(discriminator: Discriminator, encoder: PairEncoder, indices: lis
 
 @torch.no_grad()
 def heldout_accuracy(discriminator: Discriminator, encoder: PairEncoder, indices: list[int],
-                     micro_batch_size: int, max_length: int) -> dict[str, float]:
+                     micro_batch_size: int, max_length: int, autocast_dtype: str | None = None) -> dict[str, float]:
     was_training = discriminator.training
     discriminator.eval()
     out: dict[str, float] = {"heldout_pairs": len(indices)}
     for kind in discriminator.spec.segment_kinds:
-        teacher, student, _ = pair_scores(discriminator, encoder, indices, kind, micro_batch_size, max_length)
+        with autocast(discriminator.device, autocast_dtype):
+            teacher, student, _ = pair_scores(discriminator, encoder, indices, kind, micro_batch_size, max_length)
         out[f"heldout_accuracy_{kind}"] = float((teacher > student).float().mean())
         out[f"heldout_gap_{kind}"] = float((teacher - student).mean())
     discriminator.train(was_training)
@@ -192,7 +194,7 @@ def heldout_accuracy(discriminator: Discriminator, encoder: PairEncoder, indices
 
 
 def run(cfg: DiscWarmupConfig) -> Path:
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg.model)
     run_dir, finished = start_stage("disc_warmup", cfg, accelerator)
     if finished:
         print(f"disc_warmup: already finished in {run_dir}", flush=True)
@@ -236,7 +238,8 @@ def run(cfg: DiscWarmupConfig) -> Path:
     discriminator.to(accelerator.device)  # no DDP wrapper: gradients are averaged by hand (average_gradients)
     heldout_before = restored["extra"].get("heldout_before") if restored else None
     if heldout_before is None and heldout_idx and accelerator.is_main_process:
-        heldout_before = heldout_accuracy(discriminator, encoder, heldout_idx, cfg.micro_batch_size, cfg.max_length)
+        heldout_before = heldout_accuracy(discriminator, encoder, heldout_idx, cfg.micro_batch_size, cfg.max_length,
+                                          cfg.model.autocast_dtype)
     kinds = spec.segment_kinds
 
     # ---- 3. train ----
@@ -253,7 +256,8 @@ def run(cfg: DiscWarmupConfig) -> Path:
             indices = [train_idx[p] for p in positions]
             teacher, student, aux = [], [], []
             for kind in kinds:
-                t, s, a = pair_scores(discriminator, encoder, indices, kind, per_device, cfg.max_length)
+                with autocast(accelerator.device, cfg.model.autocast_dtype):  # scores come out in float32
+                    t, s, a = pair_scores(discriminator, encoder, indices, kind, per_device, cfg.max_length)
                 teacher.append(t)
                 student.append(s)
                 aux.append(a)
@@ -299,7 +303,8 @@ def run(cfg: DiscWarmupConfig) -> Path:
         logger.close()
         if heldout_idx:
             heldout = {"before": heldout_before,
-                       "after": heldout_accuracy(discriminator, encoder, heldout_idx, cfg.micro_batch_size, cfg.max_length)}
+                       "after": heldout_accuracy(discriminator, encoder, heldout_idx, cfg.micro_batch_size,
+                                                 cfg.max_length, cfg.model.autocast_dtype)}
             atomic_write_text(run_dir / "heldout.json", json.dumps(heldout, indent=2) + "\n")
     final = finish_stage(run_dir, cfg, accelerator, discriminator, processor, save=save_discriminator, extra={
         "steps": total_steps, "pairs": len(pairs), "train_pairs": len(train_idx), "heldout_pairs": len(heldout_idx),

@@ -27,7 +27,7 @@ import torch
 from prism.algorithms import Metrics, aggregate_loss, get_policy_loss, kl_penalty
 from prism.config import PolicyUpdateConfig
 from prism.rollout import RolloutBatch, log_probs_and_entropy
-from prism.runtime import check_finite, mean_or_nan
+from prism.runtime import autocast, check_finite, mean_or_nan
 from prism.stages.common import no_sync
 
 
@@ -73,11 +73,13 @@ def micro_batches(groups: Sequence[Group], groups_per_micro: int) -> list[tuple[
 
 
 def policy_update(model, optimizer, scheduler, accelerator, groups: Sequence[Group], update: PolicyUpdateConfig,
-                  *, grad_clip: float | None, reference=None, filler: Group, step: int) -> dict[str, float]:
+                  *, grad_clip: float | None, reference=None, filler: Group, step: int,
+                  autocast_dtype: str | None = None) -> dict[str, float]:
     """Train `model` on `groups` (this process's share of the step) with `update.mini_batches` optimizer updates.
 
     `reference` (a frozen copy of the initial policy) is needed when `update.kl_coef` > 0. `filler` is any group
     of this process's rollouts, used for zero-weighted passes when it has fewer groups than another process.
+    `autocast_dtype` (the model config's, e.g. "bfloat16") is what the forwards compute in; None = the weights' dtype.
     Returns the means over micro-batches (loss per update) of: loss, clipfrac, ppo_kl, entropy, kl_ref,
     grad_norm, and the lr of the last update."""
     world = accelerator.num_processes
@@ -87,9 +89,10 @@ def policy_update(model, optimizer, scheduler, accelerator, groups: Sequence[Gro
     per_micro = max(1, update.micro_batch_size // size)
     per_mini = math.ceil(len(groups) / update.mini_batches) if groups else 0
     minis = [micro_batches(groups[i : i + per_mini], per_micro) for i in range(0, len(groups), per_mini)] if groups else []
+    device = accelerator.device
     old_log_probs = None
     if len(minis) > 1:  # the policy moves between updates: freeze the pre-update log-probs now
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, autocast_dtype):
             policy = accelerator.unwrap_model(model)
             old_log_probs = [[log_probs_and_entropy(policy, b, with_entropy=False)[0] for b, _ in mini] for mini in minis]
     updates = len(minis)
@@ -111,11 +114,12 @@ def policy_update(model, optimizer, scheduler, accelerator, groups: Sequence[Gro
         update_loss = 0.0
         for i, (batch, advantages, old, weight) in enumerate(passes):
             with no_sync(accelerator, model, last_micro_step=i == len(passes) - 1):
-                log_prob, entropy = log_probs_and_entropy(model, batch)
+                with autocast(device, autocast_dtype):  # the forward only: log-probs come out in float32
+                    log_prob, entropy = log_probs_and_entropy(model, batch)
                 mask, advantages = batch.response_mask.to(log_prob.device), advantages.to(log_prob.device)
                 loss_mat, metrics = loss_fn(log_prob, log_prob.detach() if old is None else old, advantages, mask)
                 if reference is not None:
-                    with torch.no_grad():
+                    with torch.no_grad(), autocast(device, autocast_dtype):
                         ref_log_prob = log_probs_and_entropy(reference, batch, with_entropy=False)[0]
                     kl = kl_penalty(log_prob, ref_log_prob, mask)
                     loss_mat = loss_mat + update.kl_coef * kl

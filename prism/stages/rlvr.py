@@ -77,7 +77,7 @@ def text_statistics(texts: list[str]) -> dict[str, float]:
 
 
 def run(cfg: RLVRConfig) -> Path:
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg.model)
     run_dir, finished = start_stage("rlvr", cfg, accelerator)
     if finished:
         print(f"rlvr: already finished in {run_dir}", flush=True)
@@ -105,7 +105,8 @@ def run(cfg: RLVRConfig) -> Path:
     policy = accelerator.unwrap_model(model)
     if reference is not None:
         reference.to(accelerator.device)
-    backend = make_backend(rollout.backend, policy, processor, model_path=cfg.model.path, dtype=cfg.model.dtype)
+    backend = make_backend(rollout.backend, policy, processor, model_path=cfg.model.path,
+                           compute_dtype=cfg.model.compute_dtype)
     advantage_fn = get_advantage_estimator(cfg.advantage)
     sampling = {"max_new_tokens": rollout.max_new_tokens, "min_new_tokens": rollout.min_new_tokens,
                 "temperature": rollout.temperature, "top_p": rollout.top_p}
@@ -161,7 +162,7 @@ def run(cfg: RLVRConfig) -> Path:
         groups = [Group(rounds[r][0], p, rounds[r][2].reshape(-1, group_size)[p]) for r, p in kept]
         stats = policy_update(model, optimizer, scheduler, accelerator, groups, update, grad_clip=cfg.optim.grad_clip,
                               reference=reference, filler=Group(rounds[0][0], 0, torch.zeros(group_size)),
-                              step=step + 1)
+                              step=step + 1, autocast_dtype=cfg.model.autocast_dtype)
         seconds_update = time.perf_counter() - started
         backend.update_weights(policy)
 

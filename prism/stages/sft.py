@@ -8,6 +8,7 @@ the gradient of one large batch. Each image is processed once; its `<|image_pad|
 the number of merged patches, so the processor's text pass is not needed. Data order is a pure function
 of (seed, step): a resumed run sees exactly the batches an uninterrupted one would. With `packing: true`
 each micro-batch's samples share rows of max_length tokens instead of being padded to the longest.
+Forwards run in the compute dtype (autocast, `model.mixed_precision`); AdamW updates the float32 master weights.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from prism.config import BaseConfig, SFTConfig
 from prism.data.encoding import IGNORE, Encoded, collate, collate_packed, encode_conversation
 from prism.data.formats import Conversation, DataError, read_sharegpt
 from prism.data.order import step_records
-from prism.runtime import MetricsLogger, Progress, check_finite, seed_everything
+from prism.runtime import MetricsLogger, Progress, autocast, check_finite, seed_everything
 from prism.stages.common import (
     build_optimizer,
     build_scheduler,
@@ -69,7 +70,7 @@ def load_conversations(cfg: BaseConfig | SFTConfig) -> list[Conversation]:
 
 def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
     """Train to the end (resuming from the newest checkpoint) and return the stage directory."""
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg.model)
     run_dir, finished = start_stage(stage, cfg, accelerator)
     if finished:
         print(f"{stage}: already finished in {run_dir}", flush=True)
@@ -125,7 +126,8 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with no_sync(accelerator, model, last_micro_step=i == len(micro_batches) - 1):
-                loss = summed_token_loss(model, batch)
+                with autocast(accelerator.device, cfg.model.autocast_dtype):  # bf16 compute, fp32 weights
+                    loss = summed_token_loss(model, batch)
                 # DDP averages gradients over processes: scale by `world` so the result is sum / total_tokens.
                 accelerator.backward(loss * world / total_tokens)
             loss_sum += loss.detach()

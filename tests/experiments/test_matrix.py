@@ -120,3 +120,14 @@ def test_seeds_run_every_stage_per_seed_after_one_shared_world_and_keep_seed_zer
         load_matrix("table1", "embedded", 0)
     with pytest.raises(ConfigError, match="no preset"):
         load_matrix("table1", "huge", 2)
+
+
+@pytest.mark.parametrize("matrix", ["table1", "ablations"])
+def test_embedded_presets_compute_in_float32_and_the_full_preset_in_bf16_over_float32_weights(matrix):
+    """bf16 matmuls are slow on CPUs without AMX: every model of the embedded and smoke presets computes in float32
+    (bit-identical to the runs before mixed precision); the full preset keeps the default bf16 autocast."""
+    for preset, expected in (("embedded", "no"), ("smoke", "no"), ("full", "bf16")):
+        plan = build_plan(load_matrix(matrix), preset)
+        models = [getattr(node.cfg, role) for node in plan.nodes.values() if node.kind in mx.STAGES
+                  for role in ("model", "policy", "discriminator") if hasattr(node.cfg, role)]
+        assert models and {(m.dtype, m.mixed_precision) for m in models} == {("float32", expected)}, preset

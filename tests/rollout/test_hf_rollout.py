@@ -1,4 +1,5 @@
-"""HF rollouts: row order, masks, finish reasons, seeding, image alignment, log-prob agreement, vLLM missing."""
+"""HF rollouts: row order, masks, finish reasons, seeding, image alignment, log-prob agreement, compute dtype;
+vLLM missing, and its engine's dtype."""
 
 import dataclasses
 import importlib.util
@@ -328,3 +329,42 @@ def test_prompt_once_forward_synchronises_gradients_under_ddp(tmp_path):
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["same_keys"] and out["scale"] > 0
     assert out["worst"] <= 1e-5 * max(1.0, out["scale"])
+
+
+@pytest.mark.parametrize("compute_dtype, expected", [(None, torch.float32), ("float32", torch.float32),
+                                                     ("bfloat16", torch.bfloat16)])
+def test_generation_computes_in_the_compute_dtype_over_float32_weights(processor, compute_dtype, expected):
+    model = build_model("embedded-s", processor.tokenizer, seed=0)
+    seen = set()
+    model.lm_head.register_forward_hook(lambda module, args, output: seen.add(output.dtype))
+    hf = HFRolloutBackend(model, processor, compute_dtype=compute_dtype)
+    batch = hf.generate(_prompts()[:1], n=2, sampling=SamplingParams(max_new_tokens=2, seed=0))
+    assert seen == {expected} and batch.behaviour_log_probs.dtype == torch.float32
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the master weights are left alone
+
+
+def test_vllm_engine_runs_in_the_compute_dtype_and_gets_weights_cast_to_it(processor, monkeypatch):
+    """vLLM is not installed here: a fake engine records what the backend asks of it."""
+    from types import SimpleNamespace
+
+    import prism.rollout.vllm as vllm_module
+    from prism.config import ModelConfig
+    from prism.rollout.backends import make_backend
+
+    built, loaded = {}, []
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            built.update(kwargs)
+            engine_model = SimpleNamespace(load_weights=lambda weights: loaded.extend(weights))
+            runner = SimpleNamespace(model_runner=SimpleNamespace(model=engine_model))
+            self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(worker=runner)))
+
+        def reset_prefix_cache(self):
+            pass
+
+    monkeypatch.setattr(vllm_module, "_import_vllm", lambda: SimpleNamespace(LLM=FakeLLM))
+    backend = make_backend("vllm", None, processor, model_path="ckpt", compute_dtype=ModelConfig().compute_dtype)
+    assert built["dtype"] == "bfloat16"  # the compute dtype, not the float32 master weights'
+    backend.update_weights(torch.nn.Linear(2, 2))
+    assert [name for name, _ in loaded] == ["weight", "bias"] and {t.dtype for _, t in loaded} == {torch.bfloat16}

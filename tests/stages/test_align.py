@@ -20,8 +20,9 @@ from .conftest import discriminator_dir, interrupted_after, model_tensors, scrip
 
 def align_config(world, policy_dir, disc_dir, out, *extra):
     return load_config(AlignConfig, overrides=[
-        "model.preset=embedded-s", f"model.path={policy_dir}", "model.dtype=float32",
+        "model.preset=embedded-s", f"model.path={policy_dir}", "model.dtype=float32", "model.mixed_precision=no",
         "discriminator.preset=embedded-s", f"discriminator.path={disc_dir}", "discriminator.dtype=float32",
+        "discriminator.mixed_precision=no",
         f"data_files=[{world}/teacher.parquet]", "rollout.backend=hf", "rollout.prompts_per_step=2",
         "rollout.rollouts_per_prompt=4", "rollout.max_new_tokens=8", "update.micro_batch_size=4", "disc_micro_batch_size=8", "disc_max_length=512",
         "policy_optim.lr=1e-2", "disc_optim.lr=1e-3", "steps=2", "proxy_prompts=3", f"output_dir={out}",
@@ -88,7 +89,8 @@ def _pass_inputs(world, disc_dir, *overrides):
     records = read_rl_parquet(world / "teacher.parquet")[:2]
     texts = [scripted_text(p, k) for p in range(2) for k in range(4)]  # rollout 3 of each prompt is invalid
     prompts = [encode_prompt(processor, r.prompt, rollout_prompt(r).images, True) for r in records]
-    cfg = load_config(AlignConfig, overrides=["disc_micro_batch_size=8", "disc_max_length=512", *overrides])
+    cfg = load_config(AlignConfig, overrides=["disc_micro_batch_size=8", "disc_max_length=512",
+                                              "discriminator.mixed_precision=no", *overrides])
     return processor, records, texts, prompts, cfg
 
 

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from prism.config import OptimConfig, SFTConfig, load_config
+from prism.config import ModelConfig, OptimConfig, SFTConfig, load_config
 from prism.models import ModelError
-from prism.stages.common import build_optimizer, load_policy, lr_multiplier, stage_dir
+from prism.runtime import RuntimeConfigError, autocast
+from prism.stages.common import build_optimizer, check_launch_precision, load_policy, lr_multiplier, stage_dir
 
 
 def test_warmup_then_cosine_by_hand():
@@ -56,6 +57,7 @@ def test_load_policy_errors_name_the_missing_field():
 
 def test_embedded_policy_is_built_from_the_world_processor(world):
     cfg = load_config(SFTConfig, overrides=["model.preset=embedded-s", "model.dtype=float32",
+                                            "model.mixed_precision=no",
                                             f"model.processor_path={world}/tokenizer"])
     model, processor = load_policy(cfg.model, seed=3)
     again, _ = load_policy(cfg.model, seed=3)
@@ -64,3 +66,17 @@ def test_embedded_policy_is_built_from_the_world_processor(world):
     eager = load_config(SFTConfig, overrides=["model.preset=embedded-s", f"model.processor_path={world}/tokenizer",
                                               "model.attn_implementation=eager"])
     assert load_policy(eager.model, seed=3)[0].config._attn_implementation == "eager"
+
+
+def test_autocast_computes_in_bf16_over_float32_weights_and_the_launch_must_agree():
+    layer = torch.nn.Linear(4, 4)
+    with autocast("cpu", ModelConfig().autocast_dtype):
+        assert layer(torch.ones(1, 4)).dtype == torch.bfloat16
+    with autocast("cpu", ModelConfig(mixed_precision="no").autocast_dtype):
+        assert layer(torch.ones(1, 4)).dtype == torch.float32
+    assert layer.weight.dtype == torch.float32
+    # accelerate's own setting (launch config): "no", or the model's; it decides FSDP's parameter dtype
+    for launch, model in (("no", "bf16"), ("no", "no"), ("bf16", "bf16")):
+        check_launch_precision(launch, ModelConfig(mixed_precision=model))
+    with pytest.raises(RuntimeConfigError, match="model.mixed_precision is 'no'"):
+        check_launch_precision("bf16", ModelConfig(mixed_precision="no"))

@@ -20,8 +20,8 @@ from .conftest import interrupted_after, model_tensors, scripted_text
 
 def warmup_config(world, policy_dir, out, *extra):
     return load_config(DiscWarmupConfig, overrides=[
-        "model.preset=embedded-s", f"model.path={policy_dir}", "model.dtype=float32",
-        "policy.preset=embedded-s", f"policy.path={policy_dir}", "policy.dtype=float32",
+        "model.preset=embedded-s", f"model.path={policy_dir}", "model.dtype=float32", "model.mixed_precision=no",
+        "policy.preset=embedded-s", f"policy.path={policy_dir}", "policy.dtype=float32", "policy.mixed_precision=no",
         f"teacher_files=[{world}/teacher.parquet]", "rollout_backend=hf", "rollouts_per_prompt=2",
         "max_new_tokens=8", "effective_batch_size=8", "micro_batch_size=4", "max_length=512",
         "expert_noise_std=0.002", "head_dropout=0.0", "optim.lr=1e-3", "optim.warmup_ratio=0.0",

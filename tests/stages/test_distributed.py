@@ -30,7 +30,7 @@ def _launch(stage, args, out, processes, timeout):
 
 
 def _train(world, policy_dir, out, processes, per_device):
-    args = [f"model.path={policy_dir}", "model.preset=embedded-s", "model.dtype=float32",
+    args = [f"model.path={policy_dir}", "model.preset=embedded-s", "model.dtype=float32", "model.mixed_precision=no",
             f"data_files=[{world}/sft.json]", "max_length=512", "max_steps=3", "optim.lr=3e-3",
             f"per_device_batch_size={per_device}", "gradient_accumulation_steps=2", f"output_dir={out}"]
     return _launch("sft", args, out, processes, timeout=120)
@@ -51,7 +51,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(world, policy_dir, tmp
 
 
 def _warmup(policy_dir, pairs, out, processes, micro):
-    args = [f"model.path={policy_dir}", "model.preset=embedded-s", "model.dtype=float32",
+    args = [f"model.path={policy_dir}", "model.preset=embedded-s", "model.dtype=float32", "model.mixed_precision=no",
             f"data_files=[{pairs}]", "max_length=512", "max_steps=3", "optim.lr=3e-3", "head_dropout=0.0",
             "expert_noise_std=0.002", "heldout_fraction=0.0", "effective_batch_size=8",
             f"micro_batch_size={micro}", f"output_dir={out}"]

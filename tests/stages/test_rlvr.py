@@ -42,7 +42,7 @@ def test_scores_by_hand_with_overlong_shaping():
 
 def rlvr_config(world, policy_dir, out, *extra):
     return load_config(RLVRConfig, overrides=[
-        "model.preset=embedded-s", f"model.path={policy_dir}", "model.dtype=float32",
+        "model.preset=embedded-s", f"model.path={policy_dir}", "model.dtype=float32", "model.mixed_precision=no",
         f"data_files=[{world}/rl.parquet]", "rollout.backend=hf", "rollout.prompts_per_step=2",
         "rollout.rollouts_per_prompt=4", "rollout.max_new_tokens=12", "update.micro_batch_size=4", "steps=2", "optim.lr=1e-2", f"output_dir={out}",
         "save_every_steps=1", *extra])

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from prism.config import SFTConfig, load_config
+from prism.config import ModelConfig, SFTConfig, load_config
 from prism.data.encoding import IGNORE, collate, collate_packed, encode_conversation
 from prism.data.formats import DataError, read_sharegpt
 from prism.models import load_processor
@@ -21,7 +21,7 @@ def processor(world):
 
 def sft_config(world, policy_dir, out, *extra):
     return load_config(SFTConfig, overrides=[
-        "model.preset=embedded-s", f"model.path={policy_dir}", "model.dtype=float32",
+        "model.preset=embedded-s", f"model.path={policy_dir}", "model.dtype=float32", "model.mixed_precision=no",
         f"data_files=[{world}/sft.json]", "max_length=512", "per_device_batch_size=4",
         "gradient_accumulation_steps=2", "max_steps=6", "optim.lr=3e-3", "optim.warmup_steps=1",
         f"output_dir={out}", "save_every_steps=2", *extra])
@@ -110,3 +110,44 @@ def test_packed_run_trains_like_the_padded_run(world, policy_dir, tmp_path):
     assert read(b, "tokens") == read(a, "tokens")  # real tokens, not padding
     ta, tb = model_tensors(a / "model"), model_tensors(b / "model")
     assert all(torch.allclose(ta[k], tb[k], atol=1e-4) for k in ta)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixed precision (issue #17): float32 master weights and AdamW state, bf16 compute. One record per step keeps
+# these runs to seconds: bf16 matmuls are slow on CPUs without AMX.
+# ----------------------------------------------------------------------------------------------------
+
+DEFAULT_PRECISION = [f"model.dtype={ModelConfig.dtype}", f"model.mixed_precision={ModelConfig.mixed_precision}"]
+PURE_BF16 = ["model.dtype=bfloat16", "model.mixed_precision=no"]
+TINY_LR = ["per_device_batch_size=1", "gradient_accumulation_steps=1", "max_steps=2", "optim.lr=1e-6",
+           "optim.weight_decay=0.0", "optim.lr_scheduler=constant", "save_every_steps=0"]
+
+
+def moved_elements(out, initial) -> dict[str, torch.Tensor]:
+    """Per tensor of the final model: which elements differ from the initial weights in the final dtype."""
+    final = model_tensors(out / "model")
+    return {name: final[name] != initial[name].to(final[name].dtype) for name in initial}
+
+
+def test_lost_update_fp32_master_weights_keep_every_update_that_pure_bf16_rounds_away(world, policy_dir, tmp_path):
+    """At lr 1e-6 an AdamW step moves a weight by about 1e-6, far below the spacing of bf16 numbers at a weight's
+    size (1.2e-4 at 0.02, 7.8e-3 at 1.0): pure bf16 parameters lose most updates, float32 master weights under
+    bf16 autocast (the default) keep every one."""
+    initial = model_tensors(policy_dir)
+    mixed_cfg = sft_config(world, policy_dir, tmp_path / "mixed", *TINY_LR, *DEFAULT_PRECISION)
+    assert mixed_cfg.model.autocast_dtype == "bfloat16"
+    mixed = run(mixed_cfg)
+    assert {t.dtype for t in model_tensors(mixed / "model").values()} == {torch.float32}
+    kept = moved_elements(mixed, initial)
+    assert all(moved.any() for moved in kept.values())  # every trainable tensor moved
+    assert sum(int(m.sum()) for m in kept.values()) / sum(m.numel() for m in kept.values()) > 0.9
+
+    pure = run(sft_config(world, policy_dir, tmp_path / "pure", *TINY_LR, *PURE_BF16))
+    lost = moved_elements(pure, initial)
+    assert sum(int(m.sum()) for m in lost.values()) / sum(m.numel() for m in lost.values()) < 0.1  # ~2% moved
+    assert not all(moved.any() for moved in lost.values())  # the norms' weights (1.0) never move at all
+
+    # the mixed run computed in bf16: its loss is not the float32 run's
+    fp32 = run(sft_config(world, policy_dir, tmp_path / "fp32", *TINY_LR))
+    first_loss = lambda d: json.loads((d / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert first_loss(mixed) != first_loss(fp32) and first_loss(mixed) == pytest.approx(first_loss(fp32), rel=1e-2)
