@@ -48,12 +48,14 @@ def chat_prompt(processor, question: str) -> str:
 
 
 def base_batch(processor, samples):
-    """The base stage's untagged captioning / QA: no system prompt, loss on the answer."""
+    """The base stage's untagged captioning / QA (under the system prompt where the sample carries it), loss on the
+    answer."""
     tokenizer = processor.tokenizer
     responses = [s.base_response + "<|im_end|>" for s in samples]
     prompts = [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.base_prompt}]}],
+            [{"role": "system", "content": SYSTEM_PROMPT}] * s.base_system_prompt
+            + [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.base_prompt}]}],
             tokenize=False, add_generation_prompt=True)
         for s in samples
     ]

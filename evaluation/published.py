@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from evaluation.judge import judge_equivalent, require_judge
 from evaluation.scoring import all_correct_rate, chat_messages, score_response
-from prism.response_format import extract_answer
+from prism.response_format import read_answer
 
 LETTERS = [chr(ord("A") + i) for i in range(26)]
 
@@ -242,7 +242,7 @@ def process_results(benchmark: str, doc: dict, results: list[str], judged: bool)
     scores = score_response(results[0], target.ground_truth, target.equivalents, target.choices)
     if judged:
         judge = require_judge("judge_accuracy", b.task)
-        verdict = judge_equivalent(judge, b.text(doc), target.reference, extract_answer(results[0]))
+        verdict = judge_equivalent(judge, b.text(doc), target.reference, read_answer(results[0]))
         scores["judge_accuracy"] = 1.0 if verdict else 0.0
     if benchmark == "hallusion_bench_image":
         keys = _hallusion_keys(doc)

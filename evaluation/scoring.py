@@ -3,7 +3,9 @@
 Every task reports, per sample:
   accuracy              1 when the last `<answer>` block answers the ground truth by `prism.rewards`
                         rules (letters, numbers with tolerance, yes/no, multi-part, math-verify fallback),
-                        else 0. A response without `<answer>` is wrong; the format is not a gate here.
+                        else 0. A response with no response tags at all (an instruct model's plain answer)
+                        is read from its last line; one that opened the format without an `<answer>` is
+                        wrong. The format is not a gate here: format_valid_rate reports it.
   format_valid_rate     1 when the whole response is format-valid (`prism.response_format.is_format_valid`).
   mean_response_tokens  how many tokens the model generated (up to its eos), as the prism adapters
                         record them (`note_response_tokens`); for a response they did not record (a model
@@ -24,7 +26,7 @@ from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
 from evaluation.config import EvalError
-from prism.response_format import SYSTEM_PROMPT, extract_answer, is_format_valid
+from prism.response_format import SYSTEM_PROMPT, is_format_valid, read_answer
 from prism.rewards import answers_match
 
 TOKENIZER_ENV = "PRISM_EVAL_TOKENIZER"
@@ -99,7 +101,7 @@ def score_response(
     choices: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The three per-sample metrics. (Only metrics: lmms-eval turns every returned key into a result.)"""
-    answer = extract_answer(response)
+    answer = read_answer(response)
     correct = answer is not None and answers_match(answer, str(ground_truth), [str(a) for a in equivalent_answers], choices)
     return {
         "accuracy": 1.0 if correct else 0.0,

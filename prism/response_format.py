@@ -120,6 +120,26 @@ def extract_answer(text: str) -> str | None:
     return text[start + len("<answer>") : end].strip()
 
 
+def untagged_answer(text: str) -> str | None:
+    """The answer of a response written without the format: its last non-empty line, stripped; None when the text
+    uses a response tag or is empty.
+
+    An instruct model answers in plain text ("Yes.", "The answer is 4."); evaluation reads that answer as
+    lmms-eval's extraction does for such models (the scorer then strips "The answer is" and the final period).
+    A response that opened the format and never closed `<answer>` is not an untagged answer: it stays wrong.
+    """
+    if _ANY_TAG.search(text):
+        return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def read_answer(text: str) -> str | None:
+    """What evaluation scores: the last `<answer>` block, else an untagged response's plain answer."""
+    answer = extract_answer(text)
+    return answer if answer is not None else untagged_answer(text)
+
+
 def render_response(caption_bullets: Sequence[str], steps: Sequence[str], answer: str) -> str:
     """The canonical rendering of a demonstration; round-trips through `split_segments`.
 

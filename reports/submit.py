@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 
 from prism.atomic_io import atomic_directory, atomic_write_text
-from prism.response_format import extract_answer
+from prism.response_format import read_answer
 
 EVAL_ROOT = Path("outputs/evals")
 SUBMISSION_ROOT = Path("outputs/submissions")
@@ -58,11 +58,11 @@ def prediction_files(task: str, samples: list[dict]) -> dict[str, str]:
     """File name -> content for one task's samples, in the benchmark's official format where one exists."""
     rows = [(_sample_id(s), _response(s)) for s in samples]
     if task.endswith("mmmu_val"):
-        return {"mmmu_val.json": json.dumps({i: extract_answer(r) or "" for i, r in rows}, indent=2)}
+        return {"mmmu_val.json": json.dumps({i: read_answer(r) or "" for i, r in rows}, indent=2)}
     if task.endswith("mathvista_testmini"):
         return {"mathvista_testmini.json": json.dumps(
-            {i: {"response": r, "extraction": extract_answer(r) or ""} for i, r in rows}, indent=2)}
-    lines = [json.dumps({"doc_id": s["doc_id"], "id": i, "prediction": extract_answer(r), "response": r})
+            {i: {"response": r, "extraction": read_answer(r) or ""} for i, r in rows}, indent=2)}
+    lines = [json.dumps({"doc_id": s["doc_id"], "id": i, "prediction": read_answer(r), "response": r})
              for s, (i, r) in zip(samples, rows)]
     return {f"{task}.jsonl": "\n".join(lines) + "\n"}
 

@@ -12,6 +12,7 @@ from prism.response_format import (
     count_reasoning_steps,
     extract_answer,
     is_format_valid,
+    read_answer,
     render_response,
     split_segments,
 )
@@ -144,6 +145,21 @@ def test_render_refuses_items_that_break_the_format(bad):
 )
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (CANONICAL, "2"),  # <answer> first
+        ("Yes.", "Yes."),  # an instruct model's plain answer, read from its last line
+        ("Two red shapes.\n\nThe answer is 3.\n", "The answer is 3."),
+        ("<caption>\n- a red square\n3", None),  # opened the format: no untagged reading
+        ("<answer>unclosed", None),
+        ("  \n ", None),
+    ],
+)
+def test_read_answer_falls_back_to_an_untagged_last_line(text, expected):
+    assert read_answer(text) == expected
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,8 @@ from prism.data.formats import (
 from prism.data.world import Sample, WorldConfig, iter_split, make_sample
 from prism.response_format import SYSTEM_PROMPT, count_caption_bullets, count_reasoning_steps, split_segments
 
-WORLD_FORMAT_VERSION = 3  # 2: tokenizer/ also holds the image processor; 3: warmup_pairs.jsonl
+# 2: tokenizer/ also holds the image processor; 3: warmup_pairs.jsonl; 4: base corpus answers the questions
+WORLD_FORMAT_VERSION = 4
 MANIFEST = "world.json"
 TOKENIZER_CORPUS_PER_SPLIT = 3000  # enough text to cover the world's whole vocabulary
 
@@ -152,13 +153,7 @@ def export_world(cfg: WorldConfig, out: Path, progress: Callable[[str, int, int]
         samples = collect(split)
         shutil.rmtree(out / "images" / split, ignore_errors=True)
         names = _save_images(samples, out / "images" / split)
-        if source is None:  # untagged: no system prompt, no format
-            records = [
-                ([{"role": "user", "content": "<image>" + s.base_prompt}, {"role": "assistant", "content": s.base_response}], [n])
-                for s, n in zip(samples, names)
-            ]
-        else:
-            records = [(s.messages(source), [n]) for s, n in zip(samples, names)]
+        records = [(s.base_messages() if source is None else s.messages(source), [n]) for s, n in zip(samples, names)]
         write_sharegpt(out / f"{split}.json", records)
         if split == "teacher":
             write_rl_parquet(out / "teacher.parquet", (_rl_record(s) for s in samples), split="teacher")

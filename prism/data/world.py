@@ -16,7 +16,9 @@ Six task families mirror the axes of the published benchmarks:
 
 From one ground truth come two demonstrations, as in the paper: a *teacher* one (every object in a
 caption bullet, every reasoning step written) and a *public* one (bullets dropped or terse, steps
-skipped, a configurable rate of wrong answers). Plain untagged captions and QA make the `base` corpus.
+skipped, a configurable rate of wrong answers). The untagged `base` corpus is general instruction data on the
+same scenes: the family's question with a short direct answer (what an instruct model does), full descriptions
+(perception), and what sits in one cell. Trained on it, the base stage is the table's Instruct row.
 """
 
 from __future__ import annotations
@@ -76,6 +78,18 @@ class WorldConfig:
     skip_steps_rate: float = field(default=0.3, metadata={"help": "Probability that a public demonstration skips the intermediate steps."})
     wrong_answer_rate: float = field(default=0.15, metadata={"help": "Probability that a public demonstration ends in a wrong answer."})
 
+    # --- the untagged base corpus (instruction data) ---
+    base_answer_rate: float = field(
+        default=0.5,
+        metadata={"help": "Share of base samples that answer the family's question directly, untagged (e.g. 'Yes.'); "
+                          "the rest describe the scene (4 in 5) or name what sits in one cell."},
+    )
+    base_system_prompt_rate: float = field(
+        default=0.5,
+        metadata={"help": "Share of base samples under the PRISM system prompt, answered untagged all the same: the "
+                          "instruct model has seen the prompt every row is evaluated with, and was never taught its format."},
+    )
+
     def __post_init__(self) -> None:
         for name in ("base_size", "sft_size", "teacher_size", "rl_size", "bench_size"):
             if getattr(self, name) < 0:
@@ -98,7 +112,8 @@ class WorldConfig:
             raise FieldError("min_objects", f"an integer in [1, {cells}] (grid cells)", self.min_objects)
         if not self.min_objects <= self.max_objects <= cells:
             raise FieldError("max_objects", f"an integer in [min_objects={self.min_objects}, {cells}]", self.max_objects)
-        for name in ("caption_drop_rate", "terse_caption_rate", "skip_steps_rate", "wrong_answer_rate"):
+        for name in ("caption_drop_rate", "terse_caption_rate", "skip_steps_rate", "wrong_answer_rate", "base_answer_rate",
+                     "base_system_prompt_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise FieldError(name, "a probability in [0, 1]", value)
@@ -162,12 +177,19 @@ class Sample:
     public: Demonstration
     base_prompt: str  # untagged captioning / QA pair for the base stage
     base_response: str
+    base_system_prompt: bool  # whether the base sample carries the PRISM system prompt
     pair_id: str | None = None  # presence questions come in yes/no pairs on one image
 
     def image_png(self) -> bytes:
         buffer = io.BytesIO()
         self.image.save(buffer, format="PNG")
         return buffer.getvalue()
+
+    def base_messages(self) -> list[dict[str, str]]:
+        """The untagged base pair as chat messages (the system prompt only where the sample carries it)."""
+        system = [{"role": "system", "content": SYSTEM_PROMPT}] if self.base_system_prompt else []
+        return [*system, {"role": "user", "content": "<image>" + self.base_prompt},
+                {"role": "assistant", "content": self.base_response}]
 
     def messages(self, source: Literal["teacher", "public"]) -> list[dict[str, str]]:
         """Chat messages in the LLaMA-Factory convention (`<image>` marks the image)."""
@@ -470,8 +492,12 @@ def _public_demo(rng, cfg, bullets, steps, answer, answer_type, choices) -> Demo
     return Demonstration(tuple(kept), tuple(public_steps), final)
 
 
-def _base_pair(rng, bullets: list[str]) -> tuple[str, str]:
-    """Generic untagged captioning or QA on the same scene: what a base 'instruct' model knows."""
+def _base_pair(rng, cfg: WorldConfig, bullets: list[str], question: str, answer: str) -> tuple[str, str]:
+    """Generic untagged instruction data on the same scene: what a base 'instruct' model knows. A direct answer
+    names no steps and no tags (the format and the reasoning are what SFT teaches)."""
+    if rng.random() < cfg.base_answer_rate:
+        short = answer.capitalize() if answer in ("yes", "no") else answer
+        return question, f"{short}."
     if rng.random() < 0.8:  # mostly full descriptions: perception is what a base model brings
         text = "; ".join(bullets)
         return "Describe the image.", text[0].upper() + text[1:] + "."
@@ -517,7 +543,8 @@ def make_sample(cfg: WorldConfig, split: str, index: int) -> Sample:
         image, question, answer, answer_type, choices, bullets, steps = _FAMILY_FUNCTIONS[family](rng, cfg)
     teacher = Demonstration(tuple(bullets), tuple(steps), answer)
     public = _public_demo(rng, cfg, bullets, steps, answer, answer_type, choices)
-    base_prompt, base_response = _base_pair(rng, bullets)
+    base_prompt, base_response = _base_pair(rng, cfg, bullets, question, answer)
+    base_system_prompt = bool(rng.random() < cfg.base_system_prompt_rate)
     return Sample(
         id=f"{split}-{index:06d}",
         split=split,
@@ -531,6 +558,7 @@ def make_sample(cfg: WorldConfig, split: str, index: int) -> Sample:
         public=public,
         base_prompt=base_prompt,
         base_response=base_response,
+        base_system_prompt=base_system_prompt,
         pair_id=pair_id,
     )
 

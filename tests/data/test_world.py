@@ -8,7 +8,7 @@ import pytest
 from prism.config import ConfigError, FieldError, load_config
 from prism.data.world import FAMILIES, PALETTE, WorldConfig, family_of, make_sample
 from prism.response_format import count_caption_bullets, count_reasoning_steps, is_format_valid
-from prism.rewards import compute_reward
+from prism.rewards import answers_match, compute_reward
 
 
 def test_samples_are_pure_functions_of_seed_split_and_index():
@@ -100,10 +100,24 @@ def test_public_equals_teacher_when_all_noise_is_off():
         assert sample.public == sample.teacher
 
 
-def test_base_corpus_is_untagged():
-    for index in range(30):
-        sample = make_sample(WorldConfig(), "base", index)
-        assert "<caption>" not in sample.base_response and sample.base_response.endswith(".")
+def test_base_corpus_is_untagged_with_or_without_the_system_prompt():
+    samples = [make_sample(WorldConfig(), "base", index) for index in range(60)]
+    assert all("<caption>" not in s.base_response and s.base_response.endswith(".") for s in samples)
+    systems = [s.base_messages()[0]["role"] == "system" for s in samples]
+    assert systems == [s.base_system_prompt for s in samples] and 0 < sum(systems) < len(samples)
+    assert not any(make_sample(WorldConfig(base_system_prompt_rate=0), "base", i).base_system_prompt for i in range(20))
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, 1.0])
+def test_base_corpus_answers_the_family_question_at_its_rate(rate):
+    samples = [make_sample(WorldConfig(base_answer_rate=rate), "base", index) for index in range(120)]
+    answered = [s for s in samples if s.base_prompt == s.question]
+    assert all(answers_match(s.base_response, s.answer, choices=s.choices) for s in answered)
+    assert {s.family for s in answered} == (set() if rate == 0 else set(FAMILIES))
+    assert len(answered) / len(samples) == pytest.approx(rate, abs=0.12)
+    # the answer draw comes last: the scene, question and demonstrations do not depend on the rate
+    other = make_sample(WorldConfig(base_answer_rate=1 - rate), "base", 7)
+    assert (other.question, other.teacher, other.public) == (samples[7].question, samples[7].teacher, samples[7].public)
 
 
 def test_multichoice_answers_are_letters_among_the_options():

@@ -98,13 +98,15 @@ def test_request_construction_from_a_local_mirror(manager, tmp_path, tokenizer):
     assert system["content"][0]["text"] == SYSTEM_PROMPT
     assert [p["type"] for p in user["content"]] == ["image", "text"]
     assert user["content"][1]["text"].startswith("Hint: answer with a letter.")
-    # a choice answer may be the letter or the option's text; the answer is read from <answer> only
+    # a choice answer may be the letter or the option's text; the answer is read from <answer>, or from the last
+    # line of a response with no response tags (an instruct model's plain answer)
     doc = task.test_docs()[0]
     rule = lambda text: published.process_results("mathvista_testmini", doc, [text], judged=False)  # noqa: E731
     assert rule("<answer>B</answer>")["accuracy"] == 1.0
     assert rule("<answer>45</answer>")["accuracy"] == 1.0
     assert rule("<answer>A</answer>")["accuracy"] == 0.0
-    assert rule("The answer is B")["accuracy"] == 0.0
+    assert rule("The answer is B")["accuracy"] == 1.0
+    assert rule("<think>The answer is B")["accuracy"] == 0.0
 
 
 def test_hooks_of_the_other_benchmarks_on_schema_docs(tokenizer):

@@ -73,6 +73,11 @@ def test_scores_of_a_teacher_response_and_of_junk(world, tokenizer):
     # the answer counts without the format: answers are read from <answer> whatever surrounds it
     loose = score_response(f"blah <answer>{sample.answer}</answer>", sample.answer)
     assert loose["accuracy"] == 1.0 and loose["format_valid_rate"] == 0.0
+    # an instruct model's untagged answer is read from its last line; a response that opened the format is not
+    plain = score_response(f"Let me look.\nThe answer is {sample.answer}.", sample.answer, choices=sample.choices)
+    assert plain["accuracy"] == 1.0 and plain["format_valid_rate"] == 0.0
+    opened = score_response(f"<caption>\n{sample.answer}", sample.answer, choices=sample.choices)
+    assert opened["accuracy"] == 0.0
 
 
 def test_multichoice_letters_and_option_text(world, tokenizer):
