@@ -14,7 +14,8 @@ def make_backend(name: str, model: Any, processor: Any, *, model_path: str | Non
     """The `name` backend generating with `model` (hf) or with the checkpoint at `model_path` (vllm), both in
     `compute_dtype` (the model config's: bfloat16 under mixed precision, not the float32 master weights' dtype).
 
-    Old log-probs are recomputed by the trainers, so the hf backend does not keep behaviour log-probs.
+    Old log-probs are recomputed by the trainers with their own model (prism.stages.policy_update), so neither
+    backend returns the sampler's behaviour log-probs.
     `path_field` names the config field that sets `model_path`, for the error a user sees."""
     if name == "hf":
         processor.tokenizer.padding_side = "left"
@@ -24,5 +25,5 @@ def make_backend(name: str, model: Any, processor: Any, *, model_path: str | Non
             raise RolloutError(f"rollout backend vllm needs {path_field} (vLLM builds its engine from a checkpoint folder)")
         from prism.rollout.vllm import VLLMRolloutBackend
 
-        return VLLMRolloutBackend(model_path, processor, dtype=compute_dtype)
+        return VLLMRolloutBackend(model_path, processor, dtype=compute_dtype, behaviour_log_probs=False)
     raise RolloutError(f"unknown rollout backend {name!r}; known: hf, vllm")

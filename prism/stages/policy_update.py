@@ -7,7 +7,9 @@ one optimizer update each, and every slice into micro-batches of whole groups. T
 (`update.policy_loss` in prism.algorithms.POLICY_LOSSES, `update.loss_agg` in LOSS_AGGREGATIONS), with the clip
 bounds under the names the config gives them; the k3 KL to a reference policy is added when `kl_coef` > 0.
 With one update per step the policy is its own old policy (ratio 1: the clip only shapes the gradient); with
-several, the old log-probs are computed once before the first update, so the later updates are clipped.
+several, the old log-probs are computed once before the first update, so the later updates are clipped. Either
+way they are the trainer's own, recomputed with its model as verl does: a rollout batch's `behaviour_log_probs`
+(a vLLM sampler's come from its bfloat16 weights and kernels) are never read here.
 
 Each micro-batch's aggregated loss is re-weighted by its share of the slice's normaliser (valid tokens for
 token-mean, sequences otherwise, summed over processes), so accumulation and data parallelism give the gradient

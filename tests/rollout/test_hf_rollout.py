@@ -344,27 +344,18 @@ def test_generation_computes_in_the_compute_dtype_over_float32_weights(processor
 
 
 def test_vllm_engine_runs_in_the_compute_dtype_and_gets_weights_cast_to_it(processor, monkeypatch):
-    """vLLM is not installed here: a fake engine records what the backend asks of it."""
-    from types import SimpleNamespace
-
+    """vLLM is not installed here: a fake engine records what the backend asks of it (test_vllm_weight_sync.py
+    tests the weight sync itself)."""
     import prism.rollout.vllm as vllm_module
     from prism.config import ModelConfig
     from prism.rollout.backends import make_backend
 
-    built, loaded = {}, []
+    from .fake_vllm import fake_vllm
 
-    class FakeLLM:
-        def __init__(self, **kwargs):
-            built.update(kwargs)
-            engine_model = SimpleNamespace(load_weights=lambda weights: loaded.extend(weights))
-            runner = SimpleNamespace(model_runner=SimpleNamespace(model=engine_model))
-            self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(worker=runner)))
-
-        def reset_prefix_cache(self):
-            pass
-
-    monkeypatch.setattr(vllm_module, "_import_vllm", lambda: SimpleNamespace(LLM=FakeLLM))
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm())
+    monkeypatch.setattr(vllm_module, "_launcher_environment", lambda: None)
     backend = make_backend("vllm", None, processor, model_path="ckpt", compute_dtype=ModelConfig().compute_dtype)
-    assert built["dtype"] == "bfloat16"  # the compute dtype, not the float32 master weights'
+    assert backend.llm.kwargs["dtype"] == "bfloat16"  # the compute dtype, not the float32 master weights'
     backend.update_weights(torch.nn.Linear(2, 2))
+    loaded = backend.llm.model.received
     assert [name for name, _ in loaded] == ["weight", "bias"] and {t.dtype for _, t in loaded} == {torch.bfloat16}

@@ -56,3 +56,70 @@ def test_gspo_preset_clips_the_sequence_ratio():
     down = preset_loss(update, [0.1, 0.3], torch.tensor([-1.0], dtype=torch.float64))
     assert up == pytest.approx(-(1 + 4e-4), abs=1e-12)  # A > 0: the clipped ratio, every token
     assert down == pytest.approx(math.exp(0.2), abs=1e-12)  # A < 0: the unclipped ratio, no dual clip
+
+
+def test_old_log_probs_are_recomputed_by_the_trainer_never_taken_from_the_sampler(monkeypatch):
+    """The vllm backend's sampler (bfloat16 weights, its own kernels) gives other log-probs than the trainer. As
+    verl, the update recomputes old log-probs with the trainer's model: with several mini-batches once, before
+    the first update (policy_update.py, `old_log_probs`), with one the policy is its own old policy
+    (`log_prob.detach()`). A batch's behaviour_log_probs never reach the loss: garbage there changes nothing."""
+    import copy
+    import dataclasses
+
+    import numpy as np
+    from accelerate import Accelerator
+    from PIL import Image
+
+    import prism.stages.policy_update as policy_update_module
+    from prism.models import PRESETS, build_model, build_processor, build_tokenizer
+    from prism.rollout import HFRolloutBackend, RolloutPrompt, SamplingParams, log_probs_and_entropy
+    from prism.stages.policy_update import Group, policy_update
+
+    size = PRESETS["embedded-s"].image_size
+    processor = build_processor(build_tokenizer([f"There are {i % 5 + 1} red squares." for i in range(200)]),
+                                image_size=size)
+    processor.tokenizer.padding_side = "left"
+    initial = build_model("embedded-s", processor.tokenizer, seed=0)
+    images = [Image.fromarray(np.random.RandomState(s).randint(0, 256, (size, size, 3), dtype=np.uint8))
+              for s in (0, 1)]
+    sampled = HFRolloutBackend(initial, processor).generate(
+        [RolloutPrompt(question="How many squares?", images=[image]) for image in images], n=2,
+        sampling=SamplingParams(max_new_tokens=5, seed=0))
+    update = load_config(RLVRConfig, overrides=["update.mini_batches=2"]).update
+    advantages = torch.tensor([[1.0, -1.0], [-0.5, 0.5]])
+    real = policy_update_module.policy_loss_fn
+
+    def run(batch):
+        seen = []
+
+        def spying(cfg):
+            loss = real(cfg)
+
+            def wrapped(log_prob, old, adv, mask):
+                seen.append((log_prob.detach().clone(), old.detach().clone()))
+                return loss(log_prob, old, adv, mask)
+            return wrapped
+
+        monkeypatch.setattr(policy_update_module, "policy_loss_fn", spying)
+        model = copy.deepcopy(initial).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        groups = [Group(batch, p, advantages[p]) for p in range(2)]
+        stats = policy_update(model, optimizer, scheduler, Accelerator(cpu=True), groups, update, grad_clip=1.0,
+                              filler=groups[0], step=1)
+        return model, stats, seen
+
+    model, stats, seen = run(sampled)
+    garbage = dataclasses.replace(sampled, behaviour_log_probs=sampled.behaviour_log_probs - 3.0)  # as vLLM's, wrong
+    other, other_stats, other_seen = run(garbage)
+    assert stats == pytest.approx(other_stats, rel=0, abs=0, nan_ok=True)  # kl_ref is nan: no reference
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(seen, other_seen))
+    # update 1: old = the trainer's log-probs before any update (ratio 1); update 2: still the pre-update ones
+    with torch.no_grad():
+        before = [log_probs_and_entropy(initial, sampled.select_prompts([p]), with_entropy=False)[0] for p in (0, 1)]
+    (log_prob_1, old_1), (log_prob_2, old_2) = seen
+    assert torch.allclose(old_1, log_prob_1, atol=1e-6) and torch.allclose(old_1, before[0], atol=1e-6)
+    assert torch.allclose(old_2, before[1], atol=1e-6) and not torch.allclose(old_2, log_prob_2, atol=1e-4)
+    mask = sampled.select_prompts([1]).response_mask.bool()
+    assert not torch.allclose(old_2[mask], garbage.select_prompts([1]).behaviour_log_probs[mask])
