@@ -24,7 +24,8 @@ __all__ = ["add_eval_arguments", "cmd_eval", "main"]
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--checkpoint", required=True, type=Path, help="local Hugging Face checkpoint folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="Hugging Face checkpoint folder, or a Hub model id (org/name[@revision]; prism.hub)")
     parser.add_argument("--suite", required=True, choices=["embedded", "paper"], help="embedded world or the seven published benchmarks")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each task")
     parser.add_argument("--world", type=Path, default=None, help="world export for the embedded suite (default outputs/world)")

@@ -49,6 +49,7 @@ from evaluation.dataset_sources import require_published_datasets
 from evaluation.judge import export_judge_env, require_judge, resolve_judge
 from evaluation.results import STORE_COLUMNS, append_to_store, parse_results, read_rows, write_rows
 from prism.atomic_io import atomic_write_text
+from prism.hub import resolve_model_path
 
 SUITES = ("embedded", "paper")
 SUITE_VERSION = 1  # bump when scoring or prompting changes, so stored evaluations are not reused
@@ -414,18 +415,20 @@ def run_eval(
 ) -> EvalReport:
     """Evaluate `checkpoint` on `suite` ("embedded" or "paper"); entries already evaluated are skipped.
 
-    Raises EvalError (one line) for user mistakes: no checkpoint, no world export, no judge for a
+    `checkpoint` is a folder or a Hub model id (prism.hub: cached, else downloaded; offline and not cached is a
+    one-line HubError). Raises EvalError (one line) for user mistakes: no checkpoint, no world export, no judge for a
     judge-dependent metric, no vLLM for backend vllm, a bad limit, a published dataset that is neither
     cached nor given as a local copy while the Hub cannot be used (evaluation.dataset_sources).
     """
     cfg = config or EvalConfig()
     log = log or (lambda message: None)
-    checkpoint = Path(checkpoint).resolve()
     out_root = Path(out_root).resolve()
     if suite not in SUITES:
         raise EvalError(f"unknown suite {suite!r}: expected one of {', '.join(SUITES)}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise EvalError(f"--limit must be a positive integer, got {limit!r}")
+    # A Hub model id (the instruct row of a full-world matrix) is its cached or downloaded snapshot (prism.hub).
+    checkpoint = Path(resolve_model_path(str(checkpoint), "--checkpoint")).resolve()
     _check_checkpoint(checkpoint)
     entries = plan_suite(suite, cfg, Path(world) if world is not None else None, limit)
     for entry in entries:  # before anything is loaded: a missing judge is a config error, not a zero

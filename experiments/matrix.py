@@ -38,6 +38,7 @@ from prism.config import (
     load_config,
     write_config_yaml,
 )
+from prism.hub import cache_status, hub_cache_dir, parse_hub_ref
 from prism.stages import STAGES
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -78,7 +79,8 @@ class SizeSpec:
 
     instruct: str | None = field(
         default=None,
-        metadata={"help": "Full world: the instruct checkpoint folder (the base row and SFT's start); embedded: "
+        metadata={"help": "Full world: the instruct checkpoint (the base row and SFT's start), a local folder or a "
+                          "Hub model id (org/name[@revision], prism.hub), resolved when a stage starts; embedded: "
                           "null, the base stage builds it."},
     )
     overrides: dict[str, list[str]] = field(
@@ -133,7 +135,7 @@ class PresetSpec:
     discriminator_backbone: str = field(
         default="",
         metadata={"help": "Embedded: the size whose base model is upcycled into the discriminator. Full: the dense "
-                          "backbone checkpoint folder (published: Qwen3-VL-2B-Instruct)."},
+                          "backbone checkpoint, a folder or a Hub model id (published: Qwen/Qwen3-VL-2B-Instruct)."},
     )
     stages: dict[str, StageSpec] = field(default_factory=dict, metadata={"help": "Stage name -> config source."})
     eval: EvalSpec = field(default_factory=EvalSpec, metadata={"help": "Evaluation of every cell."})
@@ -506,7 +508,32 @@ def describe_plan(plan: Plan) -> str:
         estimate = f"estimated {total / 60:.1f} min on this machine" + (
             f" (+ {unknown} without an estimate)" if unknown else "")
     lines.append(f"{to_run} of {len(plan.nodes)} nodes to run, {estimate}")
+    sources = hub_sources(plan)
+    if sources:  # looked up in the cache only: planning never touches the network
+        lines.append(f"Hub ids ({len(sources)}), resolved when their stage starts (cache {hub_cache_dir()}; "
+                     "offline, each needs a cached or local copy):")
+        width = max(len(spec) for _, spec in sources)
+        lines += [f"  {kind:8s} {spec:{width}s}  {cache_status(spec, kind)}" for kind, spec in sources]
     return "\n".join(lines)
+
+
+def hub_sources(plan: Plan) -> list[tuple[str, str]]:
+    """(repo type, Hub id) of every Hub id the plan's stages and evaluations name, in plan order."""
+    found: dict[tuple[str, str], None] = {}
+    for node in plan.nodes.values():
+        if node.kind == "eval":
+            specs = [("model", node.cfg["checkpoint"])]
+        elif node.kind in STAGES:
+            specs = [("model", getattr(getattr(node.cfg, role, None), key, None))
+                     for role in ("model", "policy", "discriminator") for key in ("path", "processor_path")]
+            specs += [("dataset", spec) for name in ("data_files", "teacher_files")
+                      for spec in getattr(node.cfg, name, None) or []]
+        else:
+            continue
+        for kind, spec in specs:
+            if parse_hub_ref(spec) is not None:
+                found.setdefault((kind, spec))
+    return list(found)
 
 
 # ----------------------------------------------------------------------------------------------------

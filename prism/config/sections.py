@@ -61,7 +61,9 @@ class ModelConfig:
         default="qwen3-vl-4b", metadata={"help": "Model preset: embedded-s/-m (tiny, built offline) or qwen3-vl-2b/4b/8b."},
     )
     path: str | None = field(
-        default=None, metadata={"help": "Local checkpoint directory; null = build from the preset (embedded only)."},
+        default=None,
+        metadata={"help": "Checkpoint folder, or a Hub model id org/name[@revision] resolved when the stage starts "
+                          "(prism.hub: the HF cache, else a download); null = build from the preset (embedded only)."},
     )
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32",
@@ -81,7 +83,7 @@ class ModelConfig:
     processor_path: str | None = field(
         default=None,
         metadata={"help": "Processor folder (tokenizer, image processor) for a model built from its preset, e.g. the "
-                          "world export's tokenizer/; null = model.path."},
+                          "world export's tokenizer/, or a Hub model id; null = model.path."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code shipped with the checkpoint to run."})
     gradient_checkpointing: bool = field(

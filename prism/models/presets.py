@@ -2,7 +2,8 @@
 
 Two kinds of preset, one code path:
 - `embedded`: a tiny Qwen3-VL built in code from its sizes (random init, seeded), for the CPU world;
-- `local`: a released Qwen3-VL checkpoint that exists only as a local folder (no hub is ever contacted).
+- `local`: a released Qwen3-VL checkpoint loaded from a folder. A Hub id in a config is made a folder (its cached
+  snapshot) by prism.hub when the stage starts; loading here never contacts the hub.
 Any preset given a path loads that folder instead (a finished stage's checkpoint, say). Checkpoints are plain
 Hugging Face folders: config.json + safetensors + tokenizer + processor files.
 """

@@ -242,7 +242,7 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
     if cfg.discriminator.path is None:
         raise DataError("discriminator.path is not set: give the disc_warmup stage's model/ folder")
     accelerator = make_accelerator(cfg.model)
-    run_dir, finished = start_stage("align", cfg, accelerator)
+    run_dir, finished, local = start_stage("align", cfg, accelerator)  # local: Hub ids and folders made local
     if finished:
         print(f"align: already finished in {run_dir}", flush=True)
         return run_dir
@@ -259,14 +259,14 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
                            f"update.mini_batches={update.mini_batches}")
 
     seed_everything(cfg.seed)
-    records = load_prompts(cfg.data_files)
+    records = load_prompts(local.data_files)
     missing = [r.id for r in records if not (r.teacher_caption and r.teacher_cot)]
     if missing:
         raise DataError(f"{cfg.data_files}: record {missing[0]} has no teacher_caption/teacher_cot (align needs the "
                         "teacher's segments: use the teacher parquet)")
     teacher = teacher_counts(records)
-    policy, processor = load_policy(cfg.model, cfg.seed)
-    discriminator = load_discriminator(cfg.discriminator.path, dtype=cfg.discriminator.dtype).train()
+    policy, processor = load_policy(local.model, cfg.seed)
+    discriminator = load_discriminator(local.discriminator.path, dtype=cfg.discriminator.dtype).train()
     if discriminator.backbone.config.text_config.attention_dropout:
         raise NotImplementedError(
             f"{cfg.discriminator.path}: attention_dropout > 0. align takes the scores and the loss from one pass of "
@@ -286,8 +286,10 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
     model, policy_optimizer = accelerator.prepare(policy, policy_optimizer)
     if reference is not None:
         reference.to(accelerator.device)
-    backend = make_backend(rollout.backend, policy, processor, model_path=cfg.model.path,
+    backend = make_backend(rollout.backend, policy, processor, model_path=local.model.path,
                            compute_dtype=cfg.model.compute_dtype)
+    if restored:  # a vLLM engine is built from model.path; the policy is the resumed checkpoint's
+        backend.update_weights(policy)
     advantage_fn = get_advantage_estimator(cfg.advantage)
     kinds = discriminator.spec.segment_kinds
     disc_clip = cfg.disc_optim.grad_clip if cfg.disc_optim.grad_clip is not None else math.inf
@@ -398,7 +400,7 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
                                              teacher)
             atomic_write_text(run_dir / "proxies.json", json.dumps(proxies, indent=2) + "\n")
         save_discriminator(discriminator, processor, run_dir / DISCRIMINATOR_DIR)
-    final = finish_stage(run_dir, cfg, accelerator, model, processor, extra={
+    final = finish_stage(run_dir, cfg, accelerator, model, processor, local=local, extra={
         "steps": cfg.steps, "prompts": len(records), "processes": world, "proxies": proxies,
         "discriminator": str(run_dir / DISCRIMINATOR_DIR)})
     if accelerator.is_main_process:

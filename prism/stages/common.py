@@ -16,12 +16,15 @@ from __future__ import annotations
 import json
 import math
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from prism.config import ModelConfig, OptimConfig, config_hash, load_config, write_config_yaml
+from prism.data.formats import DataError
+from prism.hub import HubError, resolve_data_files, resolve_model_path
 from prism.models import ModelError, build_model, load_model, load_processor
 from prism.models.presets import get_preset
 from prism.runtime import (
@@ -41,6 +44,49 @@ FINAL_MODEL = "model"
 def stage_dir(stage: str, cfg: Any) -> Path:
     """cfg.output_dir, or outputs/stages/<stage>-<config hash> (the hash covers model and data paths)."""
     return Path(cfg.output_dir) if cfg.output_dir else Path("outputs/stages") / f"{stage}-{config_hash(cfg)}"
+
+
+# The format a stage's data settings are read in: a folder (or a whole Hub dataset) expands to these files.
+DATA_SUFFIXES = {"base": ".json", "sft": ".json", "disc_warmup": ".jsonl", "align": ".parquet", "rlvr": ".parquet"}
+MODEL_ROLES = ("model", "policy", "discriminator")
+
+
+def resolve_sources(stage: str, cfg: Any) -> Any:
+    """A copy of `cfg` whose model folders and data files are local (prism.hub): a local path stays as it is, a
+    Hub id becomes its snapshot in the Hugging Face cache (downloaded when the Hub may be used), a folder of data
+    expands to its files. The stage's config.yaml and hash keep what the user wrote; only loading reads the copy.
+    HubError (one line) names a Hub id that cannot be had."""
+    changes: dict[str, Any] = {}
+    try:
+        for role in MODEL_ROLES:
+            section = getattr(cfg, role, None)
+            if isinstance(section, ModelConfig):
+                changes[role] = replace(
+                    section, path=resolve_model_path(section.path, f"{role}.path"),
+                    processor_path=resolve_model_path(section.processor_path, f"{role}.processor_path"))
+        teacher_suffix = DATA_SUFFIXES["rlvr"]  # teacher prompts are RL parquet files
+        for name, suffix in (("data_files", DATA_SUFFIXES.get(stage, "")), ("teacher_files", teacher_suffix)):
+            if getattr(cfg, name, None):
+                changes[name] = resolve_data_files(list(getattr(cfg, name)), name, suffix)
+    except (HubError, DataError) as error:
+        raise type(error)(f"{stage}: {error}") from None
+    return replace(cfg, **changes)
+
+
+def source_changes(cfg: Any, local: Any) -> dict[str, Any]:
+    """What resolve_sources changed, for the manifest: setting -> {"given": ..., "local": ...}."""
+    found: dict[str, Any] = {}
+    for role in MODEL_ROLES:
+        for key in ("path", "processor_path"):
+            given = getattr(getattr(cfg, role, None), key, None)
+            resolved = getattr(getattr(local, role, None), key, None)
+            if given != resolved:
+                found[f"{role}.{key}"] = {"given": given, "local": resolved}
+    for name in ("data_files", "teacher_files"):
+        given, resolved = getattr(cfg, name, None), getattr(local, name, None)
+        if given != resolved:
+            found[name] = {"given": given, "local": resolved}
+    return found
 
 
 def upstream_hashes(cfg: Any) -> dict[str, str]:
@@ -83,8 +129,8 @@ def load_policy(model_cfg: Any, seed: int) -> tuple[torch.nn.Module, Any]:
             raise ModelError(f"model.path {model_cfg.path} holds a {type(model).__name__}, "
                              f"but model.preset {model_cfg.preset!r} expects {preset.architecture}")
     elif preset.kind == "local":
-        raise ModelError(f"model.preset {model_cfg.preset!r} ({preset.description}) loads only from a local "
-                         "checkpoint: set model.path")
+        raise ModelError(f"model.preset {model_cfg.preset!r} ({preset.description}) loads only from a checkpoint: "
+                         "set model.path (a folder or a Hub model id, e.g. Qwen/Qwen3-VL-4B-Instruct)")
     else:
         model = build_model(model_cfg.preset, processor.tokenizer, seed=seed).to(dtype)
     if model.config._attn_implementation != model_cfg.attn_implementation:
@@ -190,8 +236,10 @@ def average_gradients(model: torch.nn.Module, accelerator) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def start_stage(stage: str, cfg: Any, accelerator) -> tuple[Path, bool]:
-    """(run directory, already finished?). Writes config.yaml on the main process."""
+def start_stage(stage: str, cfg: Any, accelerator) -> tuple[Path, bool, Any]:
+    """(run directory, already finished?, the config to load from). The last is `resolve_sources(stage, cfg)`:
+    model folders and data files made local, Hub ids resolved before anything is written to the run directory
+    (a finished stage resolves nothing). Writes config.yaml, with the settings as given, on the main process."""
     run_dir = stage_dir(stage, cfg)
     recorded = run_dir / "config.yaml"
     if recorded.is_file():  # a finished or interrupted run: only the same config may finish or resume it
@@ -200,12 +248,13 @@ def start_stage(stage: str, cfg: Any, accelerator) -> tuple[Path, bool]:
             raise FileExistsError(f"{run_dir} holds a run of another {type(cfg).__name__} (config_hash {previous}, "
                                   f"this one {config_hash(cfg)}): choose another output_dir or delete it")
     if is_done(run_dir):
-        return run_dir, True
+        return run_dir, True, cfg
+    local = resolve_sources(stage, cfg)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config_yaml(cfg, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
-    return run_dir, False
+    return run_dir, False, local
 
 
 def is_fsdp(accelerator) -> bool:
@@ -239,19 +288,22 @@ def save_progress(run_dir: Path, step: int, cfg: Any, accelerator, model, optimi
 
 
 def finish_stage(run_dir: Path, cfg: Any, accelerator, model, processor, *, extra: dict[str, Any] | None = None,
-                 save=None) -> Path:
+                 save=None, local: Any = None) -> Path:
     """Final HF checkpoint, manifest, then DONE (in that order: DONE means everything else is in place).
-    `save(model, processor, folder, state_dict=...)` writes the final folder (default: prism.models.save_model)."""
+    `save(model, processor, folder, state_dict=...)` writes the final folder (default: prism.models.save_model).
+    `local` is start_stage's resolved config: the manifest hashes its files and records what each Hub id became."""
     from prism.models import save_model
 
     save = save or save_model
+    local = cfg if local is None else local
+    sources = source_changes(cfg, local)
     final = run_dir / FINAL_MODEL
     model_state = accelerator.get_state_dict(model)  # collective under FSDP
     if accelerator.is_main_process:
         save(accelerator.unwrap_model(model), processor, final, state_dict=model_state)
         newest = latest_checkpoint(run_dir)
-        write_manifest(run_dir, config=cfg, seed=cfg.seed, upstream=upstream_hashes(cfg), checkpoint_dir=newest,
-                       extra={"final_model": str(final),
+        write_manifest(run_dir, config=cfg, seed=cfg.seed, upstream=upstream_hashes(local), checkpoint_dir=newest,
+                       extra={**({"sources": sources} if sources else {}), "final_model": str(final),
                               "final_model_sha256": {p.name: sha256_file(p) for p in sorted(final.glob("*.safetensors"))},
                               **(extra or {})})
         mark_done(run_dir)

@@ -195,7 +195,7 @@ def heldout_accuracy(discriminator: Discriminator, encoder: PairEncoder, indices
 
 def run(cfg: DiscWarmupConfig) -> Path:
     accelerator = make_accelerator(cfg.model)
-    run_dir, finished = start_stage("disc_warmup", cfg, accelerator)
+    run_dir, finished, local = start_stage("disc_warmup", cfg, accelerator)  # local: Hub ids and folders made local
     if finished:
         print(f"disc_warmup: already finished in {run_dir}", flush=True)
         return run_dir
@@ -203,11 +203,11 @@ def run(cfg: DiscWarmupConfig) -> Path:
 
     # ---- 1. pairs (generated once, on the main process) ----
     if cfg.data_files:
-        pair_files = [Path(name) for name in cfg.data_files]
+        pair_files = [Path(name) for name in local.data_files]
     else:
         pair_files = [run_dir / PAIRS_FILE]
         if accelerator.is_main_process and not pair_files[0].is_file():
-            generate_pairs(cfg, pair_files[0])
+            generate_pairs(local, pair_files[0])
         accelerator.wait_for_everyone()
     pairs = [pair for path in pair_files for pair in read_warmup_pairs(path)]
     train_idx, heldout_idx = split_heldout(len(pairs), cfg.heldout_fraction, cfg.seed)
@@ -224,7 +224,7 @@ def run(cfg: DiscWarmupConfig) -> Path:
 
     # ---- 2. discriminator ----
     seed_everything(cfg.seed)
-    dense, processor = load_policy(cfg.model, cfg.seed)
+    dense, processor = load_policy(local.model, cfg.seed)
     spec = DiscriminatorSpec(variant=cfg.variant, head_dropout=cfg.head_dropout)
     discriminator = build_discriminator(
         dense, spec, num_experts=cfg.num_experts, top_k=cfg.top_k, expert_noise_std=cfg.expert_noise_std,
@@ -306,7 +306,7 @@ def run(cfg: DiscWarmupConfig) -> Path:
                        "after": heldout_accuracy(discriminator, encoder, heldout_idx, cfg.micro_batch_size,
                                                  cfg.max_length, cfg.model.autocast_dtype)}
             atomic_write_text(run_dir / "heldout.json", json.dumps(heldout, indent=2) + "\n")
-    final = finish_stage(run_dir, cfg, accelerator, discriminator, processor, save=save_discriminator, extra={
+    final = finish_stage(run_dir, cfg, accelerator, discriminator, processor, save=save_discriminator, local=local, extra={
         "steps": total_steps, "pairs": len(pairs), "train_pairs": len(train_idx), "heldout_pairs": len(heldout_idx),
         "pair_files": [str(p) for p in pair_files], "processes": world, "heldout": heldout})
     if accelerator.is_main_process:

@@ -78,7 +78,7 @@ def text_statistics(texts: list[str]) -> dict[str, float]:
 
 def run(cfg: RLVRConfig) -> Path:
     accelerator = make_accelerator(cfg.model)
-    run_dir, finished = start_stage("rlvr", cfg, accelerator)
+    run_dir, finished, local = start_stage("rlvr", cfg, accelerator)  # local: Hub ids and folders made local
     if finished:
         print(f"rlvr: already finished in {run_dir}", flush=True)
         return run_dir
@@ -93,8 +93,8 @@ def run(cfg: RLVRConfig) -> Path:
                            f"{update.mini_batches}")
 
     seed_everything(cfg.seed)
-    records = load_prompts(cfg.data_files)
-    model, processor = load_policy(cfg.model, cfg.seed)
+    records = load_prompts(local.data_files)
+    model, processor = load_policy(local.model, cfg.seed)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if update.kl_coef > 0 else None
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps * update.mini_batches)
@@ -105,8 +105,10 @@ def run(cfg: RLVRConfig) -> Path:
     policy = accelerator.unwrap_model(model)
     if reference is not None:
         reference.to(accelerator.device)
-    backend = make_backend(rollout.backend, policy, processor, model_path=cfg.model.path,
+    backend = make_backend(rollout.backend, policy, processor, model_path=local.model.path,
                            compute_dtype=cfg.model.compute_dtype)
+    if restored:  # a vLLM engine is built from model.path; the policy is the resumed checkpoint's
+        backend.update_weights(policy)
     advantage_fn = get_advantage_estimator(cfg.advantage)
     sampling = {"max_new_tokens": rollout.max_new_tokens, "min_new_tokens": rollout.min_new_tokens,
                 "temperature": rollout.temperature, "top_p": rollout.top_p}
@@ -198,7 +200,7 @@ def run(cfg: RLVRConfig) -> Path:
     if accelerator.is_main_process:
         progress.close()
         logger.close()
-    final = finish_stage(run_dir, cfg, accelerator, model, processor,
+    final = finish_stage(run_dir, cfg, accelerator, model, processor, local=local,
                          extra={"steps": cfg.steps, "prompts": len(records), "processes": world})
     if accelerator.is_main_process:
         print(f"rlvr-{cfg.algorithm}: finished, model at {final}", flush=True)

@@ -71,14 +71,14 @@ def load_conversations(cfg: BaseConfig | SFTConfig) -> list[Conversation]:
 def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
     """Train to the end (resuming from the newest checkpoint) and return the stage directory."""
     accelerator = make_accelerator(cfg.model)
-    run_dir, finished = start_stage(stage, cfg, accelerator)
+    run_dir, finished, local = start_stage(stage, cfg, accelerator)  # local: Hub ids and folders made local
     if finished:
         print(f"{stage}: already finished in {run_dir}", flush=True)
         return run_dir
 
     seed_everything(cfg.seed)
-    records = load_conversations(cfg)
-    model, processor = load_policy(cfg.model, cfg.seed)
+    records = load_conversations(local)
+    model, processor = load_policy(local.model, cfg.seed)
     tokenizer = processor.tokenizer
     image_token_id = model.config.image_token_id
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -159,7 +159,7 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
         progress.close()
         logger.close()
     elapsed = time.perf_counter() - started
-    final = finish_stage(run_dir, cfg, accelerator, model, processor, extra={
+    final = finish_stage(run_dir, cfg, accelerator, model, processor, local=local, extra={
         "steps": total_steps, "records": len(records), "processes": world,
         "train_seconds_this_session": round(elapsed, 2),
         "tokens_per_s_this_session": round(tokens_seen / elapsed, 1) if elapsed > 0 else None,

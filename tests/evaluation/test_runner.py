@@ -129,6 +129,19 @@ def test_user_mistakes_are_one_line(checkpoint, world, tmp_path):
         assert words in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_hub_id_checkpoint_offline_and_not_cached_is_one_line(world, tmp_path, monkeypatch):
+    """The instruct row of a full-world matrix evaluates a Hub id: offline with an empty cache, one line."""
+    from prism.hub import HubError
+
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
+    with pytest.raises(HubError) as info:
+        run_eval("Qwen/Qwen3-VL-4B-Instruct", "embedded", world=world, out_root=tmp_path / "evals")
+    message = str(info.value)
+    assert "\n" not in message and "hf download Qwen/Qwen3-VL-4B-Instruct" in message
+    assert "set --checkpoint=DIR" in message and not (tmp_path / "evals").exists()
+
+
 def test_checkpoint_hash_follows_the_files(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"1")
     (tmp_path / ".lock").write_bytes(b"x")

@@ -106,7 +106,65 @@ def test_slurm_plan_writes_scripts_and_submits_nothing(tmp_path, monkeypatch):
     assert "accelerate launch --config_file experiments/accelerate/fsdp-qwen3-vl-4b.yaml" in rlvr
     assert "# depends on (afterok): sft-" in align and "disc_warmup-" in align
     instruct_eval = next(p for p in scripts if p.name.startswith("000-")).read_text()
-    assert "eval-node" in instruct_eval and "/models/Qwen3-VL-4B-Instruct" in instruct_eval
+    assert "eval-node" in instruct_eval and "--checkpoint Qwen/Qwen3-VL-4B-Instruct" in instruct_eval
+
+
+FULL_HUB_IDS = {
+    ("model", "Qwen/Qwen3-VL-4B-Instruct"), ("model", "Qwen/Qwen3-VL-8B-Instruct"),
+    ("model", "Qwen/Qwen3-VL-2B-Instruct"), ("dataset", "prism-vlm/gemini_public_mmr1"),
+    ("dataset", "prism-vlm/gemini_distill"), ("dataset", "prism-vlm/qwen3_vl_moe_warmup_pairwise_120k"),
+    ("dataset", "prism-vlm/rl_dataset:rl_training_data_5.9k.parquet"),
+    ("dataset", "prism-vlm/rl_dataset:rl_training_data_filtered_2k.parquet"),
+}
+
+
+def test_the_full_preset_names_hub_ids_and_plans_offline(tmp_path, monkeypatch):
+    """Planning touches no network: the plan names each Hub id and says whether the cache holds it."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plan = build_plan(load_matrix("table1"), "full")
+    assert set(mx.hub_sources(plan)) == FULL_HUB_IDS
+    sft = next(n for n in plan.nodes.values() if n.kind == "sft" and n.cfg.model.preset == "qwen3-vl-8b")
+    assert sft.cfg.model.path == "Qwen/Qwen3-VL-8B-Instruct"
+    assert sft.cfg.data_files == ["prism-vlm/gemini_public_mmr1", "prism-vlm/gemini_distill"]
+    warmup = next(n for n in plan.nodes.values() if n.kind == "disc_warmup")
+    assert warmup.cfg.model.path == "Qwen/Qwen3-VL-2B-Instruct"
+    text = describe_plan(plan)
+    assert f"Hub ids (8), resolved when their stage starts (cache {tmp_path / 'hf_home' / 'hub'}" in text
+    for kind, spec in FULL_HUB_IDS:
+        assert any(line.split()[:3] == [kind, spec, "not"] for line in text.splitlines()), spec
+    ablations = build_plan(load_matrix("ablations"), "full")
+    assert set(mx.hub_sources(ablations)) == FULL_HUB_IDS - {("model", "Qwen/Qwen3-VL-8B-Instruct")}
+    assert "Hub ids" not in describe_plan(build_plan(load_matrix("table1"), "smoke"))
+
+
+def test_a_released_checkpoint_starts_a_cell_as_its_instruct_model(tmp_path):
+    """pipeline none (RL only) from the released SFT+PRISM checkpoint; prism (no SFT) from the released SFT one."""
+    path = tmp_path / "released.yaml"
+    path.write_text("""
+name: released
+kind: ablations
+rl_algorithm: grpo
+settings:
+  - {name: released_prism_grpo, group: released, pipeline: none}
+presets:
+  full:
+    discriminator_backbone: Qwen/Qwen3-VL-2B-Instruct
+    sizes:
+      4b:
+        instruct: prism-vlm/Qwen3-VL-4B-Instruct-SFT-PRISM
+        overrides: {rlvr: [model.preset=qwen3-vl-4b]}
+    stages:
+      rlvr: {overrides: ["data_files=[prism-vlm/rl_dataset:rl_training_data_filtered_2k.parquet]"]}
+    eval: {suite: paper}
+""")
+    plan = build_plan(load_matrix(path), "full")
+    assert [n.kind for n in plan.nodes.values()] == ["rlvr", "eval"]
+    rlvr = next(iter(plan.nodes.values()))
+    assert rlvr.cfg.model.path == "prism-vlm/Qwen3-VL-4B-Instruct-SFT-PRISM" and rlvr.deps == []
 
 
 def test_seeds_run_every_stage_per_seed_after_one_shared_world_and_keep_seed_zero():
