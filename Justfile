@@ -71,6 +71,11 @@ bench-align *args: setup
 bench-throughput *args: setup
     .venv/bin/python bench/throughput.py {{args}}
 
+# On a GPU node: a few SFT and RLVR steps of Qwen3-VL-2B's architecture (random weights) under FSDP2 bf16 mixed
+# precision, with HF rollouts: tokens/s, MFU, peak memory in outputs/bench/gpu-check.json (`--tiny` runs it on CPU).
+bench-gpu *args: setup
+    .venv/bin/python bench/gpu_check.py {{args}}
+
 # Optuna sweep (2 workers sharing a SQLite study), then its report: `just sweep discriminator`.
 sweep name *args: setup
     .venv/bin/prism sweep run {{name}} --workers 2 {{args}}
