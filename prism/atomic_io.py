@@ -1,14 +1,14 @@
 """Atomic writes: a reader sees the old file (or folder) or the new one whole, never half of one.
 
 Everything is written to a temporary name beside its target and renamed into place with `os.replace`
-(atomic on one file system); on error the temporary is removed and the target is left as it was.
+(atomic on one file system); on error the temporary is removed and the target is left as it was. Files get the
+mode an ordinary write gives (0666 less the umask), so results stay readable to a group on a shared cluster.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +21,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     the block ends without error it replaces `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+    # Not mkstemp: its 0600 would survive the rename. os.open applies the umask to 0666, as open() does.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield Path(tmp)
         os.replace(tmp, path)
