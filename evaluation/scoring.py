@@ -62,7 +62,7 @@ def _get_tokenizer() -> Any:
     with _lock:
         if _tokenizer is None:
             try:
-                _tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                _tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError) as error:
                 raise EvalError(f"${TOKENIZER_ENV}={path}: cannot load a tokenizer there ({error})") from None
             _tokenizer_source = path

@@ -92,8 +92,10 @@ def save_processor(processor: Qwen3VLImageTextProcessor, directory: str | os.Pat
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def load_processor(directory: str | os.PathLike) -> Qwen3VLImageTextProcessor:
-    """Rebuild the processor from a local folder (ours or a released Qwen3-VL checkpoint); never downloads."""
+def load_processor(directory: str | os.PathLike, trust_remote_code: bool = False) -> Qwen3VLImageTextProcessor:
+    """Rebuild the processor from a local folder (ours or a released Qwen3-VL checkpoint); never downloads. A
+    tokenizer that names code shipped with the checkpoint is refused unless `trust_remote_code` (passed explicitly:
+    left unset, transformers would ask on a terminal and a `y` would run the code)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelError(f"processor path {directory} does not exist: expected a local checkpoint folder")
@@ -102,7 +104,14 @@ def load_processor(directory: str | os.PathLike) -> Qwen3VLImageTextProcessor:
             f"processor folder {directory} has no tokenizer_config.json: expected a local folder written by "
             "save_processor/save_model or a released Qwen3-VL checkpoint"
         )
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise ModelError(f"{directory}: its tokenizer asks to run code shipped with the checkpoint, refused "
+                         "(model.trust_remote_code=true allows it)") from None
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(directory), local_files_only=True)
     return Qwen3VLImageTextProcessor(
         image_processor=image_processor,

@@ -80,6 +80,24 @@ def test_loading_a_missing_folder_names_it(tmp_path):
         load_processor(tmp_path)
 
 
+def test_a_tokenizer_with_custom_code_is_refused_without_a_prompt(processor, tmp_path, monkeypatch):
+    save_processor(processor, tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="ShippedTokenizer", auto_map={"AutoTokenizer": ["shipped.ShippedTokenizer", None]})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ran = tmp_path / "code-ran"
+    (tmp_path / "shipped.py").write_text(f"open({str(ran)!r}, 'w').close()\n"
+                                         "from transformers import PreTrainedTokenizerFast as ShippedTokenizer\n")
+
+    def no_prompt(*args):
+        raise AssertionError("transformers asked whether to run the checkpoint's code")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    with pytest.raises(ModelError, match="trust_remote_code"):
+        load_processor(tmp_path)
+    assert not ran.exists()
+
+
 def test_processor_assistant_mask_skips_expanded_image_tokens(processor):
     messages = [
         {"role": "user", "content": [{"type": "image", "image": noise_image(96)}, {"type": "text", "text": "How many?"}]},
