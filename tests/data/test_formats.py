@@ -1,8 +1,10 @@
 """Published data formats: round trips, and malformed records named by file, record and field."""
 
+import io
 import json
 
 import pytest
+from PIL import Image
 
 from prism.data.export import MANIFEST, export_world
 from prism.data.formats import (
@@ -18,7 +20,14 @@ from prism.data.formats import (
 )
 from prism.data.world import FAMILIES, WorldConfig
 
-PNG = bytes.fromhex("89504e470d0a1a0a")  # a PNG signature is enough for the readers
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PNG = _png()  # readers open and verify every image
 
 
 def _messages(answer="<caption>\n- a\n</caption>\n<think>\nx\n</think>\n<answer>1</answer>"):
@@ -52,16 +61,51 @@ def test_sharegpt_reads_the_from_value_spelling(tmp_path):
         ({"messages": _messages(), "images": ["missing.png"]}, "field 'images[0]': expected an existing image file"),
         ({"messages": _messages()[:2], "images": ["img.png"]}, "expected 'assistant'"),
         ({"messages": _messages(), "images": ["img.png"], "label": 1}, "field 'label'"),
+        ({"messages": _messages(), "images": ["lfs.png"]}, "field 'images[0]': expected a readable image"),
+        ({"messages": _messages(), "images": ["img.png"], "system": 3}, "field 'system': expected a string"),
+        ({"messages": _messages(), "images": ["img.png"], "system": "s"}, "field 'system': expected one system prompt"),
     ],
 )
 def test_malformed_sharegpt_records_are_named(tmp_path, record, expected):
     (tmp_path / "img.png").write_bytes(PNG)
+    (tmp_path / "lfs.png").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n")
     good = {"messages": _messages(), "images": ["img.png"]}
     (tmp_path / "d.json").write_text(json.dumps([good, record]))
     with pytest.raises(DataError) as error:
         read_sharegpt(tmp_path / "d.json")
     message = str(error.value)
     assert "d.json: record [1]" in message and expected in message
+
+
+def test_verify_images_reads_the_whole_image(tmp_path):
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 50).save(buffer, format="PNG")
+    (tmp_path / "img.png").write_bytes(buffer.getvalue()[:-200])  # truncated pixels: the header still opens
+    write_sharegpt(tmp_path / "d.json", [(_messages(), ["img.png"])])
+    assert len(read_sharegpt(tmp_path / "d.json")) == 1  # a stage start reads headers only
+    with pytest.raises(DataError, match=r"field 'images\[0\]': expected a readable image"):
+        read_sharegpt(tmp_path / "d.json", verify_images=True)
+
+
+def test_sharegpt_reads_llama_factory_system_column(tmp_path):
+    (tmp_path / "img.png").write_bytes(PNG)
+    turns = [m for m in _messages() if m["role"] != "system"]
+    (tmp_path / "d.json").write_text(json.dumps([{"messages": turns, "images": ["img.png"], "system": "Be brief."}]))
+    [conversation] = read_sharegpt(tmp_path / "d.json")
+    assert conversation.messages[0] == {"role": "system", "content": "Be brief."}
+    assert conversation.messages[1:] == turns
+
+
+def test_non_utf8_and_empty_files_are_named(tmp_path):
+    (tmp_path / "latin1.json").write_bytes('[{"messages": "caf\xe9"}]'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.json: not UTF-8 text \(byte 18"):
+        read_sharegpt(tmp_path / "latin1.json")
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(DataError, match="empty.json: .*expected a non-empty JSON list"):
+        read_sharegpt(tmp_path / "empty.json")
+    (tmp_path / "pairs.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="pairs.jsonl: no pairs"):
+        read_warmup_pairs(tmp_path / "pairs.jsonl")
 
 
 def test_invalid_json_names_the_line(tmp_path):
