@@ -63,6 +63,7 @@ class ParamSpec:
         else:
             check(self.low is not None and self.high is not None and self.low < self.high, "low",
                   "low < high for a range", (self.low, self.high), related=("high",))
+            check(not self.log or self.low > 0, "low", "a value > 0 for a log-scale range (log: true)", self.low)
 
 
 @dataclass
@@ -83,6 +84,11 @@ class SweepConfig:
     )
     eval_limit: int | None = field(default=None, metadata={"help": "Samples per family of the objective's evaluation."})
     trials: int = field(default=12, metadata={"help": "Finished (complete or pruned) trials to reach."})
+    max_consecutive_failures: int = field(
+        default=3,
+        metadata={"help": "Stop the sweep when this many trials in a row failed (the same error each time, as a rule), "
+                          "naming the first one's error."},
+    )
     sampler_seed: int = field(default=0, metadata={"help": "TPE seed; worker i uses sampler_seed + i."})
     n_startup_trials: int = field(default=4, metadata={"help": "Random trials before TPE, and before pruning."})
     n_warmup_steps: int = field(default=2, metadata={"help": "Alignment steps a trial runs before it may be pruned."})
@@ -103,6 +109,7 @@ class SweepConfig:
             check(key.split(".", 1)[0] in ("disc_warmup", "align") and "." in key, f"space.{key}",
                   "`disc_warmup.<field>` or `align.<field>`", key)
         check(self.trials >= 1, "trials", "an int >= 1", self.trials)
+        check(self.max_consecutive_failures >= 1, "max_consecutive_failures", "an int >= 1", self.max_consecutive_failures)
         check(self.report_top >= 1, "report_top", "an int >= 1", self.report_top)
 
 
@@ -169,21 +176,43 @@ def teacher_likeness(record: dict) -> float:
     return -(record["caption_bullets_w1"] + record["reasoning_steps_w1"])
 
 
-def run_trial(cfg: SweepConfig, overrides: dict[str, list[str]], report=None) -> tuple[float, str]:
-    """Run (or reuse) the trial's stages and evaluation; returns (accuracy %, evaluated checkpoint).
-    `report(step, value)` receives the intermediate values (and may raise to prune)."""
-    from prism.stages.align import run as run_align
-
+def _trial_plan(cfg: SweepConfig, overrides: dict[str, list[str]]):
+    """(plan builder, evaluated checkpoint, eval node key) of one trial: its chain of matrix stages."""
     matrix = load_matrix(cfg.matrix)
     preset = matrix.presets.get(cfg.preset)
     if preset is None:
-        raise ConfigError(f"sweep {cfg.name}: matrix {cfg.matrix} has no preset {cfg.preset!r}")
+        raise ConfigError(f"sweep {cfg.name}: matrix {cfg.matrix} has no preset {cfg.preset!r} "
+                          f"(it has {sorted(matrix.presets)})")
     if cfg.eval_limit is not None:
         preset.eval.limit = cfg.eval_limit
     builder = PlanBuilder(matrix, cfg.preset)
     rl = cfg.rl_algorithm if cfg.objective == "align_rlvr" else "none"
     checkpoint, deps = add_chain(builder, cfg.size, cfg.seed, "sft+prism", rl, overrides)
-    eval_key = builder.eval(checkpoint, deps)
+    return builder, checkpoint, builder.eval(checkpoint, deps)
+
+
+def check_sweep(cfg: SweepConfig) -> None:
+    """Resolve the sweep before any trial runs: the matrix, preset and size, then every searched field alone at each
+    end of its range and at each of its choices, so an unknown field or a value its stage refuses is one ConfigError
+    naming it, not a failed trial repeated for ever. (Combinations stay the trials' business: an impossible one is
+    a failed trial.)"""
+    _trial_plan(cfg, trial_overrides(cfg, {}))
+    for key, spec in cfg.space.items():
+        values = spec.choices if spec.type == "categorical" else [spec.low, spec.high]
+        for value in values:
+            value = int(value) if spec.type == "int" else value
+            try:
+                _trial_plan(cfg, trial_overrides(cfg, {key: value}))
+            except ConfigError as error:
+                raise ConfigError(f"sweep {cfg.name}: space.{key}={value!r}: {error}") from None
+
+
+def run_trial(cfg: SweepConfig, overrides: dict[str, list[str]], report=None) -> tuple[float, str]:
+    """Run (or reuse) the trial's stages and evaluation; returns (accuracy %, evaluated checkpoint).
+    `report(step, value)` receives the intermediate values (and may raise to prune)."""
+    from prism.stages.align import run as run_align
+
+    builder, checkpoint, eval_key = _trial_plan(cfg, overrides)
     for node in builder.nodes.values():
         with node_lock(node.key):
             if node.done:
@@ -219,9 +248,27 @@ def reevaluate(cfg: SweepConfig, checkpoint: str) -> str:
     return key
 
 
+def recording_errors(objective):
+    """The objective, recording a failed trial's error as its user attribute `error` (optuna keeps none)."""
+
+    def recorded(trial) -> float:
+        import optuna
+
+        try:
+            return objective(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as error:
+            trial.set_user_attr("error", f"{type(error).__name__}: {error}".splitlines()[0])
+            raise
+
+    return recorded
+
+
 def objective_fn(cfg: SweepConfig):
     import optuna
 
+    @recording_errors
     def objective(trial) -> float:
         params = suggest(trial, cfg.space)
 
@@ -249,14 +296,40 @@ def worker(cfg: SweepConfig, storage: str, index: int) -> None:
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     if len(study.get_trials(deepcopy=False, states=finished)) >= cfg.trials:
         return
-    # An impossible combination (hard routing with top_k > experts / 2) is a recorded FAILED trial, not a crash.
-    study.optimize(objective_fn(cfg), callbacks=[MaxTrialsCallback(cfg.trials, states=finished)],
+    # An impossible combination (hard routing with top_k > experts / 2) is a recorded FAILED trial, not a crash;
+    # too many in a row stop the sweep (consecutive_failures), and this worker exits with the first one's error.
+    study.optimize(objective_fn(cfg), callbacks=[MaxTrialsCallback(cfg.trials, states=finished),
+                                                 _stop_after_failures(cfg.max_consecutive_failures)],
                    catch=(ConfigError,), gc_after_trial=True)
+    failed = consecutive_failures(study, cfg.max_consecutive_failures)
+    if failed:
+        print(f"sweep {cfg.name}: {len(failed)} trials in a row failed; the first: {failed[0]}", file=sys.stderr)
+        sys.exit(3)
+
+
+def consecutive_failures(study, limit: int) -> list[str]:
+    """The errors of the last `limit` finished trials when every one of them failed; [] otherwise."""
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    recent = sorted(done, key=lambda t: t.number)[-limit:]
+    if len(recent) < limit or any(t.state != TrialState.FAIL for t in recent):
+        return []
+    return [str(t.user_attrs.get("error", "no error recorded")) for t in recent]
+
+
+def _stop_after_failures(limit: int):
+    def callback(study, trial) -> None:
+        if consecutive_failures(study, limit):
+            study.stop()
+
+    return callback
 
 
 def run_sweep(cfg: SweepConfig, workers: int, storage: str | None, log=print, source: str | Path | None = None) -> str:
     """Create (or reopen) the study and run `workers` worker processes on it until `trials` have finished.
     `source` is the sweep's name or file, which each worker loads again (default: cfg.name)."""
+    check_sweep(cfg)
     storage = storage or default_storage(cfg)
     create_study(cfg, storage)
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -273,6 +346,10 @@ def run_sweep(cfg: SweepConfig, workers: int, storage: str | None, log=print, so
     log(f"sweep {cfg.name}: {workers} workers on {storage} (logs in {log_dir})")
     codes = [p.wait() for p in processes]
     log(f"sweep {cfg.name}: workers exited {codes} after {time.perf_counter() - started:.0f} s")
+    failed = consecutive_failures(create_study(cfg, storage), cfg.max_consecutive_failures)
+    if failed:
+        raise MatrixError(f"sweep {cfg.name}: stopped after {len(failed)} failed trials in a row; the first: "
+                          f"{failed[0]} (see {log_dir}/worker-*.log)")
     if any(codes):
         raise MatrixError(f"sweep {cfg.name}: a worker failed (exit codes {codes}); see {log_dir}/worker-*.log, "
                           "then run again: finished trials are kept")

@@ -83,3 +83,38 @@ def test_two_workers_share_one_study_and_the_report_exports_the_best(tmp_path, m
     aligns = {n.cfg.alpha for n in plan.nodes.values() if n.kind == "align"}
     assert aligns == {summary["best_params"]["align.alpha"]}
     assert (out / "index.html").is_file() and (out / "history.png").is_file()
+
+
+def test_a_bad_space_is_refused_before_any_trial_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "bad.yaml"
+    path.write_text(SMOKE_SWEEP.replace("align.alpha:", "align.alpah:"))
+    with pytest.raises(ConfigError, match=r"space.align.alpah=0.0: .*field 'alpah': unknown key"):
+        run_sweep(load_sweep(path), workers=1, storage=None, log=lambda message: None, source=path)
+    path.write_text(SMOKE_SWEEP.replace("preset: smoke", "preset: smokey"))
+    with pytest.raises(ConfigError, match="has no preset 'smokey'"):
+        run_sweep(load_sweep(path), workers=1, storage=None, log=lambda message: None, source=path)
+    assert not (tmp_path / "outputs").exists()  # no study, no log, no stage
+    path.write_text(SMOKE_SWEEP.replace("{type: float, low: 0.0, high: 1.0}", "{type: float, low: 0.0, high: 1.0, log: true}"))
+    with pytest.raises(ConfigError, match="log-scale"):
+        load_sweep(path)
+
+
+def test_a_sweep_stops_after_consecutive_failed_trials_naming_the_first_error():
+    from experiments.sweep import _stop_after_failures, consecutive_failures, recording_errors
+
+    study = optuna.create_study(direction="maximize")
+    calls = []
+
+    @recording_errors
+    def objective(trial):
+        calls.append(trial.number)
+        if trial.number == 0:
+            return 1.0
+        raise ConfigError(f"align: unknown field 'alpah' (trial {trial.number})")
+
+    study.optimize(objective, n_trials=50, catch=(ConfigError,), callbacks=[_stop_after_failures(3)])
+    assert calls == [0, 1, 2, 3]  # one success, then three failures in a row stop it
+    failed = consecutive_failures(study, 3)
+    assert failed[0] == "ConfigError: align: unknown field 'alpah' (trial 1)" and len(failed) == 3
+    assert consecutive_failures(study, 4) == []  # the success breaks a run of four
