@@ -32,6 +32,7 @@ from typing import Any, Literal
 from prism.config import (
     ConfigError,
     check,
+    check_range,
     check_types,
     config_hash,
     config_to_dict,
@@ -101,12 +102,19 @@ class SlurmSpec:
     gpus_per_node: int = field(default=8, metadata={"help": "GPUs per stage job (count)."})
     cpus_per_task: int = field(default=64, metadata={"help": "CPU cores per stage job (count)."})
     timeout_min: int = field(default=2880, metadata={"help": "Wall-clock limit per stage job (minutes)."})
+    signal_delay_s: int = field(
+        default=300,
+        metadata={"help": "Seconds before the time limit SLURM signals a job (submitit's slurm_signal_delay_s): the "
+                          "stage saves a checkpoint at the end of its current optimizer step and the job requeues "
+                          "itself; leave room for one step and one checkpoint (minimum 60)."},
+    )
     accelerate_config: str | None = field(
         default=None, metadata={"help": "accelerate config file for multi-GPU stages (e.g. the FSDP presets)."},
     )
 
     def __post_init__(self) -> None:
         check_types(self)
+        check_range(self, "signal_delay_s", low=60)
 
 
 @dataclass
@@ -764,9 +772,15 @@ def _slurm_command(node: Node, spec: SlurmSpec) -> list[str]:
 
 
 def run_slurm(plan: Plan, log=print) -> dict[str, str]:
-    """Submit every unfinished node with submitit, each depending (afterok) on its unfinished upstream jobs."""
+    """Submit every unfinished node with submitit, each depending (afterok) on its unfinished upstream jobs.
+
+    Each job is an `experiments.slurm.NodeJob`: signalled `signal_delay_s` before its time limit (or preempted), the
+    stage saves a checkpoint at the end of its current optimizer step and the job requeues itself under the same
+    job id, so its dependants keep waiting on it; the requeued job resumes the stage from that checkpoint."""
     try:
         import submitit
+
+        from experiments.slurm import NodeJob
     except ImportError:
         raise MatrixError("--launcher slurm needs submitit (pip install 'prism[slurm]')") from None
     write_stage_configs(plan)
@@ -782,8 +796,9 @@ def run_slurm(plan: Plan, log=print) -> dict[str, str]:
         executor.update_parameters(
             name=f"prism-{node.kind}", timeout_min=spec.timeout_min, nodes=1,
             gpus_per_node=spec.gpus_per_node if node.kind != "world" else 0, cpus_per_task=spec.cpus_per_task,
-            slurm_partition=spec.partition, slurm_additional_parameters=extra)
-        job = executor.submit(submitit.helpers.CommandFunction(_slurm_command(node, spec)))
+            slurm_partition=spec.partition, slurm_signal_delay_s=spec.signal_delay_s,
+            slurm_additional_parameters=extra)
+        job = executor.submit(NodeJob(_slurm_command(node, spec), node.key, grace_s=spec.signal_delay_s - 30))
         job_ids[node.key] = job.job_id
         log(f"submitted {node.kind} {_short(node.key)} as job {job.job_id}" + (f" after {', '.join(deps)}" if deps else ""))
     return job_ids
