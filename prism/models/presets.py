@@ -10,7 +10,9 @@ Hugging Face folders: config.json + safetensors + tokenizer + processor files.
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +192,36 @@ def _check_checkpoint_folder(path: Path) -> None:
         raise ModelError(f"model path {path} does not exist: expected a local Hugging Face checkpoint folder")
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         raise ModelError(f"model path {path} is not a checkpoint folder: expected config.json and *.safetensors")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"{path / 'config.json'}: not a readable JSON config ({error})") from None
+    if not isinstance(config, dict) or "vision_config" not in config:
+        architectures = config.get("architectures") if isinstance(config, dict) else None
+        raise ModelError(f"{path}: holds no vision-language model (config.json has no vision_config; architectures "
+                         f"{architectures}): expected a Qwen3-VL checkpoint")
+    for file in sorted(path.glob("*.safetensors")):
+        _check_safetensors(file)
+
+
+def _check_safetensors(file: Path) -> None:
+    """A safetensors file whole: its header parses and the file holds every byte the header promises. A Git LFS
+    pointer (a few lines of text) or a copy cut short is named here instead of failing deep inside the loader."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if head.startswith(b"version "):
+            raise ModelError(f"{file}: a Git LFS pointer, not the weights (fetch them with `git lfs pull`)")
+        (length,) = struct.unpack("<Q", head) if len(head) == 8 else (-1,)
+        try:
+            header = json.loads(handle.read(length)) if 0 < length <= size - 8 else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ModelError(f"{file}: not a readable safetensors file (its header does not parse)")
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise ModelError(f"{file}: truncated ({size} bytes of {8 + length + end}); copy or save it again")
 
 
 def load_model(
@@ -198,13 +230,21 @@ def load_model(
     """Load a Qwen3-VL (dense or MoE) checkpoint from a local folder: safetensors only, no downloads."""
     path = Path(path)
     _check_checkpoint_folder(path)
-    model = AutoModelForImageTextToText.from_pretrained(
-        str(path),
-        dtype=_torch_dtype(dtype),
-        local_files_only=True,
-        use_safetensors=True,  # never unpickle a .bin
-        trust_remote_code=trust_remote_code,
-    )
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(path),
+            dtype=_torch_dtype(dtype),
+            local_files_only=True,
+            use_safetensors=True,  # never unpickle a .bin
+            trust_remote_code=trust_remote_code,
+        )
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise ModelError(f"{path}: the checkpoint asks to run code shipped with it, refused "
+                             "(model.trust_remote_code=true allows it)") from None
+        if "Unrecognized configuration class" in str(error):
+            raise ModelError(f"{path}: {str(error).splitlines()[0]}: expected a Qwen3-VL checkpoint") from None
+        raise
     return model.eval()
 
 

@@ -129,6 +129,40 @@ def test_missing_or_malformed_checkpoint_paths_raise_model_error_naming_them(tmp
         load_model(tmp_path)
 
 
+def test_broken_checkpoints_are_named_in_one_line(model, processor, tmp_path):
+    import json
+    import shutil
+
+    good = tmp_path / "good"
+    save_model(model, processor, good)
+    weights = (good / "model.safetensors").read_bytes()
+
+    def broken(name: str):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        return folder
+
+    truncated = broken("truncated")
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) - 1000])
+    with pytest.raises(ModelError, match=r"truncated/model.safetensors: truncated \("):
+        load_model(truncated)
+    pointer = broken("pointer")
+    (pointer / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+    with pytest.raises(ModelError, match="Git LFS pointer"):
+        load_model(pointer)
+    text_only = broken("text_only")
+    config = json.loads((text_only / "config.json").read_text())
+    (text_only / "config.json").write_text(json.dumps({**config["text_config"], "architectures": ["Qwen3ForCausalLM"]}))
+    with pytest.raises(ModelError, match=r"no vision-language model .*Qwen3ForCausalLM"):
+        load_model(text_only)
+    remote = broken("remote")
+    (remote / "config.json").write_text(json.dumps({**config, "model_type": "shipped_vl", "auto_map": {
+        "AutoModelForImageTextToText": "shipped.ShippedModel", "AutoConfig": "shipped.ShippedConfig"}}))
+    (remote / "shipped.py").write_text("raise SystemExit('the shipped code ran')\n")
+    with pytest.raises(ModelError, match="trust_remote_code"):
+        load_model(remote)
+
+
 def test_full_presets_load_only_from_a_path(tokenizer):
     for name in ["qwen3-vl-4b", "qwen3-vl-8b", "qwen3-vl-2b"]:
         assert PRESETS[name].kind == "local"
