@@ -18,12 +18,13 @@ A group's n is the sum of its tasks' n. stderr is NaN where lmms-eval reports "N
 from __future__ import annotations
 
 import csv
-import fcntl
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from filelock import FileLock
 
 from prism.atomic_io import atomic_path
 
@@ -105,17 +106,13 @@ def append_to_store(store: Path, rows: Iterable[Mapping]) -> None:
     if not rows:
         return
     store.parent.mkdir(parents=True, exist_ok=True)
-    with open(store, "a+", newline="", encoding="utf-8") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            handle.seek(0, os.SEEK_END)
-            writer = csv.DictWriter(handle, fieldnames=STORE_COLUMNS, extrasaction="ignore")
-            if handle.tell() == 0:
-                writer.writeheader()
-            writer.writerows(rows)
-            handle.flush()
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(f"{store}.lock"), open(store, "a+", newline="", encoding="utf-8") as handle:
+        handle.seek(0, os.SEEK_END)
+        writer = csv.DictWriter(handle, fieldnames=STORE_COLUMNS, extrasaction="ignore")
+        if handle.tell() == 0:
+            writer.writeheader()
+        writer.writerows(rows)
+        handle.flush()
 
 
 def read_store(store: Path | str):

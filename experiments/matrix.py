@@ -15,7 +15,6 @@ outputs/matrix/evals/<key>.json for the reports.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import itertools
 import json
@@ -28,6 +27,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+
+from filelock import FileLock
 
 from prism.config import (
     ConfigError,
@@ -620,12 +621,8 @@ def node_lock(key: str):
     once; the second waits, then finds it done."""
     path = Path(f"{key}.lock")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(path):
+        yield
 
 
 def node_log(node: Node) -> Path:
