@@ -302,32 +302,12 @@ def ablation_table(frame: pd.DataFrame, settings: list) -> dict[str, pd.DataFram
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub table (no tabulate dependency): NaN prints as '-'."""
-    header = "| " + " | ".join(str(c) for c in table.columns) + " |"
-    rule = "|" + "|".join("---" for _ in table.columns) + "|"
-
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return "-" if math.isnan(value) else f"{value:g}"
-        return str(value)
-
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
+    """A GitHub table (pandas through tabulate): NaN prints as '-'."""
+    return table.astype(object).where(table.notna(), None).to_markdown(
+        index=False, tablefmt="github", floatfmt="g", missingval="-")
 
 
 def to_latex(table: pd.DataFrame) -> str:
-    """A booktabs tabular (no jinja2 dependency); ± and % are escaped for LaTeX."""
-
-    def cell(value) -> str:
-        if isinstance(value, float):
-            text = "--" if math.isnan(value) else f"{value:g}"
-        else:
-            text = str(value)
-        return text.replace("±", r"$\pm$").replace("%", r"\%").replace("_", r"\_").replace("&", r"\&")
-
-    spec = "l" * len(table.columns)
-    lines = [rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(cell(c) for c in table.columns) + r" \\",
-             r"\midrule"]
-    lines += [" & ".join(cell(v) for v in row) + r" \\" for row in table.itertuples(index=False)]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines) + "\n"
+    """A booktabs tabular (pandas' Styler through jinja2), every LaTeX special character escaped; NaN is '--';
+    ± as $\\pm$, which compiles under any input encoding."""
+    return table.to_latex(index=False, escape=True, na_rep="--", float_format="{:g}".format).replace("±", r"$\pm$")

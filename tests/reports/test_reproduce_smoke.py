@@ -105,9 +105,11 @@ def test_official_prediction_formats():
     from reports.submit import prediction_files
 
     samples = [{"doc_id": 0, "doc": {"id": "validation_Art_1"}, "filtered_resps": ["<answer>B</answer>"]},
-               {"doc_id": 1, "doc": {"id": "validation_Art_2"}, "filtered_resps": ["no tags"]}]
+               {"doc_id": 1, "doc": {"id": "validation_Art_2"}, "filtered_resps": ["The answer is C."]},
+               {"doc_id": 2, "doc": {"id": "validation_Art_3"}, "filtered_resps": ["<think>C"]}]
     mmmu = json.loads(prediction_files("prism_mmmu_val", samples)["mmmu_val.json"])
-    assert mmmu == {"validation_Art_1": "B", "validation_Art_2": ""}
+    # an untagged response is read as evaluation reads it (its last line); an opened format without <answer> is ""
+    assert mmmu == {"validation_Art_1": "B", "validation_Art_2": "The answer is C.", "validation_Art_3": ""}
     vista = json.loads(prediction_files("prism_mathvista_testmini",
                                          [{"doc_id": 3, "doc": {"pid": "17"}, "filtered_resps": ["<answer>4.5</answer>"]}])
                        ["mathvista_testmini.json"])
