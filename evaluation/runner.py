@@ -134,8 +134,9 @@ def _file_digest(path: Path, cache: dict[str, Any]) -> str:
     return cache[key]["sha256"]
 
 
-def checkpoint_hash(checkpoint: Path | str, cache_file: Path | None = None) -> str:
-    """16 hex chars of sha256 over the checkpoint's files (relative names and contents, hidden files left out)."""
+def checkpoint_digests(checkpoint: Path | str, cache_file: Path | None = None) -> tuple[str, dict[str, Any]]:
+    """(16 hex chars of sha256 over the checkpoint's files: relative names and contents, hidden files left out;
+    the per-file digest cache, read from `cache_file` and updated in memory, not written)."""
     checkpoint = Path(checkpoint)
     cache: dict[str, Any] = {}
     if cache_file is not None and cache_file.is_file():
@@ -145,9 +146,19 @@ def checkpoint_hash(checkpoint: Path | str, cache_file: Path | None = None) -> s
     total = hashlib.sha256()
     for path in files:
         total.update(f"{path.relative_to(checkpoint).as_posix()}\0{_file_digest(path, cache)}\n".encode("utf-8"))
+    return total.hexdigest()[:16], cache
+
+
+def write_digest_cache(cache_file: Path, cache: dict[str, Any]) -> None:
+    atomic_write_text(cache_file, json.dumps(cache, indent=0, sort_keys=True))
+
+
+def checkpoint_hash(checkpoint: Path | str, cache_file: Path | None = None) -> str:
+    """The checkpoint's 16-hex-char digest (checkpoint_digests); `cache_file` is updated when given."""
+    digest, cache = checkpoint_digests(checkpoint, cache_file)
     if cache_file is not None:
-        atomic_write_text(cache_file, json.dumps(cache, indent=0, sort_keys=True))
-    return total.hexdigest()[:16]
+        write_digest_cache(cache_file, cache)
+    return digest
 
 
 def _check_checkpoint(checkpoint: Path) -> None:
@@ -439,11 +450,10 @@ def run_eval(
 
         require_vllm()
 
-    digest = checkpoint_hash(checkpoint, out_root / ".hash-cache.json")
+    # Nothing is written until the model has loaded: a failed evaluation leaves the output folder as it was.
+    digest, digest_cache = checkpoint_digests(checkpoint, out_root / ".hash-cache.json")
     out_dir = out_root / digest
     store = out_root / STORE_NAME
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _note_checkpoint(out_dir, checkpoint)
     columns = {"checkpoint": str(checkpoint), "checkpoint_hash": digest, "suite": suite}
 
     outcomes: list[EntryOutcome] = []
@@ -473,6 +483,9 @@ def run_eval(
             if model is None:
                 log(f"loading {checkpoint} ({cfg.backend})")
                 model = (model_factory or _build_model)(cfg, checkpoint)
+                write_digest_cache(out_root / ".hash-cache.json", digest_cache)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                _note_checkpoint(out_dir, checkpoint)
             log(f"{entry.name}: evaluating" + (f" (limit {limit})" if limit else ""))
             outcome = _evaluate_entry(entry, model, cfg, limit, directory, {**columns, "benchmark": entry.benchmark, "eval_key": entry.key})
             append_to_store(store, outcome.rows)

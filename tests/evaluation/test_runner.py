@@ -160,3 +160,14 @@ def test_metrics_table_columns_have_a_fixed_order():
     header = metrics_table(rows).splitlines()[0].split()
     assert header == ["task", "n", "accuracy", "format_valid_rate", "mean_response_tokens", "question_pair_acc"]
     assert metrics_table(list(reversed(rows))).splitlines()[0].split() == header
+
+
+def test_a_model_that_fails_to_load_leaves_the_output_folder_untouched(checkpoint, world, tmp_path):
+    out = tmp_path / "evals"
+
+    def broken(cfg, path):
+        raise EvalError(f"{path}: cannot load")
+
+    with pytest.raises(EvalError, match="cannot load"):
+        run_eval(checkpoint, "embedded", limit=1, world=world, out_root=out, config=CFG, model_factory=broken)
+    assert not out.exists()  # no hash cache, no checkpoint record, no result folder
