@@ -84,12 +84,12 @@ def _model_card(name: str, checkpoint: Path, rows: pd.DataFrame) -> str:
 
 
 def submission_bundle(checkpoint: str | Path, out_root: Path = SUBMISSION_ROOT, eval_root: Path = EVAL_ROOT) -> Path:
-    from evaluation.runner import checkpoint_hash
+    from evaluation.runner import checkpoint_digests
 
     checkpoint = Path(checkpoint).resolve()
     if not checkpoint.is_dir():
         raise SubmitError(f"{checkpoint}: no such checkpoint folder")
-    digest = checkpoint_hash(checkpoint, eval_root / ".hash-cache.json")
+    digest, _ = checkpoint_digests(checkpoint, eval_root / ".hash-cache.json")  # read, never written: a refusal leaves nothing
     entries = [d for d in sorted((eval_root / digest).glob("*")) if (d / "DONE").is_file()]
     if not entries:
         raise SubmitError(f"{checkpoint} has no finished evaluation under {eval_root / digest}: run "

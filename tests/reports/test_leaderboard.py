@@ -3,6 +3,7 @@
 import json
 
 import pandas as pd
+import pytest
 
 from reports.submit import write_leaderboard
 
@@ -29,3 +30,15 @@ def test_a_limited_evaluation_neither_replaces_a_full_one_nor_outranks_it(tmp_pa
     assert [r[5].strip() for r in ranked] == ["`ckpt-a`", "`ckpt-b`", "`ckpt-c`"]
     assert ranked[0][3].strip() == "40.00 ± 2.00" and ranked[0][4].strip() == "300"
     assert ranked[2][4].strip() == "12 (--limit)"
+
+
+def test_submit_refuses_an_unevaluated_checkpoint_and_leaves_nothing(tmp_path):
+    from reports.submit import SubmitError, submission_bundle
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    evals, out = tmp_path / "evals", tmp_path / "submissions"
+    with pytest.raises(SubmitError, match="no finished evaluation"):
+        submission_bundle(checkpoint, out_root=out, eval_root=evals)
+    assert not evals.exists() and not out.exists()
