@@ -323,8 +323,18 @@ class PlanBuilder:
         spec = self.preset.stages.get(stage)
         if spec is not None and self.world is not None:  # `{world}` in an override names the world export
             spec = replace(spec, overrides=[o.replace("{world}", self.world) for o in spec.overrides])
-        cfg = _stage_config(stage, spec, size_spec.overrides.get(stage, []), (extra or {}).get(stage, []), wiring,
-                            [f"seed={seed}"])
+        from prism.models import ModelError, get_preset
+
+        where = f"matrix {self.matrix.name}, preset {self.preset_name}, size {size}, stage {stage}"
+        try:
+            cfg = _stage_config(stage, spec, size_spec.overrides.get(stage, []), (extra or {}).get(stage, []), wiring,
+                                [f"seed={seed}"])
+            for role in ("model", "policy"):  # an unknown model preset is a plan-time error, not a run-time one
+                section = getattr(cfg, role, None)
+                if section is not None:
+                    get_preset(section.preset)
+        except (ConfigError, ModelError) as error:
+            raise ConfigError(f"{where}: {error}") from None
         out = STAGE_ROOT / f"{stage}-{config_hash(cfg)}"
         cfg = replace(cfg, output_dir=str(out))
         config_file = MATRIX_ROOT / "configs" / f"{out.name}.yaml"

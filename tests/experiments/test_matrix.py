@@ -1,6 +1,7 @@
 """The experiment matrix: cells expand into a DAG of content-addressed stages that cells share, a changed field
 reruns exactly its dependants, finished stages are cached, and the SLURM plan writes scripts without submitting."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,17 @@ def test_embedded_presets_compute_in_float32_and_the_full_preset_in_bf16_over_fl
         models = [getattr(node.cfg, role) for node in plan.nodes.values() if node.kind in mx.STAGES
                   for role in ("model", "policy", "discriminator") if hasattr(node.cfg, role)]
         assert models and {(m.dtype, m.mixed_precision) for m in models} == {("float32", expected)}, preset
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [("base: [model.preset=embedded-s]", "base: [model.preset=embedded-xs]", "unknown model preset 'embedded-xs'"),
+     ("base: [model.preset=embedded-s]", "base: [model.presett=embedded-s]", "field 'model.presett'")],
+)
+def test_plan_time_errors_name_the_matrix_preset_size_and_stage(tmp_path, old, new, expected):
+    text = (Path(__file__).resolve().parents[2] / "experiments/configs/table1.yaml").read_text()
+    assert old in text
+    path = tmp_path / "bad.yaml"
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=rf"matrix table1, preset smoke, size s, stage base: .*{re.escape(expected)}"):
+        build_plan(load_matrix(path), "smoke")
