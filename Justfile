@@ -33,7 +33,8 @@ reproduce name *args: setup
 world *args: setup
     .venv/bin/prism world {{args}}
 
-# Run one stage to the end, resuming a killed run: `just train sft --config F [key=value ...]` (base, sft, rlvr).
+# Run one stage to the end, resuming a killed run: `just train STAGE --config F [key=value ...]`, STAGE one of
+# base, sft, disc_warmup, align, rlvr (`just train sft --help` lists its config fields).
 train *args: setup
     .venv/bin/prism train {{args}}
 
@@ -76,6 +77,6 @@ bench-throughput *args: setup
 bench-gpu *args: setup
     .venv/bin/python bench/gpu_check.py {{args}}
 
-# Optuna sweep (2 workers sharing a SQLite study), then its report: `just sweep discriminator`.
+# Optuna sweep (one worker per core, sharing a SQLite study), then its report: `just sweep discriminator`.
 sweep name *args: setup
-    .venv/bin/prism sweep run {{name}} --workers 2 {{args}}
+    .venv/bin/prism sweep run {{name}} {{args}}

@@ -15,6 +15,8 @@
 
 User mistakes (bad configs, malformed data, missing checkpoints) end with one line on stderr and
 exit status 2, never a traceback.
+A `prism train` stopped by a preemption signal (SIGUSR1, SIGUSR2; SIGTERM in a SLURM job) saves a checkpoint
+at the end of its current optimizer step and exits with status 75; run again, it resumes there.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def cmd_data_check(args) -> int:
     if kind is None:
         raise formats.DataError(f"{args.path}: cannot tell the format from the suffix; pass --kind sharegpt|rl|warmup")
     reader = {"sharegpt": formats.read_sharegpt, "rl": formats.read_rl_parquet, "warmup": formats.read_warmup_pairs}[kind]
-    records = reader(args.path)
+    records = reader(args.path, verify_images=True)  # every image read whole, not only its header
     print(json.dumps({"path": str(args.path), "format": kind, "records": len(records)}))
     return 0
 
@@ -111,12 +113,20 @@ def cmd_eval(args) -> int:
 
 
 def cmd_train(args) -> int:
+    """Run the stage. SIGUSR1, SIGUSR2 and, in a SLURM job, SIGTERM make it save a checkpoint at the end of the
+    current optimizer step and exit with PREEMPTED_EXIT (75); running it again resumes there."""
     from prism.config import load_config
+    from prism.runtime import PREEMPTED_EXIT, StagePreempted, preemption_signals
     from prism.stages import STAGES
 
     config_class, recipe = STAGES[args.stage]
     cfg = load_config(config_class, args.config, args.overrides)
-    run_dir = recipe(cfg)
+    try:
+        with preemption_signals():
+            run_dir = recipe(cfg)
+    except StagePreempted as stopped:
+        print(f"prism: {stopped}", file=sys.stderr)
+        return PREEMPTED_EXIT
     print(run_dir)
     return 0
 
@@ -175,6 +185,14 @@ def cmd_sweep(args) -> int:
 
     cfg = load_sweep(args.name)
     if args.action == "run":
+        if args.workers is None:
+            from experiments.matrix import available_cores
+
+            args.workers = available_cores()
+        if args.workers < 1:
+            from prism.config import ConfigError
+
+            raise ConfigError(f"--workers: expected an int >= 1, got {args.workers}")
         run_sweep(cfg, args.workers, args.storage, source=args.name)
     out = build_sweep_report(cfg, args.storage)
     print(f"sweep report: {out / 'index.html'}")
@@ -210,8 +228,35 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def _first_sentence(text: str | None) -> str:
+    return " ".join((text or "").split()).split(". ")[0].rstrip(".") + "."
+
+
+def _fields_epilog(config_class: type) -> str:
+    """Every field of a stage config, dotted, with its default and help: what `key=value` may set."""
+    import textwrap
+
+    from prism.config import describe_fields
+
+    lines = [f"config fields of {config_class.__name__} (YAML keys, or key=value overrides):"]
+    for key, default, text in describe_fields(config_class):
+        lines.append(f"  {key} = {default}")
+        lines += textwrap.wrap(text, width=96, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"prism {version('prism')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "prism (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism", description="PRISM experiment harness")
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_world_config(p: argparse.ArgumentParser) -> None:
@@ -251,11 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
-    train = commands.add_parser("train", help="run one stage recipe to the end (resumes a killed run)")
-    train.add_argument("stage", choices=["base", "sft", "disc_warmup", "align", "rlvr"])
-    train.add_argument("--config", type=Path, default=None, help="stage YAML (default: the published defaults)")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    train.set_defaults(func=cmd_train)
+    from prism.stages import STAGES
+
+    train = commands.add_parser("train", help="run one stage recipe to the end (resumes a killed run)",
+                                description="Run one stage recipe to the end; `prism train STAGE --help` lists its "
+                                            "config fields.")
+    stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage, (config_class, _) in STAGES.items():
+        one = stages.add_parser(stage, help=f"{config_class.__name__}: {_first_sentence(config_class.__doc__)}",
+                                epilog=_fields_epilog(config_class), formatter_class=argparse.RawDescriptionHelpFormatter)
+        one.add_argument("--config", type=Path, default=None, help="stage YAML (default: the published defaults)")
+        one.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (fields below)")
+        one.set_defaults(func=cmd_train)
 
     matrix = commands.add_parser("matrix", help="an experiment matrix as a DAG of cached stages")
     matrix.add_argument("action", choices=["plan", "run"], help="plan: print the DAG, what is cached, an estimate")
@@ -277,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="Optuna sweeps over the discriminator and alignment knobs")
     sweep.add_argument("action", choices=["run", "report"])
     sweep.add_argument("name", help="a sweep under experiments/configs/sweeps/ (discriminator) or a YAML path")
-    sweep.add_argument("--workers", type=int, default=1, help="worker processes sharing the study")
+    sweep.add_argument("--workers", type=int, default=None,
+                       help="worker processes sharing the study (default: the cores available)")
     sweep.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite under outputs/sweeps/)")
     sweep.set_defaults(func=cmd_sweep)
     submit = commands.add_parser("submit", help="bundle an evaluated checkpoint for a leaderboard; rank all evaluated")

@@ -1,5 +1,5 @@
 """Runtime plumbing shared by every stage: seeding, RNG capture, mixed precision, atomic checkpoints, run
-manifest, metrics log, progress, DONE marker and a finite-loss guard.
+manifest, metrics log, progress, DONE marker, a finite-loss guard and preemption signals.
 
 Read top to bottom. The contract (DESIGN.md "Tracking, reproducibility, resume"): a checkpoint holds
 model, optimizer, scheduler, RNG states and data position, so a resumed run equals an uninterrupted
@@ -18,11 +18,12 @@ import platform
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Self
@@ -199,6 +200,10 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        raise RuntimeError(f"checkpoint {path} is sharded (an FSDP run's): it is restored inside a distributed run "
+                           "(restore_sharded_checkpoint); torch.distributed.checkpoint.format_utils.dcp_to_torch_save "
+                           f"turns {path / SHARDED_DIR} into one file")
     index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
     if verify:
         for name, expected in index["files"].items():
@@ -221,6 +226,153 @@ def restore_checkpoint(path: str | Path, *, model: torch.nn.Module | None = None
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])  # last: loading must not consume randomness after the restore
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharded checkpoints (FSDP2): run_dir/checkpoints/step-000123/{sharded/, trainer_state.pt, checkpoint.json}
+#
+# `sharded/` is a torch.distributed.checkpoint (DCP) folder: every process writes its own shards of the model
+# and of the AdamW state (canonical parameter names, from torch.distributed.checkpoint.state_dict.get_state_dict),
+# the main process the metadata. trainer_state.pt holds what the plain format holds besides the model and the
+# optimizer, with one RNG state per process. The folder is filled under a temp name shared by the processes and
+# renamed by the main process once complete, as in the plain format; a shared filesystem is assumed.
+# ----------------------------------------------------------------------------------------------------
+
+SHARDED_DIR = "sharded"
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / SHARDED_DIR).is_dir()
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP2 unit of `model` back to its shards: a forward without backward (no_grad scoring, generation)
+    leaves the root unit's parameters gathered, and a state dict must see the sharded DTensors."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _dist_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    _reshard(model)
+    # Local shards (DTensors) under canonical names: nothing is gathered. For a fresh optimizer this first
+    # initialises its state (one step at lr 0), so that a load has tensors to read into.
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer, scheduler: Any = None,
+                            data_position: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
+                            keep_last: int | None = None) -> Path:
+    """Collective (every process calls it): write checkpoint `step` of an FSDP2-sharded `model` and its
+    `optimizer` through torch.distributed.checkpoint, each process its own shards, in the parameters' own dtype
+    (the float32 master weights). Returns the checkpoint folder once it is complete on every process."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}-sharded"  # one name for every process: they all write into it
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    rngs: list[Any] = [None] * world
+    dist.all_gather_object(rngs, rng_state())
+    dcp.save(_dist_state(model, optimizer), checkpoint_id=str(tmp / SHARDED_DIR))  # returns once metadata is written
+    if rank == 0:
+        try:
+            trainer_state = {
+                "step": int(step),
+                "optimizer": None,  # in sharded/
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": rngs[0],
+                "rng_per_process": rngs,
+                "data_position": dict(data_position or {}),
+                "extra": dict(extra or {}),
+            }
+            torch.save(trainer_state, tmp / STATE_FILE)
+            names = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+            index = {"step": int(step), "format": "dcp", "processes": world,
+                     "files": {name: sha256_file(tmp / name) for name in names}}
+            atomic_write_text(tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+            if final.exists():
+                old = root / f".old-step-{step:06d}-{os.getpid()}"
+                os.replace(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if keep_last is not None and keep_last > 0:
+            for _, old_dir in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old_dir, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def restore_sharded_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                               scheduler: Any = None, verify: bool = True) -> dict[str, Any]:
+    """Collective: load a sharded checkpoint into the live FSDP2 `model` and `optimizer` (each process reads
+    its own shards; another process count reshards), then the scheduler and each process's RNG state (last).
+    Returns the trainer state (for "step", "data_position", "extra")."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path = Path(path)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    problem = [None]
+    if verify and rank == 0:
+        index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
+        bad = [name for name, expected in index["files"].items() if sha256_file(path / name) != expected]
+        problem[0] = f"checkpoint {path}: {bad[0]} sha256 mismatch (corrupted or modified)" if bad else None
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise RuntimeError(problem[0])
+    state = _dist_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path / SHARDED_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    if scheduler is not None and trainer_state["scheduler"] is not None:
+        scheduler.load_state_dict(trainer_state["scheduler"])
+    rngs = trainer_state.get("rng_per_process") or []
+    set_rng_state(rngs[rank] if len(rngs) == world else trainer_state["rng"])  # last
+    return trainer_state
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: the whole state dict of an FSDP2-sharded `model` on CPU on process 0 (the other processes get an
+    empty dict), gathered one tensor at a time (DTensor.full_tensor), every process in the same order. Tied
+    parameters (one Parameter under several names, e.g. lm_head and the embedding) share one tensor, as in
+    `model.state_dict()`, so save_pretrained drops the tied copy.
+
+    Not get_model_state_dict(full_state_dict=True): after a forward without backward (held-out scoring) it
+    returned some entries still as DTensor shards here (torch 2.13, gloo)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    _reshard(model)
+    main = dist.get_rank() == 0
+    state: dict[str, torch.Tensor] = {}
+    for name, value in model.state_dict().items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        if main:
+            state[name] = value.detach().cpu()
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owner = first.setdefault(id(param), name)
+        if owner != name and owner in state and name in state:
+            state[name] = state[owner]
     return state
 
 
@@ -483,3 +635,54 @@ def check_finite(loss: torch.Tensor | float, model: torch.nn.Module | None = Non
     for name, param in model.named_parameters():
         if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
             raise NonFiniteError(f"non-finite gradient{where} in parameter {name!r} (shape {tuple(param.shape)})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preemption: a signal asks the stage to save at the end of its current optimizer step and stop
+# ----------------------------------------------------------------------------------------------------
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: `prism train`'s exit status when it stopped on a preemption signal
+_preempt_received: list[int] = []  # the signals received while preemption_signals() is active
+
+
+class StagePreempted(RuntimeError):
+    """A stage saved a checkpoint at `step` on a preemption signal and stopped; running it again resumes there."""
+
+    def __init__(self, stage: str, run_dir: str | Path, step: int) -> None:
+        super().__init__(f"{stage} preempted: saved a checkpoint at step {step} in {run_dir}; run it again to resume")
+        self.stage, self.run_dir, self.step = stage, Path(run_dir), step
+
+
+def preemption_signal_names() -> tuple[str, ...]:
+    """SIGUSR1 and SIGUSR2 (submitit's default warning signal, which SLURM may deliver to every process of the job)
+    always; SIGTERM (what SLURM sends on preemption and at the time limit, and what the matrix's submitit job sends
+    its node to stop it at a checkpoint) only in a SLURM or submitit job (SLURM_JOB_ID or SUBMITIT_EXECUTOR set),
+    so that elsewhere (e.g. the local launcher stopping its other nodes) SIGTERM keeps its immediate effect."""
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_EXECUTOR")
+    return ("SIGUSR1", "SIGUSR2", *(("SIGTERM",) if job else ()))
+
+
+@contextmanager
+def preemption_signals(names: tuple[str, ...] | None = None):
+    """While active, each of `names` (default `preemption_signal_names()`) only records that it arrived; training
+    loops ask `preemption_requested()` after each optimizer step, save a checkpoint and raise StagePreempted.
+    Installed by the stage command (`prism train`), in the main thread; the previous handlers come back on exit."""
+    def record(signum, frame) -> None:
+        _preempt_received.append(signum)
+
+    previous = {}
+    _preempt_received.clear()
+    try:
+        for name in names if names is not None else preemption_signal_names():
+            number = getattr(signal, name)
+            previous[number] = signal.signal(number, record)
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        _preempt_received.clear()
+
+
+def preemption_requested() -> bool:
+    """Whether a preemption signal arrived in this process (see preemption_signals)."""
+    return bool(_preempt_received)

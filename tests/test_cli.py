@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from prism.cli import main
 
 
@@ -88,3 +90,19 @@ def test_train_missing_data_names_the_file(tmp_path, capsys):
     assert main(["train", "sft", "model.preset=embedded-s", f"model.processor_path={tmp_path}",
                  f"data_files=[{tmp_path}/none.json]", f"output_dir={tmp_path}/out"]) == 2
     assert "none.json: no such file" in capsys.readouterr().err
+
+
+def test_train_help_lists_every_config_field_and_version_prints(capsys):
+    from prism.cli import main
+    from prism.config import SFTConfig, describe_fields
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "sft", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    keys = [key for key, _, _ in describe_fields(SFTConfig)]
+    assert "optim.lr" in keys and "model.mixed_precision" in keys
+    assert all(f"  {key} = " in out for key in keys)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("prism ")

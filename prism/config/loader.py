@@ -768,6 +768,21 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
 
 
+def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) of every field of a config dataclass, nested sections flattened: what
+    `prism train STAGE --help` lists."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp, key = _hints(cls)[f.name], _join(prefix, f.name)
+        if dataclasses.is_dataclass(tp):
+            rows += describe_fields(tp, key)
+            continue
+        default = _field_default(f)
+        shown = "required" if default is dataclasses.MISSING else _show(_plain(default), limit=40)
+        rows.append((key, shown, f.metadata.get("help", _describe(tp))))
+    return rows
+
+
 def write_config_yaml(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML that `load_config` reads back to an equal object; atomically
     (temp file + rename), so a reader never sees half a file."""

@@ -28,6 +28,14 @@ from prism.rollout.base import (
 from prism.runtime import autocast
 
 
+def is_sharded_module(model: torch.nn.Module) -> bool:
+    """Whether `model` is FSDP-managed: FSDP1, transformers' FSDP2, or `fully_shard` as accelerate's FSDP2
+    plugin applies it (which sets no transformers flag, so is_fsdp_managed_module alone misses it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return is_fsdp_managed_module(model) or isinstance(model, FSDPModule)
+
+
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:
@@ -318,7 +326,7 @@ def sample_responses(
     # Under FSDP every process must join every forward: go on until all processes are done (as `generate`'s
     # synced_gpus does).
     synced = (torch.distributed.is_available() and torch.distributed.is_initialized()
-              and torch.distributed.get_world_size() > 1 and is_fsdp_managed_module(model))
+              and torch.distributed.get_world_size() > 1 and is_sharded_module(model))
     for t in range(max_new):
         scores = logits.float().index_fill(-1, suppressed, float("-inf"))
         if t < sampling.min_new_tokens:

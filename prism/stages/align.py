@@ -68,9 +68,11 @@ from prism.stages.common import (
     is_fsdp,
     load_policy,
     make_accelerator,
+    preempted,
     resume,
     save_progress,
     start_stage,
+    stop_preempted,
 )
 from prism.stages.policy_update import Group, policy_update
 
@@ -386,11 +388,14 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
                 logger.log(done, record)
             progress.update(1, fmt=round(record["format_rate"], 3),
                             **{f"gap_{k[:4]}": round(record[f"reward_gap_{k}"], 3) for k in kinds})
-        if (cfg.save_every_steps and done % cfg.save_every_steps == 0) or done == cfg.steps:
+        stop = done < cfg.steps and preempted(accelerator)  # a preemption signal: save this step and stop
+        if (cfg.save_every_steps and done % cfg.save_every_steps == 0) or done == cfg.steps or stop:
             save_progress(run_dir, done, cfg, accelerator, both, optimizers, schedulers,
                           data_position={"prompts_consumed": cursor}, extra={"proxies": proxies})
         if on_step is not None and accelerator.is_main_process:
             on_step(done, record)
+        if stop:
+            stop_preempted("align", run_dir, done, accelerator, progress, logger)
 
     if accelerator.is_main_process:
         progress.close()

@@ -18,7 +18,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -29,11 +29,17 @@ from prism.models import ModelError, build_model, load_model, load_processor
 from prism.models.presets import get_preset
 from prism.runtime import (
     RuntimeConfigError,
+    StagePreempted,
+    full_model_state,
     is_done,
+    is_sharded_checkpoint,
     latest_checkpoint,
     mark_done,
+    preemption_requested,
     restore_checkpoint,
+    restore_sharded_checkpoint,
     save_checkpoint,
+    save_sharded_checkpoint,
     sha256_file,
     write_manifest,
 )
@@ -121,7 +127,7 @@ def load_policy(model_cfg: Any, seed: int) -> tuple[torch.nn.Module, Any]:
             f"model.preset {model_cfg.preset!r} is built from scratch and needs model.processor_path "
             "(the world export's tokenizer/ folder)"
         )
-    processor = load_processor(processor_dir)
+    processor = load_processor(processor_dir, trust_remote_code=model_cfg.trust_remote_code)
     dtype = getattr(torch, model_cfg.dtype)
     if model_cfg.path is not None:
         model = load_model(model_cfg.path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
@@ -217,7 +223,7 @@ def average_gradients(model: torch.nn.Module, accelerator) -> None:
     For modules trained without a DDP wrapper: the discriminator takes several forwards per backward (teacher
     and student rows, two segment kinds) and an MoE leaves experts unused in a micro-batch, both of which
     DDP's reducer refuses."""
-    if accelerator.num_processes == 1:
+    if accelerator.num_processes == 1 or is_sharded(model):  # FSDP2 has reduce-scattered (averaged) them
         return
     import torch.distributed as dist
 
@@ -263,28 +269,132 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` is sharded by FSDP2 (accelerate's FSDP2 `prepare`, or fully_shard): an FSDPModule inside,
+    not merely DTensor parameters, which a forward without backward leaves gathered as plain tensors."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def _bare_optimizer(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer wrapper(s)."""
+    while hasattr(optimizer, "optimizer") and isinstance(getattr(optimizer, "optimizer"), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def resume(run_dir: Path, model, optimizer, scheduler, accelerator=None) -> dict[str, Any] | None:
     """Restore the newest complete checkpoint into the live objects (RNG last); None when starting fresh.
-    Call before accelerator.prepare."""
+    Call before accelerator.prepare. Plain checkpoints only: a recipe that shards its model under FSDP resumes
+    through `prepare_and_resume`."""
     newest = latest_checkpoint(run_dir)
     if newest is None:
         return None
-    if accelerator is not None and is_fsdp(accelerator):
+    if (accelerator is not None and is_fsdp(accelerator)) or is_sharded_checkpoint(newest):
         raise NotImplementedError(
-            f"{run_dir} holds a checkpoint of an FSDP run; resuming FSDP runs is not implemented (their optimizer "
-            "state is sharded and not saved). Start a new output_dir, or run without FSDP")
+            f"{run_dir} holds a checkpoint of an FSDP run, which this stage cannot resume (sft, rlvr and "
+            "disc_warmup checkpoint and resume FSDP shards; align does not). Start a new output_dir, or run without FSDP")
     return restore_checkpoint(newest, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def prepare_and_resume(run_dir: Path, accelerator, model, optimizer, scheduler, prepare=None):
+    """(model, optimizer, restored): `prepare(model, optimizer)` (default accelerator.prepare) with the newest
+    checkpoint restored; `restored` is None when starting fresh. A plain checkpoint is restored into the live
+    objects before prepare, as `resume` does; a sharded one (written by an FSDP run) into the FSDP2 shards after
+    it, each process reading its own (prism.runtime.restore_sharded_checkpoint). A run resumes in the format it
+    was checkpointed in: FSDP from FSDP, anything else from anything else."""
+    prepare = prepare or accelerator.prepare
+    newest = latest_checkpoint(run_dir)
+    sharded_checkpoint = newest is not None and is_sharded_checkpoint(newest)
+    restored = None
+    if newest is not None and not sharded_checkpoint and is_fsdp(accelerator):
+        raise RuntimeConfigError(f"{newest} was written by a non-FSDP run (or by an older prism that did not save "
+                                 "FSDP optimizer state) and this run is FSDP: start a new output_dir")
+    if newest is not None and not sharded_checkpoint:
+        restored = restore_checkpoint(newest, model=model, optimizer=optimizer, scheduler=scheduler)
+    model, optimizer = prepare(model, optimizer)
+    if newest is not None and is_sharded(model) != sharded_checkpoint:
+        raise RuntimeConfigError(
+            f"{newest} was written by {'an FSDP' if sharded_checkpoint else 'a non-FSDP'} run and this run "
+            f"{'is not' if sharded_checkpoint else 'is'} FSDP-sharded: resume with the launch config it was "
+            "started with, or start a new output_dir")
+    if sharded_checkpoint:
+        restored = restore_sharded_checkpoint(newest, model=model, optimizer=_bare_optimizer(optimizer),
+                                              scheduler=scheduler)
+    return model, optimizer, restored
+
+
+def shard_whole(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                forward_methods: tuple[str, ...] = ()) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """FSDP2 for a module that accelerate does not prepare (the discriminator): `fully_shard` on the whole module,
+    one unit (parameters, gradients and AdamW state sharded; the parameters gathered whole for each forward and
+    backward), in the launch config's MixedPrecisionPolicy, and `optimizer` pointed at the sharded parameters.
+    `forward_methods` are the module's methods called instead of `forward` (FSDP2 gathers around them too).
+
+    One unit, not one per decoder layer: the discriminator's prompt-prefix forward (prefill, then continue_hidden
+    from its K/V cache) and its MoE router logits leave each decoder layer as side outputs, not through the layer's
+    return value, so a per-layer unit would be resharded before their gradients arrive."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    names = {id(p): name for name, p in model.named_parameters()}
+    fully_shard(model, **({"mp_policy": policy} if isinstance(policy, MixedPrecisionPolicy) else {}))
+    for method in forward_methods:
+        register_fsdp_forward_method(model, method)
+    sharded = dict(model.named_parameters())  # fully_shard registers new (DTensor) parameters
+    for group in optimizer.param_groups:
+        group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+    return model, optimizer
+
+
+def plain_norm(norm):
+    """A gradient norm as a plain tensor: under FSDP2 clip_grad_norm_ may return a DTensor (collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def save_progress(run_dir: Path, step: int, cfg: Any, accelerator, model, optimizer, scheduler,
                   data_position: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Checkpoint `step` (every process calls it). An FSDP2-sharded model is saved sharded with its optimizer
+    state (torch.distributed.checkpoint, each process its shards); otherwise the plain format, from the main
+    process."""
+    keep_last = cfg.keep_last_checkpoints or None
+    if is_sharded(model):
+        save_sharded_checkpoint(run_dir, step, model=model, optimizer=_bare_optimizer(optimizer), scheduler=scheduler,
+                                data_position=data_position, extra=extra, keep_last=keep_last)
+        accelerator.wait_for_everyone()
+        return
     # get_state_dict is a collective under FSDP (it gathers the shards): every process calls it.
     model_state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         save_checkpoint(run_dir, step, model_state=model_state,
                         optimizer=None if is_fsdp(accelerator) else optimizer, scheduler=scheduler,
-                        data_position=data_position, extra=extra, keep_last=cfg.keep_last_checkpoints or None)
+                        data_position=data_position, extra=extra, keep_last=keep_last)
     accelerator.wait_for_everyone()
+
+
+def preempted(accelerator) -> bool:
+    """Whether to stop after the optimizer step just taken: a preemption signal (prism.runtime.preemption_signals,
+    installed by `prism train`) reached any of the stage's processes. Every process asks after every step (one
+    all-reduce of a flag when there are several), so all of them save the same step and stop together."""
+    local = preemption_requested()
+    if accelerator.num_processes == 1:
+        return local
+    flag = torch.tensor([float(local)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def stop_preempted(stage: str, run_dir: Path, step: int, accelerator, *open_logs) -> NoReturn:
+    """After the checkpoint of `step` is saved: close the metrics log and progress (main process), then raise
+    StagePreempted (`prism train` exits with PREEMPTED_EXIT; the next run resumes from that checkpoint)."""
+    if accelerator.is_main_process:
+        for log in open_logs:
+            log.close()
+        print(f"{stage}: preempted, checkpoint saved at step {step}", flush=True)
+    raise StagePreempted(stage, run_dir, step)
 
 
 def finish_stage(run_dir: Path, cfg: Any, accelerator, model, processor, *, extra: dict[str, Any] | None = None,
@@ -298,7 +408,8 @@ def finish_stage(run_dir: Path, cfg: Any, accelerator, model, processor, *, extr
     local = cfg if local is None else local
     sources = source_changes(cfg, local)
     final = run_dir / FINAL_MODEL
-    model_state = accelerator.get_state_dict(model)  # collective under FSDP
+    # collective under FSDP: the full state, gathered on the main process
+    model_state = full_model_state(model) if is_sharded(model) else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         save(accelerator.unwrap_model(model), processor, final, state_dict=model_state)
         newest = latest_checkpoint(run_dir)

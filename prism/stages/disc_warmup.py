@@ -56,14 +56,20 @@ from prism.stages.common import (
     build_optimizer,
     build_scheduler,
     finish_stage,
+    is_fsdp,
     load_policy,
     make_accelerator,
-    resume,
+    plain_norm,
+    preempted,
+    prepare_and_resume,
     save_progress,
+    shard_whole,
     start_stage,
+    stop_preempted,
 )
 
 PAIRS_FILE = "pairs.jsonl"
+DISCRIMINATOR_FORWARDS = ("prefill", "continue_hidden", "head_scores")  # called instead of forward (FSDP2 hooks)
 GENERATION_PROMPTS = 16  # teacher prompts per generate call
 
 
@@ -233,11 +239,17 @@ def run(cfg: DiscWarmupConfig) -> Path:
     encoder = PairEncoder(processor, pairs, spec.uses_images)
     optimizer = build_optimizer(discriminator, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    restored = resume(run_dir, discriminator, optimizer, scheduler, accelerator)
+    # No DDP wrapper (several forwards per backward): gradients are averaged by hand (average_gradients). Under
+    # FSDP the discriminator is sharded as one FSDP2 unit, whose backward reduce-scatters them instead.
+    sharded = is_fsdp(accelerator)
+    discriminator, optimizer, restored = prepare_and_resume(
+        run_dir, accelerator, discriminator, optimizer, scheduler,
+        prepare=(lambda m, o: shard_whole(accelerator, m, o, DISCRIMINATOR_FORWARDS)) if sharded
+        else (lambda m, o: (m.to(accelerator.device), o)))
     start = restored["step"] if restored else 0
-    discriminator.to(accelerator.device)  # no DDP wrapper: gradients are averaged by hand (average_gradients)
     heldout_before = restored["extra"].get("heldout_before") if restored else None
-    if heldout_before is None and heldout_idx and accelerator.is_main_process:
+    # held-out scoring: the main process alone, or every process when sharded (each forward is a collective)
+    if heldout_before is None and heldout_idx and (accelerator.is_main_process or sharded):
         heldout_before = heldout_accuracy(discriminator, encoder, heldout_idx, cfg.micro_batch_size, cfg.max_length,
                                           cfg.model.autocast_dtype)
     kinds = spec.segment_kinds
@@ -273,7 +285,7 @@ def run(cfg: DiscWarmupConfig) -> Path:
             bt_total, aux_total = accelerator.reduce(torch.tensor([bt_total, aux_total]), reduction="mean").tolist()
             scores = {key: [accelerator.gather(torch.cat(values))] for key, values in scores.items()}
         check_finite(bt_total + aux_total, discriminator, step=step + 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(discriminator.parameters(), clip)
+        grad_norm = plain_norm(torch.nn.utils.clip_grad_norm_(discriminator.parameters(), clip))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -292,19 +304,23 @@ def run(cfg: DiscWarmupConfig) -> Path:
                 logger.log(done, record)
             progress.update(1, loss=round(bt_total, 4),
                             **{f"acc_{k[:4]}": round(float(record[f"accuracy_{k}"]), 3) for k in kinds})
-        if (cfg.save_every_steps and done % cfg.save_every_steps == 0) or done == total_steps:
+        stop = done < total_steps and preempted(accelerator)  # a preemption signal: save this step and stop
+        if (cfg.save_every_steps and done % cfg.save_every_steps == 0) or done == total_steps or stop:
             save_progress(run_dir, done, cfg, accelerator, discriminator, optimizer, scheduler,
                           data_position={"pairs_seen": done * global_batch},
                           extra={"heldout_before": heldout_before})
+        if stop:
+            stop_preempted("disc_warmup", run_dir, done, accelerator, progress, logger)
 
     heldout = {}
     if accelerator.is_main_process:
         progress.close()
         logger.close()
-        if heldout_idx:
-            heldout = {"before": heldout_before,
-                       "after": heldout_accuracy(discriminator, encoder, heldout_idx, cfg.micro_batch_size,
-                                                 cfg.max_length, cfg.model.autocast_dtype)}
+    if heldout_idx and (accelerator.is_main_process or sharded):
+        heldout = {"before": heldout_before,
+                   "after": heldout_accuracy(discriminator, encoder, heldout_idx, cfg.micro_batch_size,
+                                             cfg.max_length, cfg.model.autocast_dtype)}
+        if accelerator.is_main_process:
             atomic_write_text(run_dir / "heldout.json", json.dumps(heldout, indent=2) + "\n")
     final = finish_stage(run_dir, cfg, accelerator, discriminator, processor, save=save_discriminator, local=local, extra={
         "steps": total_steps, "pairs": len(pairs), "train_pairs": len(train_idx), "heldout_pairs": len(heldout_idx),

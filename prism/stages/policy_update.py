@@ -30,7 +30,7 @@ from prism.algorithms import Metrics, aggregate_loss, get_policy_loss, kl_penalt
 from prism.config import PolicyUpdateConfig
 from prism.rollout import RolloutBatch, log_probs_and_entropy
 from prism.runtime import autocast, check_finite, mean_or_nan
-from prism.stages.common import no_sync
+from prism.stages.common import no_sync, plain_norm
 
 
 @dataclass
@@ -136,7 +136,7 @@ def policy_update(model, optimizer, scheduler, accelerator, groups: Sequence[Gro
                 stats["ppo_kl"].append(float(metrics["ppo_kl"]))
                 stats["entropy"].append(float(entropy.sum() / mask.sum().clamp_min(1)))
         check_finite(update_loss, accelerator.unwrap_model(model), step=step)
-        stats["grad_norm"].append(float(accelerator.clip_grad_norm_(model.parameters(), clip)))
+        stats["grad_norm"].append(float(plain_norm(accelerator.clip_grad_norm_(model.parameters(), clip))))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

@@ -36,9 +36,11 @@ from prism.stages.common import (
     finish_stage,
     load_policy,
     make_accelerator,
-    resume,
+    preempted,
+    prepare_and_resume,
     save_progress,
     start_stage,
+    stop_preempted,
 )
 from prism.stages.policy_update import Group, policy_update
 
@@ -98,10 +100,10 @@ def run(cfg: RLVRConfig) -> Path:
     reference = copy.deepcopy(model).eval().requires_grad_(False) if update.kl_coef > 0 else None
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps * update.mini_batches)
-    restored = resume(run_dir, model, optimizer, scheduler, accelerator)
+    # a plain checkpoint is restored before prepare, an FSDP run's sharded one into the shards after it
+    model, optimizer, restored = prepare_and_resume(run_dir, accelerator, model, optimizer, scheduler)
     start = restored["step"] if restored else 0
     cursor = restored["data_position"]["prompts_consumed"] if restored else 0
-    model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)
     if reference is not None:
         reference.to(accelerator.device)
@@ -193,9 +195,12 @@ def run(cfg: RLVRConfig) -> Path:
             if done % cfg.log_every_steps == 0 or done == cfg.steps:
                 logger.log(done, record)
             progress.update(1, reward=round(float(record["reward"]), 3), acc=round(float(record["accuracy"]), 3))
-        if (cfg.save_every_steps and done % cfg.save_every_steps == 0) or done == cfg.steps:
+        stop = done < cfg.steps and preempted(accelerator)  # a preemption signal: save this step and stop
+        if (cfg.save_every_steps and done % cfg.save_every_steps == 0) or done == cfg.steps or stop:
             save_progress(run_dir, done, cfg, accelerator, model, optimizer, scheduler,
                           data_position={"prompts_consumed": cursor})
+        if stop:
+            stop_preempted(f"rlvr-{cfg.algorithm}", run_dir, done, accelerator, progress, logger)
 
     if accelerator.is_main_process:
         progress.close()

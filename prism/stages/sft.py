@@ -32,9 +32,12 @@ from prism.stages.common import (
     load_policy,
     make_accelerator,
     no_sync,
-    resume,
+    plain_norm,
+    preempted,
+    prepare_and_resume,
     save_progress,
     start_stage,
+    stop_preempted,
 )
 
 
@@ -91,9 +94,9 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    restored = resume(run_dir, model, optimizer, scheduler, accelerator)
+    # a plain checkpoint is restored before prepare, an FSDP run's sharded one into the shards after it
+    model, optimizer, restored = prepare_and_resume(run_dir, accelerator, model, optimizer, scheduler)
     start = restored["step"] if restored else 0
-    model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     policy = accelerator.unwrap_model(model)
 
@@ -133,7 +136,7 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
             loss_sum += loss.detach()
         loss_mean = (accelerator.reduce(loss_sum, reduction="sum") if world > 1 else loss_sum) / total_tokens
         check_finite(loss_mean, accelerator.unwrap_model(model), step=step + 1)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+        grad_norm = plain_norm(accelerator.clip_grad_norm_(model.parameters(), clip))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -150,10 +153,13 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
                                   "tokens_per_s": step_tokens / seconds, "seconds": seconds,
                                   "epoch": done / steps_per_epoch})
             progress.update(1, loss=round(float(loss_mean), 4), lr=f"{lr:.2e}")
-        if (cfg.save_every_steps and done % cfg.save_every_steps == 0) or done == total_steps:
+        stop = done < total_steps and preempted(accelerator)  # a preemption signal: save this step and stop
+        if (cfg.save_every_steps and done % cfg.save_every_steps == 0) or done == total_steps or stop:
             epoch, offset = divmod(done, steps_per_epoch)
             save_progress(run_dir, done, cfg, accelerator, model, optimizer, scheduler,
                           data_position={"epoch": epoch, "records_into_epoch": offset * global_batch})
+        if stop:
+            stop_preempted(stage, run_dir, done, accelerator, progress, logger)
 
     if accelerator.is_main_process:
         progress.close()
