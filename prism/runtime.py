@@ -161,18 +161,29 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model_state: Mapping[str,
         torch.save(trainer_state, tmp / STATE_FILE)
         index = {"step": int(step), "files": {name: sha256_file(tmp / name) for name in (MODEL_FILE, STATE_FILE)}}
         atomic_write_text(tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-        if final.exists():  # re-saving a step: move the old one aside, since os.replace needs an empty target
-            old = root / f".old-step-{step:06d}-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
+        _publish_checkpoint(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def _publish_checkpoint(tmp: Path, final: Path) -> None:
+    """Rename a complete temp folder into place; re-saving a step moves the old one aside first (os.replace needs
+    an empty target)."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def _prune_checkpoints(run_dir: str | Path, keep_last: int | None) -> None:
+    """Delete checkpoints beyond the newest `keep_last` (only once the newest is complete)."""
     if keep_last is not None and keep_last > 0:
         for _, old_dir in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old_dir, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -304,17 +315,11 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.M
             index = {"step": int(step), "format": "dcp", "processes": world,
                      "files": {name: sha256_file(tmp / name) for name in names}}
             atomic_write_text(tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-            if final.exists():
-                old = root / f".old-step-{step:06d}-{os.getpid()}"
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, final)
+            _publish_checkpoint(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if keep_last is not None and keep_last > 0:
-            for _, old_dir in list_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old_dir, ignore_errors=True)
+        _prune_checkpoints(run_dir, keep_last)
     dist.barrier()
     return final
 
