@@ -254,6 +254,9 @@ def start_stage(stage: str, cfg: Any, accelerator) -> tuple[Path, bool, Any]:
             raise FileExistsError(f"{run_dir} holds a run of another {type(cfg).__name__} (config_hash {previous}, "
                                   f"this one {config_hash(cfg)}): choose another output_dir or delete it")
     if is_done(run_dir):
+        if not recorded.is_file():  # DONE without the config it finished: nothing says which run this was
+            raise FileExistsError(f"{run_dir} is marked finished but has no config.yaml, so it cannot be told to be "
+                                  f"this {type(cfg).__name__}'s run: choose another output_dir or delete it")
         return run_dir, True, cfg
     local = resolve_sources(stage, cfg)
     if accelerator.is_main_process:

@@ -80,3 +80,18 @@ def test_autocast_computes_in_bf16_over_float32_weights_and_the_launch_must_agre
         check_launch_precision(launch, ModelConfig(mixed_precision=model))
     with pytest.raises(RuntimeConfigError, match="model.mixed_precision is 'no'"):
         check_launch_precision("bf16", ModelConfig(mixed_precision="no"))
+
+
+def test_a_finished_directory_without_its_config_is_refused_not_taken_as_finished(tmp_path):
+    from types import SimpleNamespace
+
+    from prism.runtime import mark_done
+    from prism.stages.common import start_stage
+
+    run_dir = tmp_path / "sft"
+    cfg = load_config(SFTConfig, overrides=["model.preset=embedded-s", f"output_dir={run_dir}"])
+    mark_done(run_dir)
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    with pytest.raises(FileExistsError, match="marked finished but has no config.yaml"):
+        start_stage("sft", cfg, accelerator)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["DONE"]  # nothing written
