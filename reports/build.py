@@ -96,7 +96,7 @@ def build_report(name: str, preset: str, seeds: int | None = None) -> Path:
         atomic_write_text(tmp / "table.md", f"# {matrix.name} ({preset})\n\n{note}\n\n{markdown}\n")
 
         fig_dir = tmp / "figures"
-        images = []
+        images = figures.training_figures(plan, fig_dir)  # every stage's logged curves, one line per cell
         images += figures.alignment_figures(plan, fig_dir)
         images += figures.rl_curves(plan, fig_dir)
         images += figures.distribution_figure(plan, _teacher_texts(plan), lambda c: read_record(Path(c.eval_key)), fig_dir)
