@@ -267,6 +267,10 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
         return self.keys, self.values
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
 
 def reserve_cache(cache: Any, extra_tokens: int) -> None:
     """Give each plain DynamicLayer of `cache` room for `extra_tokens` more (other caches are left alone)."""
@@ -296,7 +300,7 @@ def prefill_prompts(
 @torch.no_grad()
 def sample_responses(
     model: Any, inputs: dict[str, torch.Tensor], n: int, sampling: SamplingParams, stop_ids: list[int],
-    pad_id: int, with_log_probs: bool,
+    pad_id: int, with_log_probs: bool, compact_rows: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """n sampled responses per prompt, rows prompt-major: [rows, R] ids (pad after the stop token) and, if
     asked, their behaviour log-probs [rows, R] (0 after the stop token is masked later).
@@ -305,7 +309,12 @@ def sample_responses(
     prefilled once, not n times, and their key/value cache is repeated for the n rows; tokens are drawn with
     one uniform per row (`draw_tokens`). Processors, in `generate`'s order: vision placeholders
     suppressed, stop tokens masked before `min_new_tokens`, temperature, then top-p (HF's nucleus: the
-    smallest set of tokens whose probability reaches top_p, at least one)."""
+    smallest set of tokens whose probability reaches top_p, at least one).
+
+    With `compact_rows`, rows that have stopped leave the batch (`generate` decodes them to the longest row's
+    end): once an eighth of the rows still decoding have stopped, the batch, its cache and its mask keep only
+    the others. Every step still draws one uniform for every row, so a row's tokens do not depend on when others
+    stopped (the same as without compaction, up to the float rounding of a smaller batch)."""
     device = inputs["input_ids"].device
     prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
     vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if inputs.get(k) is not None}
@@ -321,10 +330,11 @@ def sample_responses(
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     tokens = torch.full((rows, max_new), pad_id, dtype=torch.long, device=device)
     log_probs = torch.zeros(rows, max_new, device=device) if with_log_probs else None
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    active = torch.arange(rows, device=device)  # the rows still decoding; logits, cache and mask hold only these
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)  # of the active rows
     cache_arg, steps = cache_kwarg(model), 0
     # Under FSDP every process must join every forward: go on until all processes are done (as `generate`'s
-    # synced_gpus does).
+    # synced_gpus does), and keep the batch whole (an empty batch could not join).
     synced = (torch.distributed.is_available() and torch.distributed.is_initialized()
               and torch.distributed.get_world_size() > 1 and is_sharded_module(model))
     for t in range(max_new):
@@ -337,12 +347,13 @@ def sample_responses(
             scores = scores / sampling.temperature
             if sampling.top_p < 1.0:
                 scores = top_p_filter(scores, sampling.top_p)
-            next_tokens = draw_tokens(scores, generator)
+            uniforms = torch.rand(rows, 1, device=device, generator=generator)  # every row's, active or not
+            next_tokens = draw_tokens(scores, uniforms=uniforms[active])
         next_tokens = next_tokens.masked_fill(finished, pad_id)
         if log_probs is not None:  # the documented behaviour distribution: no min-length mask, no top-p
-            log_probs[:, t] = token_log_probs(logits, next_tokens, sampling.logprob_temperature,
-                                              suppressed.tolist())
-        tokens[:, t] = next_tokens
+            log_probs[active, t] = token_log_probs(logits, next_tokens, sampling.logprob_temperature,
+                                                   suppressed.tolist())
+        tokens[active, t] = next_tokens
         steps = t + 1
         finished |= torch.isin(next_tokens, stops)
         done = finished.all().float()
@@ -350,6 +361,12 @@ def sample_responses(
             torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
         if bool(done) or steps == max_new:
             break
+        stopped = int(finished.sum())
+        if compact_rows and not synced and stopped and stopped * 8 >= len(active):
+            keep = (~finished).nonzero().squeeze(-1)
+            active, next_tokens, start = active[keep], next_tokens[keep], start[keep]
+            attention_mask, finished = attention_mask[keep], finished[keep]
+            cache.batch_select_indices(keep)
         positions = (start + t)[None, :, None].expand(3, -1, -1)
         out = model(input_ids=next_tokens[:, None], attention_mask=attention_mask[:, : prompt_ids.shape[1] + t + 1],
                     position_ids=positions, use_cache=True, **{cache_arg: cache})
@@ -357,12 +374,16 @@ def sample_responses(
     return tokens[:, :steps], (log_probs[:, :steps] if log_probs is not None else None)
 
 
-def draw_tokens(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw_tokens(scores: torch.Tensor, generator: torch.Generator | None = None,
+                uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from softmax(scores), by inverting the cumulative distribution with one uniform per
     row (on CPU, `torch.multinomial` took about 1 ms per step for 64 rows x 512 tokens, 7% of a tiny model's
-    decode step). A token of probability 0 is never drawn: the first index whose CDF exceeds u is taken."""
+    decode step). A token of probability 0 is never drawn: the first index whose CDF exceeds u is taken.
+    `uniforms` [rows, 1] in [0, 1) are used when given, else drawn from `generator`."""
     cdf = torch.softmax(scores.float(), dim=-1).cumsum(-1)
-    u = torch.rand(scores.shape[0], 1, device=scores.device, generator=generator) * cdf[:, -1:]
+    if uniforms is None:
+        uniforms = torch.rand(scores.shape[0], 1, device=scores.device, generator=generator)
+    u = uniforms * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(scores.shape[-1] - 1)
 
 

@@ -300,6 +300,29 @@ def test_greedy_rollouts_equal_transformers_generate(backend, processor):
     assert torch.equal(batch.response_ids, expected[:, inputs["input_ids"].shape[1]:])
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_stopped_rows_leave_the_batch_without_changing_any_row(eos_backend, monkeypatch, top_p):
+    from transformers.cache_utils import Cache
+
+    from prism.rollout.hf import sample_responses
+
+    inputs, _ = eos_backend.encode(_prompts())
+    model, pad = eos_backend.model, eos_backend.tokenizer.pad_token_id
+    sampling = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=top_p, seed=4)
+    batch_sizes = []
+    select = Cache.batch_select_indices
+    monkeypatch.setattr(Cache, "batch_select_indices", lambda cache, keep: (batch_sizes.append(len(keep)),
+                                                                             select(cache, keep))[1])
+    compact_ids, compact_logp = sample_responses(model, inputs, 8, sampling, [EOS_TOKEN_ID], pad, True)
+    assert batch_sizes and batch_sizes == sorted(batch_sizes, reverse=True) and batch_sizes[-1] < 16
+    whole_ids, whole_logp = sample_responses(model, inputs, 8, sampling, [EOS_TOKEN_ID], pad, True,
+                                             compact_rows=False)
+    assert len(batch_sizes) == len(set(batch_sizes))  # no compaction in the second call
+    assert torch.equal(compact_ids, whole_ids)
+    mask, _ = response_mask_and_finish(whole_ids, [EOS_TOKEN_ID])
+    torch.testing.assert_close(compact_logp * mask, whole_logp * mask, atol=1e-5, rtol=1e-5)
+
+
 def test_min_new_tokens_holds_back_the_stop_token(eos_backend):
     early = eos_backend.generate(_prompts(), n=4, sampling=SamplingParams(max_new_tokens=8, seed=0))
     assert min(int(m.sum()) for m in early.response_mask) < 5  # the eos bias stops some rollouts early
@@ -312,19 +335,11 @@ def test_prompt_once_forward_synchronises_gradients_under_ddp(tmp_path):
     """2 processes under torchrun: the gradient through DDP equals the mean of the processes' own gradients,
     although the prompt forward bypasses the wrapper (DDP's hooks sit on the parameters)."""
     import json
-    import os
-    import socket
-    import subprocess
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    worker = Path(__file__).with_name("ddp_log_probs_worker.py")
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(port), str(worker), str(tmp_path / "out.json")],
-                            check=False, env=env, capture_output=True, text=True, timeout=180)
+    from tests.torchrun import torchrun
+
+    result = torchrun([str(Path(__file__).with_name("ddp_log_probs_worker.py")), str(tmp_path / "out.json")])
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["same_keys"] and out["scale"] > 0

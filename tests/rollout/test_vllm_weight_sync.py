@@ -3,9 +3,6 @@ fake_vllm.py; vLLM is not installed here): full tensors in the compute dtype, ea
 module at a time, gathered lazily; under FSDP2 on two processes, full tensors equal to one process's update."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import prism.rollout.vllm as vllm_module
 from prism.models import PRESETS, build_model, build_processor, build_tokenizer, save_model
 from prism.rollout import HFRolloutBackend, RolloutError, RolloutPrompt, SamplingParams, sequence_log_probs
 from prism.rollout.backends import make_backend
+from tests.torchrun import torchrun
 
 from .fake_vllm import fake_vllm
 
@@ -119,14 +117,7 @@ def test_weight_sync_under_fsdp2_on_two_processes_pushes_full_tensors_of_the_upd
     """torchrun, 2 CPU processes (gloo), the policy sharded with FSDP2 as accelerate's plugin shards it
     (fsdp_weight_sync_worker.py says why accelerate itself is not used): after one update, each process's engine
     receives the full tensors, bit for bit those of the same update in one process, cast to bfloat16."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    worker = Path(__file__).with_name("fsdp_weight_sync_worker.py")
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(port), str(worker), str(tmp_path / "out")],
-                            check=False, env=env, capture_output=True, text=True, timeout=180)
+    result = torchrun([str(Path(__file__).with_name("fsdp_weight_sync_worker.py")), str(tmp_path / "out")])
     assert result.returncode == 0, result.stderr[-2000:]
     for rank in (0, 1):
         out = json.loads((tmp_path / f"out.rank{rank}.json").read_text())

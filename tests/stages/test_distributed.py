@@ -2,29 +2,25 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from tests.torchrun import torchrun
+
 from .conftest import model_tensors
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(stage, args, out, processes, timeout):
     """`prism train STAGE` under torchrun (gloo) with `processes` processes, or plainly for 1; its metrics."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_port", str(_free_port())] if processes > 1 else [sys.executable]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*launcher, "-m", "prism.cli", "train", stage, *args], env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    command = ["-m", "prism.cli", "train", stage, *args]
+    if processes > 1:
+        result = torchrun(command, processes=processes, timeout=timeout)
+    else:
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-2000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -4,9 +4,6 @@ through torch.distributed.checkpoint. A run stopped after a checkpoint and resum
 uninterrupted one, weights and optimizer state; the sharded step equals one process's on the same global batch."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from prism.config import SFTConfig, load_config
 from prism.models.discriminator import HEAD_FILE
 from prism.runtime import SHARDED_DIR, STATE_FILE, latest_checkpoint, list_checkpoints
 from prism.stages.sft import run as run_sft
+from tests.torchrun import torchrun
 
 from .conftest import model_tensors
 
@@ -25,14 +23,8 @@ TIMING = {"seconds", "tokens_per_s"}
 
 
 def _launch_fsdp(recipe: str, out: Path, stop: int, overrides: list[str], timeout: int = 300) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     worker = Path(__file__).with_name("fsdp_stage_worker.py")
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(port), str(worker), recipe, str(out), str(stop), *overrides],
-                            check=False, env=env, capture_output=True, text=True, timeout=timeout)
+    result = torchrun([str(worker), recipe, str(out), str(stop), *overrides], timeout=timeout)
     (out / f"stderr-stop{stop}.txt").write_text(result.stdout + result.stderr)  # the whole log
     assert result.returncode == 0, result.stderr[-3000:]
 
