@@ -1,6 +1,12 @@
-"""lmms-eval results JSON -> tidy rows, and the CSV row store that reports read with pandas.
+"""lmms-eval results JSON -> tidy rows, the CSV row store that reports read with pandas, and where an
+evaluation's lmms-eval files lie.
 
-lmms-eval's layout (what `simple_evaluate` returns and its EvaluationTracker writes as
+An evaluation folder (outputs/evals/<checkpoint-hash>/<entry>-<key>/) is the `--output_path` of lmms-eval's
+CLI: its EvaluationTracker writes `<model_name_sanitized>/<date>_results.json` and
+`<model_name_sanitized>/<date>_samples_<task>.jsonl` under it (`results_files`, `samples_files` find them;
+evaluations written before that layout hold them directly in the folder, and are read too).
+
+lmms-eval's results (what `simple_evaluate` returns and its EvaluationTracker writes as
 `<date>_results.json`):
     results:       {task_or_group: {"alias": ..., "<metric>,<filter>": value, "<metric>_stderr,<filter>": value|"N/A", ...}}
     n-samples:     {task: {"original": N, "effective": n}}        (tasks only)
@@ -21,6 +27,7 @@ import csv
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -32,6 +39,10 @@ STORE_COLUMNS = (
     "checkpoint", "checkpoint_hash", "suite", "benchmark", "task", "metric", "value", "stderr", "n", "eval_key", "date",
 )
 _NOT_METRICS = {"alias", "samples", " ", "name", "sample_len", "sample_count"}
+# The key under which the published tasks' process_results return each document's own ids (and the fields its
+# benchmark's official prediction file needs): lmms-eval 0.7.3 drops `doc` from saved samples but keeps every
+# key process_results returns (as its own mmmu_val does with "submission"); reports/submit.py reads it.
+SUBMISSION_KEY = "submission"
 
 
 def _number(value: Any) -> float:
@@ -84,6 +95,26 @@ def parse_results(results: Mapping | str | Path, **columns: Any) -> list[dict]:
                 "n": n,
             })
     return rows
+
+
+def results_files(entry_dir: Path) -> list[Path]:
+    """The lmms-eval results JSON files of an evaluation folder, oldest first (file names start with the date)."""
+    return sorted([*entry_dir.glob("*/*_results.json"), *entry_dir.glob("*_results.json")], key=lambda p: p.name)
+
+
+def samples_files(entry_dir: Path) -> dict[str, Path]:
+    """{task: its newest `<date>_samples_<task>.jsonl`} of an evaluation folder."""
+    found: dict[str, Path] = {}
+    for path in sorted([*entry_dir.glob("*/*_samples_*.jsonl"), *entry_dir.glob("*_samples_*.jsonl")],
+                       key=lambda p: p.name):
+        found[path.name[: -len(".jsonl")].split("_samples_", 1)[1]] = path
+    return found
+
+
+def date_key(date: Any) -> str:
+    """An evaluation date as YYYYMMDDhhmmss, for ordering: lmms-eval's `20260105_143000` (what `prism eval` writes,
+    in UTC) and the `20260105T143000_123456Z` of evaluations written before sort together."""
+    return re.sub(r"\D", "", str(date))[:14]
 
 
 def write_rows(path: Path, rows: Iterable[Mapping]) -> None:

@@ -5,9 +5,12 @@ Layout under `out_root` (default outputs/evals):
     results.csv                              the row store, all checkpoints (evaluation.results)
     .hash-cache.json                         file digests by (path, size, mtime), so hashing is paid once
     <checkpoint-hash>/                       sha256 over the checkpoint's files (names and contents)
-      <entry>-<key>/                         one lmms-eval task or group, e.g. prism_embedded-1f0c2a9b3e4d
-        <date>_results.json                  lmms-eval's results JSON, as its EvaluationTracker writes it
-        <date>_samples_<task>.jsonl          lmms-eval's samples, one file per task
+      <entry>-<key>/                         one lmms-eval task or group, e.g. prism_embedded-1f0c2a9b3e4d; what
+                                             lmms-eval's CLI writes under its --output_path for the same run:
+        <model_name_sanitized>/              the checkpoint folder's last two path parts, e.g. rlvr-dapo__model
+          <date>_results.json                lmms-eval's results JSON (date: YYYYMMDD_HHMMSS, UTC), model name
+                                             and model_args filled as `--model_args` would give them
+          <date>_samples_<task>.jsonl        lmms-eval's samples, one file per task
         rows.csv                             this evaluation's tidy rows
         eval.json                            manifest: checkpoint, suite, resolved config (no secrets), limit,
                                              world, versions, seconds, files
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -47,7 +49,8 @@ from evaluation.config import (
 )
 from evaluation.dataset_sources import require_published_datasets
 from evaluation.judge import export_judge_env, require_judge, resolve_judge
-from evaluation.results import STORE_COLUMNS, append_to_store, parse_results, read_rows, write_rows
+from evaluation.results import STORE_COLUMNS, append_to_store, parse_results, read_rows, results_files, write_rows
+from evaluation.tracking import log_to_stage_trackers
 from prism.atomic_io import atomic_write_text
 from prism.hub import resolve_model_path
 
@@ -231,9 +234,10 @@ def plan_suite(suite: str, cfg: EvalConfig, world: Path | None, limit: int | Non
 
 def _rule_based_overrides(benchmark: str) -> dict[str, Any]:
     from evaluation import published
+    from evaluation.tasks.published import utils as hooks  # the tasks' own hook, submission record included
 
     def process_results(doc, results, _benchmark=benchmark):
-        return published.process_results(_benchmark, doc, results, judged=False)
+        return hooks.process_results(_benchmark, doc, results, judged=False)
 
     process_results.__name__ = f"{benchmark}_process_results"
     metric_list = [
@@ -287,19 +291,37 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def lmms_model_name(cfg: EvalConfig) -> str:
+    """The lmms-eval model (`--model`) of the backend: our entry points in evaluation/plugin.py."""
+    return "prism_vllm" if cfg.backend == "vllm" else "prism_hf"
+
+
+def model_arguments(cfg: EvalConfig, checkpoint: Path) -> dict[str, Any]:
+    """The model's arguments as lmms-eval's `--model_args` gives them; batch size and device are the CLI's own
+    `--batch_size` and `--device`, which lmms-eval passes beside them (in model_args too they clash)."""
+    args: dict[str, Any] = {"pretrained": str(checkpoint), "seed": cfg.seed, "dtype": cfg.dtype}
+    if cfg.backend == "vllm":
+        v = cfg.vllm
+        args.update(tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
+                    max_model_len=v.max_model_len, max_images_per_prompt=v.max_images_per_prompt,
+                    chat_template=v.chat_template)
+    return {name: value for name, value in args.items() if value is not None}  # unset: the model's default
+
+
+def model_args_string(args: dict[str, Any]) -> str:
+    """`key=value,...`, the `--model_args` string lmms-eval parses (lmms_eval.utils.simple_parse_args_string)."""
+    return ",".join(f"{name}={value}" for name, value in args.items())
+
+
 def _build_model(cfg: EvalConfig, checkpoint: Path):
+    args = model_arguments(cfg, checkpoint)
     if cfg.backend == "vllm":
         from evaluation.vllm_model import PrismVLLM
 
-        v = cfg.vllm
-        return PrismVLLM(
-            str(checkpoint), seed=cfg.seed, batch_size=cfg.batch_size, dtype=cfg.dtype,
-            tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
-            max_model_len=v.max_model_len, max_images_per_prompt=v.max_images_per_prompt, chat_template=v.chat_template,
-        )
+        return PrismVLLM(**args, batch_size=cfg.batch_size)
     from evaluation.model import PrismHF
 
-    return PrismHF(str(checkpoint), seed=cfg.seed, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)
+    return PrismHF(**args, batch_size=cfg.batch_size, device=cfg.device)
 
 
 def _public_config(cfg: EvalConfig) -> dict[str, Any]:
@@ -337,22 +359,29 @@ def _user_error_inside(error: BaseException) -> EvalError | None:
 
 
 def _evaluate_entry(
-    entry: Entry, model, cfg: EvalConfig, limit: int | None, directory: Path, columns: dict[str, Any]
+    entry: Entry, model, cfg: EvalConfig, checkpoint: Path, limit: int | None, directory: Path, columns: dict[str, Any]
 ) -> EntryOutcome:
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.loggers.evaluation_tracker import EvaluationTracker
+    from lmms_eval.utils import get_datetime_str
 
     tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
         started = time.perf_counter()
-        # A fresh date every call: lmms-eval's default is fixed at import and its sample files are appended to.
-        date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S_%fZ")
+        # lmms-eval's CLI date (`--timezone UTC`): a fresh one every call, as the CLI takes one per run (the
+        # default of simple_evaluate is fixed at import, and its sample files are appended to).
+        date = get_datetime_str(timezone="UTC")
+        # The folder is the CLI's --output_path: the tracker adds <model_name_sanitized>/ from model_args.
         tracker = EvaluationTracker(output_path=str(tmp))
         manager = task_manager("embedded" if entry.benchmark == "embedded" else "paper")
+        hf = cfg.backend == "hf"
         try:
             results = simple_evaluate(
                 model=model,
+                model_args=model_args_string(model_arguments(cfg, checkpoint)),
+                batch_size=cfg.batch_size,
+                device=cfg.device if hf else None,
                 tasks=[entry.lmms_task()],
                 task_manager=manager,
                 limit=limit,
@@ -374,18 +403,19 @@ def _evaluate_entry(
         if results is None:
             raise EvalError(f"{entry.name}: lmms-eval returned no results")
         samples = results.pop("samples", {})
-        # simple_evaluate logged the model *object* as the source; the tracker deep-copies its fields into
-        # the JSON (asdict) and swallows the failure. Name the model instead.
-        tracker.general_config_tracker.model_source = getattr(model, "lmms_name", type(model).__name__)
+        # Given the loaded model rather than its name, simple_evaluate records the *object* as the model source
+        # (the tracker's asdict of it fails, swallowed) and its class name as config.model: name it as the CLI.
+        tracker.general_config_tracker.model_source = lmms_model_name(cfg)
+        results["config"]["model"] = lmms_model_name(cfg)
         tracker.save_results_aggregated(results=results, samples=samples, datetime_str=date)
         for task_name in results.get("configs", {}):
             if task_name in samples:
                 tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
-        results_files = sorted(tmp.rglob("*_results.json"))
-        if not results_files:  # the tracker logs and swallows write errors
+        written = results_files(tmp)
+        if not written:  # the tracker logs and swallows write errors
             raise EvalError(f"{entry.name}: lmms-eval wrote no results JSON under {tmp}")
         seconds = time.perf_counter() - started
-        rows = parse_results(results_files[-1], **columns)
+        rows = parse_results(written[-1], **columns)
         write_rows(tmp / "rows.csv", rows)
         n = sum(int(v.get("effective", 0)) for v in results.get("n-samples", {}).values())
         manifest = {
@@ -487,10 +517,15 @@ def run_eval(
                 out_dir.mkdir(parents=True, exist_ok=True)
                 _note_checkpoint(out_dir, checkpoint)
             log(f"{entry.name}: evaluating" + (f" (limit {limit})" if limit else ""))
-            outcome = _evaluate_entry(entry, model, cfg, limit, directory, {**columns, "benchmark": entry.benchmark, "eval_key": entry.key})
+            outcome = _evaluate_entry(entry, model, cfg, checkpoint, limit, directory,
+                                      {**columns, "benchmark": entry.benchmark, "eval_key": entry.key})
             append_to_store(store, outcome.rows)
             log(f"{entry.name}: {outcome.samples} samples in {outcome.seconds:.1f} s -> {directory}")
             outcomes.append(outcome)
+    # A tracked stage's model/: its new results join the stage's wandb or TensorBoard run (evaluation.tracking).
+    evaluated = [row for outcome in outcomes if outcome.status == "evaluated" for row in outcome.rows]
+    for tracker in log_to_stage_trackers(checkpoint, suite, evaluated, limit):
+        log(f"results added to the {tracker} run of stage {checkpoint.parent}")
     return EvalReport(checkpoint, digest, suite, out_dir, store, outcomes)
 
 
@@ -509,5 +544,6 @@ def _note_checkpoint(out_dir: Path, checkpoint: Path) -> None:
 
 __all__ = [
     "DEFAULT_OUT_ROOT", "DEFAULT_WORLD", "Entry", "EntryOutcome", "EvalReport", "STORE_COLUMNS", "SUITES",
-    "checkpoint_hash", "plan_suite", "run_eval", "task_manager",
+    "checkpoint_hash", "lmms_model_name", "model_args_string", "model_arguments", "plan_suite", "run_eval",
+    "task_manager",
 ]

@@ -336,7 +336,8 @@ class PlanBuilder:
         except (ConfigError, ModelError) as error:
             raise ConfigError(f"{where}: {error}") from None
         out = STAGE_ROOT / f"{stage}-{config_hash(cfg)}"
-        cfg = replace(cfg, output_dir=str(out))
+        # Cells share stages, so a stage's tracker run is grouped by the matrix run rather than by one cell.
+        cfg = replace(cfg, output_dir=str(out), tracking_group=f"{self.matrix.name}-{self.preset_name}")
         config_file = MATRIX_ROOT / "configs" / f"{out.name}.yaml"
         command = [sys.executable, "-m", "prism.cli", "train", stage, "--config", str(config_file)]
         node = Node(stage, str(out), command, deps, cfg=cfg, steps=_steps(stage, cfg),

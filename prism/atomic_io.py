@@ -23,10 +23,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
     # Not mkstemp: its 0600 would survive the rename. os.open applies the umask to 0666, as open() does.
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as error:
+        # Name the file the caller asked for: a failed write() (ENOSPC) names none, the others the temporary.
+        if error.errno is not None and error.filename in (None, str(tmp)):
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     finally:
         Path(tmp).unlink(missing_ok=True)
 

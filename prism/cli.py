@@ -13,8 +13,9 @@
   prism sweep run|report NAME [--workers N] [--storage URL]
   prism submit CHECKPOINT                          (leaderboard bundle; refreshes outputs/leaderboard.md)
 
-User mistakes (bad configs, malformed data, missing checkpoints) end with one line on stderr and
-exit status 2, never a traceback.
+User mistakes (bad configs, malformed data, missing or corrupted checkpoints) and output faults (a read-only
+folder, a full disk) end with one line on stderr and exit status 2, never a traceback; Ctrl-C ends with one
+line and exit status 130. `prism --debug ...` shows the traceback instead.
 A `prism train` stopped by a preemption signal (SIGUSR1, SIGUSR2; SIGTERM in a SLURM job) saves a checkpoint
 at the end of its current optimizer step and exits with status 75; run again, it resumes there.
 """
@@ -28,6 +29,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -42,11 +44,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from prism.models import ModelError
     from prism.rewards import RewardInputError
     from prism.rollout.base import RolloutError
-    from prism.runtime import NonFiniteError, RuntimeConfigError
+    from prism.runtime import CheckpointError, NonFiniteError, RuntimeConfigError
     from reports.submit import SubmitError
 
     return (ConfigError, DataError, EvalError, ModelError, RewardInputError, RolloutError, RuntimeConfigError,
-            NonFiniteError, FileExistsError, NotImplementedError, MatrixError, SubmitError)
+            NonFiniteError, FileExistsError, NotImplementedError, MatrixError, SubmitError, CheckpointError)
+
+
+# Where the output goes cannot take it: a read-only or foreign folder, a read-only file system, a full disk or quota.
+OUTPUT_FAULTS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
 def _world_config(args):
@@ -118,6 +125,7 @@ def cmd_train(args) -> int:
     from prism.config import load_config
     from prism.runtime import PREEMPTED_EXIT, StagePreempted, preemption_signals
     from prism.stages import STAGES
+    from prism.stages.common import stage_dir
 
     config_class, recipe = STAGES[args.stage]
     cfg = load_config(config_class, args.config, args.overrides)
@@ -127,6 +135,11 @@ def cmd_train(args) -> int:
     except StagePreempted as stopped:
         print(f"prism: {stopped}", file=sys.stderr)
         return PREEMPTED_EXIT
+    except KeyboardInterrupt as stop:
+        run_dir = stage_dir(args.stage, cfg)
+        if not (run_dir / "config.yaml").is_file():  # stopped before the stage wrote anything
+            raise
+        raise KeyboardInterrupt(f"run the same command again to resume {args.stage} in {run_dir}") from stop
     print(run_dir)
     return 0
 
@@ -257,6 +270,8 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism", description="PRISM experiment harness")
     parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error or Ctrl-C, show the full traceback instead of one line")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_world_config(p: argparse.ArgumentParser) -> None:
@@ -348,8 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        parser = build_parser()  # imports torch and the recipes: a Ctrl-C may well land here
+        args, extra = parser.parse_known_args(argv)
+    except KeyboardInterrupt:
+        print("prism: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
     # `prism train sft --config F a=1 b=2`: argparse cannot take positionals on both sides of an option.
     if extra:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
@@ -358,11 +377,24 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
+    except KeyboardInterrupt as stop:
+        if args.debug:
+            raise
+        print("prism: interrupted" + (f"; {stop}" if str(stop) else ""), file=sys.stderr)
+        return INTERRUPTED_EXIT
     except _user_errors() as error:
+        if args.debug:
+            raise
         print(f"prism: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `prism reward score ... | head`
         return 0
+    except OSError as error:
+        if args.debug or error.errno not in OUTPUT_FAULTS:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"prism: error: {where}{error.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

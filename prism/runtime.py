@@ -1,5 +1,6 @@
 """Runtime plumbing shared by every stage: seeding, RNG capture, mixed precision, atomic checkpoints, run
-manifest, metrics log, progress, DONE marker, a finite-loss guard and preemption signals.
+manifest, metrics log and trackers (wandb, TensorBoard), progress, DONE marker, a finite-loss guard and preemption
+signals.
 
 Read top to bottom. The contract (DESIGN.md "Tracking, reproducibility, resume"): a checkpoint holds
 model, optimizer, scheduler, RNG states and data position, so a resumed run equals an uninterrupted
@@ -17,8 +18,10 @@ import os
 import platform
 import random
 import re
+import secrets
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import time
@@ -204,6 +207,21 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from as it is on disk: a file whose sha256 is not the one its
+    checkpoint.json records (one line: the file, both digests, what to do)."""
+
+
+def checksum_problem(path: Path, index: dict[str, Any]) -> str | None:
+    """The first file of checkpoint `path` whose sha256 differs from `index`'s, as one line; None if all match."""
+    for name, expected in index["files"].items():
+        found = sha256_file(path / name) if (path / name).is_file() else "(no such file)"
+        if found != expected:
+            return (f"{path / name}: sha256 {found}, but {path / INDEX_FILE} records {expected} (corrupted or "
+                    f"modified): delete {path} to resume from the checkpoint before it, or from the start")
+    return None
+
+
 def load_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     """Read a checkpoint folder back: {"step", "model_state", "optimizer", "scheduler", "rng",
     "data_position", "extra"}. `trainer_state.pt` goes through torch.load(weights_only=True), so a file
@@ -216,10 +234,8 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
                            "(restore_sharded_checkpoint); torch.distributed.checkpoint.format_utils.dcp_to_torch_save "
                            f"turns {path / SHARDED_DIR} into one file")
     index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
-    if verify:
-        for name, expected in index["files"].items():
-            if sha256_file(path / name) != expected:
-                raise RuntimeError(f"checkpoint {path}: {name} sha256 mismatch (corrupted or modified)")
+    if verify and (problem := checksum_problem(path, index)):
+        raise CheckpointError(problem)
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     state["model_state"] = load_file(str(path / MODEL_FILE))
     return state
@@ -337,12 +353,10 @@ def restore_sharded_checkpoint(path: str | Path, *, model: torch.nn.Module, opti
     rank, world = dist.get_rank(), dist.get_world_size()
     problem = [None]
     if verify and rank == 0:
-        index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
-        bad = [name for name, expected in index["files"].items() if sha256_file(path / name) != expected]
-        problem[0] = f"checkpoint {path}: {bad[0]} sha256 mismatch (corrupted or modified)" if bad else None
+        problem[0] = checksum_problem(path, json.loads((path / INDEX_FILE).read_text(encoding="utf-8")))
     dist.broadcast_object_list(problem, src=0)
     if problem[0]:
-        raise RuntimeError(problem[0])
+        raise CheckpointError(problem[0])
     state = _dist_state(model, optimizer)
     dcp.load(state, checkpoint_id=str(path / SHARDED_DIR))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
@@ -480,16 +494,18 @@ def mean_or_nan(values) -> float:
 
 
 class MetricsLogger:
-    """One JSON line per `log(step, metrics)` in run_dir/metrics.jsonl, flushed each time.
+    """One JSON line per `log(step, metrics)` in run_dir/metrics.jsonl, flushed each time, and the same
+    record sent to the stage's tracker (`tracking`: wandb or tensorboard, see below) when one is on.
 
     `resume_step=None` starts a fresh log (an old file is emptied); `resume_step=k` keeps lines with
     step <= k and drops the rest (logged after checkpoint k by the interrupted run, and about to be
-    logged again), so a resumed run's file equals an uninterrupted one's. Torn last lines are dropped."""
+    logged again), so a resumed run's file equals an uninterrupted one's. Torn last lines are dropped.
+    `config` is what the tracker records as the run's config; None = the stage's config.yaml."""
 
     def __init__(self, run_dir: str | Path, tracking: str = "none", project: str | None = None,
                  resume_step: int | None = None, config: Mapping[str, Any] | None = None) -> None:
-        if tracking not in ("none", "wandb"):
-            raise RuntimeConfigError(f"tracking must be 'none' or 'wandb', got {tracking!r}")
+        if tracking not in TRACKING_CHOICES:
+            raise RuntimeConfigError(f"tracking must be one of {', '.join(TRACKING_CHOICES)}, got {tracking!r}")
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
@@ -503,37 +519,208 @@ class MetricsLogger:
                     kept.append(line + "\n")
         atomic_write_text(self.path, "".join(kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run
-        self._wandb = None
-        if tracking == "wandb":
+        self.tracker: WandbTracker | TensorBoardTracker | None = None
+        if tracking != "none":
             try:
-                import wandb  # type: ignore[import-not-found]
-            except ImportError:
+                self.tracker = open_tracker(self.path.parent, tracking, project=project, config=config,
+                                            resume_step=resume_step)
+            except BaseException:
                 self._file.close()
-                raise RuntimeConfigError("tracking='wandb' but wandb is not installed: pip install wandb, "
-                                         "or set tracking: none") from None
-            os.environ.setdefault("WANDB_MODE", "offline")  # never phone home unless the user said so
-            self._wandb = wandb.init(project=project, dir=str(self.path.parent), config=dict(config or {}),
-                                     resume="allow")
+                raise
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         record = {"step": int(step), **{k: _plain_number(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=int(step))
+        if self.tracker is not None:
+            self.tracker.log(int(step), {k: v for k, v in record.items() if k != "step"})
 
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def last_logged_step(run_dir: str | Path) -> int:
+    """The step of the last complete line of run_dir/metrics.jsonl; 0 when nothing was logged."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trackers: wandb or TensorBoard beside metrics.jsonl (`tracking:` of every stage config)
+#
+# One tracker run per stage directory across resumes: tracking.json in the stage directory keeps, per tracker,
+# what reopens it ({"wandb": {"run_id", "project", "name", "group"}, "tensorboard": {"log_dir"}}). A resumed stage
+# continues its run; `prism eval` of the stage's model/ adds the results to it (evaluation.tracking). The run's
+# config is config.yaml with secrets redacted, as in manifest.json. wandb and TensorBoard are imported only here,
+# when a stage turns tracking on.
+# ----------------------------------------------------------------------------------------------------
+
+TRACKING_CHOICES = ("none", "wandb", "tensorboard")
+TRACKING_FILE = "tracking.json"
+TENSORBOARD_DIR = "tensorboard"  # inside the stage directory
+RUN_ID_ALPHABET = string.ascii_lowercase + string.digits  # the shape of wandb's own run ids
+
+
+def new_run_id() -> str:
+    return "".join(secrets.choice(RUN_ID_ALPHABET) for _ in range(8))
+
+
+def read_tracking(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """The stage directory's tracking.json: tracker name -> what reopens its run; {} without one."""
+    path = Path(run_dir) / TRACKING_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def record_tracking(run_dir: str | Path, tracker: str, entry: Mapping[str, Any]) -> None:
+    records = read_tracking(run_dir)
+    records[tracker] = dict(entry)
+    atomic_write_text(Path(run_dir) / TRACKING_FILE, json.dumps(records, indent=2) + "\n")
+
+
+def recorded_config(run_dir: str | Path) -> tuple[dict[str, Any], str | None]:
+    """(the stage's config as its config.yaml records it, secrets redacted; its config hash, from the file's
+    header); ({}, None) when the directory has no config.yaml."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return {}, None
+    text = path.read_text(encoding="utf-8")
+    header = re.search(r"config_hash ([0-9a-f]+)", text.partition("\n")[0])
+    return redact(yaml.safe_load(text) or {}), header.group(1) if header else None
+
+
+def tracking_name(run_dir: str | Path, digest: str | None) -> str:
+    """The run's name: the stage directory's, `<stage>-<config hash>` by default and in a matrix; a directory
+    named by hand gets the hash appended, so two configs never share a name."""
+    name = Path(run_dir).name
+    return name if not digest or digest in name else f"{name}-{digest}"
+
+
+def wandb_mode(api_key: str | None) -> str | None:
+    """The mode passed to wandb.init: "offline" unless the user chose, by setting WANDB_MODE or giving wandb
+    credentials (`api_key`, from WANDB_API_KEY or `wandb login`; or WANDB_IDENTITY_TOKEN_FILE). Then None leaves
+    it to wandb: WANDB_MODE, else what `wandb online|offline` wrote, else online. Online without credentials, wandb
+    would stop a batch job with "No API key configured", or hold it at a login prompt."""
+    if os.environ.get("WANDB_MODE") or api_key or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    return "offline"
+
+
+def _not_installed(tracking: str) -> RuntimeConfigError:
+    return RuntimeConfigError(f"tracking={tracking!r} but {tracking} is not installed: pip install {tracking}, "
+                              "or set tracking: none")
+
+
+class WandbTracker:
+    """The stage's wandb run (`entry` from tracking.json): wandb.init(id=..., resume="allow"), files under
+    run_dir/wandb/. Offline (see wandb_mode), each session writes its own offline-run-<time>-<id> folder, all
+    under the one run id; online, a session resumes the run on the server."""
+
+    kind = "wandb"
+
+    def __init__(self, run_dir: str | Path, entry: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> None:
+        try:
+            import wandb  # type: ignore[import-not-found]
+        except ImportError:
+            raise _not_installed("wandb") from None
+        record_tracking(run_dir, "wandb", entry)  # before init: a stage killed in its first step resumes this run
+        self.run = wandb.init(
+            id=entry["run_id"], resume="allow", project=entry["project"], name=entry["name"], group=entry["group"],
+            config=dict(config) if config is not None else None, dir=str(run_dir), mode=wandb_mode(wandb.api.api_key),
+            allow_val_change=True,  # bookkeeping fields (log_every_steps, ...) may change between resumes
+            reinit="create_new",  # several stages (a matrix run inline) or an evaluation in one process
+        )
+
+    def log(self, step: int, record: Mapping[str, Any]) -> None:
+        self.run.log(dict(record), step=step)
+
+    def summary(self, values: Mapping[str, Any], step: int) -> None:
+        self.run.summary.update(dict(values))  # final numbers (an evaluation): the run's summary, not a step
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class TensorBoardTracker:
+    """Event files in run_dir/tensorboard/ through torch.utils.tensorboard.SummaryWriter (needs the tensorboard
+    package). `purge_step` hides the events a crashed session logged at or after it, as MetricsLogger drops
+    those lines: 0 on a fresh start, k + 1 when resuming from checkpoint k, None to add to a finished stage."""
+
+    kind = "tensorboard"
+
+    def __init__(self, run_dir: str | Path, purge_step: int | None = None,
+                 config: Mapping[str, Any] | None = None) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # torch ships the writer, tensorboard its files
+        except ImportError:
+            raise _not_installed("tensorboard") from None
+        record_tracking(run_dir, "tensorboard", {"log_dir": TENSORBOARD_DIR})
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR), purge_step=purge_step)
+        if config is not None:
+            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", global_step=0)
+
+    def log(self, step: int, record: Mapping[str, Any]) -> None:
+        for key, value in record.items():
+            if isinstance(value, (int, float)):  # scalars only: lists and strings stay in metrics.jsonl
+                self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()  # as metrics.jsonl: what a crash interrupts is on disk
+
+    def summary(self, values: Mapping[str, Any], step: int) -> None:
+        self.log(step, values)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def open_tracker(run_dir: str | Path, tracking: str, *, project: str | None, config: Mapping[str, Any] | None,
+                 resume_step: int | None) -> WandbTracker | TensorBoardTracker:
+    """The stage's tracker at its start. A resumed stage (`resume_step` set) continues the run tracking.json
+    names; a fresh start begins a new one (an online run rejects the steps it already holds). The config sent is
+    `config`, else the stage's config.yaml, secrets redacted either way; the group its `tracking_group` (a matrix
+    sets it), else wandb's own WANDB_RUN_GROUP."""
+    recorded, digest = recorded_config(run_dir)
+    sent = redact(dict(config)) if config is not None else recorded
+    if tracking == "tensorboard":
+        if resume_step is None:  # a fresh start: hide every event of an earlier attempt, record the config once
+            return TensorBoardTracker(run_dir, purge_step=0, config=sent)
+        return TensorBoardTracker(run_dir, purge_step=resume_step + 1)
+    previous = read_tracking(run_dir).get("wandb", {}) if resume_step is not None else {}
+    entry = {"run_id": previous.get("run_id") or new_run_id(), "project": os.environ.get("WANDB_PROJECT") or project,
+             "name": tracking_name(run_dir, digest), "group": sent.get("tracking_group")}
+    return WandbTracker(run_dir, entry, sent)
+
+
+def reopen_trackers(run_dir: str | Path) -> list[WandbTracker | TensorBoardTracker]:
+    """The trackers a finished stage recorded in tracking.json, reopened to add to its runs; [] without one."""
+    opened: list[WandbTracker | TensorBoardTracker] = []
+    records = read_tracking(run_dir)
+    try:
+        if "wandb" in records:
+            opened.append(WandbTracker(run_dir, records["wandb"]))
+        if "tensorboard" in records:
+            opened.append(TensorBoardTracker(run_dir))
+    except BaseException:
+        for tracker in opened:
+            tracker.close()
+        raise
+    return opened
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from evaluation.results import samples_files
 from prism.response_format import segment_counts
 
 EVAL_ROOT = Path("outputs/evals")
@@ -242,7 +243,9 @@ def rl_curves(plan, out: Path) -> list[Path]:
 
 def _eval_texts(checkpoint_hash: str) -> list[str]:
     texts = []
-    for path in sorted((EVAL_ROOT / checkpoint_hash).glob("*/*_samples_*.jsonl")):
+    paths = [path for entry in sorted((EVAL_ROOT / checkpoint_hash).iterdir()) if entry.is_dir()
+             for path in samples_files(entry).values()] if (EVAL_ROOT / checkpoint_hash).is_dir() else []
+    for path in paths:
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 response = json.loads(line).get("filtered_resps")

@@ -1,8 +1,8 @@
 """Result tables of a matrix: our accuracies with their 95% intervals beside the paper's values, and paired deltas.
 
 Everything is computed from the evaluation records the matrix wrote (outputs/matrix/evals/*.json) and lmms-eval's
-per-sample scores beside them (outputs/evals/<checkpoint-hash>/<entry>-<key>/<date>_samples_<task>.jsonl): one row
-per cell and seed, accuracies in %, then grouped over seeds. Columns are the suite's benchmarks: the embedded task
+per-sample scores beside them (outputs/evals/<checkpoint-hash>/<entry>-<key>/<model>/<date>_samples_<task>.jsonl):
+one row per cell and seed, accuracies in %, then grouped over seeds. Columns are the suite's benchmarks: the embedded task
 families (each beside the published benchmark it mirrors) or the seven published benchmarks.
 
 Intervals and paired differences are reports.stats's: bootstrap over seeds and items, a difference paired on the
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from evaluation.results import samples_files
 from reports.stats import Estimate, format_estimate, interval, paired_difference
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference"
@@ -126,7 +127,7 @@ def sample_scores(record_path: str | Path, eval_root: Path | None = None) -> dic
         if column is None:
             continue
         entry = sorted((eval_root / row["checkpoint_hash"]).glob(f"*-{row['eval_key']}"))
-        path = entry[-1] / f"{row['date']}_samples_{row['task']}.jsonl" if entry else None
+        path = samples_files(entry[-1]).get(row["task"]) if entry else None
         if path is None or not path.is_file():
             return None
         scores = {}

@@ -90,6 +90,7 @@ def test_train_missing_data_names_the_file(tmp_path, capsys):
     assert main(["train", "sft", "model.preset=embedded-s", f"model.processor_path={tmp_path}",
                  f"data_files=[{tmp_path}/none.json]", f"output_dir={tmp_path}/out"]) == 2
     assert "none.json: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before the stage wrote anything
 
 
 def test_train_help_lists_every_config_field_and_version_prints(capsys):
@@ -106,3 +107,52 @@ def test_train_help_lists_every_config_field_and_version_prints(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("prism ")
+
+
+def test_ctrl_c_is_one_line_and_exit_130_and_debug_shows_the_traceback(monkeypatch, capsys):
+    import prism.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prism.cli, "cmd_world_stats", interrupted)
+    assert main(["world", "stats"]) == 130
+    assert capsys.readouterr().err == "prism: interrupted\n"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--debug", "world", "stats"])
+
+
+def test_ctrl_c_during_a_stage_says_where_it_resumes(tmp_path, monkeypatch, capsys):
+    from prism.config import SFTConfig
+    from prism.stages import STAGES
+    from prism.stages.common import write_stage_config
+
+    run_dir = tmp_path / "sft"
+
+    def recipe(cfg):  # interrupted once it has recorded its config (a checkpoint may follow)
+        if cfg.max_steps == 2:
+            write_stage_config(run_dir, cfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(STAGES, "sft", (SFTConfig, recipe))
+    assert main(["train", "sft", f"output_dir={run_dir}", "max_steps=1"]) == 130  # before any write
+    assert capsys.readouterr().err == "prism: interrupted\n"
+    assert main(["train", "sft", f"output_dir={run_dir}", "max_steps=2"]) == 130
+    assert capsys.readouterr().err == f"prism: interrupted; run the same command again to resume sft in {run_dir}\n"
+
+
+def test_debug_re_raises_user_errors_and_other_os_errors_are_not_user_errors(monkeypatch):
+    import errno
+
+    import prism.cli
+    from prism.config import ConfigError
+
+    with pytest.raises(ConfigError, match="image_size=100"):
+        main(["--debug", "world", "stats", "image_size=100"])
+
+    def missing(args):  # not a fault of the output folder: a bug, with its traceback
+        raise OSError(errno.ENOENT, "No such file or directory", "/nowhere")
+
+    monkeypatch.setattr(prism.cli, "cmd_world_stats", missing)
+    with pytest.raises(FileNotFoundError):
+        main(["world", "stats"])

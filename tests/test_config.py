@@ -370,3 +370,45 @@ def test_world_style_configs_get_located_field_errors(tmp_path):
     # Another module's dataclass raising FieldError itself (as WorldConfig does) is located the same way.
     path = _yaml(tmp_path, "count: 2\ninner:\n  rate: 0.5\nfamilies: [gamma]\n")
     assert _error(_AllTypes, path).startswith(f"{path}:4: field 'families[0]': expected one of")
+
+
+# --- LoRA and vision-tower freezing (prism.models.peft applies them) ------------------------------------
+
+
+def test_lora_fields_are_checked_with_their_line(tmp_path):
+    path = _yaml(tmp_path, "model:\n  path: ckpt\n  lora_r: -1\n")
+    assert _error(SFTConfig, path) == f"{path}:3: field 'model.lora_r': expected an int >= 0, got -1"
+    assert _error(SFTConfig, overrides=["model.path=ckpt", "model.lora_r=8", "model.lora_dropout=1"]).endswith(
+        "field 'model.lora_dropout': expected a float in [0, 1), got 1")
+    assert _error(SFTConfig, overrides=["model.lora_alpha=0"]).endswith(
+        "field 'model.lora_alpha': expected an int > 0, got 0")
+    assert _error(SFTConfig, overrides=["model.lora_target_modules=[q_proj, '']"]).endswith(
+        "field 'model.lora_target_modules[1]': expected a module name such as q_proj, got ''")
+    # an adapter names the checkpoint it adapts: a model built from its preset has none
+    assert _error(BaseConfig, overrides=["model.lora_r=8"]).endswith(
+        "field 'model.lora_r': expected 0 when model.path is null (LoRA adapts a checkpoint: set path), got 8")
+
+
+def test_lora_settings_round_trip_and_change_the_hash(tmp_path):
+    cfg = load_config(SFTConfig, overrides=["model.path=ckpt", "model.lora_r=16", "model.freeze_vision=true",
+                                            "model.lora_target_modules=[q_proj,v_proj]"])
+    assert (cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_target_modules) == (16, None, ("q_proj", "v_proj"))
+    assert load_config(SFTConfig, write_config_yaml(cfg, tmp_path / "c.yaml")) == cfg
+    assert config_hash(cfg) != config_hash(load_config(SFTConfig, overrides=["model.path=ckpt"]))
+    assert load_config(SFTConfig).model.lora_target_modules == (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_stages_that_train_whole_models_refuse_lora_and_freezing():
+    assert _error(AlignConfig, overrides=["model.path=ckpt", "model.lora_r=8"]).endswith(
+        "field 'model.lora_r': expected 0 (LoRA trains in base, sft and rlvr only), got 8")
+    assert _error(AlignConfig, overrides=["discriminator.freeze_vision=true"]).endswith(
+        "field 'discriminator.freeze_vision': expected false (the vision tower is frozen in base, sft and rlvr only), "
+        "got true")
+    assert "field 'policy.lora_r'" in _error(DiscWarmupConfig, overrides=["policy.path=ckpt", "policy.lora_r=4"])
+    # RLVR: the vLLM engine syncs weights by name, which adapters do not have; the hf backend rolls out with them
+    assert _error(RLVRConfig, overrides=["model.path=ckpt", "model.lora_r=8"]).endswith(
+        "field 'model.lora_r': expected 0 with rollout.backend vllm (LoRA runs roll out with the hf backend), got 8")
+    hf = load_config(RLVRConfig, overrides=["model.path=ckpt", "model.lora_r=8", "rollout.backend=hf"])
+    assert hf.model.lora_r == 8
+    assert load_config(RLVRConfig, overrides=["model.freeze_vision=true"]).model.freeze_vision

@@ -11,6 +11,7 @@ import torch
 
 from prism import runtime
 from prism.runtime import (
+    CheckpointError,
     MetricsLogger,
     NonFiniteError,
     Progress,
@@ -121,7 +122,7 @@ def test_checkpoint_layout_and_checksums(tmp_path):
     assert loaded["optimizer"] is None and loaded["scheduler"] is None
     # tampering is caught by the checksums
     (path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:-1] + b"\0")
-    with pytest.raises(RuntimeError, match="sha256 mismatch"):
+    with pytest.raises(CheckpointError, match="sha256 .*, but .*checkpoint.json records"):
         load_checkpoint(path)
 
 
@@ -298,22 +299,148 @@ def test_fresh_logger_starts_empty(tmp_path):
     assert _lines(tmp_path / "metrics.jsonl") == [{"step": 1, "x": 2}]
 
 
-def test_wandb_missing_is_a_one_line_error(tmp_path, monkeypatch):
+def _without_module(monkeypatch, missing: str):
     import builtins
 
     real_import = builtins.__import__
 
-    def no_wandb(name, *a, **kw):
-        if name == "wandb":
-            raise ImportError("No module named 'wandb'")
+    def importer(name, *a, **kw):
+        if name == missing or name.startswith(missing + "."):
+            raise ImportError(f"No module named {missing!r}")
         return real_import(name, *a, **kw)
 
-    monkeypatch.setattr(builtins, "__import__", no_wandb)
-    with pytest.raises(RuntimeConfigError, match="wandb is not installed") as err:
-        MetricsLogger(tmp_path, tracking="wandb", project="p")
+    monkeypatch.setattr(builtins, "__import__", importer)
+
+
+@pytest.mark.parametrize(("tracking", "module"), [("wandb", "wandb"), ("tensorboard", "torch.utils.tensorboard")])
+def test_a_missing_tracker_is_a_one_line_error_naming_the_pip_command(tmp_path, monkeypatch, tracking, module):
+    _without_module(monkeypatch, module)
+    with pytest.raises(RuntimeConfigError, match=f"tracking='{tracking}' but {tracking} is not installed: "
+                                                 f"pip install {tracking}, or set tracking: none") as err:
+        MetricsLogger(tmp_path, tracking=tracking, project="p")
     assert "\n" not in str(err.value)
-    with pytest.raises(RuntimeConfigError, match="tracking"):
+    assert not (tmp_path / runtime.TRACKING_FILE).exists()  # nothing for an evaluation to reopen
+
+
+def test_tensorboard_without_its_package_names_the_pip_command(tmp_path):
+    try:  # not installed in this project's environment: torch's writer imports it
+        import tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(RuntimeConfigError, match="pip install tensorboard"):
         MetricsLogger(tmp_path, tracking="tensorboard")
+
+
+def test_an_unknown_tracker_is_refused(tmp_path):
+    with pytest.raises(RuntimeConfigError, match="tracking must be one of none, wandb, tensorboard, got 'mlflow'"):
+        MetricsLogger(tmp_path, tracking="mlflow")
+
+
+def test_wandb_is_offline_unless_the_user_chose(monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert runtime.wandb_mode(api_key=None) == "offline"
+    assert runtime.wandb_mode(api_key="k" * 40) is None  # `wandb login` or WANDB_API_KEY: wandb's default, online
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert runtime.wandb_mode(api_key=None) is None
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_IDENTITY_TOKEN_FILE", "/tmp/token")
+    assert runtime.wandb_mode(api_key=None) is None
+
+
+def _session_folders(stage, run_id):
+    return [p.name for p in sorted((stage / "wandb").glob("offline-run-*"))], \
+        re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?")
+
+
+def test_wandb_keeps_one_offline_run_per_stage_across_resumes(tmp_path, monkeypatch):
+    from prism.config import SFTConfig, config_hash, write_config_yaml
+    from tests.tracking_fixtures import isolate_wandb, offline_runs
+
+    isolate_wandb(monkeypatch, tmp_path)  # no WANDB_MODE, no key: the default must be offline
+    stage = tmp_path / "stages" / "s" / "sft"
+    cfg = SFTConfig(output_dir=str(stage), tracking="wandb", tracking_group="table1-embedded")
+    write_config_yaml(cfg, stage / "config.yaml")
+    with MetricsLogger(stage, "wandb", project="prism") as first:
+        for step in (1, 2, 3):
+            first.log(step, {"loss": torch.tensor(1.0 / step)})
+    run_id = json.loads((stage / "tracking.json").read_text())["wandb"]["run_id"]
+    with MetricsLogger(stage, "wandb", project="prism", resume_step=2) as resumed:  # checkpoint 2, crashed at 3
+        for step in (3, 4):
+            resumed.log(step, {"loss": 1.0 / step})
+
+    assert json.loads((stage / "tracking.json").read_text())["wandb"]["run_id"] == run_id
+    folders, pattern = _session_folders(stage, run_id)
+    assert len(folders) == 2 and all(pattern.fullmatch(name) for name in folders)
+    runs = offline_runs(stage)
+    assert [r["id"] for r in runs] == [run_id, run_id]
+    for run in runs:
+        assert run["name"] == f"sft-{config_hash(cfg)}" and run["group"] == "table1-embedded"
+        assert run["project"] == "prism"
+        assert run["config"]["optim"]["lr"] == cfg.optim.lr and run["config"]["tracking"] == "wandb"
+    assert [[row["_step"] for row in r["history"]] for r in runs] == [[1, 2, 3], [3, 4]]
+    assert runs[1]["history"][-1]["loss"] == 0.25
+
+    with MetricsLogger(stage, "wandb", project="prism") as restarted:  # no checkpoint: a fresh start, a new run
+        restarted.log(1, {"loss": 1.0})
+    assert json.loads((stage / "tracking.json").read_text())["wandb"]["run_id"] != run_id
+
+
+def test_no_secret_reaches_the_wandb_run(tmp_path, monkeypatch):
+    from tests.tracking_fixtures import isolate_wandb, offline_runs
+
+    isolate_wandb(monkeypatch, tmp_path)
+    stage = tmp_path / "by-hand"
+    stage.mkdir()
+    (stage / "config.yaml").write_text("# SFTConfig (config_hash 0123456789ab)\nseed: 3\nhub_token: s3cret-token\n"
+                                       "judge: {api_key: s3cret-key, model: judge-7b, max_new_tokens: 8}\n")
+    with MetricsLogger(stage, "wandb", project="prism") as logger:
+        logger.log(1, {"loss": 1.0})
+    (run,) = offline_runs(stage)
+    assert run["name"] == "by-hand-0123456789ab"  # a directory named by hand: the config hash is appended
+    assert run["config"] == {"seed": 3, "hub_token": "<redacted>",
+                             "judge": {"api_key": "<redacted>", "model": "judge-7b", "max_new_tokens": 8}}
+    assert not [p for p in (stage / "wandb").rglob("*") if p.is_file() and b"s3cret" in p.read_bytes()]
+
+
+def test_tensorboard_events_follow_the_resume(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    writers = []
+
+    class FakeWriter:  # torch.utils.tensorboard.SummaryWriter's interface, recorded
+        def __init__(self, log_dir, purge_step=None):
+            self.log_dir, self.purge_step, self.events = log_dir, purge_step, []
+            writers.append(self)
+
+        def add_scalar(self, tag, value, global_step=None):
+            self.events.append((tag, value, global_step))
+
+        def add_text(self, tag, text, global_step=None):
+            self.events.append((tag, text, global_step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            self.events.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    (tmp_path / "config.yaml").write_text("# SFTConfig (config_hash 0123456789ab)\nseed: 3\nhf_token: s3cret\n")
+    with MetricsLogger(tmp_path, "tensorboard") as first:
+        first.log(1, {"loss": 0.5, "note": "text", "per_kind": [1, 2]})
+    with MetricsLogger(tmp_path, "tensorboard", resume_step=4) as resumed:
+        resumed.log(5, {"loss": 0.25})
+    assert [w.purge_step for w in writers] == [0, 5]  # a fresh start hides old events, a resume those after step 4
+    assert {w.log_dir for w in writers} == {str(tmp_path / "tensorboard")}
+    (config_text,) = [e for e in writers[0].events if e[0] == "config"]
+    assert '"hf_token": "<redacted>"' in config_text[1] and "s3cret" not in config_text[1]
+    assert [e for e in writers[0].events if e[0] != "config"] == [("loss", 0.5, 1), "closed"]  # scalars only
+    assert writers[1].events == [("loss", 0.25, 5), "closed"]  # the config is written once, at step 0
+    assert json.loads((tmp_path / "tracking.json").read_text()) == {"tensorboard": {"log_dir": "tensorboard"}}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -93,12 +93,46 @@ class ModelConfig:
         default="sdpa", metadata={"help": "transformers attention backend: sdpa, eager, flash_attention_2, ..."},
     )
 
+    # --- what trains (the policy stages base, sft and rlvr; prism.models.peft) ---
+    freeze_vision: bool = field(
+        default=False,
+        metadata={"help": "Keep the vision tower (patch embedding, blocks, mergers) fixed: requires_grad false, left "
+                          "out of the optimizer; the language model trains alone."},
+    )
+    lora_r: int = field(
+        default=0,
+        metadata={"help": "LoRA rank (peft); 0 = off: every weight trains. With LoRA only the adapters train, model/ "
+                          "holds the merged model and model/adapter/ the adapter. Needs model.path."},
+    )
+    lora_alpha: int | None = field(
+        default=None,
+        metadata={"help": "LoRA scale: an adapter's update is multiplied by lora_alpha / lora_r; null = 2 x lora_r "
+                          "(LLaMA-Factory's default)."},
+    )
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the input of each LoRA adapter, in [0, 1)."},
+    )
+    lora_target_modules: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        metadata={"help": "Linear layers of the language model that get adapters, by name (attention and MLP "
+                          "projections); never the vision tower. Each name must match a layer."},
+    )
+
     def __post_init__(self) -> None:
         check_types(self)
         check_nonempty(self, "preset")
         check_nonempty(self, "path")
         check_nonempty(self, "processor_path")
         check_nonempty(self, "attn_implementation")
+        check_range(self, "lora_r", low=0)
+        check_range(self, "lora_alpha", low=0, low_inclusive=False)
+        check_range(self, "lora_dropout", low=0, high=1, high_inclusive=False)
+        check_nonempty(self, "lora_target_modules")
+        for index, name in enumerate(self.lora_target_modules):
+            check(bool(name.strip()), f"lora_target_modules[{index}]", "a module name such as q_proj", name)
+        # An adapter is saved relative to the checkpoint it adapts; a model built from random init has none.
+        check(self.lora_r == 0 or self.path is not None, "lora_r", "0 when model.path is null (LoRA adapts a "
+              "checkpoint: set path)", self.lora_r, related=("path",))
         # Autocast over low-precision parameters would keep no full-precision master copy to update.
         check(self.mixed_precision == "no" or self.dtype == "float32", "mixed_precision",
               f"'no' with dtype {self.dtype} (bf16 autocasts float32 master weights; pure {self.dtype} "
@@ -133,9 +167,17 @@ class StageConfig:
     keep_last_checkpoints: int = field(
         default=2, metadata={**NO_HASH, "help": "Resumable checkpoints kept (newest first; 0 = keep all)."},
     )
-    tracking: Literal["none", "wandb"] = field(
+    tracking: Literal["none", "wandb", "tensorboard"] = field(
         default="none",
-        metadata={**NO_HASH, "help": "Experiment tracker besides metrics.jsonl (wandb runs offline unless configured)."},
+        metadata={**NO_HASH, "help": "Experiment tracker besides metrics.jsonl, one run per stage across resumes, its "
+                                     "files in the stage directory: wandb (offline unless WANDB_MODE is set or wandb "
+                                     "has an API key; `wandb sync` uploads) or tensorboard (needs the tensorboard "
+                                     "package)."},
+    )
+    tracking_group: str | None = field(
+        default=None,
+        metadata={**NO_HASH, "help": "Tracker group of the stage's run (wandb's group); a matrix sets "
+                                     "<matrix>-<preset>; null = WANDB_RUN_GROUP if set, else none."},
     )
 
     def __post_init__(self) -> None:
@@ -145,6 +187,7 @@ class StageConfig:
         check_range(self, "save_every_steps", low=0)
         check_range(self, "log_every_steps", low=1)
         check_range(self, "keep_last_checkpoints", low=0)
+        check_nonempty(self, "tracking_group")
 
 
 @dataclass

@@ -212,6 +212,7 @@ class DiscWarmupConfig(StageConfig):
               self.micro_batch_size, related=("effective_batch_size",))
         check_range(self, "epochs", low=1)
         check_range(self, "max_steps", low=1)
+        check_whole_model(self, "model", "policy")
 
 
 @dataclass
@@ -329,6 +330,17 @@ class AlignConfig(StageConfig):
         check_mini_batches(self)
         check_range(self, "steps", low=1)
         check_range(self, "proxy_prompts", low=0)
+        check_whole_model(self, "model", "discriminator")
+
+
+def check_whole_model(cfg: DiscWarmupConfig | AlignConfig, *sections: str) -> None:
+    """Freezing and LoRA adapters are the policy stages' (base, sft, rlvr): the other stages train or load their
+    models whole, so a setting that they would ignore is refused."""
+    for name in sections:
+        section = getattr(cfg, name)
+        check(section.lora_r == 0, f"{name}.lora_r", "0 (LoRA trains in base, sft and rlvr only)", section.lora_r)
+        check(not section.freeze_vision, f"{name}.freeze_vision",
+              "false (the vision tower is frozen in base, sft and rlvr only)", section.freeze_vision)
 
 
 def check_mini_batches(cfg: AlignConfig | RLVRConfig) -> None:
@@ -491,3 +503,7 @@ class RLVRConfig(StageConfig):
         check_range(self, "gen_batch_multiplier", low=1)
         check_mini_batches(self)
         check_range(self, "steps", low=1)
+        # vLLM's engine is loaded from the checkpoint and synced by weight name; adapters are neither.
+        check(self.model.lora_r == 0 or self.rollout.backend == "hf", "model.lora_r",
+              "0 with rollout.backend vllm (LoRA runs roll out with the hf backend)", self.model.lora_r,
+              related=("rollout.backend",))

@@ -3,7 +3,8 @@
 Layout of an exported world folder:
   base.json, sft.json, teacher.json   LLaMA-Factory sharegpt multimodal (+ dataset_info.json)
   images/<split>/<id>.png             the images those JSON files point to
-  rl.parquet, teacher.parquet         verl-style RL prompts (teacher.parquet carries teacher segments)
+  rl.parquet, teacher.parquet         verl-style RL prompts (teacher.parquet carries teacher segments; a
+                                      multiple-choice row's options in reward_model and extra_info)
   warmup_pairs.jsonl                  discriminator warm-up pairs: teacher vs public demonstration per teacher prompt
   bench/<family>.parquet              held-out benchmark per family, read by the lmms-eval tasks
   tokenizer/                          the world's processor: byte-level BPE tokenizer, image processor, chat template
@@ -37,8 +38,9 @@ from prism.data.formats import (
 from prism.data.world import Sample, WorldConfig, iter_split, make_sample
 from prism.response_format import SYSTEM_PROMPT, count_caption_bullets, count_reasoning_steps, split_segments
 
-# 2: tokenizer/ also holds the image processor; 3: warmup_pairs.jsonl; 4: base corpus answers the questions
-WORLD_FORMAT_VERSION = 4
+# 2: tokenizer/ also holds the image processor; 3: warmup_pairs.jsonl; 4: base corpus answers the questions;
+# 5: the RL parquet files carry a row's choices in extra_info too (for verl reward functions)
+WORLD_FORMAT_VERSION = 5
 MANIFEST = "world.json"
 TOKENIZER_CORPUS_PER_SPLIT = 3000  # enough text to cover the world's whole vocabulary
 

@@ -4,7 +4,8 @@
   `{"messages": [{"role", "content"}], "images": [path]}`, `<image>` marking each image in the text;
   the older `{"conversations": [{"from", "value"}]}` spelling is read too), with a `dataset_info.json`.
 - RL prompts: verl-style parquet (`data_source`, `prompt` messages, `images` [{bytes, path}],
-  `ability`, `reward_model` {style, ground_truth, choices}, `extra_info`, plus PRISM's
+  `ability`, `reward_model` {style, ground_truth, choices}, `extra_info` {id, index, split, choices: the options
+  again, for verl's reward functions (prism.verl_reward)}, plus PRISM's
   `teacher_caption` and `teacher_cot`: the teacher's perception and reasoning segments, tags included).
 - Discriminator warm-up pairs: JSONL of `prompt`, `image`, `teacher_caption`, `student_caption`,
   `teacher_cot`, `student_cot`.
@@ -185,7 +186,9 @@ def write_rl_parquet(path: Path, records: Iterable[RLRecord], split: str) -> int
                 # JSON keeps the schema fixed whether or not a record has options.
                 "choices": json.dumps(record.choices) if record.choices else None,
             },
-            "extra_info": {"id": record.id, "index": index, "split": split},
+            # verl hands a reward function data_source, ground_truth and extra_info only: the options go there too.
+            "extra_info": {"id": record.id, "index": index, "split": split,
+                           "choices": json.dumps(record.choices) if record.choices else None},
             "teacher_caption": record.teacher_caption,
             "teacher_cot": record.teacher_cot,
         })
@@ -195,7 +198,8 @@ def write_rl_parquet(path: Path, records: Iterable[RLRecord], split: str) -> int
         ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
         ("ability", pa.string()),
         ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string()), ("choices", pa.string())])),
-        ("extra_info", pa.struct([("id", pa.string()), ("index", pa.int64()), ("split", pa.string())])),
+        ("extra_info", pa.struct([("id", pa.string()), ("index", pa.int64()), ("split", pa.string()),
+                                  ("choices", pa.string())])),
         ("teacher_caption", pa.string()),
         ("teacher_cot", pa.string()),
     ])

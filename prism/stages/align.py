@@ -69,6 +69,7 @@ from prism.stages.common import (
     load_policy,
     make_accelerator,
     preempted,
+    record_config,
     resume,
     save_progress,
     start_stage,
@@ -244,7 +245,7 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
     if cfg.discriminator.path is None:
         raise DataError("discriminator.path is not set: give the disc_warmup stage's model/ folder")
     accelerator = make_accelerator(cfg.model)
-    run_dir, finished, local = start_stage("align", cfg, accelerator)  # local: Hub ids and folders made local
+    run_dir, finished, local = start_stage("align", cfg)  # local: Hub ids and folders made local
     if finished:
         print(f"align: already finished in {run_dir}", flush=True)
         return run_dir
@@ -273,6 +274,7 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
         raise NotImplementedError(
             f"{cfg.discriminator.path}: attention_dropout > 0. align takes the scores and the loss from one pass of "
             "the backbone, which must then be deterministic (Qwen3-VL's attention_dropout is 0)")
+    record_config(run_dir, cfg, accelerator)  # the run's first write: data and models have loaded
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if update.kl_coef > 0 else None
     policy_optimizer = build_optimizer(policy, cfg.policy_optim)
     disc_optimizer = build_optimizer(discriminator, cfg.disc_optim)

@@ -3,10 +3,11 @@ schedule, the process group, and the resume / finish protocol. Training loops th
 recipes (sft.py, rlvr.py), one file each, read top to bottom.
 
 A stage directory holds:
-  config.yaml        the resolved config (written first)
+  config.yaml        the resolved config (written once the data and models have loaded)
   checkpoints/       resumable checkpoints (model, optimizer, scheduler, RNG, data position)
   metrics.jsonl      one line per logged step
-  model/             the final policy as a plain Hugging Face checkpoint folder (with its processor)
+  model/             the final policy as a plain Hugging Face checkpoint folder (with its processor and its model
+                     card, README.md: prism.model_card)
   manifest.json      config, seed, versions, git commit, upstream hashes, checkpoint checksums
   DONE               written last: the stage is finished and is never run again
 """
@@ -26,6 +27,7 @@ from prism.config import ModelConfig, OptimConfig, config_hash, load_config, wri
 from prism.data.formats import DataError
 from prism.hub import HubError, resolve_data_files, resolve_model_path
 from prism.models import ModelError, build_model, load_model, load_processor
+from prism.models.peft import setup_trainable
 from prism.models.presets import get_preset
 from prism.runtime import (
     RuntimeConfigError,
@@ -147,6 +149,16 @@ def load_policy(model_cfg: Any, seed: int) -> tuple[torch.nn.Module, Any]:
     return model.train(), processor
 
 
+def setup_policy_training(model: torch.nn.Module, cfg: Any, local: Any, accelerator):
+    """The policy recipes' (base, sft, rlvr) model setup, right after load_policy: `model.freeze_vision` and the
+    LoRA adapters of `model.lora_r`, applied in place (prism.models.peft). Returns the PeftModel for
+    `final_model_saver` when LoRA is on, else None. `local` is start_stage's resolved config."""
+    if cfg.model.lora_r and is_fsdp(accelerator):
+        raise RuntimeConfigError("model.lora_r: LoRA runs are not FSDP-sharded (the adapter and the merged model are "
+                                 "saved from the whole model): launch in one process or with DDP, or set lora_r 0")
+    return setup_trainable(model, cfg.model, local.model.path)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Optimizer and schedule
 # ----------------------------------------------------------------------------------------------------
@@ -242,10 +254,11 @@ def average_gradients(model: torch.nn.Module, accelerator) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def start_stage(stage: str, cfg: Any, accelerator) -> tuple[Path, bool, Any]:
+def start_stage(stage: str, cfg: Any) -> tuple[Path, bool, Any]:
     """(run directory, already finished?, the config to load from). The last is `resolve_sources(stage, cfg)`:
-    model folders and data files made local, Hub ids resolved before anything is written to the run directory
-    (a finished stage resolves nothing). Writes config.yaml, with the settings as given, on the main process."""
+    model folders and data files made local, Hub ids resolved (a finished stage resolves nothing). Writes
+    nothing: the recipe calls `record_config` once its data and models have loaded, so a stage refused for a
+    bad data file or checkpoint leaves no run directory behind."""
     run_dir = stage_dir(stage, cfg)
     recorded = run_dir / "config.yaml"
     if recorded.is_file():  # a finished or interrupted run: only the same config may finish or resume it
@@ -258,12 +271,21 @@ def start_stage(stage: str, cfg: Any, accelerator) -> tuple[Path, bool, Any]:
             raise FileExistsError(f"{run_dir} is marked finished but has no config.yaml, so it cannot be told to be "
                                   f"this {type(cfg).__name__}'s run: choose another output_dir or delete it")
         return run_dir, True, cfg
-    local = resolve_sources(stage, cfg)
+    return run_dir, False, resolve_sources(stage, cfg)
+
+
+def write_stage_config(run_dir: Path, cfg: Any) -> Path:
+    """run_dir/config.yaml with the settings as given (the folder is created): one process writes it."""
+    return write_config_yaml(cfg, Path(run_dir) / "config.yaml")
+
+
+def record_config(run_dir: Path, cfg: Any, accelerator) -> None:
+    """The first write of a run (every process calls it, the main process writes): config.yaml, once the data
+    files and models have loaded, so that a refused stage leaves nothing behind. From here on the directory
+    belongs to this config: start_stage compares a later run's hash with it before resuming."""
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config_yaml(cfg, run_dir / "config.yaml")
+        write_stage_config(run_dir, cfg)
     accelerator.wait_for_everyone()
-    return run_dir, False, local
 
 
 def is_fsdp(accelerator) -> bool:
@@ -400,9 +422,37 @@ def stop_preempted(stage: str, run_dir: Path, step: int, accelerator, *open_logs
     raise StagePreempted(stage, run_dir, step)
 
 
+def stage_name(cfg: Any) -> str:
+    """The stage a config runs, as `prism train` names it (prism.stages.STAGES, which would import the recipes)."""
+    from prism.config import AlignConfig, BaseConfig, DiscWarmupConfig, RLVRConfig, SFTConfig
+
+    names = {BaseConfig: "base", SFTConfig: "sft", DiscWarmupConfig: "disc_warmup", AlignConfig: "align",
+             RLVRConfig: "rlvr"}
+    return names[type(cfg)]
+
+
+# The model folders a stage writes, and the config section each one was trained from: the final model (a policy,
+# or disc_warmup's discriminator) and align's updated discriminator.
+MODEL_FOLDERS = {FINAL_MODEL: "model", "discriminator": "discriminator"}
+
+
+def write_model_cards(run_dir: Path, cfg: Any, local: Any, steps: int | None = None) -> None:
+    """README.md (prism.model_card: base model, license, Hub datasets, training history) into every model folder
+    the stage wrote; a folder with discriminator.json gets a discriminator's card."""
+    from prism.model_card import stage_card, write_model_card
+    from prism.models.discriminator import SPEC_FILE
+
+    for name, role in MODEL_FOLDERS.items():
+        folder = run_dir / name
+        if (folder / "config.json").is_file() and isinstance(getattr(cfg, role, None), ModelConfig):
+            kind = "discriminator" if (folder / SPEC_FILE).is_file() else "policy"
+            write_model_card(folder, stage_card(stage_name(cfg), cfg, local, folder, role=role, kind=kind, steps=steps))
+
+
 def finish_stage(run_dir: Path, cfg: Any, accelerator, model, processor, *, extra: dict[str, Any] | None = None,
                  save=None, local: Any = None) -> Path:
-    """Final HF checkpoint, manifest, then DONE (in that order: DONE means everything else is in place).
+    """Final HF checkpoint and the model cards, manifest, then DONE (in that order: DONE means everything else is
+    in place).
     `save(model, processor, folder, state_dict=...)` writes the final folder (default: prism.models.save_model).
     `local` is start_stage's resolved config: the manifest hashes its files and records what each Hub id became."""
     from prism.models import save_model
@@ -415,6 +465,7 @@ def finish_stage(run_dir: Path, cfg: Any, accelerator, model, processor, *, extr
     model_state = full_model_state(model) if is_sharded(model) else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         save(accelerator.unwrap_model(model), processor, final, state_dict=model_state)
+        write_model_cards(run_dir, cfg, local, steps=(extra or {}).get("steps"))
         newest = latest_checkpoint(run_dir)
         write_manifest(run_dir, config=cfg, seed=cfg.seed, upstream=upstream_hashes(local), checkpoint_dir=newest,
                        extra={**({"sources": sources} if sources else {}), "final_model": str(final),

@@ -62,10 +62,12 @@ from prism.stages.common import (
     plain_norm,
     preempted,
     prepare_and_resume,
+    record_config,
     save_progress,
     shard_whole,
     start_stage,
     stop_preempted,
+    write_stage_config,
 )
 
 PAIRS_FILE = "pairs.jsonl"
@@ -78,8 +80,9 @@ GENERATION_PROMPTS = 16  # teacher prompts per generate call
 # ----------------------------------------------------------------------------------------------------
 
 
-def generate_pairs(cfg: DiscWarmupConfig, out: Path) -> int:
-    """Roll the SFT policy out on the teacher prompts; write one pair per format-valid rollout to `out`."""
+def generate_pairs(cfg: DiscWarmupConfig, out: Path, before_writing=None) -> int:
+    """Roll the SFT policy out on the teacher prompts; write one pair per format-valid rollout to `out`.
+    `before_writing()` is called once the teacher prompts and the policy have loaded, before the first write."""
     if not cfg.teacher_files:
         raise DataError("disc_warmup needs data_files (pair JSONL) or teacher_files (RL parquet with teacher segments)")
     records = [r for name in cfg.teacher_files for r in read_rl_parquet(Path(name))]
@@ -92,6 +95,8 @@ def generate_pairs(cfg: DiscWarmupConfig, out: Path) -> int:
     policy, processor = load_policy(cfg.policy, cfg.seed)
     backend = make_backend(cfg.rollout_backend, policy.eval(), processor, model_path=cfg.policy.path,
                            compute_dtype=cfg.policy.compute_dtype, path_field="policy.path")
+    if before_writing is not None:
+        before_writing()
     image_dir = out.parent / "pair_images"
     image_dir.mkdir(parents=True, exist_ok=True)
     pairs: list[WarmupPair] = []
@@ -201,7 +206,7 @@ def heldout_accuracy(discriminator: Discriminator, encoder: PairEncoder, indices
 
 def run(cfg: DiscWarmupConfig) -> Path:
     accelerator = make_accelerator(cfg.model)
-    run_dir, finished, local = start_stage("disc_warmup", cfg, accelerator)  # local: Hub ids and folders made local
+    run_dir, finished, local = start_stage("disc_warmup", cfg)  # local: Hub ids and folders made local
     if finished:
         print(f"disc_warmup: already finished in {run_dir}", flush=True)
         return run_dir
@@ -213,7 +218,8 @@ def run(cfg: DiscWarmupConfig) -> Path:
     else:
         pair_files = [run_dir / PAIRS_FILE]
         if accelerator.is_main_process and not pair_files[0].is_file():
-            generate_pairs(local, pair_files[0])
+            # the generated pairs belong to this config: it is recorded before they are written
+            generate_pairs(local, pair_files[0], before_writing=lambda: write_stage_config(run_dir, cfg))
         accelerator.wait_for_everyone()
     pairs = [pair for path in pair_files for pair in read_warmup_pairs(path)]
     train_idx, heldout_idx = split_heldout(len(pairs), cfg.heldout_fraction, cfg.seed)
@@ -236,6 +242,7 @@ def run(cfg: DiscWarmupConfig) -> Path:
         dense, spec, num_experts=cfg.num_experts, top_k=cfg.top_k, expert_noise_std=cfg.expert_noise_std,
         router_init_std=cfg.router_init_std, aux_loss_coef=cfg.aux_loss_coef, seed=cfg.seed).train()
     del dense
+    record_config(run_dir, cfg, accelerator)  # the first write but for generated pairs: data and models loaded
     encoder = PairEncoder(processor, pairs, spec.uses_images)
     optimizer = build_optimizer(discriminator, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)

@@ -24,6 +24,7 @@ import torch
 from prism.algorithms import dynamic_sampling_keep, get_advantage_estimator, overlong_penalty
 from prism.config import RLVRConfig
 from prism.data.formats import RLRecord
+from prism.models.peft import final_model_saver
 from prism.response_format import segment_counts
 from prism.rewards import compute_reward
 from prism.rollout import RolloutBatch, RolloutError, SamplingParams
@@ -38,7 +39,9 @@ from prism.stages.common import (
     make_accelerator,
     preempted,
     prepare_and_resume,
+    record_config,
     save_progress,
+    setup_policy_training,
     start_stage,
     stop_preempted,
 )
@@ -80,7 +83,7 @@ def text_statistics(texts: list[str]) -> dict[str, float]:
 
 def run(cfg: RLVRConfig) -> Path:
     accelerator = make_accelerator(cfg.model)
-    run_dir, finished, local = start_stage("rlvr", cfg, accelerator)  # local: Hub ids and folders made local
+    run_dir, finished, local = start_stage("rlvr", cfg)  # local: Hub ids and folders made local
     if finished:
         print(f"rlvr: already finished in {run_dir}", flush=True)
         return run_dir
@@ -97,6 +100,8 @@ def run(cfg: RLVRConfig) -> Path:
     seed_everything(cfg.seed)
     records = load_prompts(local.data_files)
     model, processor = load_policy(local.model, cfg.seed)
+    adapters = setup_policy_training(model, cfg, local, accelerator)  # model.freeze_vision, model.lora_r
+    record_config(run_dir, cfg, accelerator)  # the run's first write: data and model have loaded
     reference = copy.deepcopy(model).eval().requires_grad_(False) if update.kl_coef > 0 else None
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps * update.mini_batches)
@@ -205,7 +210,8 @@ def run(cfg: RLVRConfig) -> Path:
     if accelerator.is_main_process:
         progress.close()
         logger.close()
-    final = finish_stage(run_dir, cfg, accelerator, model, processor, local=local,
+    save = final_model_saver(adapters)  # LoRA: the merged model and model/adapter/; else the plain save
+    final = finish_stage(run_dir, cfg, accelerator, model, processor, local=local, save=save,
                          extra={"steps": cfg.steps, "prompts": len(records), "processes": world})
     if accelerator.is_main_process:
         print(f"rlvr-{cfg.algorithm}: finished, model at {final}", flush=True)

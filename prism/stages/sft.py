@@ -24,6 +24,7 @@ from prism.config import BaseConfig, SFTConfig
 from prism.data.encoding import IGNORE, Encoded, collate, collate_packed, encode_conversation
 from prism.data.formats import Conversation, DataError, read_sharegpt
 from prism.data.order import step_records
+from prism.models.peft import final_model_saver
 from prism.runtime import MetricsLogger, Progress, autocast, check_finite, seed_everything
 from prism.stages.common import (
     build_optimizer,
@@ -35,7 +36,9 @@ from prism.stages.common import (
     plain_norm,
     preempted,
     prepare_and_resume,
+    record_config,
     save_progress,
+    setup_policy_training,
     start_stage,
     stop_preempted,
 )
@@ -74,7 +77,7 @@ def load_conversations(cfg: BaseConfig | SFTConfig) -> list[Conversation]:
 def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
     """Train to the end (resuming from the newest checkpoint) and return the stage directory."""
     accelerator = make_accelerator(cfg.model)
-    run_dir, finished, local = start_stage(stage, cfg, accelerator)  # local: Hub ids and folders made local
+    run_dir, finished, local = start_stage(stage, cfg)  # local: Hub ids and folders made local
     if finished:
         print(f"{stage}: already finished in {run_dir}", flush=True)
         return run_dir
@@ -82,6 +85,7 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
     seed_everything(cfg.seed)
     records = load_conversations(local)
     model, processor = load_policy(local.model, cfg.seed)
+    adapters = setup_policy_training(model, cfg, local, accelerator)  # model.freeze_vision, model.lora_r
     tokenizer = processor.tokenizer
     image_token_id = model.config.image_token_id
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -91,6 +95,7 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
         raise DataError(f"{len(records)} records are fewer than one optimizer step's batch ({global_batch} = "
                         "per_device_batch_size x gradient_accumulation_steps x processes)")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    record_config(run_dir, cfg, accelerator)  # the run's first write: data and model have loaded
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
@@ -165,7 +170,8 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
         progress.close()
         logger.close()
     elapsed = time.perf_counter() - started
-    final = finish_stage(run_dir, cfg, accelerator, model, processor, local=local, extra={
+    save = final_model_saver(adapters)  # LoRA: the merged model and model/adapter/; else the plain save
+    final = finish_stage(run_dir, cfg, accelerator, model, processor, local=local, save=save, extra={
         "steps": total_steps, "records": len(records), "processes": world,
         "train_seconds_this_session": round(elapsed, 2),
         "tokens_per_s_this_session": round(tokens_seen / elapsed, 1) if elapsed > 0 else None,

@@ -263,3 +263,64 @@ def test_judged_paper_task_end_to_end_keeps_the_key_out_of_every_file(lmms_eval,
     for path in out.rglob("*"):
         if path.is_file():
             assert SECRET not in path.read_text(errors="ignore"), path
+
+
+def _parquet_mirror(root, split, rows, features):
+    """A local folder laid out like a hub dataset's parquet mirror: data/<split>-00000-of-00001.parquet."""
+    import datasets
+
+    (root / "data").mkdir(parents=True)
+    table = datasets.Dataset.from_dict(rows, features=datasets.Features(features))
+    table.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+def test_published_tasks_carry_the_benchmarks_ids_into_lmms_eval_saved_samples(lmms_eval, checkpoint, tmp_path,
+                                                                               tokenizer):
+    """lmms-eval 0.7.3 saves samples without their document; the tasks' own ids survive (as `submission`), and
+    `prism submit` keys the official files by them, from the folder exactly as `prism eval` left it."""
+    import datasets
+
+    from evaluation.results import read_store, samples_files
+    from evaluation.runner import run_eval
+    from reports.submit import submission_bundle
+
+    text = datasets.Value("string")
+    mmmu = _parquet_mirror(tmp_path / "MMMU", "validation", {
+        "id": ["validation_Art_1", "validation_Art_2"], "question": ["<image 1> Which?", "<image 1> Which one?"],
+        "options": ["['a', 'b']", "['c', 'd']"], "answer": ["B", "A"],
+        "question_type": ["multiple-choice", "multiple-choice"], "image_1": [image(1), image(2)],
+    }, {"id": text, "question": text, "options": text, "answer": text, "question_type": text,
+        "image_1": datasets.Image()})
+    fields = ("category", "subcategory", "visual_input", "set_id", "figure_id", "sample_note", "question_id",
+              "question", "gt_answer_details", "gt_answer", "filename")
+    hallusion = _parquet_mirror(tmp_path / "HallusionBench", "image", {
+        **{name: ["VD", "VD"] if name == "category" else [f"{name}-0", f"{name}-1"] for name in fields},
+        "gt_answer": ["1", "0"], "image": [image(3), image(4)],
+    }, {**{name: text for name in fields}, "image": datasets.Image()})
+    cfg = EvalConfig(paper=PaperConfig(
+        tasks=["mmmu_val", "hallusion_bench_image"], judge_metrics=False,
+        dataset_paths={"mmmu_val": str(mmmu), "hallusion_bench_image": str(hallusion)},
+        max_new_tokens={"mmmu_val": 16, "hallusion_bench_image": 16}))
+    out = tmp_path / "evals"
+    report = run_eval(checkpoint, "paper", out_root=out, config=cfg, model_factory=lambda c, p: _ScriptedModel())
+    assert report.evaluated == ["prism_mmmu_val", "prism_hallusion_bench_image"]
+
+    saved = {}
+    for outcome in report.outcomes:
+        for task, path in samples_files(outcome.directory).items():
+            assert path.parent.name == f"{checkpoint.parent.name}__policy"  # lmms-eval's <model_name_sanitized>/
+            saved[task] = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all("doc" not in sample for samples in saved.values() for sample in samples)
+    assert [s["submission"] for s in saved["prism_mmmu_val"]] == [{"id": f"validation_Art_{i}"} for i in (1, 2)]
+    first = saved["prism_hallusion_bench_image"][0]["submission"]
+    assert first == {name: {"category": "VD", "gt_answer": "1"}.get(name, f"{name}-0") for name in fields}
+    assert set(read_store(out / "results.csv").metric) == {  # the record is no metric
+        "accuracy", "format_valid_rate", "mean_response_tokens", "question_pair_acc", "figure_acc"}
+
+    bundle = submission_bundle(checkpoint, out_root=tmp_path / "submissions", eval_root=out)
+    assert json.loads((bundle / "predictions/mmmu_val.json").read_text()) == {
+        "validation_Art_1": "B", "validation_Art_2": "B"}
+    records = json.loads((bundle / "predictions/hallusion_bench_image.json").read_text())
+    assert [r["question_id"] for r in records] == ["question_id-0", "question_id-1"]
+    assert records[0]["model_prediction"].endswith("<answer>B</answer>")

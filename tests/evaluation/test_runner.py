@@ -1,15 +1,16 @@
-"""run_eval end to end on an untrained checkpoint: lmms-eval's files kept, rows stored, re-runs skipped,
-the same seed giving the same results, and the parser checked on the results JSON lmms-eval wrote."""
+"""run_eval end to end on an untrained checkpoint: lmms-eval's files kept where its CLI puts them, rows stored,
+re-runs skipped, the same seed giving the same results, and the parser checked on the results JSON lmms-eval wrote."""
 
 import json
 import math
+import re
 
 import pandas as pd
 import pytest
 
 from evaluation.config import EMBEDDED_GROUP, EMBEDDED_TASKS, DecodingConfig, EvalConfig, EvalError
-from evaluation.results import STORE_COLUMNS, metrics_table, parse_results, read_store
-from evaluation.runner import checkpoint_hash, run_eval
+from evaluation.results import STORE_COLUMNS, metrics_table, parse_results, read_store, results_files, samples_files
+from evaluation.runner import checkpoint_hash, model_args_string, model_arguments, run_eval
 
 CFG = EvalConfig(embedded=DecodingConfig(max_new_tokens=24), batch_size=16)
 LIMIT = 4
@@ -24,11 +25,8 @@ def first(lmms_eval, checkpoint, world, tmp_path_factory):
 
 
 def _samples(directory):
-    found = {}
-    for path in sorted(directory.glob("*_samples_*.jsonl")):
-        lines = [json.loads(line) for line in path.read_text().splitlines()]
-        found[path.name.split("_samples_")[1][: -len(".jsonl")]] = lines
-    return found
+    return {task: [json.loads(line) for line in path.read_text().splitlines()]
+            for task, path in samples_files(directory).items()}
 
 
 def test_lmms_eval_files_manifest_and_store(first, checkpoint):
@@ -39,7 +37,7 @@ def test_lmms_eval_files_manifest_and_store(first, checkpoint):
     assert outcome.directory.parent == out / report.checkpoint_hash
     assert outcome.directory.name.startswith(f"{EMBEDDED_GROUP}-")
     assert (outcome.directory / "DONE").is_file()
-    assert len(list(outcome.directory.glob("*_results.json"))) == 1
+    assert len(results_files(outcome.directory)) == 1
     samples = _samples(outcome.directory)
     assert sorted(samples) == sorted(EMBEDDED_TASKS.values())
     assert all(len(lines) == LIMIT for lines in samples.values())
@@ -96,9 +94,60 @@ def test_same_checkpoint_and_seed_give_identical_results(first, checkpoint, worl
     assert responses(twin.outcomes[0].directory) == responses(report.outcomes[0].directory)
 
 
+def test_results_lie_and_read_as_lmms_eval_cli_writes_them(first, checkpoint):
+    """The folder is what `lmms-eval --model prism_hf --model_args <ours> --output_path <folder> --log_samples
+    --timezone UTC` writes: <model_name_sanitized>/<date>_results.json and _samples_<task>.jsonl, its names and
+    date format, model name and arguments filled; the arguments are a string lmms-eval's CLI parses back."""
+    from lmms_eval.loggers.evaluation_tracker import GeneralConfigTracker
+    from lmms_eval.utils import simple_parse_args_string
+
+    report, _ = first
+    directory = report.outcomes[0].directory
+    (path,) = results_files(directory)
+    raw = json.loads(path.read_text())
+    model_args = model_args_string(model_arguments(CFG, checkpoint.resolve()))
+    assert model_args == f"pretrained={checkpoint.resolve()},seed=0,dtype=float32"
+    assert raw["config"]["model"] == raw["model_source"] == "prism_hf"
+    assert raw["config"]["model_args"] == model_args
+    parsed = simple_parse_args_string(model_args)  # what the CLI hands PrismHF, beside --batch_size and --device
+    assert parsed == {"pretrained": str(checkpoint.resolve()), "seed": 0, "dtype": "float32"}
+    cli = GeneralConfigTracker()  # what the CLI's tracker derives from the same --model_args
+    cli.log_experiment_args(model_source="prism_hf", model_args=model_args, system_instruction=None,
+                            chat_template=None, fewshot_as_multiturn=False)
+    assert raw["model_name"] == cli.model_name == str(checkpoint.resolve())
+    assert raw["model_name_sanitized"] == cli.model_name_sanitized == f"{checkpoint.parent.name}__policy"
+    assert (raw["config"]["batch_size"], raw["config"]["device"], raw["config"]["limit"]) == (16, "cpu", LIMIT)
+    assert re.fullmatch(r"\d{8}_\d{6}", raw["date"])  # lmms-eval's get_datetime_str format
+    folder = directory / raw["model_name_sanitized"]
+    assert path == folder / f"{raw['date']}_results.json"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [path.name, *(f"{raw['date']}_samples_{task}.jsonl" for task in EMBEDDED_TASKS.values())])
+    assert "doc" not in _samples(directory)["prism_embedded_chart"][0]  # lmms-eval 0.7.3 saves no document
+
+
+def test_vllm_model_args_parse_back_into_the_models_arguments(lmms_eval, tmp_path):
+    """`--model prism_vllm --model_args <ours>` gives PrismVLLM what `prism eval` built it with; unset ones are left
+    out (the model's default), and the batch size stays the CLI's own --batch_size."""
+    import inspect
+
+    from lmms_eval.utils import simple_parse_args_string
+
+    from evaluation.config import VLLMConfig
+    from evaluation.vllm_model import PrismVLLM
+
+    cfg = EvalConfig(backend="vllm", dtype="bfloat16", seed=3, vllm=VLLMConfig(max_model_len=16384))
+    args = model_arguments(cfg, tmp_path / "model")
+    text = model_args_string(args)
+    assert text == (f"pretrained={tmp_path / 'model'},seed=3,dtype=bfloat16,tensor_parallel_size=1,"
+                    "gpu_memory_utilization=0.85,max_model_len=16384,max_images_per_prompt=8")
+    assert simple_parse_args_string(text) == args
+    bound = inspect.signature(PrismVLLM).bind(**simple_parse_args_string(text), batch_size=cfg.batch_size)
+    assert "chat_template" not in bound.arguments and bound.arguments["batch_size"] == 64
+
+
 def test_parser_reads_lmms_eval_results_json(first):
     report, _ = first
-    (path,) = report.outcomes[0].directory.glob("*_results.json")
+    (path,) = results_files(report.outcomes[0].directory)
     raw = json.loads(path.read_text())
     assert {"results", "n-samples", "configs", "versions", "group_subtasks", "lmms_eval_version"} <= set(raw)
     rows = parse_results(path, checkpoint="ckpt", checkpoint_hash="h", suite="embedded")

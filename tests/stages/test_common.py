@@ -83,15 +83,30 @@ def test_autocast_computes_in_bf16_over_float32_weights_and_the_launch_must_agre
 
 
 def test_a_finished_directory_without_its_config_is_refused_not_taken_as_finished(tmp_path):
-    from types import SimpleNamespace
-
     from prism.runtime import mark_done
     from prism.stages.common import start_stage
 
     run_dir = tmp_path / "sft"
     cfg = load_config(SFTConfig, overrides=["model.preset=embedded-s", f"output_dir={run_dir}"])
     mark_done(run_dir)
-    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
     with pytest.raises(FileExistsError, match="marked finished but has no config.yaml"):
-        start_stage("sft", cfg, accelerator)
+        start_stage("sft", cfg)
     assert sorted(p.name for p in run_dir.iterdir()) == ["DONE"]  # nothing written
+
+
+def test_start_stage_writes_nothing_and_record_config_writes_the_config_on_the_main_process(tmp_path):
+    from types import SimpleNamespace
+
+    from prism.config import config_hash
+    from prism.stages.common import record_config, start_stage
+
+    run_dir = tmp_path / "runs" / "sft"
+    cfg = load_config(SFTConfig, overrides=["model.preset=embedded-s", f"output_dir={run_dir}"])
+    assert start_stage("sft", cfg) == (run_dir, False, cfg)
+    assert not (tmp_path / "runs").exists()  # a refusal before record_config leaves nothing behind
+    waits = []
+    record_config(run_dir, cfg, SimpleNamespace(is_main_process=False, wait_for_everyone=lambda: waits.append(1)))
+    assert not (tmp_path / "runs").exists() and waits == [1]
+    record_config(run_dir, cfg, SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: waits.append(1)))
+    assert config_hash(load_config(SFTConfig, run_dir / "config.yaml")) == config_hash(cfg) and waits == [1, 1]
+    assert start_stage("sft", cfg)[:2] == (run_dir, False)  # the same config resumes there

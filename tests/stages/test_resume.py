@@ -109,7 +109,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_saved_step(worl
     psutil = pytest.importorskip("psutil")
     from prism.runtime import list_checkpoints
 
-    from .test_distributed import _free_port
+    from tests.torchrun import free_port
 
     out = tmp_path / "ddp"
     args = [f"model.path={policy_dir}", "model.preset=embedded-s", "model.dtype=float32", "model.mixed_precision=no",
@@ -119,7 +119,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_saved_step(worl
 
     def launch():
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(_free_port()), "-m", "prism.cli", "train", "sft", *args]
+                   str(free_port()), "-m", "prism.cli", "train", "sft", *args]
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
         for name in ("SLURM_JOB_ID", "SUBMITIT_EXECUTOR"):
             env.pop(name, None)
