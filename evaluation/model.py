@@ -161,6 +161,7 @@ class PrismHF(_PrismLMM):
         self.model.to(self.device_name).eval()
         self.processor = processor if processor is not None else load_processor(self.pretrained)
         self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"  # batched decoding continues each row from its last column
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.pad_token_id}
         self.stop_ids.discard(None)

@@ -523,9 +523,13 @@ def run_eval(
             log(f"{entry.name}: {outcome.samples} samples in {outcome.seconds:.1f} s -> {directory}")
             outcomes.append(outcome)
     # A tracked stage's model/: its new results join the stage's wandb or TensorBoard run (evaluation.tracking).
+    # The evaluation has succeeded and is stored whatever happens here: a tracker that fails is a warning.
     evaluated = [row for outcome in outcomes if outcome.status == "evaluated" for row in outcome.rows]
-    for tracker in log_to_stage_trackers(checkpoint, suite, evaluated, limit):
-        log(f"results added to the {tracker} run of stage {checkpoint.parent}")
+    try:
+        for tracker in log_to_stage_trackers(checkpoint, suite, evaluated, limit):
+            log(f"results added to the {tracker} run of stage {checkpoint.parent}")
+    except Exception as error:  # noqa: BLE001 - wandb and TensorBoard raise their own types
+        log(f"warning: results not added to the tracker run of stage {checkpoint.parent}: {error}")
     return EvalReport(checkpoint, digest, suite, out_dir, store, outcomes)
 
 

@@ -7,6 +7,7 @@ mode an ordinary write gives (0666 less the umask), so results stay readable to 
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -45,6 +46,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+NEARLY_FULL = 64 << 20  # bytes free below which a library's failed write is taken for a full disk
+
+
+@contextmanager
+def full_disk_named(target: str | os.PathLike) -> Iterator[None]:
+    """Libraries that write files themselves (safetensors, torch.save) report a full disk in their own error
+    types, naming no file: re-raise such an error as OSError(ENOSPC) naming `target` when its file system has
+    (almost) no space left; any other error passes through unchanged."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as error:
+        try:
+            full = shutil.disk_usage(Path(target).parent).free < NEARLY_FULL
+        except OSError:
+            full = False
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from error
+        raise
+
+
 @contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temp folder beside `final`; when the block ends without error it replaces `final` whole
@@ -55,7 +78,8 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        yield tmp
+        with full_disk_named(final):
+            yield tmp
         old = None
         if final.exists():
             old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")

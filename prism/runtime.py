@@ -34,7 +34,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 
-from prism.atomic_io import atomic_write_text
+from prism.atomic_io import atomic_write_text, full_disk_named
 from prism.config import config_hash, config_to_dict
 
 
@@ -152,19 +152,20 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model_state: Mapping[str,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(_safetensors_ready(model_state), str(tmp / MODEL_FILE), metadata={"step": str(step)})
-        trainer_state = {
-            "step": int(step),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": rng_state(),
-            "data_position": dict(data_position or {}),
-            "extra": dict(extra or {}),
-        }
-        torch.save(trainer_state, tmp / STATE_FILE)
-        index = {"step": int(step), "files": {name: sha256_file(tmp / name) for name in (MODEL_FILE, STATE_FILE)}}
-        atomic_write_text(tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-        _publish_checkpoint(tmp, final)
+        with full_disk_named(final):  # safetensors and torch.save report a full disk in their own types
+            save_file(_safetensors_ready(model_state), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+            trainer_state = {
+                "step": int(step),
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": rng_state(),
+                "data_position": dict(data_position or {}),
+                "extra": dict(extra or {}),
+            }
+            torch.save(trainer_state, tmp / STATE_FILE)
+            index = {"step": int(step), "files": {name: sha256_file(tmp / name) for name in (MODEL_FILE, STATE_FILE)}}
+            atomic_write_text(tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+            _publish_checkpoint(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -508,6 +509,12 @@ class MetricsLogger:
             raise RuntimeConfigError(f"tracking must be one of {', '.join(TRACKING_CHOICES)}, got {tracking!r}")
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The tracker first: one that cannot open (not installed) leaves metrics.jsonl as it was.
+        self.tracker: WandbTracker | TensorBoardTracker | None = None
+        self._file = None
+        if tracking != "none":
+            self.tracker = open_tracker(self.path.parent, tracking, project=project, config=config,
+                                        resume_step=resume_step)
         kept = []
         if resume_step is not None and self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -517,26 +524,25 @@ class MetricsLogger:
                     continue
                 if isinstance(record, dict) and record.get("step", math.inf) <= resume_step:
                     kept.append(line + "\n")
-        atomic_write_text(self.path, "".join(kept))
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run
-        self.tracker: WandbTracker | TensorBoardTracker | None = None
-        if tracking != "none":
-            try:
-                self.tracker = open_tracker(self.path.parent, tracking, project=project, config=config,
-                                            resume_step=resume_step)
-            except BaseException:
-                self._file.close()
-                raise
+        try:
+            atomic_write_text(self.path, "".join(kept))
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run
+        except BaseException:
+            self.close()
+            raise
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         record = {"step": int(step), **{k: _plain_number(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
+        except OSError as error:  # a full disk: name the file (a failed write names none)
+            raise OSError(error.errno, error.strerror, str(self.path)) from error
         if self.tracker is not None:
             self.tracker.log(int(step), {k: v for k, v in record.items() if k != "step"})
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
         if self.tracker is not None:
             self.tracker.close()
@@ -628,6 +634,14 @@ def _not_installed(tracking: str) -> RuntimeConfigError:
                               "or set tracking: none")
 
 
+def require_tracker(tracking: str) -> None:
+    """Refuse a tracker whose package is missing before a stage writes anything (RuntimeConfigError)."""
+    import importlib.util
+
+    if tracking in ("wandb", "tensorboard") and importlib.util.find_spec(tracking) is None:
+        raise _not_installed(tracking)
+
+
 class WandbTracker:
     """The stage's wandb run (`entry` from tracking.json): wandb.init(id=..., resume="allow"), files under
     run_dir/wandb/. Offline (see wandb_mode), each session writes its own offline-run-<time>-<id> folder, all
@@ -640,7 +654,7 @@ class WandbTracker:
             import wandb  # type: ignore[import-not-found]
         except ImportError:
             raise _not_installed("wandb") from None
-        record_tracking(run_dir, "wandb", entry)  # before init: a stage killed in its first step resumes this run
+        record_tracking(run_dir, "wandb", entry)  # before init: a stage killed after a checkpoint resumes this run
         self.run = wandb.init(
             id=entry["run_id"], resume="allow", project=entry["project"], name=entry["name"], group=entry["group"],
             config=dict(config) if config is not None else None, dir=str(run_dir), mode=wandb_mode(wandb.api.api_key),
@@ -691,18 +705,22 @@ class TensorBoardTracker:
 
 def open_tracker(run_dir: str | Path, tracking: str, *, project: str | None, config: Mapping[str, Any] | None,
                  resume_step: int | None) -> WandbTracker | TensorBoardTracker:
-    """The stage's tracker at its start. A resumed stage (`resume_step` set) continues the run tracking.json
-    names; a fresh start begins a new one (an online run rejects the steps it already holds). The config sent is
+    """The stage's tracker at its start. A resumed stage (`resume_step` a checkpoint's step) continues the run
+    tracking.json names; a fresh start (None or 0: no checkpoint) begins a new one (an online run rejects the steps
+    it already holds). The config sent is
     `config`, else the stage's config.yaml, secrets redacted either way; the group its `tracking_group` (a matrix
     sets it), else wandb's own WANDB_RUN_GROUP."""
     recorded, digest = recorded_config(run_dir)
     sent = redact(dict(config)) if config is not None else recorded
+    fresh = not resume_step
     if tracking == "tensorboard":
-        if resume_step is None:  # a fresh start: hide every event of an earlier attempt, record the config once
+        if fresh:  # a fresh start: hide every event of an earlier attempt, record the config once
             return TensorBoardTracker(run_dir, purge_step=0, config=sent)
         return TensorBoardTracker(run_dir, purge_step=resume_step + 1)
-    previous = read_tracking(run_dir).get("wandb", {}) if resume_step is not None else {}
-    entry = {"run_id": previous.get("run_id") or new_run_id(), "project": os.environ.get("WANDB_PROJECT") or project,
+    previous = {} if fresh else read_tracking(run_dir).get("wandb", {})
+    # A resumed run stays in the project it started in, whatever WANDB_PROJECT says now.
+    entry = {"run_id": previous.get("run_id") or new_run_id(),
+             "project": previous.get("project") or os.environ.get("WANDB_PROJECT") or project,
              "name": tracking_name(run_dir, digest), "group": sent.get("tracking_group")}
     return WandbTracker(run_dir, entry, sent)
 

@@ -31,3 +31,20 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
             tmp.write_text("half of the new")
             raise OSError(28, "disk full")
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
+
+
+def test_a_library_write_error_on_a_full_disk_names_the_target(tmp_path, monkeypatch):
+    import collections
+    import errno
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100, 100, 0))
+    final = tmp_path / "model"
+    with pytest.raises(OSError) as caught, atomic_directory(final):
+        raise RuntimeError("file write failed")  # what torch.save says on a full disk
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(final)
+    assert list(tmp_path.iterdir()) == []  # the temporary folder went with it
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 0, 1 << 40))
+    with pytest.raises(RuntimeError, match="file write failed"), atomic_directory(final):  # space left: not a full disk
+        raise RuntimeError("file write failed")

@@ -412,3 +412,23 @@ def test_stages_that_train_whole_models_refuse_lora_and_freezing():
     hf = load_config(RLVRConfig, overrides=["model.path=ckpt", "model.lora_r=8", "rollout.backend=hf"])
     assert hf.model.lora_r == 8
     assert load_config(RLVRConfig, overrides=["model.freeze_vision=true"]).model.freeze_vision
+
+
+def test_a_field_hashed_only_if_set_renames_no_existing_run():
+    from dataclasses import dataclass, field
+
+    from prism.config import config_hash
+    from prism.config.sections import HASH_IF_SET
+
+    @dataclass
+    class Before:
+        lr: float = 1e-3
+
+    @dataclass
+    class After:  # Before, plus a field added later
+        lr: float = 1e-3
+        lora_r: int = field(default=0, metadata=HASH_IF_SET)
+
+    assert config_hash(After()) == config_hash(Before())
+    assert config_hash(After(lora_r=8)) != config_hash(Before())
+    assert config_hash(After(lr=2e-3)) == config_hash(Before(lr=2e-3))

@@ -383,9 +383,13 @@ def test_wandb_keeps_one_offline_run_per_stage_across_resumes(tmp_path, monkeypa
     assert [[row["_step"] for row in r["history"]] for r in runs] == [[1, 2, 3], [3, 4]]
     assert runs[1]["history"][-1]["loss"] == 0.25
 
-    with MetricsLogger(stage, "wandb", project="prism") as restarted:  # no checkpoint: a fresh start, a new run
-        restarted.log(1, {"loss": 1.0})
-    assert json.loads((stage / "tracking.json").read_text())["wandb"]["run_id"] != run_id
+    # No checkpoint: a fresh start and a new run, whether the stage says so with None or with step 0 (as recipes do)
+    ids = {run_id}
+    for fresh in (None, 0):
+        with MetricsLogger(stage, "wandb", project="prism", resume_step=fresh) as restarted:
+            restarted.log(1, {"loss": 1.0})
+        ids.add(json.loads((stage / "tracking.json").read_text())["wandb"]["run_id"])
+    assert len(ids) == 3
 
 
 def test_no_secret_reaches_the_wandb_run(tmp_path, monkeypatch):

@@ -96,3 +96,8 @@ def test_the_adapter_returns_what_verl_logs_and_takes_its_reward_kwargs():
 def test_malformed_choices_name_the_field(choices):
     with pytest.raises(RewardInputError, match=r"^extra_info\.choices: expected a JSON object of letter -> option text"):
         prism.verl_reward.compute_score("x", respond("A"), "A", {"choices": choices})
+
+
+def test_a_misspelt_reward_kwarg_is_refused_not_ignored():
+    with pytest.raises(RewardInputError, match="unknown keyword.*format_wieght"):
+        prism.verl_reward.compute_score("x", respond("4"), "4", format_wieght=0.3)

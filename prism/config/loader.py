@@ -739,12 +739,24 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 # ----------------------------------------------------------------------------------------------------
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def _hashed(f: dataclasses.Field, value: Any) -> bool:
+    """Whether field `f` of a config holding `value` enters config_hash (see config_hash)."""
+    rule = f.metadata.get("hash", True)
+    return rule is not False and not (rule == "if_set" and value == _field_default(f))
+
+
 def _plain(value: Any, for_hash: bool = False) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
             f.name: _plain(getattr(value, f.name), for_hash)
             for f in dataclasses.fields(value)
-            if f.init and not (for_hash and f.metadata.get("hash") is False)
+            if f.init and not (for_hash and not _hashed(f, getattr(value, f.name)))
         }
     if isinstance(value, PurePath):
         return str(value)
@@ -763,7 +775,9 @@ def config_to_dict(cfg: Any) -> dict:
 def config_hash(cfg: Any) -> str:
     """First 12 hex chars of the sha256 of the canonical JSON of a config (or a mapping holding
     configs). Fields marked `metadata={"hash": False}` (where outputs go, how often to log or save)
-    are left out: they do not change what a stage computes, so they must not change its directory."""
+    are left out: they do not change what a stage computes, so they must not change its directory. Fields marked
+    `{"hash": "if_set"}` (added after runs existed) count only when set to another value than their default, so
+    adding one leaves every existing stage directory's hash as it was."""
     canonical = json.dumps(_plain(cfg, for_hash=True), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
 

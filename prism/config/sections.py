@@ -13,6 +13,9 @@ LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 RolloutBackend = Literal["hf", "vllm"]
 PolicyLoss = Literal["ppo_clip", "gspo"]
 NO_HASH = {"hash": False}  # field metadata: left out of config_hash (bookkeeping, not what a stage computes)
+# Field metadata of a field added after runs exist: in config_hash only when set to something other than its
+# default, so adding it renames no existing stage directory.
+HASH_IF_SET = {"hash": "if_set"}
 
 
 @dataclass
@@ -96,25 +99,29 @@ class ModelConfig:
     # --- what trains (the policy stages base, sft and rlvr; prism.models.peft) ---
     freeze_vision: bool = field(
         default=False,
-        metadata={"help": "Keep the vision tower (patch embedding, blocks, mergers) fixed: requires_grad false, left "
+        metadata={**HASH_IF_SET,
+                  "help": "Keep the vision tower (patch embedding, blocks, mergers) fixed: requires_grad false, left "
                           "out of the optimizer; the language model trains alone."},
     )
     lora_r: int = field(
         default=0,
-        metadata={"help": "LoRA rank (peft); 0 = off: every weight trains. With LoRA only the adapters train, model/ "
+        metadata={**HASH_IF_SET,
+                  "help": "LoRA rank (peft); 0 = off: every weight trains. With LoRA only the adapters train, model/ "
                           "holds the merged model and model/adapter/ the adapter. Needs model.path."},
     )
     lora_alpha: int | None = field(
         default=None,
-        metadata={"help": "LoRA scale: an adapter's update is multiplied by lora_alpha / lora_r; null = 2 x lora_r "
+        metadata={**HASH_IF_SET,
+                  "help": "LoRA scale: an adapter's update is multiplied by lora_alpha / lora_r; null = 2 x lora_r "
                           "(LLaMA-Factory's default)."},
     )
     lora_dropout: float = field(
-        default=0.0, metadata={"help": "Dropout on the input of each LoRA adapter, in [0, 1)."},
+        default=0.0, metadata={**HASH_IF_SET, "help": "Dropout on the input of each LoRA adapter, in [0, 1)."},
     )
     lora_target_modules: tuple[str, ...] = field(
         default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-        metadata={"help": "Linear layers of the language model that get adapters, by name (attention and MLP "
+        metadata={**HASH_IF_SET,
+                  "help": "Linear layers of the language model that get adapters, by name (attention and MLP "
                           "projections); never the vision tower. Each name must match a layer."},
     )
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -213,6 +214,20 @@ def atomic_write_parquet(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp)
 
 
+def parse_choices(raw: Any) -> dict[str, str] | None:
+    """A multiple-choice row's options (a JSON string or a mapping of letter -> option text); None for none.
+    ValueError when it is neither."""
+    if raw is None or raw == "":
+        return None
+    try:
+        choices = json.loads(raw) if isinstance(raw, str) else raw
+    except json.JSONDecodeError:
+        raise ValueError(f"expected a JSON object of letter -> option text, got {raw!r}") from None
+    if not isinstance(choices, Mapping) or not all(isinstance(text, str) for text in choices.values()):
+        raise ValueError(f"expected a JSON object of letter -> option text, got {raw!r}")
+    return dict(choices)
+
+
 def read_rl_parquet(path: Path | str, verify_images: bool = False) -> list[RLRecord]:
     path = Path(path)
     if not path.is_file():
@@ -250,14 +265,11 @@ def read_rl_parquet(path: Path | str, verify_images: bool = False) -> list[RLRec
         reward = row["reward_model"]
         if not isinstance(reward, dict) or not isinstance(reward.get("ground_truth"), str):
             raise _fail(path, record, "reward_model.ground_truth", "a string", (reward or {}).get("ground_truth"))
-        choices = reward.get("choices")
-        if choices is not None:
-            try:
-                choices = json.loads(choices) if isinstance(choices, str) else choices
-            except json.JSONDecodeError:
-                raise _fail(path, record, "reward_model.choices", "a JSON object of letter -> option", choices) from None
-            if not isinstance(choices, dict) or not all(isinstance(v, str) for v in choices.values()):
-                raise _fail(path, record, "reward_model.choices", "a JSON object of letter -> option", choices)
+        try:
+            choices = parse_choices(reward.get("choices"))
+        except ValueError:
+            raise _fail(path, record, "reward_model.choices", "a JSON object of letter -> option",
+                        reward.get("choices")) from None
         extra = row.get("extra_info") or {}
         records.append(RLRecord(
             id=str(extra.get("id", f"{path.stem}-{index}")),

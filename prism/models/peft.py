@@ -89,8 +89,10 @@ def save_final_model(adapters: PeftModel, processor, directory: str | Path) -> P
     unloads the adapters from the live model: call it once training is over."""
     with atomic_directory(directory) as tmp:
         adapters.save_pretrained(str(tmp / ADAPTER_DIR))
+        # peft's template card is placeholders with a local path as base_model; the folder's card covers both
+        (tmp / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
         merged = adapters.merge_and_unload()
-        merged.save_pretrained(str(tmp), safe_serialization=True)
+        merged.save_pretrained(str(tmp))
         save_processor(processor, tmp)
     return Path(directory)
 

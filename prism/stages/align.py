@@ -274,7 +274,6 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
         raise NotImplementedError(
             f"{cfg.discriminator.path}: attention_dropout > 0. align takes the scores and the loss from one pass of "
             "the backbone, which must then be deterministic (Qwen3-VL's attention_dropout is 0)")
-    record_config(run_dir, cfg, accelerator)  # the run's first write: data and models have loaded
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if update.kl_coef > 0 else None
     policy_optimizer = build_optimizer(policy, cfg.policy_optim)
     disc_optimizer = build_optimizer(discriminator, cfg.disc_optim)
@@ -308,6 +307,8 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
                    "teacher": proxy_summary(*teacher_counts(proxy_records), teacher),
                    "before": proxy_summary(*segment_counts(proxy_rollouts(backend, policy, proxy_records, cfg)), teacher)}
 
+    # The run's first write: data, models, checkpoint and rollout engine have all loaded.
+    record_config(run_dir, cfg, accelerator)
     logger = MetricsLogger(run_dir, cfg.tracking, project="prism", resume_step=start) if accelerator.is_main_process else None
     progress = Progress(cfg.steps, desc="align", initial=start) if accelerator.is_main_process else None
     for step in range(start, cfg.steps):

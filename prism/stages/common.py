@@ -38,6 +38,7 @@ from prism.runtime import (
     latest_checkpoint,
     mark_done,
     preemption_requested,
+    require_tracker,
     restore_checkpoint,
     restore_sharded_checkpoint,
     save_checkpoint,
@@ -260,6 +261,7 @@ def start_stage(stage: str, cfg: Any) -> tuple[Path, bool, Any]:
     nothing: the recipe calls `record_config` once its data and models have loaded, so a stage refused for a
     bad data file or checkpoint leaves no run directory behind."""
     run_dir = stage_dir(stage, cfg)
+    require_tracker(cfg.tracking)
     recorded = run_dir / "config.yaml"
     if recorded.is_file():  # a finished or interrupted run: only the same config may finish or resume it
         previous = config_hash(load_config(type(cfg), recorded))

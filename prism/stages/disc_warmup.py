@@ -242,7 +242,6 @@ def run(cfg: DiscWarmupConfig) -> Path:
         dense, spec, num_experts=cfg.num_experts, top_k=cfg.top_k, expert_noise_std=cfg.expert_noise_std,
         router_init_std=cfg.router_init_std, aux_loss_coef=cfg.aux_loss_coef, seed=cfg.seed).train()
     del dense
-    record_config(run_dir, cfg, accelerator)  # the first write but for generated pairs: data and models loaded
     encoder = PairEncoder(processor, pairs, spec.uses_images)
     optimizer = build_optimizer(discriminator, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
@@ -262,6 +261,8 @@ def run(cfg: DiscWarmupConfig) -> Path:
     kinds = spec.segment_kinds
 
     # ---- 3. train ----
+    # The run's first write, but for generated pairs: data, models and checkpoint have all loaded.
+    record_config(run_dir, cfg, accelerator)
     logger = MetricsLogger(run_dir, cfg.tracking, project="prism", resume_step=start) if accelerator.is_main_process else None
     progress = Progress(total_steps, desc="disc_warmup", initial=start) if accelerator.is_main_process else None
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf

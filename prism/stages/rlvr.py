@@ -101,7 +101,6 @@ def run(cfg: RLVRConfig) -> Path:
     records = load_prompts(local.data_files)
     model, processor = load_policy(local.model, cfg.seed)
     adapters = setup_policy_training(model, cfg, local, accelerator)  # model.freeze_vision, model.lora_r
-    record_config(run_dir, cfg, accelerator)  # the run's first write: data and model have loaded
     reference = copy.deepcopy(model).eval().requires_grad_(False) if update.kl_coef > 0 else None
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps * update.mini_batches)
@@ -121,6 +120,8 @@ def run(cfg: RLVRConfig) -> Path:
                 "temperature": rollout.temperature, "top_p": rollout.top_p}
     group_size = rollout.rollouts_per_prompt
 
+    # The run's first write: data, models, checkpoint and rollout engine have all loaded.
+    record_config(run_dir, cfg, accelerator)
     logger = MetricsLogger(run_dir, cfg.tracking, project="prism", resume_step=start) if accelerator.is_main_process else None
     progress = Progress(cfg.steps, desc=f"rlvr-{cfg.algorithm}", initial=start) if accelerator.is_main_process else None
     for step in range(start, cfg.steps):

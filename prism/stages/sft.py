@@ -95,7 +95,6 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
         raise DataError(f"{len(records)} records are fewer than one optimizer step's batch ({global_batch} = "
                         "per_device_batch_size x gradient_accumulation_steps x processes)")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    record_config(run_dir, cfg, accelerator)  # the run's first write: data and model have loaded
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
@@ -114,6 +113,8 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
             return collate_packed(samples, tokenizer.pad_token_id, image_token_id, cfg.max_length, rope_index)
         return collate(samples, tokenizer.pad_token_id, image_token_id)
 
+    # The run's first write: data, model and checkpoint have all loaded.
+    record_config(run_dir, cfg, accelerator)
     logger = MetricsLogger(run_dir, cfg.tracking, project="prism", resume_step=start, config=None) \
         if accelerator.is_main_process else None
     progress = Progress(total_steps, desc=stage, initial=start) if accelerator.is_main_process else None

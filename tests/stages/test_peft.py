@@ -83,6 +83,7 @@ def test_lora_sft_trains_only_the_adapters_and_saves_an_adapter_that_peft_loads(
     assert config["base_model_name_or_path"] == str(policy_dir.resolve())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8)
     assert (adapter_dir / "adapter_model.safetensors").is_file()
+    assert not (adapter_dir / "README.md").exists()  # no placeholder card naming a local path as base_model
     batch = sample_batch(world, load_processor(policy_dir))
     assert batch["pixel_values"] is not None
     with torch.no_grad():

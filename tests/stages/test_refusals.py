@@ -145,10 +145,26 @@ def test_a_checkpoint_whose_checksum_does_not_match_is_one_line(world, policy_di
         handle.write(b"\0")
     recorded = json.loads((checkpoint / INDEX_FILE).read_text())["files"][STATE_FILE]
     found = hashlib.sha256((checkpoint / STATE_FILE).read_bytes()).hexdigest()
-    assert main(args) == 2
+    before = tree(out)
+    assert main([*args, "log_every_steps=5"]) == 2  # a bookkeeping field changed: config.yaml is not rewritten
     err = one_line(capsys)
     assert err.startswith(f"prism: error: {checkpoint / STATE_FILE}: sha256 {found}, but ")
     assert f"records {recorded}" in err and f"delete {checkpoint}" in err
+    assert tree(out) == before
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_anything_is_written(world, policy_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "tensorboard" else find_spec(name, *rest))
+    out = tmp_path / "sft"
+    assert main(sft_args(world, policy_dir, out, "tracking=tensorboard")) == 2
+    assert one_line(capsys) == ("prism: error: tracking='tensorboard' but tensorboard is not installed: "
+                                "pip install tensorboard, or set tracking: none")
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------------------------------

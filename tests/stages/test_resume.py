@@ -108,7 +108,6 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_saved_step(worl
     both processes save the same step and stop; run again, the stage resumes there and finishes."""
     psutil = pytest.importorskip("psutil")
     from prism.runtime import list_checkpoints
-
     from tests.torchrun import free_port
 
     out = tmp_path / "ddp"
