@@ -58,6 +58,10 @@ def test_world_is_chosen_at_run_time_and_requests_carry_the_prism_prompt(manager
     image, text = messages[1]["content"]
     assert image["type"] == "image" and image["url"].size == (96, 96)  # the image first, as in training
     assert text == {"type": "text", "text": bench.question[0]}
+    # the item's own id rides in the per-sample results, which lmms-eval saves without `doc` (prism submit keys by it)
+    doc = task.test_docs()[0]
+    result = task.process_results(doc, ["<answer>Yes</answer>"])
+    assert result["submission"] == {"id": bench.id[0]} and "accuracy" in result
 
 
 def test_scores_of_a_teacher_response_and_of_junk(world, tokenizer):

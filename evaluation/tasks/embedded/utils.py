@@ -16,6 +16,7 @@ try:  # lmms-eval imports this file by path; the `evaluation` package lives at t
 except ImportError:  # pragma: no cover - only when the project is not installed with `evaluation`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+from evaluation.results import SUBMISSION_KEY  # noqa: E402
 from evaluation.scoring import chat_messages, question_pair_acc, score_response  # noqa: E402
 
 __all__ = [
@@ -56,10 +57,12 @@ def _choices(doc):
 
 
 def process_results(doc, results):
-    return score_response(results[0], doc["answer"], choices=_choices(doc))
+    """The scores, and the item's own id under SUBMISSION_KEY: lmms-eval keeps it in the saved samples (which
+    drop `doc`), so `prism submit` keys predictions by it (lmms-eval aggregates only the metric_list keys)."""
+    return {**score_response(results[0], doc["answer"], choices=_choices(doc)), SUBMISSION_KEY: {"id": doc["id"]}}
 
 
 def process_results_presence(doc, results):
-    scores = score_response(results[0], doc["answer"], choices=_choices(doc))
+    scores = process_results(doc, results)
     scores["question_pair_acc"] = {"group": doc["pair_id"], "correct": scores["accuracy"]}
     return scores
