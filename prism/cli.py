@@ -35,20 +35,24 @@ import sys
 import time
 from pathlib import Path
 
+# The error types that mean a user mistake (one line, exit 2), by module: an error is one of them only if its module
+# is already imported (it raised it), so telling needs no import; a refusal stays as fast as the command that made it.
+USER_ERRORS = (
+    ("evaluation.config", "EvalError"), ("experiments.matrix", "MatrixError"), ("prism.config", "ConfigError"),
+    ("prism.data.formats", "DataError"), ("prism.models", "ModelError"), ("prism.rewards", "RewardInputError"),
+    ("prism.rollout.base", "RolloutError"), ("prism.runtime", "CheckpointError"), ("prism.runtime", "NonFiniteError"),
+    ("prism.runtime", "RuntimeConfigError"), ("reports.submit", "SubmitError"),
+)
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from evaluation.config import EvalError
-    from experiments.matrix import MatrixError
-    from prism.config import ConfigError
-    from prism.data.formats import DataError
-    from prism.models import ModelError
-    from prism.rewards import RewardInputError
-    from prism.rollout.base import RolloutError
-    from prism.runtime import CheckpointError, NonFiniteError, RuntimeConfigError
-    from reports.submit import SubmitError
 
-    return (ConfigError, DataError, EvalError, ModelError, RewardInputError, RolloutError, RuntimeConfigError,
-            NonFiniteError, FileExistsError, NotImplementedError, MatrixError, SubmitError, CheckpointError)
+def is_user_error(error: BaseException) -> bool:
+    if isinstance(error, (FileExistsError, NotImplementedError)):
+        return True
+    for module, name in USER_ERRORS:
+        kind = getattr(sys.modules.get(module), name, None)
+        if kind is not None and isinstance(error, kind):
+            return True
+    return False
 
 
 # Where the output goes cannot take it: a read-only or foreign folder, a read-only file system, a full disk or quota.
@@ -382,19 +386,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("prism: interrupted" + (f"; {stop}" if str(stop) else ""), file=sys.stderr)
         return INTERRUPTED_EXIT
-    except _user_errors() as error:
-        if args.debug:
-            raise
-        print(f"prism: error: {error}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `prism reward score ... | head`
         return 0
-    except OSError as error:
-        if args.debug or error.errno not in OUTPUT_FAULTS:
+    except Exception as error:
+        if args.debug:
             raise
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"prism: error: {where}{error.strerror}", file=sys.stderr)
-        return 2
+        if is_user_error(error):
+            print(f"prism: error: {error}", file=sys.stderr)
+            return 2
+        if isinstance(error, OSError) and error.errno in OUTPUT_FAULTS:
+            where = f"{error.filename}: " if error.filename else ""
+            print(f"prism: error: {where}{error.strerror}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -156,3 +156,17 @@ def test_debug_re_raises_user_errors_and_other_os_errors_are_not_user_errors(mon
     monkeypatch.setattr(prism.cli, "cmd_world_stats", missing)
     with pytest.raises(FileNotFoundError):
         main(["world", "stats"])
+
+
+def test_a_refused_data_check_imports_no_torch(tmp_path):
+    """Telling a user error from a bug needs no import: the refusal is as fast as the reader that made it."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"messages": 3}]\n')
+    code = ("import sys; from prism.cli import main; rc = main(['data', 'check', sys.argv[1]]); "
+            "print(rc, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"]
+    assert result.stderr.startswith(f"prism: error: {bad}: record [0]: field 'messages'")
