@@ -72,6 +72,11 @@ bench-align *args: setup
 bench-throughput *args: setup
     .venv/bin/python bench/throughput.py {{args}}
 
+# Evaluation with the decode loop against transformers' generate on the same checkpoints and items (greedy
+# responses compared, sampled runs timed): `just bench-eval-decode outputs/stages/<sft>/model`.
+bench-eval-decode +checkpoints: setup
+    .venv/bin/python bench/eval_decode.py {{checkpoints}}
+
 # On a GPU node: a few SFT and RLVR steps of Qwen3-VL-2B's architecture (random weights) under FSDP2 bf16 mixed
 # precision, with HF rollouts: tokens/s, MFU, peak memory in outputs/bench/gpu-check.json (`--tiny` runs it on CPU).
 bench-gpu *args: setup
