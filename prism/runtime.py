@@ -152,25 +152,33 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model_state: Mapping[str,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        with full_disk_named(final):  # safetensors and torch.save report a full disk in their own types
+        with full_disk_named(final):  # safetensors reports a full disk in its own type
             save_file(_safetensors_ready(model_state), str(tmp / MODEL_FILE), metadata={"step": str(step)})
-            trainer_state = {
-                "step": int(step),
-                "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": rng_state(),
-                "data_position": dict(data_position or {}),
-                "extra": dict(extra or {}),
-            }
-            torch.save(trainer_state, tmp / STATE_FILE)
-            index = {"step": int(step), "files": {name: sha256_file(tmp / name) for name in (MODEL_FILE, STATE_FILE)}}
-            atomic_write_text(tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-            _publish_checkpoint(tmp, final)
+        _seal_checkpoint(tmp, final, {
+            "step": int(step),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_state(),
+            "data_position": dict(data_position or {}),
+            "extra": dict(extra or {}),
+        })
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _prune_checkpoints(run_dir, keep_last)
     return final
+
+
+def _seal_checkpoint(tmp: Path, final: Path, trainer_state: dict[str, Any], **index_fields: Any) -> None:
+    """Finish a checkpoint's temp folder and publish it: trainer_state.pt, then checkpoint.json with the sha256 of
+    every file in the folder (and `index_fields`), then the rename into place."""
+    with full_disk_named(final):  # torch.save reports a full disk in its own type
+        torch.save(trainer_state, tmp / STATE_FILE)
+    names = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+    index = {"step": int(trainer_state["step"]), **index_fields,
+             "files": {name: sha256_file(tmp / name) for name in names}}
+    atomic_write_text(tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    _publish_checkpoint(tmp, final)
 
 
 def _publish_checkpoint(tmp: Path, final: Path) -> None:
@@ -318,7 +326,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.M
     dcp.save(_dist_state(model, optimizer), checkpoint_id=str(tmp / SHARDED_DIR))  # returns once metadata is written
     if rank == 0:
         try:
-            trainer_state = {
+            _seal_checkpoint(tmp, final, {
                 "step": int(step),
                 "optimizer": None,  # in sharded/
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -326,13 +334,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.M
                 "rng_per_process": rngs,
                 "data_position": dict(data_position or {}),
                 "extra": dict(extra or {}),
-            }
-            torch.save(trainer_state, tmp / STATE_FILE)
-            names = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
-            index = {"step": int(step), "format": "dcp", "processes": world,
-                     "files": {name: sha256_file(tmp / name) for name in names}}
-            atomic_write_text(tmp / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-            _publish_checkpoint(tmp, final)
+            }, format="dcp", processes=world)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
