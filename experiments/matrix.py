@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,12 +32,14 @@ from filelock import FileLock
 
 from prism.config import (
     ConfigError,
+    YamlMapping,
     check,
     check_range,
     check_types,
     config_hash,
     config_to_dict,
     load_config,
+    read_yaml,
     write_config_yaml,
 )
 from prism.hub import cache_status, hub_cache_dir, parse_hub_ref
@@ -192,6 +194,8 @@ class MatrixConfig:
     rl_algorithm: Literal["grpo", "dapo", "gspo"] = field(default="grpo", metadata={"help": "ablations: the RL stage."})
     settings: list[SettingSpec] = field(default_factory=list, metadata={"help": "ablations: the rows."})
     presets: dict[str, PresetSpec] = field(default_factory=dict, metadata={"help": "Preset name -> settings."})
+    # The file it was read from, with the line of every key: plan-time errors point into it.
+    source: YamlMapping | None = field(default=None, init=False, repr=False, compare=False, metadata={"hash": False})
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -212,7 +216,11 @@ def load_named(config_class: type, name_or_path: str | Path, folder: Path, what:
     if not path.is_file():
         known = sorted(p.stem for p in folder.glob("*.yaml"))
         raise ConfigError(f"no {what} {name_or_path!r}: {path} does not exist (known: {', '.join(known)})")
-    return load_config(config_class, path)
+    source = read_yaml(path)
+    config = load_config(config_class, data=source)
+    if any(f.name == "source" and not f.init for f in fields(config_class)):
+        config.source = source
+    return config
 
 
 def preset_spec(matrix: MatrixConfig, preset: str | None) -> PresetSpec:
@@ -231,7 +239,40 @@ def load_matrix(name_or_path: str | Path, preset: str | None = None, seeds: int 
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds: expected a positive number of seeds, got {seeds!r}")
     presets = {**matrix.presets, preset: replace(preset_spec(matrix, preset), seeds=list(range(seeds)))}
-    return replace(matrix, name=f"{matrix.name}-{seeds}seeds", presets=presets)
+    renamed = replace(matrix, name=f"{matrix.name}-{seeds}seeds", presets=presets)
+    renamed.source = matrix.source
+    return renamed
+
+
+def matrix_line(matrix: MatrixConfig, *paths: str) -> str:
+    """`file:line ` of the first key path the matrix file has (e.g. `presets.embedded.stages.sft`), else ''."""
+    if matrix.source is None:
+        return ""
+    where = next((matrix.source.location(path) for path in paths if matrix.source.location(path)), None)
+    return f"{where}: " if where else ""
+
+
+def override_paths(matrix: MatrixConfig, error: str, lists: list[str]) -> list[str]:
+    """The key paths (`...overrides[2]`) of the override items among `lists` an error message is about: the
+    item it quotes (`override 'optim.lr=-1'`), else the items whose value it quotes (`'embedded-xs'`)."""
+    items = [(f"{path}[{index}]", text) for path in lists
+             for index, text in enumerate(_lookup(matrix.source, path) or []) if isinstance(text, str)]
+    quoted = [path for path, text in items if f"override {text!r}" in error]
+    return quoted or [path for path, text in items if "=" in text and repr(text.split("=", 1)[1].strip()) in error]
+
+
+def _lookup(tree: Any, path: str) -> Any:
+    """The value at a key path of the loader's form (`settings[1].overrides.rlvr`), None where there is none."""
+    for part in path.split("."):
+        key, *indexes = part.replace("]", "").split("[")
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+        for index in map(int, indexes):
+            if not isinstance(tree, list) or index >= len(tree):
+                return None
+            tree = tree[index]
+    return tree
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,7 +359,7 @@ class PlanBuilder:
         return self._add(Node("world", str(out), command, [], cfg=cfg, done_marker=out / "world.json"))
 
     def stage(self, stage: str, size: str, seed: int, wiring: list[str], deps: list[str],
-              extra: dict[str, list[str]] | None = None) -> str:
+              extra: dict[str, list[str]] | None = None, extra_origin: str | None = None) -> str:
         size_spec = self.preset.sizes[size]
         spec = self.preset.stages.get(stage)
         if spec is not None and self.world is not None:  # `{world}` in an override names the world export
@@ -334,7 +375,7 @@ class PlanBuilder:
                 if section is not None:
                     get_preset(section.preset)
         except (ConfigError, ModelError) as error:
-            raise ConfigError(f"{where}: {error}") from None
+            raise ConfigError(f"{self.line_of(stage, size, extra_origin, str(error))}{where}: {error}") from None
         out = STAGE_ROOT / f"{stage}-{config_hash(cfg)}"
         # Cells share stages, so a stage's tracker run is grouped by the matrix run rather than by one cell.
         cfg = replace(cfg, output_dir=str(out), tracking_group=f"{self.matrix.name}-{self.preset_name}")
@@ -343,6 +384,17 @@ class PlanBuilder:
         node = Node(stage, str(out), command, deps, cfg=cfg, steps=_steps(stage, cfg),
                     preset=getattr(getattr(cfg, "model", None), "preset", ""), done_marker=out / "DONE")
         return self._add(node)
+
+    def line_of(self, stage: str, size: str, extra_origin: str | None, error: str) -> str:
+        """Where in the matrix file a stage's config error comes from: the override it names, else the stage's
+        config path, else the stage's or the size's entry."""
+        preset = f"presets.{self.preset_name}"
+        lists = [f"{preset}.stages.{stage}.overrides", f"{preset}.sizes.{size}.overrides.{stage}",
+                 *([f"{extra_origin}.{stage}"] if extra_origin else [])]
+        spec = self.preset.stages.get(stage)
+        config = [f"{preset}.stages.{stage}.config"] if spec and spec.config and spec.config in error else []
+        return matrix_line(self.matrix, *override_paths(self.matrix, error, lists), *config,
+                           f"{preset}.stages.{stage}", *lists[2:], f"{preset}.sizes.{size}")
 
     def eval(self, checkpoint: str, deps: list[str]) -> str:
         spec = self.preset.eval
@@ -371,8 +423,9 @@ def _list(values: list[str]) -> str:
 
 
 def add_chain(builder: PlanBuilder, size: str, seed: int, pipeline: str, rl: str,
-           extra: dict[str, list[str]] | None = None) -> tuple[str, list[str]]:
-    """Add the stages of one cell; returns (model folder to evaluate, its node keys)."""
+           extra: dict[str, list[str]] | None = None, extra_origin: str | None = None) -> tuple[str, list[str]]:
+    """Add the stages of one cell; returns (model folder to evaluate, its node keys). `extra` are the cell's own
+    stage overrides, read from key path `extra_origin` of the matrix file (`settings[2].overrides`)."""
     preset = builder.preset
     world = [builder.world] if builder.world else []
 
@@ -381,24 +434,27 @@ def add_chain(builder: PlanBuilder, size: str, seed: int, pipeline: str, rl: str
         if instruct is not None:
             return instruct, []
         if builder.world is None:
-            raise ConfigError(f"preset {builder.preset_name}: size {size_name} has no instruct path and no world to "
-                              "build a base model from")
+            where = matrix_line(builder.matrix, f"presets.{builder.preset_name}.sizes.{size_name}")
+            raise ConfigError(f"{where}preset {builder.preset_name}: size {size_name} has no instruct path and no "
+                              "world to build a base model from")
         key = builder.stage("base", size_name, seed, [
             f"model.processor_path={builder.world}/tokenizer", f"data_files={_list(_world_files(builder, 'base'))}"],
-            world, extra)
+            world, extra, extra_origin)
         return f"{key}/model", [key]
 
     model, deps = start(size)
     if pipeline in ("sft", "sft+prism"):
         data = _world_files(builder, "sft")
         key = builder.stage("sft", size, seed, [f"model.path={model}", *([f"data_files={_list(data)}"] if data else [])],
-                            deps + world, extra)
+                            deps + world, extra, extra_origin)
         model, deps = f"{key}/model", [key]
     if pipeline in ("sft+prism", "prism"):
         backbone = preset.discriminator_backbone
         if builder.world is not None:  # embedded: upcycle that size's base model (same seed)
             if backbone not in preset.sizes:
-                raise ConfigError(f"preset {builder.preset_name}: discriminator_backbone must name a size "
+                where = matrix_line(builder.matrix, f"presets.{builder.preset_name}.discriminator_backbone",
+                                    f"presets.{builder.preset_name}")
+                raise ConfigError(f"{where}preset {builder.preset_name}: discriminator_backbone must name a size "
                                   f"({', '.join(preset.sizes)}), got {backbone!r}")
             backbone, backbone_deps = start(backbone)
         else:
@@ -410,17 +466,17 @@ def add_chain(builder: PlanBuilder, size: str, seed: int, pipeline: str, rl: str
         key = builder.stage("disc_warmup", size, seed, [
             f"model.path={backbone}", f"policy.path={model}",
             *([f"teacher_files={_list(teacher)}"] if teacher else []),
-            *([f"data_files={_list(fixed)}"] if fixed else [])], deps + backbone_deps + world, extra)
+            *([f"data_files={_list(fixed)}"] if fixed else [])], deps + backbone_deps + world, extra, extra_origin)
         disc = f"{key}/model"
         key = builder.stage("align", size, seed, [
             f"model.path={model}", f"discriminator.path={disc}",
-            *([f"data_files={_list(teacher)}"] if teacher else [])], deps + [key] + world, extra)
+            *([f"data_files={_list(teacher)}"] if teacher else [])], deps + [key] + world, extra, extra_origin)
         model, deps = f"{key}/model", [key]
     if rl != "none":
         data = _world_files(builder, "rl")
         key = builder.stage("rlvr", size, seed, [
             f"algorithm={rl}", f"model.path={model}", *([f"data_files={_list(data)}"] if data else [])],
-            deps + world, extra)
+            deps + world, extra, extra_origin)
         model, deps = f"{key}/model", [key]
     return model, deps
 
@@ -431,8 +487,8 @@ def build_plan(matrix: MatrixConfig, preset_name: str) -> Plan:
     cells: list[Cell] = []
 
     def add_cell(labels: dict[str, Any], pipeline: str, rl: str, size: str, seed: int,
-                 extra: dict[str, list[str]] | None = None) -> None:
-        model, deps = add_chain(builder, size, seed, pipeline, rl, extra)
+                 extra: dict[str, list[str]] | None = None, extra_origin: str | None = None) -> None:
+        model, deps = add_chain(builder, size, seed, pipeline, rl, extra, extra_origin)
         cells.append(Cell(labels, model, builder.eval(model, deps)))
 
     for seed in preset.seeds:
@@ -444,9 +500,9 @@ def build_plan(matrix: MatrixConfig, preset_name: str) -> Plan:
                     add_cell({"size": size, "pipeline": pipeline, "rl": rl, "seed": seed}, pipeline, rl, size, seed)
         else:
             size = matrix.size or next(iter(preset.sizes))
-            for setting in matrix.settings:
+            for index, setting in enumerate(matrix.settings):
                 add_cell({"size": size, "setting": setting.name, "group": setting.group, "seed": seed},
-                         setting.pipeline, matrix.rl_algorithm, size, seed, setting.overrides)
+                         setting.pipeline, matrix.rl_algorithm, size, seed, setting.overrides, f"settings[{index}].overrides")
     return Plan(matrix, preset_name, builder.nodes, cells)
 
 

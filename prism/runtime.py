@@ -323,7 +323,15 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.M
     dist.barrier()
     rngs: list[Any] = [None] * world
     dist.all_gather_object(rngs, rng_state())
-    dcp.save(_dist_state(model, optimizer), checkpoint_id=str(tmp / SHARDED_DIR))  # returns once metadata is written
+    try:  # returns once metadata is written; a failure on any process is raised on every one
+        dcp.save(_dist_state(model, optimizer), checkpoint_id=str(tmp / SHARDED_DIR))
+    except BaseException as error:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        fault = _output_fault(error, final)
+        if fault is error:
+            raise
+        raise fault from error
     if rank == 0:
         try:
             _seal_checkpoint(tmp, final, {
@@ -341,6 +349,18 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.M
         _prune_checkpoints(run_dir, keep_last)
     dist.barrier()
     return final
+
+
+def _output_fault(error: BaseException, target: Path) -> BaseException:
+    """DCP gathers every process's failure into one CheckpointException (a BaseException naming no file): the
+    first OSError among them (a full disk, a read-only folder, a quota) as an OSError naming `target`, else `error`."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if not isinstance(error, CheckpointException):
+        return error
+    causes = [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
+    cause = next((c for c in causes if isinstance(c, OSError) and c.errno is not None), None)
+    return OSError(cause.errno, cause.strerror, str(target)) if cause is not None else error
 
 
 def restore_sharded_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

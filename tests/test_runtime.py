@@ -494,3 +494,40 @@ def test_check_finite_names_loss_and_parameter():
     model[1].bias.grad[0] = float("inf")
     with pytest.raises(NonFiniteError, match=r"step 9 in parameter '1\.bias'"):
         check_finite(torch.tensor(1.0), model, step=9)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one: what save_sharded_checkpoint's collectives need, without torchrun."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_full_disk_during_a_sharded_save_names_the_checkpoint_and_keeps_the_previous_one(
+        tmp_path, monkeypatch, one_process_group):
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    run = tmp_path / "run"
+    first = runtime.save_sharded_checkpoint(run, 1, model=model, optimizer=optimizer)
+    saved = {name: value.clone() for name, value in model.state_dict().items()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp_filesystem, "_write_item", disk_full)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(OSError) as caught:
+        runtime.save_sharded_checkpoint(run, 2, model=model, optimizer=optimizer)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(run / "checkpoints" / "step-000002")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]  # no half-written folder
+    monkeypatch.undo()
+    runtime.restore_sharded_checkpoint(first, model=model, optimizer=optimizer)
+    assert all(torch.equal(model.state_dict()[name], value) for name, value in saved.items())

@@ -197,10 +197,61 @@ def test_embedded_presets_compute_in_float32_and_the_full_preset_in_bf16_over_fl
     [("base: [model.preset=embedded-s]", "base: [model.preset=embedded-xs]", "unknown model preset 'embedded-xs'"),
      ("base: [model.preset=embedded-s]", "base: [model.presett=embedded-s]", "field 'model.presett'")],
 )
-def test_plan_time_errors_name_the_matrix_preset_size_and_stage(tmp_path, old, new, expected):
+def test_plan_time_errors_name_the_matrix_line_preset_size_and_stage(tmp_path, old, new, expected):
     text = (Path(__file__).resolve().parents[2] / "experiments/configs/table1.yaml").read_text()
     assert old in text
     path = tmp_path / "bad.yaml"
     path.write_text(text.replace(old, new, 1))
-    with pytest.raises(ConfigError, match=rf"matrix table1, preset smoke, size s, stage base: .*{re.escape(expected)}"):
+    line = next(number for number, row in enumerate(path.read_text().splitlines(), 1) if new in row)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:{line}: matrix table1, preset smoke, size s, "
+                                          rf"stage base: .*{re.escape(expected)}"):
         build_plan(load_matrix(path), "smoke")
+
+
+MATRIX_WITH_MISTAKES = """\
+name: bad
+kind: ablations
+settings:
+  - name: plain
+    pipeline: sft+prism
+  - name: changed
+    pipeline: sft
+    overrides:
+      rlvr: [steps=2, {rlvr_item}]
+presets:
+  embedded:
+    world: []
+    discriminator_backbone: {backbone}
+    sizes:
+      s:
+        overrides:
+          sft: [{sft_item}]
+    stages:
+      rlvr:
+        config: {rlvr_config}
+        overrides:
+          - steps=3
+          - {stage_item}
+"""
+GOOD = {"rlvr_item": "steps=2", "backbone": "s", "sft_item": "max_steps=2", "rlvr_config": "null",
+        "stage_item": "steps=3"}
+
+
+@pytest.mark.parametrize(
+    ("mistake", "line", "expected"),
+    [({"rlvr_item": "bogus_key=3"}, 9, "stage rlvr: override 'bogus_key=3': field 'bogus_key'"),
+     ({"sft_item": "optim.lr=-1"}, 17, "stage sft: override 'optim.lr=-1': field 'optim.lr'"),
+     ({"stage_item": "model.preset=embedded-xs"}, 23, "stage rlvr: unknown model preset 'embedded-xs'"),
+     ({"rlvr_config": "experiments/configs/nope.yaml"}, 20, "nope.yaml: no such config file"),
+     ({"backbone": "q"}, 13, "discriminator_backbone must name a size (s), got 'q'")],
+)
+def test_every_plan_time_error_points_at_its_line_of_the_matrix_file(tmp_path, mistake, line, expected):
+    """An ablation setting's override, a size's override, a preset stage's override, its config path and the
+    discriminator backbone: each error starts with the matrix file and the line the mistake is on."""
+    good = tmp_path / "good.yaml"
+    good.write_text(MATRIX_WITH_MISTAKES.format(**GOOD))
+    assert build_plan(load_matrix(good), "embedded").cells  # without the mistake the file plans
+    path = tmp_path / "bad.yaml"
+    path.write_text(MATRIX_WITH_MISTAKES.format(**{**GOOD, **mistake}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:{line}: .*{re.escape(expected)}"):
+        build_plan(load_matrix(path), "embedded")
