@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -202,15 +203,41 @@ def make_accelerator(model: ModelConfig):
     Mixed precision is `model.mixed_precision`: the recipes autocast their forwards (prism.runtime.autocast) over
     the float32 master weights, whatever the launcher. It is not passed on to Accelerator, whose state is one per
     process and refuses a second, different setting (tests and sweeps run several stages in one process). A launch
-    config's `mixed_precision` must be `no` or the same: under FSDP2, accelerate (1.15) turns `bf16` into
-    MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16, output_dtype=bf16) over float32 parameter shards
-    (it upcasts trainable parameters to float32), so the AdamW state stays float32 and sharded."""
+    config's `mixed_precision` must be `no` or the same. Under an FSDP2 launch the plugin carries
+    `fsdp_mixed_precision_policy(model)`: accelerate's own `bf16` policy would reduce-scatter gradients in bf16."""
     from accelerate import Accelerator
 
+    plugin = fsdp_plugin(model)
     # cpu=True on a CPU-only machine: without it accelerate ignores a torchrun world and runs each process alone.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **({"fsdp_plugin": plugin} if plugin else {}))
     check_launch_precision(accelerator.mixed_precision, model)
     return accelerator
+
+
+def fsdp_mixed_precision_policy(model: ModelConfig):
+    """FSDP2's MixedPrecisionPolicy for `model.mixed_precision` bf16, as verl and TRL run it: parameters gathered
+    and computed in bf16, gradients reduce-scattered in float32 (a bf16 sum over many processes loses the small
+    updates that float32 master weights exist to keep), outputs in bf16. None for `no` (float32 throughout)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if model.mixed_precision != "bf16":
+        return None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.bfloat16)
+
+
+def fsdp_plugin(model: ModelConfig):
+    """accelerate's FSDP plugin for an FSDP launch (ACCELERATE_USE_FSDP, set by `accelerate launch`; its other
+    settings come from the launch config as accelerate reads them) with our mixed-precision policy; else None.
+    accelerate keeps a policy it is given (it fills one in only when there is none)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    policy = fsdp_mixed_precision_policy(model)
+    if policy is not None and plugin.fsdp_version == 2:
+        plugin.mixed_precision_policy = policy
+    return plugin
 
 
 def check_launch_precision(launch: str, model: ModelConfig) -> None:

@@ -82,6 +82,22 @@ def test_autocast_computes_in_bf16_over_float32_weights_and_the_launch_must_agre
         check_launch_precision("bf16", ModelConfig(mixed_precision="no"))
 
 
+
+def test_an_fsdp_launch_reduces_gradients_in_float32_under_bf16_compute(monkeypatch):
+    """accelerate's `mixed_precision: bf16` alone gives MixedPrecisionPolicy(reduce_dtype=bf16); under an FSDP2
+    launch our plugin carries param bf16 / reduce float32, and accelerate's own bf16 setting keeps it."""
+    from prism.stages.common import fsdp_plugin
+
+    assert fsdp_plugin(ModelConfig()) is None  # not an FSDP launch
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    plugin = fsdp_plugin(ModelConfig())
+    plugin.set_mixed_precision("bf16")  # what AcceleratorState does with the launch config's mixed_precision
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32,
+                                                                               torch.bfloat16)
+    assert fsdp_plugin(ModelConfig(mixed_precision="no")).mixed_precision_policy is None  # float32 throughout
+
 def test_a_finished_directory_without_its_config_is_refused_not_taken_as_finished(tmp_path):
     from prism.runtime import mark_done
     from prism.stages.common import start_stage
