@@ -18,7 +18,7 @@ from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from prism.config import check, check_choice, check_nonempty, check_range, check_types
-from prism.data.world import FAMILIES  # one task per family of the world
+from prism.data.families import FAMILIES  # one task per family of the world
 
 # The seven published benchmarks (lmms-eval's names) and the task of evaluation/tasks/published that
 # stands in for each: our overrides read the answer from <answer> and score with prism.rewards.

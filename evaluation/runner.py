@@ -51,7 +51,7 @@ from evaluation.dataset_sources import require_published_datasets
 from evaluation.judge import export_judge_env, require_judge, resolve_judge
 from evaluation.results import STORE_COLUMNS, append_to_store, parse_results, read_rows, results_files, write_rows
 from evaluation.tracking import log_to_stage_trackers
-from prism.atomic_io import atomic_write_text
+from prism.atomic_io import atomic_write_text, check_output_folder
 from prism.hub import resolve_model_path
 
 SUITES = ("embedded", "paper")
@@ -169,6 +169,9 @@ def _check_checkpoint(checkpoint: Path) -> None:
         raise EvalError(f"checkpoint {checkpoint} does not exist: expected a local Hugging Face checkpoint folder")
     if not (checkpoint / "config.json").is_file() or not any(checkpoint.glob("*.safetensors")):
         raise EvalError(f"checkpoint {checkpoint} is not a checkpoint folder: expected config.json and *.safetensors")
+    from prism.models import check_checkpoint_folder
+
+    check_checkpoint_folder(checkpoint)  # config class, no code shipped with it, whole weights: before any write
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +474,7 @@ def run_eval(
     # A Hub model id (the instruct row of a full-world matrix) is its cached or downloaded snapshot (prism.hub).
     checkpoint = Path(resolve_model_path(str(checkpoint), "--checkpoint")).resolve()
     _check_checkpoint(checkpoint)
+    check_output_folder(out_root, "--out")  # a file there would fail the first write, after the model loaded
     entries = plan_suite(suite, cfg, Path(world) if world is not None else None, limit)
     for entry in entries:  # before anything is loaded: a missing judge is a config error, not a zero
         for metric in entry.judge_metrics:

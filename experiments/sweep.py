@@ -38,7 +38,7 @@ from experiments.matrix import (
     node_lock,
     run_inline,
 )
-from prism.config import ConfigError, check, check_types
+from prism.config import ConfigError, check, check_types, read_yaml
 
 SWEEP_DIR = Path(__file__).parent / "configs" / "sweeps"
 SWEEP_ROOT = Path("outputs/sweeps")
@@ -191,12 +191,33 @@ def _trial_plan(cfg: SweepConfig, overrides: dict[str, list[str]]):
     return builder, checkpoint, builder.eval(checkpoint, deps)
 
 
-def check_sweep(cfg: SweepConfig) -> None:
+def sweep_file(name_or_path: str | Path) -> Path:
+    """The file `load_sweep` reads for a sweep name or path."""
+    path = Path(name_or_path)
+    return path if path.suffix else SWEEP_DIR / f"{name_or_path}.yaml"
+
+
+def check_sweep(cfg: SweepConfig, path: str | Path | None = None) -> None:
     """Resolve the sweep before any trial runs: the matrix, preset and size, then every searched field alone at each
     end of its range and at each of its choices, so an unknown field or a value its stage refuses is one ConfigError
     naming it, not a failed trial repeated for ever. (Combinations stay the trials' business: an impossible one is
-    a failed trial.)"""
-    _trial_plan(cfg, trial_overrides(cfg, {}))
+    a failed trial.) With the sweep's `path`, an error names its file and the line of the setting."""
+    lines = read_yaml(path) if path is not None else None
+
+    def at(key: str) -> str:
+        return (lines.location(key) or str(path)) if lines is not None else f"sweep {cfg.name}"
+
+    try:
+        matrix = load_matrix(cfg.matrix)
+    except ConfigError as error:
+        raise ConfigError(f"{at('matrix')}: field 'matrix': {error}") from None
+    if cfg.preset not in matrix.presets:
+        raise ConfigError(f"{at('preset')}: field 'preset': matrix {cfg.matrix} has no preset {cfg.preset!r} "
+                          f"(it has {sorted(matrix.presets)})")
+    try:
+        _trial_plan(cfg, trial_overrides(cfg, {}))
+    except ConfigError as error:
+        raise ConfigError(f"{at('')}: {error}") from None
     for key, spec in cfg.space.items():
         values = spec.choices if spec.type == "categorical" else [spec.low, spec.high]
         for value in values:
@@ -204,7 +225,7 @@ def check_sweep(cfg: SweepConfig) -> None:
             try:
                 _trial_plan(cfg, trial_overrides(cfg, {key: value}))
             except ConfigError as error:
-                raise ConfigError(f"sweep {cfg.name}: space.{key}={value!r}: {error}") from None
+                raise ConfigError(f"{at(f'space.{key}')}: space.{key}={value!r}: {error}") from None
 
 
 def run_trial(cfg: SweepConfig, overrides: dict[str, list[str]], report=None) -> tuple[float, str]:
@@ -329,7 +350,7 @@ def _stop_after_failures(limit: int):
 def run_sweep(cfg: SweepConfig, workers: int, storage: str | None, log=print, source: str | Path | None = None) -> str:
     """Create (or reopen) the study and run `workers` worker processes on it until `trials` have finished.
     `source` is the sweep's name or file, which each worker loads again (default: cfg.name)."""
-    check_sweep(cfg)
+    check_sweep(cfg, sweep_file(source) if source is not None else None)
     storage = storage or default_storage(cfg)
     create_study(cfg, storage)
     threads = max(1, (os.cpu_count() or 1) // workers)

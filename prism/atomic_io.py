@@ -37,6 +37,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def check_output_folder(folder: str | os.PathLike, setting: str) -> None:
+    """Refuse, before anything is computed or written, an output folder that a file stands in the way of (`folder`
+    itself, or one of its parents, is a file): FileExistsError naming the setting and the file."""
+    folder = Path(folder)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "is a file" if blocker == folder else f"is under {blocker}, a file"
+        raise FileExistsError(f"{setting} {folder} {where}, not a folder: choose another path or move the file")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -271,8 +271,27 @@ def _version() -> str:
         return "prism (not installed)"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose refusals are one line, like every other user mistake (exit status 2); the usage it would
+    print first is one `--help` away. Its subcommands' parsers are of this class too (add_subparsers)."""
+
+    def error(self, message: str):
+        self.exit(2, f"prism: error: {message} (see '{self.prog} --help')\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a count that must be at least 1 (`--jobs 0` would otherwise run the matrix anyway)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prism", description="PRISM experiment harness")
+    parser = OneLineParser(prog="prism", description="PRISM experiment harness")
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("--debug", action="store_true",
                         help="on an error or Ctrl-C, show the full traceback instead of one line")
@@ -288,12 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_world_config(export)
     export.set_defaults(func=cmd_world_export)
     stats = world.add_parser("stats", help="teacher vs public demonstrations, per family")
-    stats.add_argument("--per-family", type=int, default=200)
+    stats.add_argument("--per-family", type=positive_int, default=200)
     with_world_config(stats)
     stats.set_defaults(func=cmd_world_stats)
     show = world.add_parser("show", help="save a PNG grid of samples with their texts")
     show.add_argument("--out", type=Path, default=Path("outputs/world_show.png"))
-    show.add_argument("--per-family", type=int, default=2)
+    show.add_argument("--per-family", type=positive_int, default=2)
     show.add_argument("--split", default="sft", choices=["base", "sft", "teacher", "rl", "bench"])
     with_world_config(show)
     show.set_defaults(func=cmd_world_show)
@@ -334,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--preset", default="embedded", help="embedded (default), smoke or full")
     matrix.add_argument("--launcher", choices=["local", "slurm"], default="local",
                         help="local: here, --jobs nodes at once; slurm: submitit jobs with dependencies")
-    matrix.add_argument("--jobs", type=int, default=None,
+    matrix.add_argument("--jobs", type=positive_int, default=None,
                         help="local: nodes run at once, each in its own process with cores // jobs threads "
                              "(default: the cores available; 1 = one after another in this process)")
     matrix.add_argument("--isolate", action="store_true", help="local, --jobs 1: run each node in its own process")
@@ -358,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce = commands.add_parser("reproduce", help="run a paper table's matrix, then write its report")
     reproduce.add_argument("name", help="table1 or ablations")
     reproduce.add_argument("--preset", default="embedded", help="embedded (default) or smoke")
-    reproduce.add_argument("--jobs", type=int, default=None,
+    reproduce.add_argument("--jobs", type=positive_int, default=None,
                            help="nodes run at once (default: the cores available; 1 = one after another)")
     reproduce.add_argument("--isolate", action="store_true", help="with --jobs 1: run each node in its own process")
     reproduce.add_argument("--seeds", type=int, default=None, metavar="N", help=SEEDS_HELP)

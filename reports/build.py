@@ -10,7 +10,7 @@ import os
 import platform
 from pathlib import Path
 
-from experiments.matrix import Plan, build_plan, load_matrix
+from experiments.matrix import MatrixError, Plan, build_plan, load_matrix
 from prism.atomic_io import atomic_directory, atomic_write_text
 from prism.data.formats import read_rl_parquet
 from reports import figures
@@ -68,8 +68,11 @@ def build_report(name: str, preset: str, seeds: int | None = None) -> Path:
     matrix = load_matrix(name, preset, seeds)
     plan = build_plan(matrix, preset)
     final = REPORT_ROOT / f"{matrix.name}-{preset}"
+    frame = results_frame(plan)
+    if frame.empty:  # a report of nothing would be all dashes: say what to run instead
+        raise MatrixError(f"matrix {matrix.name} ({preset}) has no evaluated cell yet, nothing to report: run "
+                          f"`prism matrix run {name} --preset {preset}{f' --seeds {seeds}' if seeds else ''}` first")
     with atomic_directory(final) as tmp:
-        frame = results_frame(plan)
         frame.to_csv(tmp / "results.csv", index=False)
         sections = []
         if matrix.kind == "table1":

@@ -29,6 +29,7 @@ from experiments.sweep import (
     trial_overrides,
 )
 from prism.atomic_io import atomic_write_text
+from prism.config import ConfigError
 from reports.stats import format_estimate, interval, paired_difference
 from reports.tables import sample_scores
 
@@ -177,7 +178,13 @@ def build_sweep_report(cfg: SweepConfig, storage: str | None = None) -> Path:
     from optuna.visualization import matplotlib as plots
 
     storage_url = storage or default_storage(cfg)
-    study = optuna.load_study(study_name=cfg.name, storage=open_storage(storage_url))
+    never_run = ConfigError(f"sweep {cfg.name}: no study in {storage_url} yet: run `prism sweep run` on it first")
+    if storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).is_file():
+        raise never_run  # before open_storage, which would create an empty database
+    try:
+        study = optuna.load_study(study_name=cfg.name, storage=open_storage(storage_url))
+    except KeyError:  # optuna's "Record does not exist."
+        raise never_run from None
     out = SWEEP_ROOT / cfg.name / "report"
     out.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)

@@ -170,3 +170,16 @@ def test_a_refused_data_check_imports_no_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["2", "False"]
     assert result.stderr.startswith(f"prism: error: {bad}: record [0]: field 'messages'")
+
+
+def test_a_refused_argument_imports_neither_torch_nor_numpy():
+    """argparse refuses before any command runs: building the parser must not load the world generator (numpy, PIL)
+    or a recipe (torch), so the refusal comes back in a fraction of a second."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom prism.cli import main\ntry:\n    main(['train', 'sftt'])\nexcept SystemExit as stop:\n"
+            "    print(stop.code, sorted({'torch', 'numpy', 'PIL'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "[]"]
+    assert result.stderr.strip().startswith("prism: error: argument STAGE: invalid choice: 'sftt'")

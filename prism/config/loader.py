@@ -581,7 +581,12 @@ def read_yaml(path: str | Path) -> YamlMapping:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{name}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as error:
+    except IsADirectoryError:
+        raise ConfigError(f"{name}: a folder, not a YAML config file") from None
+    except UnicodeDecodeError as error:
+        line = Path(path).read_bytes()[: error.start].count(b"\n") + 1
+        raise ConfigError(f"{name}:{line}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
+    except OSError as error:
         raise ConfigError(f"{name}: cannot read config file ({error})") from None
 
     def locate(line: int) -> str:

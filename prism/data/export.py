@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
-from prism.atomic_io import atomic_path, atomic_write_text
+from prism.atomic_io import atomic_path, atomic_write_text, check_output_folder
 from prism.config import config_to_dict
 from prism.data.formats import (
     RLRecord,
@@ -128,6 +128,7 @@ def _sha256(path: Path) -> str:
 def export_world(cfg: WorldConfig, out: Path, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Write the whole world under `out`; returns the manifest. Finished exports are not redone."""
     out = Path(out)
+    check_output_folder(out, "--out")
     manifest_path = out / MANIFEST
     resolved = config_to_dict(cfg)
     if manifest_path.is_file():
@@ -235,6 +236,7 @@ def world_stats(cfg: WorldConfig, per_family: int = 200, tokenizer=None):
 
 def show_world(cfg: WorldConfig, out: Path, per_family: int = 2, split: str = "sft") -> Path:
     """A PNG grid: one row per sample, the image beside its question, teacher and public responses."""
+    check_output_folder(Path(out).parent, f"--out {out}: the folder")
     font = ImageFont.load_default(size=11)
     scale, text_width, line_height = 2, 640, 13
     rows = []

@@ -31,9 +31,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from prism.config import FieldError
+from prism.data.families import FAMILIES
 from prism.response_format import SYSTEM_PROMPT, render_response
 
-FAMILIES = ("counting", "presence", "chart", "geometry", "composite", "multichoice")
 SPLITS = ("base", "sft", "teacher", "rl", "bench")
 # Split codes seed independent random streams, so growing one split never changes another.
 _SPLIT_CODE = {name: code for code, name in enumerate(SPLITS)}

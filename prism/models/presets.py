@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForImageTextToText,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -187,7 +188,12 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     return getattr(torch, dtype)
 
 
-def _check_checkpoint_folder(path: Path) -> None:
+def check_checkpoint_folder(path: str | os.PathLike, trust_remote_code: bool = False) -> None:
+    """Everything about a checkpoint folder that can be told without loading it, as one-line ModelErrors: it
+    exists with config.json and *.safetensors, holds a vision-language model of a class transformers knows (one
+    whose code ships with the checkpoint is refused unless `trust_remote_code`, without a prompt), and every
+    weights file is whole. `load_model` starts with it; `prism eval` calls it before it writes or loads anything."""
+    path = Path(path)
     if not path.is_dir():
         raise ModelError(f"model path {path} does not exist: expected a local Hugging Face checkpoint folder")
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
@@ -200,6 +206,13 @@ def _check_checkpoint_folder(path: Path) -> None:
         architectures = config.get("architectures") if isinstance(config, dict) else None
         raise ModelError(f"{path}: holds no vision-language model (config.json has no vision_config; architectures "
                          f"{architectures}): expected a Qwen3-VL checkpoint")
+    try:
+        AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError) as error:
+        if "trust_remote_code" in str(error):
+            raise ModelError(f"{path}: the checkpoint asks to run code shipped with it, refused "
+                             "(model.trust_remote_code=true allows it)") from None
+        raise ModelError(f"{path / 'config.json'}: {str(error).splitlines()[0]}: expected a Qwen3-VL checkpoint") from None
     for file in sorted(path.glob("*.safetensors")):
         _check_safetensors(file)
 
@@ -229,7 +242,7 @@ def load_model(
 ) -> PreTrainedModel:
     """Load a Qwen3-VL (dense or MoE) checkpoint from a local folder: safetensors only, no downloads."""
     path = Path(path)
-    _check_checkpoint_folder(path)
+    check_checkpoint_folder(path, trust_remote_code)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             str(path),
