@@ -824,11 +824,11 @@ def slurm_scripts(plan: Plan, folder: Path) -> list[Path]:
 
 
 def _slurm_command(node: Node, spec: SlurmSpec) -> list[str]:
-    """Multi-GPU stages under accelerate: FSDP (the config file) where the recipe supports it; the PRISM stage
-    runs data-parallel, since its recipes refuse FSDP (policy and discriminator are checkpointed unsharded)."""
+    """Multi-GPU stages under accelerate: FSDP through the preset's config file when it names one (every recipe
+    shards: the policy by the file's wrap policy, the discriminator as one unit), else data-parallel."""
     if node.kind not in STAGES or spec.gpus_per_node <= 1:
         return node.command
-    if node.kind in ("disc_warmup", "align") or not spec.accelerate_config:
+    if not spec.accelerate_config:
         launcher = ["accelerate", "launch", "--multi_gpu"]
     else:
         launcher = ["accelerate", "launch", "--config_file", spec.accelerate_config]

@@ -270,7 +270,8 @@ def restore_checkpoint(path: str | Path, *, model: torch.nn.Module | None = None
 #
 # `sharded/` is a torch.distributed.checkpoint (DCP) folder: every process writes its own shards of the model
 # and of the AdamW state (canonical parameter names, from torch.distributed.checkpoint.state_dict.get_state_dict),
-# the main process the metadata. trainer_state.pt holds what the plain format holds besides the model and the
+# the main process the metadata. It holds {"model", "optimizer"}, or, for several models checkpointed together
+# (align's policy and discriminator, `parts`), {name: {"model", "optimizer"}} per model. trainer_state.pt holds what the plain format holds besides the model and the
 # optimizer, with one RNG state per process. The folder is filled under a temp name shared by the processes and
 # renamed by the main process once complete, as in the plain format; a shared filesystem is assumed.
 # ----------------------------------------------------------------------------------------------------
@@ -302,16 +303,36 @@ def _dist_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     return {"model": model_state, "optimizer": optimizer_state}
 
 
-def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module,
-                            optimizer: torch.optim.Optimizer, scheduler: Any = None,
-                            data_position: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
-                            keep_last: int | None = None) -> Path:
+ShardedParts = Mapping[str, tuple[torch.nn.Module, torch.optim.Optimizer]]
+
+
+def _sharded_pairs(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
+                   parts: ShardedParts | None) -> dict[str | None, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+    """The (model, optimizer) pairs of a sharded checkpoint by their key in its DCP folder: None for the one pair
+    at the top level, a name for each of `parts`."""
+    if (parts is None) == (model is None or optimizer is None):
+        raise TypeError("a sharded checkpoint takes model and optimizer, or parts (name -> (model, optimizer))")
+    return {None: (model, optimizer)} if parts is None else dict(parts)
+
+
+def _sharded_state(pairs: Mapping[str | None, tuple[torch.nn.Module, torch.optim.Optimizer]]) -> dict[str, Any]:
+    """The DCP state of `pairs`: the top-level pair's {"model", "optimizer"}, or {name: {...}} per named pair."""
+    states = {name: _dist_state(model, optimizer) for name, (model, optimizer) in pairs.items()}
+    return states.get(None, states)
+
+
+def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module | None = None,
+                            optimizer: torch.optim.Optimizer | None = None, parts: ShardedParts | None = None,
+                            scheduler: Any = None, data_position: Mapping[str, Any] | None = None,
+                            extra: Mapping[str, Any] | None = None, keep_last: int | None = None) -> Path:
     """Collective (every process calls it): write checkpoint `step` of an FSDP2-sharded `model` and its
     `optimizer` through torch.distributed.checkpoint, each process its own shards, in the parameters' own dtype
-    (the float32 master weights). Returns the checkpoint folder once it is complete on every process."""
+    (the float32 master weights). Several models in one checkpoint: `parts` (name -> (model, optimizer)) instead
+    of `model` and `optimizer`. Returns the checkpoint folder once it is complete on every process."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
+    pairs = _sharded_pairs(model, optimizer, parts)
     rank, world = dist.get_rank(), dist.get_world_size()
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
@@ -324,7 +345,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.M
     rngs: list[Any] = [None] * world
     dist.all_gather_object(rngs, rng_state())
     try:  # returns once metadata is written; a failure on any process is raised on every one
-        dcp.save(_dist_state(model, optimizer), checkpoint_id=str(tmp / SHARDED_DIR))
+        dcp.save(_sharded_state(pairs), checkpoint_id=str(tmp / SHARDED_DIR))
     except BaseException as error:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -363,16 +384,19 @@ def _output_fault(error: BaseException, target: Path) -> BaseException:
     return OSError(cause.errno, cause.strerror, str(target)) if cause is not None else error
 
 
-def restore_sharded_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def restore_sharded_checkpoint(path: str | Path, *, model: torch.nn.Module | None = None,
+                               optimizer: torch.optim.Optimizer | None = None, parts: ShardedParts | None = None,
                                scheduler: Any = None, verify: bool = True) -> dict[str, Any]:
-    """Collective: load a sharded checkpoint into the live FSDP2 `model` and `optimizer` (each process reads
-    its own shards; another process count reshards), then the scheduler and each process's RNG state (last).
-    Returns the trainer state (for "step", "data_position", "extra")."""
+    """Collective: load a sharded checkpoint into the live FSDP2 `model` and `optimizer`, or into each of `parts`
+    as save_sharded_checkpoint wrote them (each process reads its own shards; another process count reshards),
+    then the scheduler and each process's RNG state (last). Returns the trainer state (for "step",
+    "data_position", "extra")."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     path = Path(path)
+    pairs = _sharded_pairs(model, optimizer, parts)
     rank, world = dist.get_rank(), dist.get_world_size()
     problem = [None]
     if verify and rank == 0:
@@ -380,9 +404,12 @@ def restore_sharded_checkpoint(path: str | Path, *, model: torch.nn.Module, opti
     dist.broadcast_object_list(problem, src=0)
     if problem[0]:
         raise CheckpointError(problem[0])
-    state = _dist_state(model, optimizer)
+    state = _sharded_state(pairs)
     dcp.load(state, checkpoint_id=str(path / SHARDED_DIR))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    for name, (part_model, part_optimizer) in pairs.items():
+        loaded = state if name is None else state[name]
+        set_state_dict(part_model, part_optimizer, model_state_dict=loaded["model"],
+                       optim_state_dict=loaded["optimizer"])
     trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     if scheduler is not None and trainer_state["scheduler"] is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])

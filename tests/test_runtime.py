@@ -531,3 +531,41 @@ def test_a_full_disk_during_a_sharded_save_names_the_checkpoint_and_keeps_the_pr
     monkeypatch.undo()
     runtime.restore_sharded_checkpoint(first, model=model, optimizer=optimizer)
     assert all(torch.equal(model.state_dict()[name], value) for name, value in saved.items())
+
+
+def test_a_sharded_checkpoint_holds_several_named_models_with_their_optimizers(tmp_path, one_process_group):
+    """`parts`: one DCP folder with {name: {"model", "optimizer"}} per model (align's policy and discriminator),
+    restored into each; the single-model layout stays {"model", "optimizer"}."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    def trained(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        return model, optimizer
+
+    parts = {"policy": trained(0), "discriminator": trained(1)}
+    saved = runtime.save_sharded_checkpoint(tmp_path / "run", 1, parts=parts)
+    dcp_to_torch_save(str(saved / runtime.SHARDED_DIR), str(tmp_path / "whole.pt"))
+    whole = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert whole.keys() == {"policy", "discriminator"}
+    for name, (model, optimizer) in parts.items():
+        assert whole[name].keys() == {"model", "optimizer"}
+        assert all(torch.equal(whole[name]["model"][k], v) for k, v in model.state_dict().items())
+        assert int(whole[name]["optimizer"]["state"]["weight"]["step"]) == 1
+
+    fresh = {}
+    for name in parts:
+        model = torch.nn.Linear(4, 3)
+        fresh[name] = (model, torch.optim.AdamW(model.parameters(), lr=0.1))
+    runtime.restore_sharded_checkpoint(saved, parts=fresh)
+    for name, (model, optimizer) in parts.items():
+        restored_model, restored_optimizer = fresh[name]
+        assert all(torch.equal(restored_model.state_dict()[k], v) for k, v in model.state_dict().items()), name
+        assert torch.equal(restored_optimizer.state[restored_model.weight]["exp_avg"],
+                           optimizer.state[model.weight]["exp_avg"]), name
+    with pytest.raises(TypeError, match="model and optimizer, or parts"):
+        runtime.save_sharded_checkpoint(tmp_path / "run", 2, model=parts["policy"][0], optimizer=parts["policy"][1],
+                                        parts=parts)

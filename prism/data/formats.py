@@ -8,7 +8,8 @@
   again, for verl's reward functions (prism.verl_reward)}, plus PRISM's
   `teacher_caption` and `teacher_cot`: the teacher's perception and reasoning segments, tags included).
 - Discriminator warm-up pairs: JSONL of `prompt`, `image`, `teacher_caption`, `student_caption`,
-  `teacher_cot`, `student_cot`.
+  `teacher_cot`, `student_cot`; the PRISM authors' spelling is read too (`question` for `prompt`, a pair without
+  an image).
 
 Readers validate every record and raise `DataError` naming the file, the record and the field.
 Writers write to a temporary name and rename, so a killed export never leaves a half-written file.
@@ -16,6 +17,7 @@ Writers write to a temporary name and rename, so a killed export never leaves a 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -43,6 +45,8 @@ def _read_utf8(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: a folder, not a data file") from None
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
 
@@ -61,7 +65,16 @@ def _check_image(path: Path | str, record: str, field: str, image: Path | bytes,
                 opened.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         shown = str(image) if isinstance(image, Path) else f"{len(image)} bytes"
-        raise _fail(path, record, field, f"a readable image ({type(error).__name__}: {error})", shown) from None
+        head = image[:64] if isinstance(image, bytes) else b""
+        if isinstance(image, Path):
+            with contextlib.suppress(OSError), open(image, "rb") as handle:
+                head = handle.read(64)
+        if head.startswith(b"version https://git-lfs"):
+            raise _fail(path, record, field, "a readable image, not a Git LFS pointer (fetch it with `git lfs pull`)",
+                        shown) from None
+        # PIL names the file it could not identify, or an object's address for bytes: the field names it already
+        reason = "not an image format PIL knows" if isinstance(error, UnidentifiedImageError) else str(error)
+        raise _fail(path, record, field, f"a readable image ({type(error).__name__}: {reason})", shown) from None
 
 
 def _fail(path: Path | str, record: str, field: str, expected: str, got: Any) -> DataError:
@@ -102,8 +115,11 @@ def sharegpt_dataset_info(names: Sequence[str]) -> dict:
 
 def read_sharegpt(path: Path | str, check_images: bool = True, verify_images: bool = False) -> list[Conversation]:
     path = Path(path)
+    text = _read_utf8(path)
+    if not text.strip():
+        raise DataError(f"{path}: empty file (expected a JSON list of sharegpt records)")
     try:
-        rows = json.loads(_read_utf8(path))
+        rows = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from None
     if not isinstance(rows, list) or not rows:
@@ -289,12 +305,19 @@ def read_rl_parquet(path: Path | str, verify_images: bool = False) -> list[RLRec
 # ---------------------------------------------------------------------------------------------
 
 WARMUP_FIELDS = ("prompt", "image", "teacher_caption", "student_caption", "teacher_cot", "student_cot")
+SEGMENT_FIELDS = WARMUP_FIELDS[2:]
+# The PRISM authors' pair files (github.com/XIAO4579/PRISM, moe/train_moe_vl_warmup.py:93-101 documents the layout,
+# moe/train_moe_vl_warmup_fast.py:107-155 reads it) use the same fields, and also: `question` where `prompt` is
+# absent, no `image` (or null) for a text-only pair, and an older whole-response layout (`teacher_response`,
+# `student_response`) with no segments to score. The teacher's response is the preferred one of each pair.
+PROMPT_ALIAS = "question"
+WHOLE_RESPONSE_FIELDS = ("teacher_response", "student_response")
 
 
 @dataclass(frozen=True)
 class WarmupPair:
     prompt: str
-    image: Path  # resolved against the JSONL file's folder
+    image: Path | None  # resolved against the JSONL file's folder; None: a text-only pair
     teacher_caption: str
     student_caption: str
     teacher_cot: str
@@ -306,16 +329,45 @@ def write_warmup_pairs(path: Path, pairs: Iterable[WarmupPair]) -> int:
     lines = []
     for pair in pairs:
         row = {name: getattr(pair, name) for name in WARMUP_FIELDS}
-        row["image"] = os.path.relpath(pair.image, path.parent)
+        row["image"] = None if pair.image is None else os.path.relpath(pair.image, path.parent)
         lines.append(json.dumps(row, ensure_ascii=False))
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
+
+
+def _warmup_prompt(path: Path, where: str, row: dict) -> str:
+    """`prompt`, or the authors' `question` when there is no `prompt` (their reader's precedence)."""
+    name = "prompt" if "prompt" in row or PROMPT_ALIAS not in row else PROMPT_ALIAS
+    prompt = row.get(name)
+    if not isinstance(prompt, str) or not prompt:
+        raise _fail(path, where, name, "a non-empty string (the question; 'question' is read when there is no "
+                    "'prompt')", prompt)
+    if prompt.count(IMAGE_TOKEN) > 1:
+        raise _fail(path, where, name, f"at most one '{IMAGE_TOKEN}' (a pair has one image)", prompt)
+    return prompt
+
+
+def _warmup_image(path: Path, where: str, row: dict, prompt: str) -> Path | None:
+    """The image path resolved against the file's folder (an absolute path stays as it is); None: text only."""
+    image = row.get("image")
+    if image is None:
+        if IMAGE_TOKEN in prompt:
+            raise _fail(path, where, "image", f"an image path (the prompt holds '{IMAGE_TOKEN}')", image)
+        return None
+    if not isinstance(image, str) or not image:
+        raise _fail(path, where, "image", "an image path relative to the file's folder, or null for a text-only pair",
+                    image)
+    if image.startswith(("http://", "https://")):
+        raise _fail(path, where, "image", "a local image path (URLs are not downloaded: fetch the image and give "
+                    "its path)", image)
+    return path.parent / image
 
 
 def read_warmup_pairs(path: Path | str, check_images: bool = True, verify_images: bool = False) -> list[WarmupPair]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    known = set(WARMUP_FIELDS) | {PROMPT_ALIAS}
     pairs = []
     for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if not line.strip():
@@ -327,16 +379,22 @@ def read_warmup_pairs(path: Path | str, check_images: bool = True, verify_images
             raise DataError(f"{path}:{number}: invalid JSON: {error.msg}") from None
         if not isinstance(row, dict):
             raise _fail(path, where, "(record)", "a JSON object", row)
-        unknown = set(row) - set(WARMUP_FIELDS)
+        whole = [name for name in WHOLE_RESPONSE_FIELDS if name in row]
+        if whole:
+            raise _fail(path, where, whole[0], "teacher_/student_caption and teacher_/student_cot (the whole-response "
+                        "layout has no perception and reasoning segments to warm up on)", whole[0])
+        unknown = set(row) - known
         if unknown:
-            raise _fail(path, where, sorted(unknown)[0], f"only {list(WARMUP_FIELDS)}", sorted(unknown)[0])
-        for name in WARMUP_FIELDS:
+            raise _fail(path, where, sorted(unknown)[0], f"only {list(WARMUP_FIELDS)} ('{PROMPT_ALIAS}' for 'prompt')",
+                        sorted(unknown)[0])
+        prompt = _warmup_prompt(path, where, row)
+        for name in SEGMENT_FIELDS:
             if not isinstance(row.get(name), str) or not row[name]:
                 raise _fail(path, where, name, "a non-empty string", row.get(name))
-        image = path.parent / row["image"]
-        if check_images:
+        image = _warmup_image(path, where, row, prompt)
+        if check_images and image is not None:
             _check_image(path, where, "image", image, verify_images)
-        pairs.append(WarmupPair(**{**row, "image": image}))
+        pairs.append(WarmupPair(prompt, image, *(row[name] for name in SEGMENT_FIELDS)))
     if not pairs:
         raise DataError(f"{path}: no pairs (expected JSONL lines of {', '.join(WARMUP_FIELDS)})")
     return pairs

@@ -14,19 +14,23 @@
   the second half), `whole_response` (one score for the whole response, as GAD).
 
 On disk a discriminator is a plain Hugging Face checkpoint folder (the backbone, loadable on its own) plus
-`value_head.safetensors` and `discriminator.json` (variant and routing settings).
+`value_head.safetensors` and `discriminator.json` (variant and routing settings). `load_discriminator` also reads a
+folder saved by the PRISM authors' code (the released `prism-vlm/Qwen3-VL-2B-4X-Moe-warmup-120k`): see
+`read_authors_head`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
@@ -39,7 +43,7 @@ from prism.atomic_io import atomic_directory
 from prism.data.encoding import IGNORE, Encoded, chat_messages, collate, process_images
 from prism.data.formats import IMAGE_TOKEN
 from prism.kv_prefix import cache_kwarg, continuation_positions, image_token_types, output_cache
-from prism.models.presets import DENSE, MOE, load_model, save_model
+from prism.models.presets import DENSE, MOE, check_checkpoint_folder, load_model, save_model
 from prism.models.processor import ModelError
 
 Variant = Literal["moe", "dense", "text_only", "hard_routed", "whole_response"]
@@ -47,6 +51,17 @@ SegmentKind = Literal["perception", "reasoning", "response"]
 VARIANTS: tuple[str, ...] = ("moe", "dense", "text_only", "hard_routed", "whole_response")
 HEAD_FILE = "value_head.safetensors"
 SPEC_FILE = "discriminator.json"
+# The PRISM authors' discriminator folder (github.com/XIAO4579/PRISM, moe/value_head.py:430-471,
+# Qwen3VLMoeValueHead.save_pretrained): the backbone saved by transformers 4.57 with the value head
+# nn.Sequential(Dropout(0.1), Linear(hidden, 1, bias=False)) merged into its weights as `v_head.1.weight`, plus a
+# pickled copy `value_head.pt` = {"v_head.summary.weight": [1, hidden]} (trl's names). Their alignment loads the
+# merged copy (value_head.py:473-542 via verl's load_valuehead_model); moe/extract_value_head.py writes the trl names
+# to a `value_head.safetensors` instead. The backbone itself is a stock Qwen3VLMoeForConditionalGeneration
+# (top-k routing over all experts: the `moe` variant); transformers transposes its 4.57 expert layout on load.
+AUTHORS_HEAD_FILE = "value_head.pt"
+AUTHORS_HEAD_NAMES = {"v_head.1.weight": "weight", "v_head.summary.weight": "weight",
+                      "v_head.1.bias": "bias", "v_head.summary.bias": "bias"}
+AUTHORS_HEAD_DROPOUT = 0.1  # Qwen3VLMoeValueHead's default, which their warm-up script keeps
 
 
 @dataclass(frozen=True)
@@ -319,19 +334,143 @@ def save_discriminator(discriminator: Discriminator, processor, directory: str |
 
 
 def load_discriminator(directory: str | os.PathLike, dtype: str = "float32") -> Discriminator:
+    """A discriminator folder saved by `save_discriminator`, or by the PRISM authors' code (no discriminator.json:
+    `read_authors_head`)."""
     directory = Path(directory)
-    for name in (HEAD_FILE, SPEC_FILE):
-        if not (directory / name).is_file():
-            raise ModelError(f"{directory} is not a discriminator folder: {name} is missing")
+    if not (directory / SPEC_FILE).is_file():
+        if directory.is_dir() and authors_head_files(directory):
+            return load_authors_discriminator(directory, dtype)
+        raise ModelError(f"{directory} is not a discriminator folder: {SPEC_FILE} is missing (nor does it hold a value "
+                         f"head saved by the PRISM authors' code: no {AUTHORS_HEAD_FILE}, no v_head.* tensors in its "
+                         "weights)")
+    if not (directory / HEAD_FILE).is_file():
+        raise ModelError(f"{directory} is not a discriminator folder: {HEAD_FILE} is missing")
     try:
         spec = DiscriminatorSpec(**json.loads((directory / SPEC_FILE).read_text(encoding="utf-8")))
     except (TypeError, json.JSONDecodeError) as error:
         raise ModelError(f"{directory / SPEC_FILE}: not a discriminator spec ({error})") from None
     backbone = load_model(directory, dtype=dtype)
     weight = load_file(str(directory / HEAD_FILE))["weight"].to(getattr(torch, dtype))
+    return Discriminator(backbone, spec, _linear_head(weight))
+
+
+def _linear_head(weight: torch.Tensor) -> nn.Linear:
     head = nn.Linear(weight.shape[1], 1, bias=False).to(weight.dtype)
     head.weight.data.copy_(weight)
-    return Discriminator(backbone, spec, head)
+    return head
+
+
+def authors_head_files(directory: Path) -> list[Path]:
+    """The files of `directory` that hold the PRISM authors' value head: the weights files holding `v_head.*`
+    tensors (the shards the index names, or the single weights file), then `value_head.pt`, then an extracted
+    `value_head.safetensors` with trl's names. Empty for any other folder (ours keeps its head under `weight`)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weights = sorted({directory / file for name, file in weight_map.items() if name.startswith("v_head.")})
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ModelError(f"{index}: not a safetensors index ({error})") from None
+    else:
+        weights = [file for file in sorted(directory.glob("*.safetensors"))
+                   if file.name != HEAD_FILE and any(name.startswith("v_head.") for name in _tensor_names(file))]
+    extra = [directory / AUTHORS_HEAD_FILE] if (directory / AUTHORS_HEAD_FILE).is_file() else []
+    extracted = directory / HEAD_FILE
+    if extracted.is_file() and any(name in AUTHORS_HEAD_NAMES for name in _tensor_names(extracted)):
+        extra.append(extracted)
+    return weights + extra
+
+
+def _tensor_names(file: Path) -> list[str]:
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise ModelError(f"{file}: not a readable safetensors file ({error})") from None
+
+
+def _head_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """The `v_head.*` tensors of one file, by their names there."""
+    if file.suffix == ".pt":
+        try:  # weights_only: tensors and containers only, no code from the file runs
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+            raise ModelError(f"{file}: not a weights-only torch file of tensors ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ModelError(f"{file}: expected a dict of tensor name -> tensor, got {type(state).__name__}")
+        return {name: tensor for name, tensor in state.items() if str(name).startswith("v_head.")}
+    if not file.is_file():
+        raise ModelError(f"{file}: missing (model.safetensors.index.json names it for the v_head.* tensors)")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            names = [name for name in list(handle.keys()) if name.startswith("v_head.")]  # a header, not a dict
+            return {name: handle.get_tensor(name) for name in names}
+    except (SafetensorError, OSError) as error:
+        raise ModelError(f"{file}: not a readable safetensors file ({error})") from None
+
+
+def read_authors_head(directory: str | os.PathLike, hidden_size: int) -> torch.Tensor:
+    """The value head weight [1, hidden_size] of a discriminator folder saved by the PRISM authors' code.
+
+    Every file holding it (`authors_head_files`) is read and must agree; the first (the merged weights, which the
+    authors' alignment loads) is returned. A head prism's cannot hold (a bias, several outputs, other layers) is a
+    NotImplementedError naming what differs; a missing or misshapen tensor is a ModelError naming file and tensor."""
+    directory = Path(directory)
+    files = authors_head_files(directory)
+    if not files:
+        raise ModelError(f"{directory}: no value head in the PRISM authors' layout (no {AUTHORS_HEAD_FILE} and no "
+                         "v_head.* tensors in its weights)")
+    weights: list[tuple[Path, torch.Tensor]] = []
+    for file in files:
+        state = _head_tensors(file)
+        for name in state:
+            if AUTHORS_HEAD_NAMES.get(name) != "weight":
+                if AUTHORS_HEAD_NAMES.get(name) == "bias":
+                    raise NotImplementedError(
+                        f"{file}: tensor '{name}': the value head has a bias; prism's discriminator head is "
+                        "Linear(hidden, 1) without one (as the authors' MoE head: moe/value_head.py), so it cannot "
+                        "be loaded as it is")
+                raise NotImplementedError(
+                    f"{file}: tensor '{name}' is not part of a Dropout + Linear(hidden, 1, no bias) value head, the "
+                    "only head prism's discriminator has")
+        names = [name for name in state if AUTHORS_HEAD_NAMES.get(name) == "weight"]
+        if not names:
+            raise ModelError(f"{file}: no tensor 'v_head.1.weight' or 'v_head.summary.weight' (the value head)")
+        if len(names) > 1:
+            raise ModelError(f"{file}: two value head weights, {names[0]!r} and {names[1]!r}")
+        weight = state[names[0]]
+        if weight.dim() != 2 or weight.shape[1] != hidden_size or not weight.is_floating_point():
+            raise ModelError(f"{file}: tensor '{names[0]}': expected a float tensor of shape [1, {hidden_size}] (the "
+                             f"backbone's hidden size), got {weight.dtype} {list(weight.shape)}")
+        if weight.shape[0] != 1:
+            raise NotImplementedError(
+                f"{file}: tensor '{names[0]}': the value head gives {weight.shape[0]} scores per token; prism's "
+                "discriminator head gives one")
+        weights.append((file, weight))
+    first_file, first = weights[0]
+    for file, weight in weights[1:]:
+        if not torch.equal(weight.float(), first.float()):
+            raise ModelError(f"{file} and {first_file} hold different value heads: the folder is not one checkpoint")
+    return first
+
+
+def load_authors_discriminator(directory: str | os.PathLike, dtype: str = "float32") -> Discriminator:
+    """A discriminator from a folder saved by the PRISM authors' code: their backbone loaded as it is (the merged
+    `v_head.*` tensors are not part of it and are left out), their value head as ours, variant `moe` (or `dense`
+    for a dense backbone), head dropout 0.1 as theirs."""
+    directory = Path(directory)
+    check_checkpoint_folder(directory)
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        hidden_size = int(config["text_config"]["hidden_size"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelError(f"{directory / 'config.json'}: no text_config.hidden_size ({error})") from None
+    weight = read_authors_head(directory, hidden_size)
+    backbone = load_model(directory, dtype=dtype)
+    variant = "moe" if type(backbone).__name__ == MOE else "dense"
+    head = _linear_head(weight.to(getattr(torch, dtype)))
+    return Discriminator(backbone, DiscriminatorSpec(variant=variant, head_dropout=AUTHORS_HEAD_DROPOUT), head)
 
 
 # ----------------------------------------------------------------------------------------------------

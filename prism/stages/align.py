@@ -25,6 +25,13 @@ length, and two distribution proxies against the teacher corpus (caption bullets
 Wasserstein-1 distances). `proxies.json` compares the same statistics on a fixed prompt set for the teacher,
 the starting (SFT) policy and the aligned policy. Policy and discriminator each compute in their own config's
 compute dtype (`model.mixed_precision`, `discriminator.mixed_precision`) over float32 master weights.
+
+Under FSDP the policy is sharded as accelerate's FSDP2 plugin shards it (as in sft and rlvr) and the discriminator
+as one FSDP2 unit (prism.stages.common.shard_whole, as in disc_warmup); each checkpoint is one
+torch.distributed.checkpoint folder holding both models and both AdamW states, and the final model/ and
+discriminator/ folders are gathered whole. Every forward of a sharded model is a collective: every process holds
+prompts_per_step / processes prompts, so the rollouts, the discriminator's micro-batches and the policy's
+micro-batches line up across processes, and the proxy rollouts run on every process.
 """
 
 from __future__ import annotations
@@ -59,8 +66,17 @@ from prism.response_format import count_caption_bullets, count_reasoning_steps, 
 from prism.rollout import RolloutError, SamplingParams
 from prism.rollout.backends import make_backend
 from prism.rollout.prompts import load_prompts, rollout_prompt, sampling_seed, take_prompts
-from prism.runtime import MetricsLogger, Progress, autocast, check_finite, mean_or_nan, seed_everything
+from prism.runtime import (
+    MetricsLogger,
+    Progress,
+    autocast,
+    check_finite,
+    full_model_state,
+    mean_or_nan,
+    seed_everything,
+)
 from prism.stages.common import (
+    NamedParts,
     average_gradients,
     build_optimizer,
     build_scheduler,
@@ -68,16 +84,19 @@ from prism.stages.common import (
     is_fsdp,
     load_policy,
     make_accelerator,
+    plain_norm,
     preempted,
+    prepare_and_resume,
     record_config,
-    resume,
     save_progress,
+    shard_whole,
     start_stage,
     stop_preempted,
 )
 from prism.stages.policy_update import Group, policy_update
 
 DISCRIMINATOR_DIR = "discriminator"
+DISCRIMINATOR_FORWARDS = ("prefill", "continue_hidden", "head_scores")  # called instead of forward (FSDP2 hooks)
 PROXY_SEED_OFFSET = 4_242
 
 # ----------------------------------------------------------------------------------------------------
@@ -211,20 +230,6 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
 # ----------------------------------------------------------------------------------------------------
 
 
-class NamedParts:
-    """state_dict / load_state_dict over named parts, so one checkpoint holds both optimizers (schedulers)."""
-
-    def __init__(self, **parts):
-        self.parts = parts
-
-    def state_dict(self):
-        return {name: part.state_dict() for name, part in self.parts.items()}
-
-    def load_state_dict(self, state):
-        for name, part in self.parts.items():
-            part.load_state_dict(state[name])
-
-
 def proxy_prompts(records: list[RLRecord], count: int, seed: int) -> list[RLRecord]:
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed + PROXY_SEED_OFFSET))
     return [records[i] for i in order[:count].tolist()]
@@ -249,9 +254,6 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
     if finished:
         print(f"align: already finished in {run_dir}", flush=True)
         return run_dir
-    if is_fsdp(accelerator):
-        raise NotImplementedError("align under FSDP is not implemented (policy and discriminator are checkpointed "
-                                  "together unsharded): run it data-parallel")
     world, rank = accelerator.num_processes, accelerator.process_index
     rollout, update = cfg.rollout, cfg.update
     if rollout.prompts_per_step % world:
@@ -282,11 +284,26 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
     both = nn.ModuleDict({"policy": policy, "discriminator": discriminator})
     optimizers = NamedParts(policy=policy_optimizer, discriminator=disc_optimizer)
     schedulers = NamedParts(policy=policy_scheduler, discriminator=disc_scheduler)
-    restored = resume(run_dir, both, optimizers, schedulers, accelerator)
+    sharded = is_fsdp(accelerator)
+    model = None  # the policy as accelerate prepares it (DDP-wrapped, or sharded in place)
+
+    def prepare(both, optimizers):
+        """The policy through accelerate; the discriminator without a DDP wrapper (several forwards per backward:
+        average_gradients), or under FSDP as one FSDP2 unit, whose backward reduce-scatters its gradients. Both
+        optimizers are pointed at the sharded parameters in place."""
+        nonlocal model, policy_optimizer
+        model, policy_optimizer = accelerator.prepare(both["policy"], optimizers.parts["policy"])
+        if sharded:
+            shard_whole(accelerator, both["discriminator"], optimizers.parts["discriminator"], DISCRIMINATOR_FORWARDS)
+        else:
+            both["discriminator"].to(accelerator.device)
+        return both, optimizers
+
+    # a plain checkpoint is restored before prepare, an FSDP run's (both models in one) into the shards after it
+    _, _, restored = prepare_and_resume(run_dir, accelerator, both, optimizers, schedulers, prepare=prepare)
     start = restored["step"] if restored else 0
     cursor = restored["data_position"]["prompts_consumed"] if restored else 0
-    discriminator.to(accelerator.device)  # no DDP wrapper: several forwards per backward (average_gradients)
-    model, policy_optimizer = accelerator.prepare(policy, policy_optimizer)
+    policy = accelerator.unwrap_model(model)
     if reference is not None:
         reference.to(accelerator.device)
     backend = make_backend(rollout.backend, policy, processor, model_path=local.model.path,
@@ -302,7 +319,8 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
 
     proxy_records = proxy_prompts(records, cfg.proxy_prompts, cfg.seed) if cfg.proxy_prompts else []
     proxies = (restored["extra"].get("proxies") if restored else None) or {}
-    if proxy_records and "before" not in proxies and accelerator.is_main_process:
+    # proxy rollouts: the main process alone, or every process when sharded (each forward is a collective)
+    if proxy_records and "before" not in proxies and (accelerator.is_main_process or sharded):
         proxies = {"prompts": len(proxy_records),
                    "teacher": proxy_summary(*teacher_counts(proxy_records), teacher),
                    "before": proxy_summary(*segment_counts(proxy_rollouts(backend, policy, proxy_records, cfg)), teacher)}
@@ -339,7 +357,7 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
         started = time.perf_counter()
         average_gradients(discriminator, accelerator)
         check_finite(scored.loss, discriminator, step=step + 1)
-        disc_grad_norm = float(torch.nn.utils.clip_grad_norm_(discriminator.parameters(), disc_clip))
+        disc_grad_norm = float(plain_norm(torch.nn.utils.clip_grad_norm_(discriminator.parameters(), disc_clip)))
         disc_lr = disc_scheduler.get_last_lr()[0]
         disc_optimizer.step()
         disc_scheduler.step()  # the discriminator's schedule counts its updates
@@ -386,6 +404,10 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
             record[f"policy_score_{kind}"] = float(student[ok].mean()) if ok.any() else float("nan")
         if reference is not None:
             record["kl_ref"] = stats["kl_ref"]
+        if world > 1:  # each process saw its own prompts: the step's figures are their mean (NaN: a process had none)
+            keys = list(record)  # the same keys, in the same order, on every process
+            own = torch.tensor([[record[key] for key in keys]], dtype=torch.float64, device=accelerator.device)
+            record = dict(zip(keys, accelerator.gather(own).nanmean(0).tolist()))
         if accelerator.is_main_process:
             if done % cfg.log_every_steps == 0 or done == cfg.steps:
                 logger.log(done, record)
@@ -403,11 +425,14 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
     if accelerator.is_main_process:
         progress.close()
         logger.close()
-        if proxy_records:
-            proxies["after"] = proxy_summary(*segment_counts(proxy_rollouts(backend, policy, proxy_records, cfg)),
-                                             teacher)
+    if proxy_records and (accelerator.is_main_process or sharded):
+        proxies["after"] = proxy_summary(*segment_counts(proxy_rollouts(backend, policy, proxy_records, cfg)), teacher)
+        if accelerator.is_main_process:
             atomic_write_text(run_dir / "proxies.json", json.dumps(proxies, indent=2) + "\n")
-        save_discriminator(discriminator, processor, run_dir / DISCRIMINATOR_DIR)
+    # collective when sharded: the whole state, gathered on the main process
+    disc_state = full_model_state(discriminator) if sharded else None
+    if accelerator.is_main_process:
+        save_discriminator(discriminator, processor, run_dir / DISCRIMINATOR_DIR, state_dict=disc_state)
     final = finish_stage(run_dir, cfg, accelerator, model, processor, local=local, extra={
         "steps": cfg.steps, "prompts": len(records), "processes": world, "proxies": proxies,
         "discriminator": str(run_dir / DISCRIMINATOR_DIR)})

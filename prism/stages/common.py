@@ -24,10 +24,11 @@ from typing import Any, NoReturn
 
 import torch
 
+from prism.atomic_io import check_output_folder
 from prism.config import ModelConfig, OptimConfig, config_hash, load_config, write_config_yaml
 from prism.data.formats import DataError
 from prism.hub import HubError, resolve_data_files, resolve_model_path
-from prism.models import ModelError, build_model, load_model, load_processor
+from prism.models import ModelError, build_model, check_checkpoint_folder, load_model, load_processor
 from prism.models.peft import setup_trainable
 from prism.models.presets import get_preset
 from prism.runtime import (
@@ -131,6 +132,8 @@ def load_policy(model_cfg: Any, seed: int) -> tuple[torch.nn.Module, Any]:
             f"model.preset {model_cfg.preset!r} is built from scratch and needs model.processor_path "
             "(the world export's tokenizer/ folder)"
         )
+    if model_cfg.path is not None:  # before the processor, whose loading reads (and warns about) the config
+        check_checkpoint_folder(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
     processor = load_processor(processor_dir, trust_remote_code=model_cfg.trust_remote_code)
     dtype = getattr(torch, model_cfg.dtype)
     if model_cfg.path is not None:
@@ -288,6 +291,7 @@ def start_stage(stage: str, cfg: Any) -> tuple[Path, bool, Any]:
     nothing: the recipe calls `record_config` once its data and models have loaded, so a stage refused for a
     bad data file or checkpoint leaves no run directory behind."""
     run_dir = stage_dir(stage, cfg)
+    check_output_folder(run_dir, "output_dir")  # a file there would fail the first write, after the model loaded
     require_tracker(cfg.tracking)
     recorded = run_dir / "config.yaml"
     if recorded.is_file():  # a finished or interrupted run: only the same config may finish or resume it
@@ -338,26 +342,37 @@ def _bare_optimizer(optimizer):
     return optimizer
 
 
-def resume(run_dir: Path, model, optimizer, scheduler, accelerator=None) -> dict[str, Any] | None:
-    """Restore the newest complete checkpoint into the live objects (RNG last); None when starting fresh.
-    Call before accelerator.prepare. Plain checkpoints only: a recipe that shards its model under FSDP resumes
-    through `prepare_and_resume`."""
-    newest = latest_checkpoint(run_dir)
-    if newest is None:
-        return None
-    if (accelerator is not None and is_fsdp(accelerator)) or is_sharded_checkpoint(newest):
-        raise NotImplementedError(
-            f"{run_dir} holds a checkpoint of an FSDP run, which this stage cannot resume (sft, rlvr and "
-            "disc_warmup checkpoint and resume FSDP shards; align does not). Start a new output_dir, or run without FSDP")
-    return restore_checkpoint(newest, model=model, optimizer=optimizer, scheduler=scheduler)
+class NamedParts:
+    """state_dict / load_state_dict over named parts, so that one checkpoint holds several optimizers (schedulers):
+    align's policy and discriminator. With an nn.ModuleDict of the models under the same names, save_progress and
+    prepare_and_resume checkpoint them together (sharded: each model with its optimizer, `sharded_arguments`)."""
+
+    def __init__(self, **parts):
+        self.parts = parts
+
+    def state_dict(self):
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state):
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
+def sharded_arguments(model, optimizer) -> dict[str, Any]:
+    """save/restore_sharded_checkpoint's arguments for what a recipe checkpoints: one model and its optimizer, or
+    an nn.ModuleDict of models with a NamedParts of their optimizers, each pair under its name (`parts`)."""
+    if isinstance(optimizer, NamedParts):
+        return {"parts": {name: (model[name], _bare_optimizer(part)) for name, part in optimizer.parts.items()}}
+    return {"model": model, "optimizer": _bare_optimizer(optimizer)}
 
 
 def prepare_and_resume(run_dir: Path, accelerator, model, optimizer, scheduler, prepare=None):
     """(model, optimizer, restored): `prepare(model, optimizer)` (default accelerator.prepare) with the newest
     checkpoint restored; `restored` is None when starting fresh. A plain checkpoint is restored into the live
-    objects before prepare, as `resume` does; a sharded one (written by an FSDP run) into the FSDP2 shards after
-    it, each process reading its own (prism.runtime.restore_sharded_checkpoint). A run resumes in the format it
-    was checkpointed in: FSDP from FSDP, anything else from anything else."""
+    objects before prepare; a sharded one (written by an FSDP run) into the FSDP2 shards after it, each process
+    reading its own (prism.runtime.restore_sharded_checkpoint). A run resumes in the format it was checkpointed
+    in: FSDP from FSDP, anything else from anything else. `model` may be an nn.ModuleDict of models and
+    `optimizer` a NamedParts of their optimizers (align), which `prepare` prepares each in its own way."""
     prepare = prepare or accelerator.prepare
     newest = latest_checkpoint(run_dir)
     sharded_checkpoint = newest is not None and is_sharded_checkpoint(newest)
@@ -374,8 +389,7 @@ def prepare_and_resume(run_dir: Path, accelerator, model, optimizer, scheduler, 
             f"{'is not' if sharded_checkpoint else 'is'} FSDP-sharded: resume with the launch config it was "
             "started with, or start a new output_dir")
     if sharded_checkpoint:
-        restored = restore_sharded_checkpoint(newest, model=model, optimizer=_bare_optimizer(optimizer),
-                                              scheduler=scheduler)
+        restored = restore_sharded_checkpoint(newest, **sharded_arguments(model, optimizer), scheduler=scheduler)
     return model, optimizer, restored
 
 
@@ -417,7 +431,7 @@ def save_progress(run_dir: Path, step: int, cfg: Any, accelerator, model, optimi
     process."""
     keep_last = cfg.keep_last_checkpoints or None
     if is_sharded(model):
-        save_sharded_checkpoint(run_dir, step, model=model, optimizer=_bare_optimizer(optimizer), scheduler=scheduler,
+        save_sharded_checkpoint(run_dir, step, **sharded_arguments(model, optimizer), scheduler=scheduler,
                                 data_position=data_position, extra=extra, keep_last=keep_last)
         accelerator.wait_for_everyone()
         return

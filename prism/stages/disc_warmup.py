@@ -130,8 +130,8 @@ def generate_pairs(cfg: DiscWarmupConfig, out: Path, before_writing=None) -> int
 
 
 def pair_messages(pair: WarmupPair) -> list[dict[str, str]]:
-    """The scored prompt: the system prompt, then the user turn with its image placeholder."""
-    user = pair.prompt if IMAGE_TOKEN in pair.prompt else IMAGE_TOKEN + pair.prompt
+    """The scored prompt: the system prompt, then the user turn with its image placeholder (none: text only)."""
+    user = pair.prompt if pair.image is None or IMAGE_TOKEN in pair.prompt else IMAGE_TOKEN + pair.prompt
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
@@ -167,7 +167,7 @@ class PairEncoder:
         if index not in self.cache:
             pair = self.pairs[index]
             images = []
-            if self.uses_images:
+            if self.uses_images and pair.image is not None:
                 with Image.open(pair.image) as image:
                     images = [image.convert("RGB")]
             self.cache[index] = encode_prompt(self.processor, pair_messages(pair), images, self.uses_images)

@@ -146,6 +146,64 @@ def test_warmup_pairs_round_trip_and_errors(tmp_path):
         read_warmup_pairs(tmp_path / "pairs.jsonl")
 
 
+def _authors_pairs(tmp_path):
+    """A pair file in the PRISM authors' layout: the fields of their PairwiseVLDataset (github.com/XIAO4579/PRISM,
+    moe/train_moe_vl_warmup.py:93-101 documents them, moe/train_moe_vl_warmup_fast.py:107-155 reads them): `question`
+    read where `prompt` is absent, `image` a path (absolute, or relative) or absent/null for a text-only pair, the
+    teacher's segments the preferred ones (fast.py:465-466: -logsigmoid(teacher - student))."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(PNG)
+    segments = {"teacher_caption": "<caption>\n- a red circle\n</caption>", "student_caption": "<caption>\n- a circle\n</caption>",
+                "teacher_cot": "<think>\none\n</think>\n<answer>1</answer>", "student_cot": "<think>\ntwo\n</think>\n<answer>2</answer>"}
+    rows = [{"image": str(tmp_path / "images" / "a.png"), "prompt": "How many red circles?", **segments},
+            {"question": "How many circles?", "image": "images/a.png", **segments},
+            {"prompt": "What is 1 + 1?", **segments},
+            {"prompt": "What is 2 + 2?", "image": None, **segments}]
+    path = tmp_path / "qwen3_vl_moe_warmup_pairwise_120k.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path, segments
+
+
+def test_the_authors_warmup_layout_is_read(tmp_path, capsys):
+    from prism.cli import main
+
+    path, segments = _authors_pairs(tmp_path)
+    pairs = read_warmup_pairs(path)
+    image = tmp_path / "images" / "a.png"
+    assert pairs == [WarmupPair("How many red circles?", image, *segments.values()),
+                     WarmupPair("How many circles?", image, *segments.values()),
+                     WarmupPair("What is 1 + 1?", None, *segments.values()),
+                     WarmupPair("What is 2 + 2?", None, *segments.values())]
+    write_warmup_pairs(tmp_path / "ours.jsonl", pairs)  # written back in our spelling: the same pairs
+    assert read_warmup_pairs(tmp_path / "ours.jsonl") == pairs
+    assert main(["data", "check", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"path": str(path), "format": "warmup", "records": 4}
+
+
+DROP = object()
+
+
+@pytest.mark.parametrize(("change", "error"), [
+    ({"image": "https://example.com/a.png"}, r"field 'image': expected a local image path \(URLs are not downloaded"),
+    ({"image": "images/missing.png"}, "field 'image': expected an existing image file"),
+    ({"image": 3}, "field 'image': expected an image path relative to the file's folder, or null"),
+    ({"image": None, "prompt": "<image>How many?"}, "field 'image': expected an image path"),
+    ({"question": DROP}, "field 'prompt': expected a non-empty string"),
+    ({"prompt": None}, "field 'prompt': expected a non-empty string"),
+    ({"question": "<image><image>two?"}, "field 'question': expected at most one '<image>'"),
+    ({"teacher_cot": ""}, "field 'teacher_cot': expected a non-empty string"),
+    ({"source": "mmr1"}, "field 'source': expected only"),
+    ({"teacher_response": "t", "student_response": "s"}, "field 'teacher_response': expected teacher_/student_caption"),
+])
+def test_an_authors_layout_record_that_cannot_be_read_is_named(tmp_path, change, error):
+    path, _ = _authors_pairs(tmp_path)
+    first, second = path.read_text().splitlines()[:2]
+    row = {key: value for key, value in {**json.loads(second), **change}.items() if value is not DROP}
+    path.write_text(first + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=f"{path.name}: line 2: {error}"):
+        read_warmup_pairs(path)
+
+
 def test_export_writes_every_format_that_the_readers_load_back(tmp_path):
     cfg = WorldConfig(base_size=12, sft_size=24, teacher_size=12, rl_size=12, bench_size=4)
     manifest = export_world(cfg, tmp_path / "world")

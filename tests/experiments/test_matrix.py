@@ -102,7 +102,8 @@ def test_slurm_plan_writes_scripts_and_submits_nothing(tmp_path, monkeypatch):
     scripts = slurm_scripts(plan, tmp_path / "slurm")
     assert len(scripts) == len(plan.nodes)
     align = next(p for p in scripts if "-align-" in p.name).read_text()
-    assert "#SBATCH --gpus-per-node=8" in align and "accelerate launch --multi_gpu" in align
+    assert "#SBATCH --gpus-per-node=8" in align
+    assert "accelerate launch --config_file experiments/accelerate/fsdp-qwen3-vl-4b.yaml" in align  # sharded too
     rlvr = next(p for p in scripts if "-rlvr-" in p.name).read_text()
     assert "accelerate launch --config_file experiments/accelerate/fsdp-qwen3-vl-4b.yaml" in rlvr
     assert "# depends on (afterok): sft-" in align and "disc_warmup-" in align

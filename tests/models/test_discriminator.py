@@ -1,8 +1,11 @@
 """The MoE discriminator: upcycling keeps the dense function, segments share their terminator, variants route and
 see what they should, and a saved discriminator scores the same after loading."""
 
+import argparse
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from prism.models import (
     PRESETS,
@@ -17,12 +20,13 @@ from prism.models.discriminator import (
     build_discriminator,
     encode_prompt,
     load_discriminator,
+    read_authors_head,
     save_discriminator,
     segment_batch,
     upcycle,
 )
 from prism.response_format import SYSTEM_PROMPT, split_segments
-from tests.models.fixtures import noise_image, shape_corpus
+from tests.models.fixtures import authors_discriminator_folder, noise_image, shape_corpus
 
 MESSAGES = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "<image>How many red circles?"}]
 TEACHER = "<caption>\n- a red circle\n- a blue square\n</caption>\n<think>\n1 red circle.\n</think>\n<answer>1</answer>"
@@ -214,3 +218,68 @@ def test_rows_sharing_a_prompt_run_it_once_and_match_whole_rows_in_scores_aux_an
     for row, prompt in enumerate(prompts):
         kept = whole["input_ids"][row][whole["attention_mask"][row].bool()].tolist()
         assert kept == prompt.ids + rows.segment_ids[row][rows.segment_mask[row].bool()].tolist()
+
+
+@pytest.fixture(scope="module")
+def saved_moe(processor, dense, tmp_path_factory):
+    """A saved `moe` discriminator whose weights are exactly bfloat16 numbers (the authors train in bf16)."""
+    disc = build_discriminator(dense, DiscriminatorSpec("moe", head_dropout=0.1), **_kwargs())
+    disc.to(torch.bfloat16).to(torch.float32)
+    return save_discriminator(disc, processor, tmp_path_factory.mktemp("saved") / "disc")
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_the_authors_released_discriminator_layout_loads_as_the_same_discriminator(processor, saved_moe, tmp_path,
+                                                                                   shards):
+    """The folder layout of prism-vlm/Qwen3-VL-2B-4X-Moe-warmup-120k, as the authors' moe/value_head.py:430-471
+    writes it under transformers 4.57 (tests/models/fixtures.py: authors_discriminator_folder): no
+    discriminator.json; the head as `v_head.1.weight` in the (sharded) weights and in value_head.pt."""
+    authors = authors_discriminator_folder(saved_moe, tmp_path / "released", shards=shards)
+    assert not (authors / "discriminator.json").exists() and (authors / "value_head.pt").is_file()
+    loaded, ours = load_discriminator(authors).eval(), load_discriminator(saved_moe).eval()
+    assert loaded.spec == DiscriminatorSpec("moe", head_dropout=0.1)
+    mine = ours.state_dict()
+    assert loaded.state_dict().keys() == mine.keys()
+    assert all(torch.equal(tensor, mine[name]) for name, tensor in loaded.state_dict().items())  # experts transposed
+    batch = _batch(processor, [split_segments(TEACHER).perception, split_segments(STUDENT).perception])
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch, kind="perception")[0], ours(**batch, kind="perception")[0])
+
+
+def test_the_authors_head_is_read_from_value_head_pt_alone(saved_moe, tmp_path):
+    authors = authors_discriminator_folder(saved_moe, tmp_path / "released")
+    weights = load_file(authors / "model.safetensors")
+    head = weights.pop("v_head.1.weight")
+    save_file(weights, authors / "model.safetensors", metadata={"format": "pt"})
+    assert torch.equal(read_authors_head(authors, hidden_size=head.shape[1]), head)
+
+
+def test_a_released_head_that_prism_cannot_hold_is_refused_naming_the_file_and_tensor(saved_moe, tmp_path):
+    authors = authors_discriminator_folder(saved_moe, tmp_path / "released")
+    head = torch.load(authors / "value_head.pt", weights_only=True)["v_head.summary.weight"]
+    hidden = head.shape[1]
+    pt = authors / "value_head.pt"
+    torch.save({"v_head.summary.weight": head + 1}, pt)
+    with pytest.raises(ModelError, match=r"value_head.pt and .*model.safetensors hold different value heads"):
+        load_discriminator(authors)
+    torch.save({"v_head.summary.weight": head, "v_head.summary.bias": torch.zeros(1)}, pt)
+    with pytest.raises(NotImplementedError, match=r"value_head.pt: tensor 'v_head.summary.bias': the value head has a bias"):
+        load_discriminator(authors)
+    torch.save({"v_head.summary.weight": head.repeat(2, 1)}, pt)
+    with pytest.raises(NotImplementedError, match=r"value_head.pt: tensor 'v_head.summary.weight': .* gives 2 scores"):
+        read_authors_head(authors, hidden)
+    torch.save({"v_head.summary.weight": torch.zeros(1, hidden + 1)}, pt)
+    with pytest.raises(ModelError, match=rf"value_head.pt: tensor 'v_head.summary.weight': expected a float tensor of "
+                                         rf"shape \[1, {hidden}\] .*got torch.float32 \[1, {hidden + 1}\]"):
+        read_authors_head(authors, hidden)
+    torch.save({"v_head.summary.weight": argparse.Namespace(weight=head)}, pt)  # pickled objects are not loaded
+    with pytest.raises(ModelError, match="value_head.pt: not a weights-only torch file"):
+        read_authors_head(authors, hidden)
+    torch.save({"other": head}, pt)
+    with pytest.raises(ModelError, match="value_head.pt: no tensor 'v_head.1.weight' or 'v_head.summary.weight'"):
+        read_authors_head(authors, hidden)
+    pt.unlink()
+    (authors / "model.safetensors").unlink()  # no head anywhere: neither ours nor theirs
+    (authors / "model.safetensors").write_bytes((saved_moe / "model.safetensors").read_bytes())
+    with pytest.raises(ModelError, match="discriminator.json is missing .*no value_head.pt, no v_head"):
+        load_discriminator(authors)

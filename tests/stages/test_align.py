@@ -14,6 +14,7 @@ from prism.models.discriminator import encode_prompt, load_discriminator
 from prism.rollout.prompts import rollout_prompt
 from prism.stages import align
 from prism.stages.align import discriminator_pass, run, teacher_segment, wasserstein_1
+from tests.models.fixtures import authors_discriminator_folder
 
 from .conftest import discriminator_dir, interrupted_after, model_tensors, scripted_text
 
@@ -67,6 +68,17 @@ def test_align_updates_both_models_and_logs_every_diagnostic(world, policy_dir, 
     assert proxies["before"]["reasoning_steps"] == 1.0
     assert proxies["teacher"]["reasoning_steps"] > 1.0 and proxies["before"]["reasoning_steps_w1"] > 0
     assert json.loads((out / "manifest.json").read_text())["upstream"].keys() >= {"data:" + f"{world}/teacher.parquet"}
+
+
+def test_align_starts_from_a_discriminator_saved_by_the_authors_code(world, policy_dir, disc_dir, tmp_path,
+                                                                   scripted_rollouts):
+    """discriminator.path may name the released prism-vlm/Qwen3-VL-2B-4X-Moe-warmup-120k as the authors saved it
+    (tests/models/fixtures.py: authors_discriminator_folder); align writes its discriminator back in ours."""
+    released = authors_discriminator_folder(disc_dir, tmp_path / "released", shards=2)
+    out = run(align_config(world, policy_dir, released, tmp_path / "a", "steps=1", "proxy_prompts=0"))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert json.loads((out / "discriminator" / "discriminator.json").read_text()) == {"variant": "moe",
+                                                                                     "head_dropout": 0.1}
 
 
 def test_all_invalid_rollouts_step_the_discriminator_on_the_fallback(world, policy_dir, disc_dir, tmp_path,

@@ -67,6 +67,27 @@ def test_warmup_learns_to_separate_teacher_from_student(world, policy_dir, tmp_p
     assert manifest["extra"]["heldout"]["after"] == heldout["after"] and (out / "model" / "value_head.safetensors").is_file()
 
 
+def test_warmup_trains_on_pairs_in_the_authors_layout_with_text_only_pairs(world, policy_dir, tmp_path,
+                                                                          degraded_pairs):
+    """Pairs spelt as the PRISM authors' reader takes them (github.com/XIAO4579/PRISM, moe/train_moe_vl_warmup.py:
+    93-101; train_moe_vl_warmup_fast.py:107-155): `question` instead of `prompt`, an absolute image path, and half
+    of the pairs without an image (text only), mixed in the same micro-batches as pairs with one."""
+    rows = []
+    for index, pair in enumerate(read_warmup_pairs(degraded_pairs)):
+        question = pair.prompt.replace("<image>", "")
+        row = {"question": question, "teacher_caption": pair.teacher_caption, "student_caption": pair.student_caption,
+               "teacher_cot": pair.teacher_cot, "student_cot": pair.student_cot}
+        rows.append({**row, "image": str(pair.image.resolve())} if index % 2 else row)
+    authors = tmp_path / "qwen3_vl_moe_warmup_pairwise_120k.jsonl"
+    authors.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pairs = read_warmup_pairs(authors)
+    assert sum(pair.image is None for pair in pairs) == (len(pairs) + 1) // 2
+    out = run(warmup_config(world, policy_dir, tmp_path / "w", f"data_files=[{authors}]", "heldout_fraction=0.2"))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["bt_loss"] == m["bt_loss"] for m in metrics)  # trained, not NaN
+    assert json.loads((out / "heldout.json").read_text())["after"]["heldout_pairs"] >= 2
+
+
 @pytest.mark.parametrize("variant", ["moe", "dense", "text_only", "hard_routed", "whole_response"])
 def test_each_variant_trains(world, policy_dir, tmp_path, degraded_pairs, variant):
     out = run(warmup_config(world, policy_dir, tmp_path / variant, f"data_files=[{degraded_pairs}]",

@@ -1,7 +1,8 @@
 """Sharded checkpoints (`pytest -k fsdp_resume`): 2 CPU processes (gloo) train the tiny policy sharded with FSDP2
 (fsdp_stage_worker.py says how, and why not through accelerate); each checkpoint holds the model and AdamW shards
 through torch.distributed.checkpoint. A run stopped after a checkpoint and resumed ends bit-identical to an
-uninterrupted one, weights and optimizer state; the sharded step equals one process's on the same global batch."""
+uninterrupted one, weights and optimizer state; the sharded step equals one process's on the same global batch.
+align checkpoints its policy and its discriminator (sharded whole) together, both AdamW states in one folder."""
 
 import json
 import sys
@@ -9,14 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
-from prism.config import SFTConfig, load_config
-from prism.models.discriminator import HEAD_FILE
+from prism.config import AlignConfig, SFTConfig, load_config
+from prism.models.discriminator import HEAD_FILE, SPEC_FILE
+from prism.rollout import HFRolloutBackend
 from prism.runtime import SHARDED_DIR, STATE_FILE, latest_checkpoint, list_checkpoints
+from prism.stages.align import run as run_align
 from prism.stages.sft import run as run_sft
 from tests.torchrun import torchrun
 
-from .conftest import model_tensors
+from .conftest import discriminator_dir, model_tensors
+from .fsdp_stage_worker import scripted_generate
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")
 TIMING = {"seconds", "tokens_per_s"}
@@ -136,14 +142,13 @@ def test_fsdp_resume_rlvr_resumes_bit_identical_and_steps_like_ddp(world, policy
 
 
 def test_fsdp_resume_refuses_a_checkpoint_of_the_other_format(tmp_path):
-    """A sharded checkpoint resumes only into a sharded model, a plain one only into a plain model; the recipes
-    that checkpoint no shards (disc_warmup, align) refuse a sharded one."""
+    """A sharded checkpoint resumes only into a sharded model, a plain one only into a plain model."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
     from prism.runtime import RuntimeConfigError, save_checkpoint
-    from prism.stages.common import prepare_and_resume, resume
+    from prism.stages.common import prepare_and_resume
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -153,8 +158,6 @@ def test_fsdp_resume_refuses_a_checkpoint_of_the_other_format(tmp_path):
     (fake / "checkpoint.json").write_text('{"step": 2, "format": "dcp", "files": {}}')
     with pytest.raises(RuntimeConfigError, match="written by an FSDP run"):
         prepare_and_resume(tmp_path / "sharded-run", plain, model, optimizer, None)
-    with pytest.raises(NotImplementedError, match="checkpoint of an FSDP run"):
-        resume(tmp_path / "sharded-run", model, optimizer, None)
 
     save_checkpoint(tmp_path / "plain-run", 2, model_state=model.state_dict(), optimizer=optimizer)
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, prepare=lambda m, o: (m, o))
@@ -193,3 +196,100 @@ def test_fsdp_resume_disc_warmup_shards_the_discriminator_whole_and_resumes_bit_
     held = [json.loads((folder / "heldout.json").read_text()) for folder in (whole, ddp)]
     assert held[0]["before"] == held[1]["before"]
     assert held[0]["after"]["heldout_pairs"] == held[1]["after"]["heldout_pairs"] > 0
+
+
+def _align_overrides(world, policy_dir, disc_dir) -> list[str]:
+    """4 prompts a step (2 a process), one prompt per discriminator and per policy micro-batch."""
+    return ["model.preset=embedded-s", f"model.path={policy_dir}", "model.dtype=float32", "model.mixed_precision=no",
+            "discriminator.preset=embedded-s", f"discriminator.path={disc_dir}", "discriminator.dtype=float32",
+            "discriminator.mixed_precision=no", f"data_files=[{world}/teacher.parquet]", "rollout.backend=hf",
+            "rollout.prompts_per_step=4", "rollout.rollouts_per_prompt=4", "update.micro_batch_size=4",
+            "disc_micro_batch_size=4", "disc_max_length=512", "policy_optim.lr=1e-2", "disc_optim.lr=1e-3",
+            "steps=2", "save_every_steps=1", "proxy_prompts=2"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_align(world, policy_dir, tmp_path_factory):
+    """(the launch's folder, the discriminator it started from): align under 2-process FSDP, rollouts scripted."""
+    disc = discriminator_dir(policy_dir, tmp_path_factory.mktemp("disc") / "moe")
+    spec = disc / SPEC_FILE  # no head dropout: one process and two draw other masks
+    spec.write_text(json.dumps({**json.loads(spec.read_text()), "head_dropout": 0.0}))
+    out = tmp_path_factory.mktemp("fsdp-align")
+    _launch_fsdp("align", out, stop=1, overrides=_align_overrides(world, policy_dir, disc))
+    return out, disc
+
+
+def _align_metrics(out: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith("seconds")} for row in _metrics(out)]
+
+
+def test_fsdp_resume_align_checkpoints_both_models_in_one_and_resumes_bit_identical(fsdp_align, policy_dir,
+                                                                                    tmp_path):
+    """Policy (per decoder layer) and discriminator (one unit) sharded, one DCP folder holding both models and both
+    AdamW states; the final model/ and discriminator/ folders gathered whole, as a plain run writes them."""
+    out, disc = fsdp_align
+    whole, cut = out / "whole", out / "cut"
+    for run_dir in (whole, cut):
+        assert (run_dir / "DONE").is_file()
+        assert [step for step, _ in list_checkpoints(run_dir)] == [1, 2]
+        shards = sorted(p.name for p in (latest_checkpoint(run_dir) / SHARDED_DIR).iterdir())
+        assert ".metadata" in shards and len([s for s in shards if s.endswith(".distcp")]) == 2  # one per process
+        assert torch.load(latest_checkpoint(run_dir) / STATE_FILE, weights_only=True)["optimizer"] is None
+    metadata = FileSystemReader(str(latest_checkpoint(whole) / SHARDED_DIR)).read_metadata().state_dict_metadata
+    stored = {name: len(item.chunks) for name, item in metadata.items() if name.split(".")[1] == "model"}
+    assert {name.split(".")[0] for name in stored} == {"policy", "discriminator"}
+    assert set(stored.values()) == {2}  # every weight of both models in 2 shards, one per process
+    a, b = sharded_state(latest_checkpoint(whole), tmp_path), sharded_state(latest_checkpoint(cut), tmp_path)
+    assert a.keys() == b.keys() == {"policy", "discriminator"}
+    for part in ("policy", "discriminator"):
+        models = a[part]["model"], b[part]["model"]
+        assert models[0].keys() == models[1].keys() and all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+        states = a[part]["optimizer"]["state"], b[part]["optimizer"]["state"]
+        assert states[0].keys() == states[1].keys() and len(states[0]) > 0, part
+        for name, state in states[0].items():
+            assert state.keys() == {"step", "exp_avg", "exp_avg_sq"} and int(state["step"]) == 2, (part, name)
+            assert all(torch.equal(state[k], states[1][name][k]) for k in state), (part, name)
+    for folder in ("model", "discriminator"):
+        ta, tb = model_tensors(whole / folder), model_tensors(cut / folder)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), folder
+    heads = [load_file(str(run / "discriminator" / HEAD_FILE))["weight"] for run in (whole, cut)]
+    assert torch.equal(*heads)
+    assert _align_metrics(whole) == _align_metrics(cut) and len(_align_metrics(whole)) == 2
+    proxies = [json.loads((run / "proxies.json").read_text()) for run in (whole, cut)]
+    assert proxies[0] == proxies[1] and set(proxies[0]) == {"prompts", "teacher", "before", "after"}
+    # the final folders hold the checkpoint's weights, gathered, in the layout of a plain run
+    policy, discriminator = model_tensors(whole / "model"), model_tensors(whole / "discriminator")
+    assert all(torch.equal(policy[k], a["policy"]["model"][k]) for k in policy)
+    assert all(torch.equal(discriminator[k], a["discriminator"]["model"]["backbone." + k]) for k in discriminator)
+    assert torch.equal(heads[0], a["discriminator"]["model"]["head.weight"])
+    assert discriminator.keys() == model_tensors(disc).keys()
+    assert json.loads((whole / "discriminator" / SPEC_FILE).read_text()) == json.loads((disc / SPEC_FILE).read_text())
+    for trained, started in ((policy, model_tensors(policy_dir)), (discriminator, model_tensors(disc))):
+        assert any(not torch.equal(trained[k], started[k]) for k in trained)  # both models trained
+
+
+def test_fsdp_resume_align_step_equals_one_process_on_the_same_global_batch(fsdp_align, world, policy_dir, tmp_path,
+                                                                           monkeypatch):
+    """Each of the 2 processes takes 2 of the step's 4 prompts (the same scripted rollouts for the same prompt); one
+    process takes all 4. The discriminator's gradient is the mean over one-prompt micro-batches either way, the
+    policy's the token-mean over the step's rollouts."""
+    out, disc = fsdp_align
+    monkeypatch.setattr(HFRolloutBackend, "generate", scripted_generate(HFRolloutBackend.generate))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1): AdamW amplifies other float sums' noise
+    try:
+        one = run_align(load_config(AlignConfig, overrides=[*_align_overrides(world, policy_dir, disc),
+                                                            f"output_dir={tmp_path / 'one'}"]))
+    finally:
+        torch.set_num_threads(threads)
+    two = out / "whole"
+    for a, b in zip(_align_metrics(two), _align_metrics(one), strict=True):
+        assert a["disc_grad_norm"] == pytest.approx(b["disc_grad_norm"], rel=1e-4)
+        assert a["policy_grad_norm"] == pytest.approx(b["policy_grad_norm"], rel=1e-4)
+        assert a["disc_lr"] == b["disc_lr"] and a["policy_lr"] == b["policy_lr"]
+    for folder in ("model", "discriminator"):
+        ta, tb = model_tensors(two / folder), model_tensors(one / folder)
+        assert ta.keys() == tb.keys() and all(torch.allclose(ta[k], tb[k], atol=1e-4) for k in ta), folder
+    heads = [load_file(str(run / "discriminator" / HEAD_FILE))["weight"] for run in (two, one)]
+    assert torch.allclose(*heads, atol=1e-4)
+    assert json.loads((two / "proxies.json").read_text()) == json.loads((one / "proxies.json").read_text())
