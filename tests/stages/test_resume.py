@@ -102,6 +102,37 @@ def test_sft_preempted_with_sigterm_saves_the_current_step_and_resumes_bit_ident
     _assert_same_run(whole, resumed)
 
 
+def test_sft_stopped_with_ctrl_c_says_so_in_one_line_and_resumes_bit_identical(world, policy_dir, tmp_path):
+    """Ctrl-C (SIGINT) during `prism train sft` outside SLURM: exit 130 with one line saying how to resume, nothing
+    half-written; run again, the stage continues from its last checkpoint and ends as an uninterrupted run."""
+    steps = ["max_steps=12", "per_device_batch_size=2", "gradient_accumulation_steps=1", "save_every_steps=2",
+             "log_every_steps=1"]
+    whole = run_sft(sft_config(world, policy_dir, tmp_path / "whole", *steps))
+
+    cut = tmp_path / "interrupted"
+    args = [f"model.path={policy_dir}", "model.preset=embedded-s", "model.dtype=float32", "model.mixed_precision=no",
+            f"data_files=[{world}/sft.json]", "max_length=512", "optim.lr=3e-3", "optim.warmup_steps=1",
+            f"output_dir={cut}", *steps]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    for name in ("SLURM_JOB_ID", "SUBMITIT_EXECUTOR"):
+        env.pop(name, None)
+    process = subprocess.Popen([sys.executable, "-m", "prism.cli", "train", "sft", *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _metrics_lines(cut) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and "\r" not in line and "%|" not in line]
+    assert lines[-1] == f"prism: interrupted; run the same command again to resume sft in {cut}", stderr
+    assert "Traceback" not in stderr and not (cut / "DONE").exists()
+    assert not list((cut / "checkpoints").glob(".tmp-*")), "a half-written checkpoint was left"
+    assert (cut / "checkpoints").is_dir() and list((cut / "checkpoints").glob("step-*"))
+
+    resumed = run_sft(sft_config(world, policy_dir, cut, *steps))
+    _assert_same_run(whole, resumed)
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")
 def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_saved_step(world, policy_dir, tmp_path):
     """Under torchrun (2 CPU processes, gloo) only rank 1 is signalled: the flag is all-reduced after each step, so
