@@ -88,6 +88,13 @@ def evaluate(checkpoint: Path, world: Path, implementation: str, config: EvalCon
     return seconds, accuracy, responses
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
 def paired_difference(runs: list[dict]) -> dict:
     """Accuracy of the loop minus `generate`, paired by seed: the mean over seeds (points) and its 95% t interval."""
     by_seed = {(run["seed"], run["implementation"]): run["accuracy"] for run in runs}
@@ -105,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+", type=Path)
     parser.add_argument("--world", type=Path, default=Path("outputs/world"))
-    parser.add_argument("--seeds", type=int, default=2, help="evaluation seeds per decoder (a seed fixes the draws)")
+    parser.add_argument("--seeds", type=positive_int, default=2, help="evaluation seeds per decoder (a seed fixes the draws)")
     parser.add_argument("--greedy-limit", type=int, default=40, help="items per family for the greedy comparison")
     args = parser.parse_args()
     greedy = load_config(EvalConfig, overrides=["embedded.temperature=0"])

@@ -373,15 +373,20 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.M
 
 
 def _output_fault(error: BaseException, target: Path) -> BaseException:
-    """DCP gathers every process's failure into one CheckpointException (a BaseException naming no file): the
-    first OSError among them (a full disk, a read-only folder, a quota) as an OSError naming `target`, else `error`."""
+    """DCP gathers every process's failure into one CheckpointException (a BaseException naming no file, which
+    `except Exception` cleanups miss): the first OSError among them (a full disk, a read-only folder, a quota) as
+    an OSError naming `target`; any other as a RuntimeError naming `target` and the processes. Other errors as
+    they are."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     if not isinstance(error, CheckpointException):
         return error
-    causes = [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
-    cause = next((c for c in causes if isinstance(c, OSError) and c.errno is not None), None)
-    return OSError(cause.errno, cause.strerror, str(target)) if cause is not None else error
+    causes = {rank: failure[0] if isinstance(failure, tuple) else failure for rank, failure in error.failures.items()}
+    cause = next((c for c in causes.values() if isinstance(c, OSError) and c.errno is not None), None)
+    if cause is not None:
+        return OSError(cause.errno, cause.strerror, str(target))
+    first = next(iter(causes.values()), None)
+    return RuntimeError(f"{target}: writing the sharded checkpoint failed on process(es) {sorted(causes)}: {first!r}")
 
 
 def restore_sharded_checkpoint(path: str | Path, *, model: torch.nn.Module | None = None,

@@ -549,6 +549,8 @@ CASES = [
      ["--out w is a file, not a folder"]),
     ("output-world-show-under-a-file", text("w", "a file\n"), ["world", "show", "--out", "w/sheet.png"],
      ["--out w/sheet.png", "the folder w is a file"]),
+    ("output-world-show-onto-a-folder", folder("sheet.png"), ["world", "show", "--out", "sheet.png"],
+     ["--out sheet.png is a folder, not a file"]),
     ("output-eval-out-is-a-file", both(checkpoint(), text("evals", "a file\n")), [*EVAL, "--out", "evals"],
      ["--out", "evals is a file, not a folder"]),
 ]

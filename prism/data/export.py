@@ -237,6 +237,8 @@ def world_stats(cfg: WorldConfig, per_family: int = 200, tokenizer=None):
 def show_world(cfg: WorldConfig, out: Path, per_family: int = 2, split: str = "sft") -> Path:
     """A PNG grid: one row per sample, the image beside its question, teacher and public responses."""
     check_output_folder(Path(out).parent, f"--out {out}: the folder")
+    if Path(out).is_dir():
+        raise FileExistsError(f"--out {out} is a folder, not a file: give the PNG file to write")
     font = ImageFont.load_default(size=11)
     scale, text_width, line_height = 2, 640, 13
     rows = []

@@ -294,7 +294,8 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
         nonlocal model, policy_optimizer
         model, policy_optimizer = accelerator.prepare(both["policy"], optimizers.parts["policy"])
         if sharded:
-            shard_whole(accelerator, both["discriminator"], optimizers.parts["discriminator"], DISCRIMINATOR_FORWARDS)
+            shard_whole(accelerator, both["discriminator"], optimizers.parts["discriminator"], DISCRIMINATOR_FORWARDS,
+                        model_config=cfg.discriminator)
         else:
             both["discriminator"].to(accelerator.device)
         return both, optimizers
@@ -348,7 +349,8 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
         started = time.perf_counter()
         prompts = [encode_prompt(processor, r.prompt, rollout_prompt(r).images, discriminator.spec.uses_images)
                    for r in chosen]
-        has_valid = torch.tensor([float(any(scored_segments(text)[1] for text in batch.texts))])
+        has_valid = torch.tensor([float(any(scored_segments(text)[1] for text in batch.texts))],
+                                 device=accelerator.device)  # NCCL reduces device tensors only
         if world > 1:
             has_valid = accelerator.reduce(has_valid, reduction="sum")
         seconds_encode = time.perf_counter() - started
@@ -404,10 +406,16 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
             record[f"policy_score_{kind}"] = float(student[ok].mean()) if ok.any() else float("nan")
         if reference is not None:
             record["kl_ref"] = stats["kl_ref"]
-        if world > 1:  # each process saw its own prompts: the step's figures are their mean (NaN: a process had none)
+        if world > 1:  # each process saw its own prompts (as many rows each): the step's figures are their mean,
+            # weighted by the valid rows for the figures taken over those alone
             keys = list(record)  # the same keys, in the same order, on every process
-            own = torch.tensor([[record[key] for key in keys]], dtype=torch.float64, device=accelerator.device)
-            record = dict(zip(keys, accelerator.gather(own).nanmean(0).tolist()))
+            over_valid = ("disc_accuracy_", "reward_gap_", "policy_score_")
+            weights = [float(ok.sum()) if key.startswith(over_valid) else 1.0 for key in keys]
+            own = torch.tensor([[record[key] for key in keys], weights], dtype=torch.float64, device=accelerator.device)
+            values, counts = accelerator.gather(own).reshape(world, 2, len(keys)).unbind(1)
+            counts = counts * ~values.isnan()
+            mean = (values.nan_to_num() * counts).sum(0) / counts.sum(0)  # NaN where no process had a value
+            record = dict(zip(keys, mean.tolist()))
         if accelerator.is_main_process:
             if done % cfg.log_every_steps == 0 or done == cfg.steps:
                 logger.log(done, record)

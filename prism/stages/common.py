@@ -214,6 +214,10 @@ def make_accelerator(model: ModelConfig):
     # cpu=True on a CPU-only machine: without it accelerate ignores a torchrun world and runs each process alone.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **({"fsdp_plugin": plugin} if plugin else {}))
     check_launch_precision(accelerator.mixed_precision, model)
+    version = getattr(getattr(accelerator.state, "fsdp_plugin", None), "fsdp_version", 2)
+    if is_fsdp(accelerator) and version != 2:  # checkpoints, shard_whole and weight sync are FSDP2's
+        raise RuntimeConfigError(f"accelerate is launched with fsdp_version {version}: the recipes shard with FSDP2 "
+                                 "(set fsdp_version: 2 in the accelerate config, as experiments/accelerate/ does)")
     return accelerator
 
 
@@ -394,11 +398,14 @@ def prepare_and_resume(run_dir: Path, accelerator, model, optimizer, scheduler, 
 
 
 def shard_whole(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                forward_methods: tuple[str, ...] = ()) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+                forward_methods: tuple[str, ...] = (), model_config: ModelConfig | None = None,
+                ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """FSDP2 for a module that accelerate does not prepare (the discriminator): `fully_shard` on the whole module,
     one unit (parameters, gradients and AdamW state sharded; the parameters gathered whole for each forward and
-    backward), in the launch config's MixedPrecisionPolicy, and `optimizer` pointed at the sharded parameters.
-    `forward_methods` are the module's methods called instead of `forward` (FSDP2 gathers around them too).
+    backward), and `optimizer` pointed at the sharded parameters. `forward_methods` are the module's methods called
+    instead of `forward` (FSDP2 gathers around them too). Its MixedPrecisionPolicy is the launch's, or, when the
+    launch has one and `model_config` is given, that config's own (align's discriminator has its own
+    `mixed_precision`, which may differ from the policy's that the launch follows).
 
     One unit, not one per decoder layer: the discriminator's prompt-prefix forward (prefill, then continue_hidden
     from its K/V cache) and its MoE router logits leave each decoder layer as side outputs, not through the layer's
@@ -407,6 +414,8 @@ def shard_whole(accelerator, model: torch.nn.Module, optimizer: torch.optim.Opti
 
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     policy = getattr(plugin, "mixed_precision_policy", None)
+    if isinstance(policy, MixedPrecisionPolicy) and model_config is not None:
+        policy = fsdp_mixed_precision_policy(model_config)
     names = {id(p): name for name, p in model.named_parameters()}
     fully_shard(model, **({"mp_policy": policy} if isinstance(policy, MixedPrecisionPolicy) else {}))
     for method in forward_methods:

@@ -290,7 +290,8 @@ def run(cfg: DiscWarmupConfig) -> Path:
             aux_total += float(aux_mean.detach()) / accumulation
         average_gradients(discriminator, accelerator)
         if world > 1:  # log the global step, not this process's share
-            bt_total, aux_total = accelerator.reduce(torch.tensor([bt_total, aux_total]), reduction="mean").tolist()
+            bt_total, aux_total = accelerator.reduce(torch.tensor([bt_total, aux_total], device=accelerator.device),
+                                                     reduction="mean").tolist()
             scores = {key: [accelerator.gather(torch.cat(values))] for key, values in scores.items()}
         check_finite(bt_total + aux_total, discriminator, step=step + 1)
         grad_norm = plain_norm(torch.nn.utils.clip_grad_norm_(discriminator.parameters(), clip))

@@ -155,7 +155,7 @@ def run(cfg: RLVRConfig) -> Path:
             keep = (dynamic_sampling_keep(scores["accuracy"], group_size) if cfg.dynamic_sampling
                     else torch.ones(len(chosen), dtype=torch.bool))
             kept.extend((round_index, int(p)) for p in keep.nonzero().flatten())
-            enough = torch.tensor([float(len(kept) >= local_prompts)])
+            enough = torch.tensor([float(len(kept) >= local_prompts)], device=accelerator.device)  # NCCL: on it
             if world > 1:  # all processes go on generating while any of them is short
                 enough = accelerator.reduce(enough, reduction="sum") / world
             if float(enough) == 1.0:
