@@ -258,7 +258,9 @@ def override_paths(matrix: MatrixConfig, error: str, lists: list[str]) -> list[s
     items = [(f"{path}[{index}]", text) for path in lists
              for index, text in enumerate(_lookup(matrix.source, path) or []) if isinstance(text, str)]
     quoted = [path for path, text in items if f"override {text!r}" in error]
-    return quoted or [path for path, text in items if "=" in text and repr(text.split("=", 1)[1].strip()) in error]
+    if quoted or "override '" in error:  # an override not from the matrix file (a sweep's, the plan's wiring): none
+        return quoted
+    return [path for path, text in items if "=" in text and repr(text.split("=", 1)[1].strip()) in error]
 
 
 def _lookup(tree: Any, path: str) -> Any:
@@ -386,15 +388,15 @@ class PlanBuilder:
         return self._add(node)
 
     def line_of(self, stage: str, size: str, extra_origin: str | None, error: str) -> str:
-        """Where in the matrix file a stage's config error comes from: the override it names, else the stage's
-        config path, else the stage's or the size's entry."""
+        """Where in the matrix file a stage's config error comes from: the override of the file it names, else the
+        stage's config path it names; '' when it comes from elsewhere (a sweep's override, the stage YAML's own
+        file:line, the plan's wiring), which the message names itself."""
         preset = f"presets.{self.preset_name}"
         lists = [f"{preset}.stages.{stage}.overrides", f"{preset}.sizes.{size}.overrides.{stage}",
                  *([f"{extra_origin}.{stage}"] if extra_origin else [])]
         spec = self.preset.stages.get(stage)
         config = [f"{preset}.stages.{stage}.config"] if spec and spec.config and spec.config in error else []
-        return matrix_line(self.matrix, *override_paths(self.matrix, error, lists), *config,
-                           f"{preset}.stages.{stage}", *lists[2:], f"{preset}.sizes.{size}")
+        return matrix_line(self.matrix, *override_paths(self.matrix, error, lists), *config)
 
     def eval(self, checkpoint: str, deps: list[str]) -> str:
         spec = self.preset.eval
