@@ -726,13 +726,38 @@ def critical_path_seconds(pending: dict[str, Node], measured: dict[tuple, float]
     return chain
 
 
+def exclusive_nodes(nodes: dict[str, Node]) -> set[str]:
+    """The nodes that never run beside another: every other node of the plan is upstream or downstream of them
+    (the world export; an ablation matrix's one base model). A property of the whole plan, finished nodes
+    included, so a resumed run gives a node the threads the first run gave it."""
+    upstream: dict[str, set[str]] = {}
+    for key, node in nodes.items():  # insertion order is topological
+        upstream[key] = set()
+        for dep in node.deps:
+            if dep in nodes:
+                upstream[key] |= {dep} | upstream[dep]
+    downstream: dict[str, int] = dict.fromkeys(nodes, 0)
+    for ancestors in upstream.values():
+        for key in ancestors:
+            downstream[key] += 1
+    return {key for key in nodes if len(upstream[key]) + downstream[key] == len(nodes) - 1}
+
+
 def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None) -> dict[str, float]:
     """Run the unfinished nodes `jobs` at a time, each node in its own process with `cores // jobs` threads
-    (OMP_NUM_THREADS, which torch reads at start) and its output in `node_log(node)`. One line per start and
-    finish, with the running estimate of what is left. A node that fails stops the run: the others are
-    stopped too (they resume from their last checkpoints next time), and MatrixError names the node and its log."""
-    threads = max(1, (cores or available_cores()) // jobs)
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    (OMP_NUM_THREADS, which torch reads at start), or all the cores for a node that never runs beside another
+    (`exclusive_nodes`), and its output in `node_log(node)`. A node's thread count follows from the plan alone,
+    not from timing, so a rerun computes it alike. One line per start and finish, with the running estimate of what
+    is left. A node that fails stops the run: the others are stopped too (they resume from their last checkpoints
+    next time), and MatrixError names the node and its log."""
+    cores = cores or available_cores()
+    alone = exclusive_nodes(plan.nodes) if jobs > 1 else set()
+
+    def node_env(key: str) -> tuple[dict[str, str], int]:
+        threads = cores if key in alone else max(1, cores // jobs)
+        return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(threads),
+                "MKL_NUM_THREADS": str(threads)}, threads
+
     measured = measured_seconds_per_step()
     pending = {n.key: n for n in plan.nodes.values() if not n.done}
     chain = critical_path_seconds(pending, measured)
@@ -767,6 +792,7 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None) -> 
                 path = node_log(node)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 handle = open(path, "a")
+                env, threads = node_env(key)
                 process = subprocess.Popen(node.command, env=env, stdout=handle, stderr=subprocess.STDOUT,
                                            preexec_fn=_die_with_parent)
                 running[key] = (process, time.perf_counter(), handle, lock)

@@ -354,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--launcher", choices=["local", "slurm"], default="local",
                         help="local: here, --jobs nodes at once; slurm: submitit jobs with dependencies")
     matrix.add_argument("--jobs", type=positive_int, default=None,
-                        help="local: nodes run at once, each in its own process with cores // jobs threads "
-                             "(default: the cores available; 1 = one after another in this process)")
+                        help="local: nodes run at once, each in its own process with cores // jobs threads (all the cores "
+                             "for a node that never runs beside another; default: the cores available; 1 = one after "
+                             "another in this process)")
     matrix.add_argument("--isolate", action="store_true", help="local, --jobs 1: run each node in its own process")
     matrix.add_argument("--seeds", type=int, default=None, metavar="N", help=SEEDS_HELP)
     matrix.set_defaults(func=cmd_matrix)

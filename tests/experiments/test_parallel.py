@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.matrix import MatrixError, Node, Plan, critical_path_seconds, run_parallel
+from experiments.matrix import MatrixError, Node, Plan, critical_path_seconds, exclusive_nodes, run_parallel
 
 # A node: records its start, sleeps, fails when asked, writes its done marker (the key) last.
 NODE = textwrap.dedent("""
@@ -65,10 +65,20 @@ def test_independent_nodes_run_at_once_with_the_cores_split(tmp_path):
     assert seen["b"]["start"] >= ends["a"] and seen["c"]["start"] >= ends["a"]  # after their dependency
     assert abs(seen["b"]["start"] - seen["c"]["start"]) < 0.5  # side by side
     assert seen["d"]["start"] >= max(ends["b"], ends["c"])
-    assert {e["threads"] for e in seen.values()} == {"2"}  # 4 cores // 2 jobs
+    assert {name: e["threads"] for name, e in seen.items()} == {"a": "4", "b": "2", "c": "2", "d": "4"}  # alone: all
     assert "working on b" in (tmp_path / "b.log").read_text()  # each node's output in its own log
     assert sum(line.split()[1] == "start" for line in lines) == 4 and sum(" done " in line for line in lines) == 4
     assert all("left)" in line for line in lines)  # every line carries the running estimate
+
+
+def test_a_node_that_never_runs_beside_another_gets_every_core(tmp_path):
+    """A -> {b, c} -> d: a and d run alone whatever the timing, so they get the 4 cores; b and c split them. The
+    counts follow from the plan, so a resumed run (a finished) gives d the same."""
+    plan = fake_plan(tmp_path, DIAMOND)
+    assert exclusive_nodes(plan.nodes) == {str(tmp_path / "a"), str(tmp_path / "d")}
+    assert exclusive_nodes(fake_plan(tmp_path, {"a": [], "b": []}).nodes) == set()  # independent: neither
+    run_parallel(plan, jobs=2, log=lambda _: None, cores=4)
+    assert {e["node"]: e["threads"] for e in events(tmp_path)} == {"a": "4", "b": "2", "c": "2", "d": "4"}
 
 
 def test_the_longest_chain_starts_first(tmp_path):
