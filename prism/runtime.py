@@ -271,8 +271,8 @@ def restore_checkpoint(path: str | Path, *, model: torch.nn.Module | None = None
 # `sharded/` is a torch.distributed.checkpoint (DCP) folder: every process writes its own shards of the model
 # and of the AdamW state (canonical parameter names, from torch.distributed.checkpoint.state_dict.get_state_dict),
 # the main process the metadata. It holds {"model", "optimizer"}, or, for several models checkpointed together
-# (align's policy and discriminator, `parts`), {name: {"model", "optimizer"}} per model. trainer_state.pt holds what the plain format holds besides the model and the
-# optimizer, with one RNG state per process. The folder is filled under a temp name shared by the processes and
+# (align's policy and discriminator, `parts`), {name: {"model", "optimizer"}} per model. trainer_state.pt holds
+# what the plain format holds besides the model and the optimizer, with one RNG state per process. The folder is filled under a temp name shared by the processes and
 # renamed by the main process once complete, as in the plain format; a shared filesystem is assumed.
 # ----------------------------------------------------------------------------------------------------
 
