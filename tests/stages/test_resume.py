@@ -19,7 +19,7 @@ from .conftest import interrupted_after, model_tensors
 from .test_align import align_config, disc_dir  # noqa: F401  (fixture)
 from .test_disc_warmup import warmup_config
 from .test_rlvr import rlvr_config, varied_reward  # noqa: F401  (fixture)
-from .test_sft import DEFAULT_PRECISION, sft_config
+from .test_sft import DEFAULT_PRECISION, sft_config, sft_overrides
 
 TIMING = {"seconds", "tokens_per_s", "seconds_generate", "seconds_score", "seconds_update", "seconds_step",
           "rollout_tokens_per_s"}
@@ -41,9 +41,7 @@ def test_sft_killed_with_sigkill_resumes_bit_identical(world, policy_dir, tmp_pa
     whole = run_sft(sft_config(world, policy_dir, tmp_path / "whole", *steps))
 
     killed = tmp_path / "killed"
-    args = [f"model.path={policy_dir}", "model.preset=embedded-s", "model.dtype=float32", "model.mixed_precision=no",
-            f"data_files=[{world}/sft.json]", "max_length=512", "optim.lr=3e-3", "optim.warmup_steps=1",
-            f"output_dir={killed}", "save_every_steps=2", *steps]
+    args = sft_overrides(world, policy_dir, killed, *steps)  # the same config as `whole`, through the CLI
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     process = subprocess.Popen([sys.executable, "-m", "prism.cli", "train", "sft", *args], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -77,9 +75,7 @@ def test_sft_preempted_with_sigterm_saves_the_current_step_and_resumes_bit_ident
     whole = run_sft(sft_config(world, policy_dir, tmp_path / "whole", *steps))
 
     cut = tmp_path / "preempted"
-    args = [f"model.path={policy_dir}", "model.preset=embedded-s", "model.dtype=float32", "model.mixed_precision=no",
-            f"data_files=[{world}/sft.json]", "max_length=512", "optim.lr=3e-3", "optim.warmup_steps=1",
-            f"output_dir={cut}", *steps]
+    args = sft_overrides(world, policy_dir, cut, *steps)  # the same config as `whole`, through the CLI
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "SLURM_JOB_ID": "1001"}
     process = subprocess.Popen([sys.executable, "-m", "prism.cli", "train", "sft", *args], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -110,9 +106,7 @@ def test_sft_stopped_with_ctrl_c_says_so_in_one_line_and_resumes_bit_identical(w
     whole = run_sft(sft_config(world, policy_dir, tmp_path / "whole", *steps))
 
     cut = tmp_path / "interrupted"
-    args = [f"model.path={policy_dir}", "model.preset=embedded-s", "model.dtype=float32", "model.mixed_precision=no",
-            f"data_files=[{world}/sft.json]", "max_length=512", "optim.lr=3e-3", "optim.warmup_steps=1",
-            f"output_dir={cut}", *steps]
+    args = sft_overrides(world, policy_dir, cut, *steps)  # the same config as `whole`, through the CLI
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     for name in ("SLURM_JOB_ID", "SUBMITIT_EXECUTOR"):
         env.pop(name, None)

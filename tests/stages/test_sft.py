@@ -19,12 +19,16 @@ def processor(world):
     return load_processor(world / "tokenizer")
 
 
+def sft_overrides(world, policy_dir, out, *extra) -> list[str]:
+    """A short SFT run's overrides: `sft_config` in-process, or the arguments of `prism train sft`."""
+    return ["model.preset=embedded-s", f"model.path={policy_dir}", "model.dtype=float32", "model.mixed_precision=no",
+            f"data_files=[{world}/sft.json]", "max_length=512", "per_device_batch_size=4",
+            "gradient_accumulation_steps=2", "max_steps=6", "optim.lr=3e-3", "optim.warmup_steps=1",
+            f"output_dir={out}", "save_every_steps=2", *extra]
+
+
 def sft_config(world, policy_dir, out, *extra):
-    return load_config(SFTConfig, overrides=[
-        "model.preset=embedded-s", f"model.path={policy_dir}", "model.dtype=float32", "model.mixed_precision=no",
-        f"data_files=[{world}/sft.json]", "max_length=512", "per_device_batch_size=4",
-        "gradient_accumulation_steps=2", "max_steps=6", "optim.lr=3e-3", "optim.warmup_steps=1",
-        f"output_dir={out}", "save_every_steps=2", *extra])
+    return load_config(SFTConfig, overrides=sft_overrides(world, policy_dir, out, *extra))
 
 
 def test_short_run_learns_and_writes_every_output(world, policy_dir, tmp_path):
