@@ -148,6 +148,12 @@ class PresetSpec:
         metadata={"help": "Embedded: the size whose base model is upcycled into the discriminator. Full: the dense "
                           "backbone checkpoint, a folder or a Hub model id (published: Qwen/Qwen3-VL-2B-Instruct)."},
     )
+    discriminator: str | None = field(
+        default=None,
+        metadata={"help": "A warmed-up discriminator that every alignment starts from, a folder or a Hub model id "
+                          "(the released prism-vlm/Qwen3-VL-2B-4X-Moe-warmup-120k): no disc_warmup stage runs. "
+                          "null = each cell warms its own up from discriminator_backbone."},
+    )
     stages: dict[str, StageSpec] = field(default_factory=dict, metadata={"help": "Stage name -> config source."})
     eval: EvalSpec = field(default_factory=EvalSpec, metadata={"help": "Evaluation of every cell."})
     slurm: SlurmSpec = field(default_factory=SlurmSpec, metadata={"help": "Resources for --launcher slurm."})
@@ -451,28 +457,36 @@ def add_chain(builder: PlanBuilder, size: str, seed: int, pipeline: str, rl: str
                             deps + world, extra, extra_origin)
         model, deps = f"{key}/model", [key]
     if pipeline in ("sft+prism", "prism"):
-        backbone = preset.discriminator_backbone
-        if builder.world is not None:  # embedded: upcycle that size's base model (same seed)
-            if backbone not in preset.sizes:
-                where = matrix_line(builder.matrix, f"presets.{builder.preset_name}.discriminator_backbone",
-                                    f"presets.{builder.preset_name}")
-                raise ConfigError(f"{where}preset {builder.preset_name}: discriminator_backbone must name a size "
-                                  f"({', '.join(preset.sizes)}), got {backbone!r}")
-            backbone, backbone_deps = start(backbone)
-        else:
-            backbone_deps = []
         teacher = _world_files(builder, "teacher")
-        # Without SFT the policy never writes the format, so its rollouts make no pair: the warm-up reads the
-        # world's fixed teacher-vs-public pairs instead, as the published no-SFT ablation did.
-        fixed = _world_files(builder, "warmup") if pipeline == "prism" else []
-        key = builder.stage("disc_warmup", size, seed, [
-            f"model.path={backbone}", f"policy.path={model}",
-            *([f"teacher_files={_list(teacher)}"] if teacher else []),
-            *([f"data_files={_list(fixed)}"] if fixed else [])], deps + backbone_deps + world, extra, extra_origin)
-        disc = f"{key}/model"
+        if preset.discriminator:  # one warmed-up discriminator (the released one) starts every alignment
+            if extra and "disc_warmup" in extra:
+                where = matrix_line(builder.matrix, f"{extra_origin}.disc_warmup")
+                raise ConfigError(f"{where}preset {builder.preset_name} starts alignment from discriminator "
+                                  f"{preset.discriminator}, so no disc_warmup runs to take these overrides: drop "
+                                  "them, or the preset's discriminator")
+            disc, disc_deps = preset.discriminator, []
+        else:
+            backbone = preset.discriminator_backbone
+            if builder.world is not None:  # embedded: upcycle that size's base model (same seed)
+                if backbone not in preset.sizes:
+                    where = matrix_line(builder.matrix, f"presets.{builder.preset_name}.discriminator_backbone",
+                                        f"presets.{builder.preset_name}")
+                    raise ConfigError(f"{where}preset {builder.preset_name}: discriminator_backbone must name a size "
+                                      f"({', '.join(preset.sizes)}), got {backbone!r}")
+                backbone, backbone_deps = start(backbone)
+            else:
+                backbone_deps = []
+            # Without SFT the policy never writes the format, so its rollouts make no pair: the warm-up reads the
+            # world's fixed teacher-vs-public pairs instead, as the published no-SFT ablation did.
+            fixed = _world_files(builder, "warmup") if pipeline == "prism" else []
+            key = builder.stage("disc_warmup", size, seed, [
+                f"model.path={backbone}", f"policy.path={model}",
+                *([f"teacher_files={_list(teacher)}"] if teacher else []),
+                *([f"data_files={_list(fixed)}"] if fixed else [])], deps + backbone_deps + world, extra, extra_origin)
+            disc, disc_deps = f"{key}/model", [key]
         key = builder.stage("align", size, seed, [
             f"model.path={model}", f"discriminator.path={disc}",
-            *([f"data_files={_list(teacher)}"] if teacher else [])], deps + [key] + world, extra, extra_origin)
+            *([f"data_files={_list(teacher)}"] if teacher else [])], deps + disc_deps + world, extra, extra_origin)
         model, deps = f"{key}/model", [key]
     if rl != "none":
         data = _world_files(builder, "rl")

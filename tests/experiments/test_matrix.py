@@ -169,6 +169,44 @@ presets:
     assert rlvr.cfg.model.path == "prism-vlm/Qwen3-VL-4B-Instruct-SFT-PRISM" and rlvr.deps == []
 
 
+RELEASED_DISCRIMINATOR = """
+name: released_disc
+kind: ablations
+rl_algorithm: grpo
+settings:
+  - {name: full, group: reference, pipeline: sft+prism}
+  - {name: no_sft, group: stages, pipeline: prism}
+presets:
+  full:
+    discriminator_backbone: Qwen/Qwen3-VL-2B-Instruct
+    discriminator: prism-vlm/Qwen3-VL-2B-4X-Moe-warmup-120k
+    sizes:
+      4b: {instruct: Qwen/Qwen3-VL-4B-Instruct}
+    stages:
+      sft: {overrides: ["data_files=[prism-vlm/gemini_distill]"]}
+      align: {overrides: ["data_files=[prism-vlm/rl_dataset:rl_training_data_5.9k.parquet]"]}
+      rlvr: {overrides: ["data_files=[prism-vlm/rl_dataset:rl_training_data_filtered_2k.parquet]"]}
+    eval: {suite: paper}
+"""
+
+
+def test_a_released_discriminator_starts_every_alignment_and_no_warmup_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    path = tmp_path / "released.yaml"
+    path.write_text(RELEASED_DISCRIMINATOR)
+    plan = build_plan(load_matrix(path), "full")
+    assert _kinds(plan) == {"sft": 1, "align": 2, "rlvr": 2, "eval": 2}
+    aligns = [node for node in plan.nodes.values() if node.kind == "align"]
+    assert {node.cfg.discriminator.path for node in aligns} == {"prism-vlm/Qwen3-VL-2B-4X-Moe-warmup-120k"}
+    assert sorted(len(node.deps) for node in aligns) == [0, 1]  # after its SFT, or straight from the instruct model
+    assert re.search(r"model +prism-vlm/Qwen3-VL-2B-4X-Moe-warmup-120k +not cached", describe_plan(plan))
+    # a setting's disc_warmup overrides would have nothing to change: refused at the line that holds them
+    path.write_text(RELEASED_DISCRIMINATOR.replace(
+        "pipeline: prism}", "pipeline: prism, overrides: {disc_warmup: [discriminator.variant=dense]}}"))
+    with pytest.raises(ConfigError, match=r"released\.yaml:7: .*no disc_warmup runs to take these overrides"):
+        build_plan(load_matrix(path), "full")
+
+
 def test_seeds_run_every_stage_per_seed_after_one_shared_world_and_keep_seed_zero():
     one = build_plan(load_matrix("table1"), "embedded")
     three = build_plan(load_matrix("table1", "embedded", 3), "embedded")
