@@ -460,7 +460,7 @@ def add_chain(builder: PlanBuilder, size: str, seed: int, pipeline: str, rl: str
         teacher = _world_files(builder, "teacher")
         if preset.discriminator:  # one warmed-up discriminator (the released one) starts every alignment
             if extra and "disc_warmup" in extra:
-                where = matrix_line(builder.matrix, f"{extra_origin}.disc_warmup")
+                where = matrix_line(builder.matrix, *([f"{extra_origin}.disc_warmup"] if extra_origin else []))
                 raise ConfigError(f"{where}preset {builder.preset_name} starts alignment from discriminator "
                                   f"{preset.discriminator}, so no disc_warmup runs to take these overrides: drop "
                                   "them, or the preset's discriminator")
