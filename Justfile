@@ -13,7 +13,7 @@ setup:
     python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "prism needs Python >= 3.11 as python3" >&2; exit 1; }
     [ -x .venv/bin/python ] || python3 -m venv .venv
     start=$(date +%s)
-    # uv installs the stack in about 20 s where pip took about 270 s (CI). It does not read pip's configuration,
+    # uv installs the stack in about 90 s where pip took about 270 s (CI). It does not read pip's configuration,
     # so the wheel folders, indexes and constraints pip is set up with here are passed on; pip is the fallback.
     if [ -x .venv/bin/uv ] || .venv/bin/pip install -q --disable-pip-version-check uv >/dev/null 2>&1; then
         uv_args=(--index-strategy unsafe-best-match)  # pip's rule: the best version across all indexes
@@ -26,7 +26,9 @@ setup:
                 constraint) for v in $value; do uv_args+=(--constraint "$v"); done ;;
             esac
         done < <(.venv/bin/pip config list 2>/dev/null)
-        .venv/bin/uv pip install -q --python .venv/bin/python "${uv_args[@]}" -c constraints-cpu.txt -e ".[dev]"
+        # --compile-bytecode as pip does: with PYTHONDONTWRITEBYTECODE set, every process would otherwise compile
+        # torch and transformers again on import (the 2-process tests ran twice as long without it)
+        .venv/bin/uv pip install -q --compile-bytecode --python .venv/bin/python "${uv_args[@]}" -c constraints-cpu.txt -e ".[dev]"
         # lmms-eval pulls a CUDA torchvision whose import fails beside the CPU torch; nothing here needs it.
         .venv/bin/uv pip uninstall -q --python .venv/bin/python torchvision 2>/dev/null || true
     else
