@@ -62,26 +62,19 @@ def train_rlvr(size: str, algorithm: str, seed: int, sft: Path, out: Path, world
 
 def evaluate(checkpoint: Path, world: Path, limit: int | None) -> tuple[dict, dict[str, np.ndarray]]:
     """The checkpoint's summary and its per-item scores in % ({family: [1, items]}, items in doc-id order)."""
-    from evaluation.results import samples_files
-    from evaluation.runner import run_eval
+    from evaluation.runner import DEFAULT_OUT_ROOT, run_eval
     from reports.stats import interval
+    from reports.tables import row_scores
 
-    report = run_eval(checkpoint, suite="embedded", limit=limit, world=world, log=lambda m: print("  " + m, flush=True))
-    scores, fmt = {}, float("nan")
-    for outcome in report.outcomes:
-        for task, path in samples_files(outcome.directory).items():
-            family = task.removeprefix("prism_embedded_")
-            if family in FAMILIES:
-                items = {int(s["doc_id"]): float(s["accuracy"])
-                         for s in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if s}
-                scores[family] = 100 * np.array([[items[k] for k in sorted(items)]])
-        for row in outcome.rows:
-            if row["metric"] == "format_valid_rate" and row["task"] == "prism_embedded":
-                fmt = float(row["value"])
-    missing = [f for f in FAMILIES if f not in scores]
+    report = run_eval(checkpoint, suite="embedded", limit=limit, world=world, out_root=DEFAULT_OUT_ROOT,
+                      log=lambda m: print("  " + m, flush=True))
+    per_item = row_scores(report.rows, DEFAULT_OUT_ROOT) or {}
+    missing = [f for f in FAMILIES if f not in per_item]
     if missing:
         raise SystemExit(f"{checkpoint}: the evaluation logged no per-item accuracy for {', '.join(missing)}")
-    scores = {f: scores[f] for f in FAMILIES}
+    scores = {f: 100 * np.array([[per_item[f][k] for k in sorted(per_item[f])]]) for f in FAMILIES}
+    fmt = next((float(row["value"]) for row in report.rows
+                if row["metric"] == "format_valid_rate" and row["task"] == "prism_embedded"), math.nan)
     return {"checkpoint": str(checkpoint), "checkpoint_hash": report.checkpoint_hash, "format_valid": fmt,
             "avg": _as_dict(interval(scores)), "per_family": {f: float(a.mean()) for f, a in scores.items()},
             "items_per_family": {f: a.shape[1] for f, a in scores.items()}}, scores
@@ -163,11 +156,11 @@ def main() -> None:
     for size in sizes:
         summary, start_scores = evaluate(starts[size], eval_world, args.limit)
         runs = result["sizes"][size] = {"sft": summary}
+        # one folder per start and settings: a run from another start never resumes this one
+        tag = hashlib.sha256(json.dumps([str(starts[size].resolve()), str(args.config), args.overrides,
+                                         str(args.world.resolve())]).encode()).hexdigest()[:8]
         for seed in map(int, args.seeds.split(",")):
             for algorithm in args.algorithms.split(","):
-                # one folder per start and settings: a run from another start never resumes this one
-                tag = hashlib.sha256(json.dumps([str(starts[size].resolve()), str(args.config), args.overrides,
-                                                 str(args.world.resolve())]).encode()).hexdigest()[:8]
                 out = args.stages / size / f"rlvr-{algorithm}-seed{seed}-{tag}"
                 model = train_rlvr(size, algorithm, seed, starts[size], out, args.world, args.config, args.overrides)
                 summary, scores = evaluate(model, eval_world, args.limit)

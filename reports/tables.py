@@ -118,11 +118,14 @@ def sample_scores(record_path: str | Path, eval_root: Path | None = None) -> dic
     """Per table column, each item's score {doc_id: accuracy} from the samples lmms-eval logged for this record's
     evaluation; None when a column's samples file is missing (the table then shows the mean alone)."""
     record = read_record(Path(record_path))
-    if record is None:
-        return None
+    return None if record is None else row_scores(record["rows"], eval_root)
+
+
+def row_scores(rows: list[dict], eval_root: Path | None = None) -> dict[str, dict[int, float]] | None:
+    """`sample_scores` of an evaluation's rows (`run_eval(...).rows`, what a record holds)."""
     eval_root = EVAL_ROOT if eval_root is None else eval_root
     out: dict[str, dict[int, float]] = {}
-    for row in record["rows"]:
+    for row in rows:
         column = _column(row) if row["metric"] == "accuracy" else None
         if column is None:
             continue
