@@ -39,8 +39,9 @@ from prism.data.world import Sample, WorldConfig, iter_split, make_sample
 from prism.response_format import SYSTEM_PROMPT, count_caption_bullets, count_reasoning_steps, split_segments
 
 # 2: tokenizer/ also holds the image processor; 3: warmup_pairs.jsonl; 4: base corpus answers the questions;
-# 5: the RL parquet files carry a row's choices in extra_info too (for verl reward functions)
-WORLD_FORMAT_VERSION = 5
+# 5: the RL parquet files carry a row's choices in extra_info too (for verl reward functions); 6: multiple-choice
+# options keep a fixed order unless shuffle_options
+WORLD_FORMAT_VERSION = 6
 MANIFEST = "world.json"
 TOKENIZER_CORPUS_PER_SPLIT = 3000  # enough text to cover the world's whole vocabulary
 

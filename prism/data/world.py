@@ -12,7 +12,7 @@ Six task families mirror the axes of the published benchmarks:
   chart       MathVista: read bar heights, then add / subtract / find the maximum
   geometry    MathVerse / MathVision: area or perimeter of a shaded figure on a grid
   composite   WeMath: multi-step (two counts, then combine)
-  multichoice MMMU: four options, answer with a letter
+  multichoice MMMU: four options (in a fixed order unless shuffled), answer with a letter
 
 From one ground truth come two demonstrations, as in the paper: a *teacher* one (every object in a
 caption bullet, every reasoning step written) and a *public* one (bullets dropped or terse, steps
@@ -71,6 +71,12 @@ class WorldConfig:
     num_shapes: int = field(default=3, metadata={"help": "Shapes in use, taken in order from circle, square, triangle, diamond (2-4)."})
     min_objects: int = field(default=1, metadata={"help": "Fewest objects in a grid scene."})
     max_objects: int = field(default=5, metadata={"help": "Most objects in a grid scene (at most grid cells)."})
+    shuffle_options: bool = field(
+        default=False,
+        metadata={"help": "Shuffle the multiple-choice options. Off, they keep the shape list's or palette's order, "
+                          "so a letter always names the same option: the tiny presets never learned to look a shuffled "
+                          "option's letter up in the question (always one letter, chance, after 800 SFT steps)."},
+    )
 
     # --- public-corpus noise (the SFT data is lower-fidelity than the teacher's) ---
     caption_drop_rate: float = field(default=0.2, metadata={"help": "Probability that a public caption bullet is dropped."})
@@ -446,7 +452,9 @@ def _multichoice(rng, cfg):
         options = [right] + [str(c) for c in rng.choice(others, size=min(3, len(others)), replace=False)]
         question_text = "Which colour appears most often?"
         steps = [", ".join(f"{c} {counts[c]}" for c in cfg.colours if counts[c]) + ".", f"Most often: {right}."]
-    order = rng.permutation(len(options))
+    if not cfg.shuffle_options:  # the list's own order: circle, square, triangle, no shape; or the palette's
+        options = [o for o in (list(cfg.shapes) + ["no shape"] + list(cfg.colours)) if o in options]
+    order = rng.permutation(len(options)) if cfg.shuffle_options else np.arange(len(options))
     choices = {letters[i]: options[j] for i, j in enumerate(order)}
     answer = next(k for k, v in choices.items() if v == right)
     steps.append(f"{right.capitalize()} is option {answer}.")

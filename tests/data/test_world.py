@@ -120,11 +120,17 @@ def test_base_corpus_answers_the_family_question_at_its_rate(rate):
     assert (other.question, other.teacher, other.public) == (samples[7].question, samples[7].teacher, samples[7].public)
 
 
-def test_multichoice_answers_are_letters_among_the_options():
-    cfg = WorldConfig(families=["multichoice"])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_multichoice_answers_are_letters_among_the_options_in_order_unless_shuffled(shuffle):
+    cfg = WorldConfig(families=["multichoice"], shuffle_options=shuffle)
+    orders = set()
     for index in range(30):
         sample = make_sample(cfg, "rl", index)
         assert sample.answer in sample.choices and f"({sample.answer})" in sample.question
+        assert sample.choices[sample.answer] in sample.teacher.steps[0]  # the letter names what the scene shows
+        orders.add(tuple(sample.choices.values()))
+    fixed = {("circle", "square", "triangle", "no shape"), ("red", "blue", "green", "yellow")}
+    assert len(orders) > 2 if shuffle else orders == fixed  # fixed: one order per kind of question
 
 
 def test_larger_grid_and_all_shapes_still_generate_valid_samples():
