@@ -73,9 +73,9 @@ class WorldConfig:
     max_objects: int = field(default=5, metadata={"help": "Most objects in a grid scene (at most grid cells)."})
     shuffle_options: bool = field(
         default=False,
-        metadata={"help": "Shuffle the multiple-choice options. Off, they keep the shape list's or palette's order, "
-                          "so a letter always names the same option: the tiny presets never learned to look a shuffled "
-                          "option's letter up in the question (always one letter, chance, after 800 SFT steps)."},
+        metadata={"help": "Shuffle the multiple-choice options (world format 5). Off, they keep the shape list's or "
+                          "palette's order, so a letter always names the same option: shuffled, the tiny presets never "
+                          "learned to look the letter up in the question (embedded-m answered C to every item)."},
     )
 
     # --- public-corpus noise (the SFT data is lower-fidelity than the teacher's) ---
@@ -452,10 +452,11 @@ def _multichoice(rng, cfg):
         options = [right] + [str(c) for c in rng.choice(others, size=min(3, len(others)), replace=False)]
         question_text = "Which colour appears most often?"
         steps = [", ".join(f"{c} {counts[c]}" for c in cfg.colours if counts[c]) + ".", f"Most often: {right}."]
-    if not cfg.shuffle_options:  # the list's own order: circle, square, triangle, no shape; or the palette's
-        options = [o for o in (list(cfg.shapes) + ["no shape"] + list(cfg.colours)) if o in options]
-    order = rng.permutation(len(options)) if cfg.shuffle_options else np.arange(len(options))
-    choices = {letters[i]: options[j] for i, j in enumerate(order)}
+    if cfg.shuffle_options:
+        options = [options[i] for i in rng.permutation(len(options))]
+    else:  # the list's own order: circle, square, triangle, no shape; or the palette's
+        options = [o for o in (*cfg.shapes, "no shape", *cfg.colours) if o in options]
+    choices = dict(zip(letters, options))
     answer = next(k for k, v in choices.items() if v == right)
     steps.append(f"{right.capitalize()} is option {answer}.")
     question = question_text + " Options: " + " ".join(f"({k}) {v}" for k, v in choices.items()) + ". Answer with the letter."
