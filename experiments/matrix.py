@@ -740,6 +740,15 @@ def critical_path_seconds(pending: dict[str, Node], measured: dict[tuple, float]
     return chain
 
 
+def seconds_left(estimates: dict[str, float], chain: dict[str, float], ran: dict[str, float], jobs: int) -> float:
+    """What is left of a run: the larger of the unfinished work spread over the jobs and the longest unfinished
+    chain. `estimates` and `chain` hold the unfinished nodes; a running node counts its estimate less the `ran`
+    seconds it has run (not below 0), so the estimate falls while one long node runs alone."""
+    remaining = {key: max(0.0, seconds - ran.get(key, 0.0)) for key, seconds in estimates.items()}
+    longest = max((chain[key] - (estimates[key] - remaining[key]) for key in remaining), default=0.0)
+    return max(sum(remaining.values()) / jobs, longest)
+
+
 def exclusive_nodes(nodes: dict[str, Node]) -> set[str]:
     """The nodes that never run beside another: every other node of the plan is upstream or downstream of them
     (the world export; an ablation matrix's one base model). A property of the whole plan, finished nodes
@@ -782,9 +791,11 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None) -> 
     started_all = time.perf_counter()
 
     def eta() -> str:
-        work = sum(seconds for key, seconds in left.items() if key not in finished)
-        longest = max((chain[key] for key in pending if key not in finished), default=0.0)
-        return _format_duration(max(work / jobs, longest))
+        now = time.perf_counter()
+        unfinished = [key for key in pending if key not in finished]
+        ran = {key: now - started for key, (_, started, _, _) in running.items()}
+        return _format_duration(seconds_left({key: left[key] for key in unfinished},
+                                             {key: chain[key] for key in unfinished}, ran, jobs))
 
     def stop_all() -> None:
         for process, _, _, _ in running.values():

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from experiments.matrix import MatrixError, Node, Plan, critical_path_seconds, exclusive_nodes, run_parallel
+from experiments.matrix import (
+    MatrixError,
+    Node,
+    Plan,
+    critical_path_seconds,
+    exclusive_nodes,
+    run_parallel,
+    seconds_left,
+)
 
 # A node: records its start, sleeps, fails when asked, writes its done marker (the key) last.
 NODE = textwrap.dedent("""
@@ -88,6 +96,17 @@ def test_the_longest_chain_starts_first(tmp_path):
     assert chain[str(tmp_path / "a")] == 3.0 and chain[str(tmp_path / "d")] == 1.0  # 1 s per node without estimates
     run_parallel(plan, jobs=1, log=lambda _: None, cores=1)
     assert [e["node"] for e in events(tmp_path)][:2] == ["a", "b"]
+
+
+def test_the_estimate_left_falls_while_a_long_node_runs():
+    # a (100 s) -> c (30 s), and b (50 s) beside them, two jobs: chain a->c 130 s, work 180 s / 2 = 90 s
+    estimates, chain = {"a": 100.0, "b": 50.0, "c": 30.0}, {"a": 130.0, "b": 50.0, "c": 30.0}
+    assert seconds_left(estimates, chain, {}, jobs=2) == 130.0
+    assert seconds_left(estimates, chain, {"a": 40.0, "b": 40.0}, jobs=2) == 90.0  # chain 130 - 40; work 100 / 2
+    # a ran past its estimate: it counts 0 and its chain c's 30 s; b's 50 s (not started) is now the longest chain,
+    # above the work (0 + 50 + 30) / 2 = 40 s
+    assert seconds_left(estimates, chain, {"a": 150.0}, jobs=2) == 50.0
+    assert seconds_left({}, {}, {}, jobs=2) == 0.0
 
 
 def test_a_failed_node_stops_the_run_and_names_its_log(tmp_path):
