@@ -44,6 +44,7 @@ from prism.config import (
 )
 from prism.hub import cache_status, hub_cache_dir, parse_hub_ref
 from prism.stages import STAGES
+from prism.workers import worker_env
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 REPO_ROOT = Path(__file__).resolve().parent.parent  # stage YAMLs in matrix files are relative to it
@@ -768,7 +769,7 @@ def exclusive_nodes(nodes: dict[str, Node]) -> set[str]:
 
 def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None) -> dict[str, float]:
     """Run the unfinished nodes `jobs` at a time, each node in its own process with `cores // jobs` threads
-    (OMP_NUM_THREADS, which torch reads at start), or all the cores for a node that never runs beside another
+    (`worker_env`: OMP_NUM_THREADS, which torch reads at start, and the allocator settings), or all the cores for a node that never runs beside another
     (`exclusive_nodes`), and its output in `node_log(node)`. A node's thread count follows from the plan alone,
     not from timing, so a rerun computes it alike. One line per start and finish, with the running estimate of what
     is left. A node that fails stops the run: the others are stopped too (they resume from their last checkpoints
@@ -778,8 +779,7 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None) -> 
 
     def node_env(key: str) -> tuple[dict[str, str], int]:
         threads = cores if key in alone else max(1, cores // jobs)
-        return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(threads),
-                "MKL_NUM_THREADS": str(threads)}, threads
+        return worker_env(threads), threads
 
     measured = measured_seconds_per_step()
     pending = {n.key: n for n in plan.nodes.values() if not n.done}

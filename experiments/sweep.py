@@ -39,6 +39,7 @@ from experiments.matrix import (
     run_inline,
 )
 from prism.config import ConfigError, check, check_types, read_yaml
+from prism.workers import worker_env
 
 SWEEP_DIR = Path(__file__).parent / "configs" / "sweeps"
 SWEEP_ROOT = Path("outputs/sweeps")
@@ -354,7 +355,7 @@ def run_sweep(cfg: SweepConfig, workers: int, storage: str | None, log=print, so
     storage = storage or default_storage(cfg)
     create_study(cfg, storage)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(threads)}
+    env = worker_env(threads)
     log_dir = SWEEP_ROOT / cfg.name
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -1,0 +1,56 @@
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prism.workers import ALLOCATOR_ENV, worker_env
+
+# Six 8 MiB blocks written and freed, ten times: the page faults of the last nine rounds.
+FAULTS = """
+import ctypes, resource
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+def round_():
+    blocks = [libc.malloc(8 << 20) for _ in range(6)]
+    for block in blocks:
+        ctypes.memset(block, 1, 8 << 20)
+    for block in blocks:
+        libc.free(block)
+round_()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(9):
+    round_()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_worker_env_sets_threads_and_keeps_the_users_allocator_settings():
+    env = worker_env(3, base={"PATH": "/bin", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "16"})
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "0"  # the user's own choice wins
+    assert env["MALLOC_MMAP_THRESHOLD_"] == ALLOCATOR_ENV["MALLOC_MMAP_THRESHOLD_"]
+    assert env["PATH"] == "/bin"
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_the_allocator_settings_stop_freed_blocks_from_being_faulted_in_again():
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def faults(env) -> int:
+        done = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
+        return int(done.stdout)
+
+    untuned, tuned = faults(plain), faults(worker_env(1, base=plain))
+    pages = 9 * 6 * (8 << 20) // 4096
+    assert untuned > pages // 2  # glibc trims the freed 48 MiB and faults it in again every round
+    assert tuned < pages // 50
+
+
+def test_the_justfile_exports_the_same_allocator_settings():
+    justfile = (Path(__file__).parents[1] / "Justfile").read_text()
+    for name, value in ALLOCATOR_ENV.items():
+        assert f'export {name} := env_var_or_default("{name}", "{value}")' in justfile
