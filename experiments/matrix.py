@@ -579,7 +579,10 @@ def _short(key: str) -> str:
     return Path(key).name
 
 
-def describe_plan(plan: Plan) -> str:
+def describe_plan(plan: Plan, jobs: int = 1) -> str:
+    """One line per node (cached, resume or run, with its estimate), then the estimate of the whole run: the node
+    time, and with `jobs` > 1 the wall time `run_parallel` starts from (the work spread over the jobs, or the
+    longest chain of nodes, whichever is longer)."""
     measured = measured_seconds_per_step()
     lines = [f"matrix {plan.matrix.name}, preset {plan.preset_name}: {len(plan.cells)} cells, {len(plan.nodes)} nodes"]
     total, unknown = 0.0, 0
@@ -598,8 +601,15 @@ def describe_plan(plan: Plan) -> str:
     if unknown and not total:
         estimate = "no estimate (no run of these stages was measured on this machine)"
     else:
-        estimate = f"estimated {total / 60:.1f} min on this machine" + (
+        estimate = f"estimated {total / 60:.1f} min{' of node time' if jobs > 1 else ''} on this machine" + (
             f" (+ {unknown} without an estimate)" if unknown else "")
+        if jobs > 1:
+            pending = {key: node for key, node in plan.nodes.items() if not node.done}
+            chain = critical_path_seconds(pending, measured)
+            wall = seconds_left({key: estimate_seconds(node, measured) or 0.0 for key, node in pending.items()},
+                                chain, {}, jobs)
+            estimate += (f", about {wall / 60:.1f} min of wall time at --jobs {jobs} "
+                         f"(longest chain {max(chain.values(), default=0.0) / 60:.1f} min)")
     lines.append(f"{to_run} of {len(plan.nodes)} nodes to run, {estimate}")
     sources = hub_sources(plan)
     if sources:  # looked up in the cache only: planning never touches the network

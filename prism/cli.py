@@ -175,7 +175,7 @@ def cmd_matrix(args) -> int:
 
     plan = build_plan(load_matrix(args.name, args.preset, args.seeds), args.preset)
     if args.action == "plan":
-        print(describe_plan(plan))
+        print(describe_plan(plan, jobs=1 if args.launcher == "slurm" else _jobs(args)))
         if args.launcher == "slurm":
             scripts = slurm_scripts(plan, plan.root / "slurm-scripts")
             print(f"wrote {len(scripts)} sbatch scripts to {plan.root / 'slurm-scripts'} (nothing submitted)")
@@ -183,8 +183,9 @@ def cmd_matrix(args) -> int:
     if args.launcher == "slurm":
         run_slurm(plan)
         return 0
-    print(describe_plan(plan), flush=True)
-    run_local(plan, log=lambda message: print(message, flush=True), isolate=args.isolate, jobs=_jobs(args))
+    jobs = _jobs(args)
+    print(describe_plan(plan, jobs=jobs), flush=True)
+    run_local(plan, log=lambda message: print(message, flush=True), isolate=args.isolate, jobs=jobs)
     return 0
 
 
@@ -231,9 +232,9 @@ def cmd_reproduce(args) -> int:
     from reports.build import build_report, record_reproduce_time
 
     plan = build_plan(load_matrix(args.name, args.preset, args.seeds), args.preset)
-    print(describe_plan(plan), flush=True)  # with its estimate, before anything starts
-    started, cpu = time.perf_counter(), _cpu_seconds()
     jobs = _jobs(args)
+    print(describe_plan(plan, jobs=jobs), flush=True)  # with its estimate, before anything starts
+    started, cpu = time.perf_counter(), _cpu_seconds()
     timings = run_local(plan, log=lambda message: print(message, flush=True), isolate=args.isolate, jobs=jobs)
     out = build_report(args.name, args.preset, args.seeds)
     record_reproduce_time(plan, timings, time.perf_counter() - started, cpu_seconds=_cpu_seconds() - cpu, jobs=jobs)
