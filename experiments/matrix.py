@@ -53,12 +53,13 @@ WORLD_ROOT = Path("outputs/worlds")
 MATRIX_ROOT = Path("outputs/matrix")
 RL_ALGORITHMS = ("grpo", "dapo", "gspo")
 
-# Seconds per optimizer step on this 2-core CPU when no finished run says better (plan estimates only).
+# Seconds per optimizer step on this 2-core CPU when no finished run says better (plan estimates only): the
+# embedded table1 preset's stages at one thread beside another node, as `--jobs 2` runs them.
 FALLBACK_SECONDS_PER_STEP = {
-    ("base", "embedded-s"): 0.2, ("sft", "embedded-s"): 0.45, ("disc_warmup", "embedded-s"): 2.5,
-    ("align", "embedded-s"): 5.0, ("rlvr", "embedded-s"): 2.5,
-    ("base", "embedded-m"): 0.5, ("sft", "embedded-m"): 1.2, ("disc_warmup", "embedded-m"): 2.5,
-    ("align", "embedded-m"): 8.0, ("rlvr", "embedded-m"): 4.2,
+    ("base", "embedded-s"): 0.55, ("sft", "embedded-s"): 0.75, ("disc_warmup", "embedded-s"): 2.0,
+    ("align", "embedded-s"): 2.3, ("rlvr", "embedded-s"): 2.6,
+    ("base", "embedded-m"): 1.15, ("sft", "embedded-m"): 1.6, ("disc_warmup", "embedded-m"): 2.0,
+    ("align", "embedded-m"): 4.2, ("rlvr", "embedded-m"): 5.1,
 }
 
 
