@@ -229,12 +229,14 @@ def table1(frame: pd.DataFrame, sizes: list[str]) -> dict[str, pd.DataFrame]:
     """{"table", "deltas", "cells", "deltas_by_column"}.
 
     table: one row per (size, pipeline, rl), cells `mean [low, high]` (%), the paper's value in an `X (paper)`
-    column beside each. deltas: per size, PRISM minus SFT for each RL algorithm (and without RL), and each RL run
-    minus its start (SFT or SFT -> PRISM), on Avg: the paired difference, its interval and p-value, beside the
-    paper's. cells and deltas_by_column: the same numbers per column, in long form."""
+    column beside each. deltas: per size, SFT minus the instruct model, PRISM minus SFT for each RL algorithm (and
+    without RL), and each RL run minus its start (SFT or SFT -> PRISM); then the second size minus the first after
+    SFT and after SFT -> PRISM (the same items and seed numbers); on Avg: the paired difference, its interval and
+    p-value, beside the paper's. cells and deltas_by_column: the same numbers per column, in long form."""
     paper = _paper_table1()
     columns = benchmark_columns(frame)
     table_rows, delta_rows, cell_rows, delta_long = [], [], [], []
+    scores_by_size: dict[str, dict] = {}
     for index, size in enumerate(sizes):
         model = PAPER_MODELS[index] if index < len(PAPER_MODELS) else None
         part = frame[frame["size"] == size] if len(frame) else frame
@@ -259,14 +261,27 @@ def table1(frame: pd.DataFrame, sizes: list[str]) -> dict[str, pd.DataFrame]:
                 return math.nan
             return _paper_value(paper, {"model": model, "pipeline": pipeline, "rl_algorithm": rl}, "Avg")
 
-        comparisons = [(f"PRISM - SFT ({rl})", ("sft", rl), ("sft+prism", rl))
-                       for rl in ("none", "grpo", "dapo", "gspo")]
+        scores_by_size[size] = scores
+        comparisons = [("SFT - instruct", ("instruct", "none"), ("sft", "none"))]
+        comparisons += [(f"PRISM - SFT ({rl})", ("sft", rl), ("sft+prism", rl))
+                        for rl in ("none", "grpo", "dapo", "gspo")]
         comparisons += [(f"{rl.upper()} - start ({pipeline})", (pipeline, "none"), (pipeline, rl))
                         for pipeline in ("sft", "sft+prism") for rl in ("grpo", "dapo", "gspo")]
         for name, base, other in comparisons:
             estimates = paired_estimates(scores[base], scores[other], columns)
             labels = {"size": size, "comparison": name, "rl": other[1]}
             delta_rows.append(_delta_row(labels, estimates, paper_avg(*other) - paper_avg(*base)))
+            delta_long += _long_rows(labels, estimates)
+    if len(sizes) >= 2:  # the size axis: does the larger model end higher?
+        small, large = sizes[:2]
+        for pipeline in ("sft", "sft+prism"):
+            estimates = paired_estimates(scores_by_size[small][pipeline, "none"],
+                                         scores_by_size[large][pipeline, "none"], columns)
+            labels = {"size": f"{large} - {small}", "comparison": f"{large.upper()} - {small.upper()} ({pipeline})",
+                      "rl": "none"}
+            paper_avgs = [_paper_value(paper, {"model": model, "pipeline": pipeline, "rl_algorithm": "none"}, "Avg")
+                          for model in PAPER_MODELS]
+            delta_rows.append(_delta_row(labels, estimates, paper_avgs[1] - paper_avgs[0]))
             delta_long += _long_rows(labels, estimates)
     return {"table": pd.DataFrame(table_rows), "deltas": pd.DataFrame(delta_rows),
             "cells": pd.DataFrame(cell_rows), "deltas_by_column": pd.DataFrame(delta_long)}

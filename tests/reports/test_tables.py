@@ -74,3 +74,35 @@ def test_seeds_pair_by_seed_and_count_in_the_cell(tmp_path, monkeypatch):
     delta = out["deltas"].set_index("comparison").loc["PRISM - SFT (none)"]
     assert delta["seeds"] == 2 and delta["items"] == 240 and not delta["excludes 0"]  # no effect: none found
     assert delta["p"] > 0.05
+
+
+def test_sft_against_instruct_and_the_larger_size_against_the_smaller_are_paired(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "EVAL_ROOT", tmp_path / "evals")
+    rng = np.random.default_rng(2)
+    instruct = {f: rng.binomial(1, 0.3, size=100) for f in FAMILIES}
+
+    def plus(scores, count):  # `count` more items right, on the same items
+        out = {}
+        for family, values in scores.items():
+            improved = values.copy()
+            improved[rng.choice(np.flatnonzero(values == 0), size=count, replace=False)] = 1
+            out[family] = improved
+        return out
+
+    small_sft = plus(instruct, 10)  # +10 points over instruct
+    large_sft = plus(small_sft, 15)  # +15 points over the small size's SFT
+    rows = []
+    for size, pipeline, scores in (("s", "instruct", instruct), ("s", "sft", small_sft), ("m", "sft", large_sft)):
+        record = _record(tmp_path, f"{size}_{pipeline}", scores)
+        rows.append({"size": size, "pipeline": pipeline, "rl": "none", "seed": 0, "checkpoint": f"{size}{pipeline}",
+                     "record": record, **{f: 100 * float(np.mean(s)) for f, s in scores.items()}})
+    deltas = table1(pd.DataFrame(rows), ["s", "m"])["deltas"]
+    by_name = deltas.set_index(["size", "comparison"])
+    sft_gain = by_name.loc[("s", "SFT - instruct")]
+    assert sft_gain["mean"] == pytest.approx(10.0) and sft_gain["excludes 0"] and sft_gain["items"] == 600
+    assert sft_gain["delta Avg (paper)"] == pytest.approx(56.8 - 59.7)  # Qwen3-VL-4B: SFT below its instruct model
+    size_gain = by_name.loc[("m - s", "M - S (sft)")]
+    assert size_gain["mean"] == pytest.approx(15.0) and size_gain["excludes 0"]
+    assert size_gain["delta Avg (paper)"] == pytest.approx(58.1 - 56.8)  # 8B minus 4B after SFT
+    assert by_name.loc[("m - s", "M - S (sft+prism)")]["delta Avg (ours)"] == "-"  # no such cells were run
+    assert by_name.loc[("m", "SFT - instruct")]["delta Avg (ours)"] == "-"
