@@ -586,29 +586,25 @@ def describe_plan(plan: Plan, jobs: int = 1) -> str:
     longest chain of nodes, whichever is longer)."""
     measured = measured_seconds_per_step()
     lines = [f"matrix {plan.matrix.name}, preset {plan.preset_name}: {len(plan.cells)} cells, {len(plan.nodes)} nodes"]
-    total, unknown = 0.0, 0
+    estimates: dict[str, float | None] = {}  # per node still to run
     for index, node in enumerate(plan.nodes.values(), start=1):
         status = "cached" if node.done else ("resume" if node.started else "run")
-        seconds = None if node.done else estimate_seconds(node, measured)
         if not node.done:
-            if seconds is None:
-                unknown += 1
-            else:
-                total += seconds
+            estimates[node.key] = estimate_seconds(node, measured)
+        seconds = estimates.get(node.key)
         deps = ", ".join(_short(d) for d in node.deps) or "-"
         estimate = "" if node.done else (f"~{seconds / 60:.1f} min" if seconds is not None else "~? min")
         lines.append(f"  [{index:2d}] {status:6s} {node.kind:11s} {_short(node.key):28s} {estimate:>10s}  <- {deps}")
-    to_run = sum(1 for n in plan.nodes.values() if not n.done)
+    to_run, total = len(estimates), sum(seconds or 0.0 for seconds in estimates.values())
+    unknown = sum(seconds is None for seconds in estimates.values())
     if unknown and not total:
         estimate = "no estimate (no run of these stages was measured on this machine)"
     else:
         estimate = f"estimated {total / 60:.1f} min{' of node time' if jobs > 1 else ''} on this machine" + (
             f" (+ {unknown} without an estimate)" if unknown else "")
         if jobs > 1:
-            pending = {key: node for key, node in plan.nodes.items() if not node.done}
-            chain = critical_path_seconds(pending, measured)
-            wall = seconds_left({key: estimate_seconds(node, measured) or 0.0 for key, node in pending.items()},
-                                chain, {}, jobs)
+            chain = critical_path_seconds({key: plan.nodes[key] for key in estimates}, measured)
+            wall = seconds_left({key: seconds or 0.0 for key, seconds in estimates.items()}, chain, {}, jobs)
             estimate += (f", about {wall / 60:.1f} min of wall time at --jobs {jobs} "
                          f"(longest chain {max(chain.values(), default=0.0) / 60:.1f} min)")
     lines.append(f"{to_run} of {len(plan.nodes)} nodes to run, {estimate}")
@@ -780,7 +776,8 @@ def exclusive_nodes(nodes: dict[str, Node]) -> set[str]:
 
 def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None) -> dict[str, float]:
     """Run the unfinished nodes `jobs` at a time, each node in its own process with `cores // jobs` threads
-    (`worker_env`: OMP_NUM_THREADS, which torch reads at start, and the allocator settings), or all the cores for a node that never runs beside another
+    (`worker_env`: OMP_NUM_THREADS, which torch reads at start, and the allocator settings), or all the cores
+    for a node that never runs beside another
     (`exclusive_nodes`), and its output in `node_log(node)`. A node's thread count follows from the plan alone,
     not from timing, so a rerun computes it alike. One line per start and finish, with the running estimate of what
     is left. A node that fails stops the run: the others are stopped too (they resume from their last checkpoints

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 # glibc hands freed blocks above its (moving) mmap threshold, and any free heap top above its trim threshold, back to
 # the kernel, and the next step faults them in again page by page. A tiny model's SFT step frees and reallocates
 # tensors of 1-16 MiB dozens of times: 12k-93k page faults a step, 4-12% of the step in system time on these VMs
-# (README, "Throughput on this machine"). Blocks up to 32 MiB (glibc's ceiling) stay in the heap, which is trimmed only past 1 GiB.
+# (README, "Throughput on this machine"). Blocks up to 32 MiB (glibc's ceiling) stay in the heap, which is trimmed
+# only past 1 GiB.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
