@@ -1,7 +1,6 @@
 # PRISM experiment harness. `just --list` shows every recipe.
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
-export OMP_WAIT_POLICY := "PASSIVE"
 # Keep freed blocks up to 32 MiB in the heap rather than faulting them in again every step (prism/workers.py:
 # 12-13% of a tiny model's SFT step here, beside another node). Matrix nodes and sweep workers get the same; your
 # own values win.

@@ -19,12 +19,9 @@ each of the G rollouts), median of R repeats. Writes outputs/bench/align-step.js
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP ruins shared-core timings
-
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -184,7 +181,8 @@ def main() -> None:
     import torch
 
     result = {"host": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                       "torch_threads": torch.get_num_threads()},
+                       "torch_threads": torch.get_num_threads(),
+                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")},
               "discriminator": args.discriminator, "runs": {}, "teacher_layouts": {}}
     for preset, path in policies.items():
         for scoring in args.teacher_scoring.split(","):

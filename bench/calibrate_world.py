@@ -13,10 +13,6 @@ issue #5) belong in prism/stages, and reported accuracies go through `prism eval
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import json
 import math

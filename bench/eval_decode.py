@@ -15,12 +15,9 @@ Writes outputs/bench/eval-decode.json. Run it on an otherwise idle machine.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP ruins shared-core timings
-
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -117,7 +114,8 @@ def main() -> None:
     args = parser.parse_args()
     greedy = load_config(EvalConfig, overrides=["embedded.temperature=0"])
     result = {"host": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                       "torch_threads": torch.get_num_threads()}, "checkpoints": {}}
+                       "torch_threads": torch.get_num_threads(),
+                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}, "checkpoints": {}}
     for checkpoint in args.checkpoints:
         _, _, ours = evaluate(checkpoint, args.world, "decode_loop", greedy, args.greedy_limit)
         _, _, peer = evaluate(checkpoint, args.world, "generate", greedy, args.greedy_limit)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
@@ -29,12 +28,11 @@ ROOT = Path("outputs/kill-resume")
 def reproduce(cwd: Path, name: str, preset: str, kill_after: float | None = None, jobs: int = 1) -> tuple[float, int | None]:
     """(seconds, exit code or None when killed)."""
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     with open(cwd / "reproduce.log", "a") as log:
         started = time.perf_counter()
         process = subprocess.Popen([sys.executable, "-m", "prism.cli", "reproduce", name, "--preset", preset,
                                     "--jobs", str(jobs)],
-                                   cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                   cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         try:
             process.wait(timeout=kill_after)
             return time.perf_counter() - started, process.returncode

@@ -28,10 +28,6 @@ permutation-test p-value (`*`: the interval excludes 0).
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import hashlib
 import json

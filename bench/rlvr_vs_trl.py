@@ -5,22 +5,20 @@ Per preset, both peers start from the same saved random-init model (outputs/benc
 the same work per optimizer step: 4 prompts x 16 rollouts x exactly 128 new tokens (min_new_tokens=128), beta 0,
 one update per generation, lr 1e-6, float32 on CPU. Each peer runs alone in a fresh subprocess (so its peak RSS
 is its own), strictly one after another: two CPU jobs at once distort timings up to 100x. Reported numbers are
-medians over steps 2..K (step 1 is warm-up). Writes outputs/bench/rlvr-vs-trl.json.
+medians over steps 2..K (step 1 is warm-up). Both run under the environment's OpenMP wait policy (libgomp's
+default spin unless OMP_WAIT_POLICY is set), recorded in the JSON. Writes outputs/bench/rlvr-vs-trl.json.
 
     just bench-rlvr                                   # embedded-s and embedded-m, K=6
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/rlvr_vs_trl.py --presets embedded-s --steps 2   # smoke
+    .venv/bin/python bench/rlvr_vs_trl.py --presets embedded-s --steps 2   # smoke
 
 Needs trl==1.16.0 (`pip install --no-deps "trl==1.16.0"`; the recipe does it). Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP ruins shared-core timings
-
 import argparse
 import json
+import os
 import platform
 import resource
 import shutil
@@ -230,7 +228,7 @@ def run_worker(name: str, preset: str, model_dir: Path, world: Path, steps: int)
         command = [sys.executable, __file__, "--worker", name, "--preset", preset, "--model-dir", str(model_dir),
                    "--world", str(world), "--steps", str(steps), "--result", str(result)]
         started = time.perf_counter()
-        subprocess.run(command, check=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+        subprocess.run(command, check=True)
         piece = json.loads(result.read_text())
     print(f"  {name} {preset}: {time.perf_counter() - started:.0f} s wall, {piece}", flush=True)
     return piece
@@ -259,6 +257,7 @@ def main() -> None:
     world = ensure_world(args.world)
     result: dict = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                     "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "work": {"prompts": PROMPTS, "rollouts_per_prompt": ROLLOUTS, "new_tokens": NEW_TOKENS, "steps": args.steps,
                  "world": str(world)},

@@ -19,12 +19,9 @@ Writes outputs/bench/throughput.json. Run it on an otherwise idle machine.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP ruins shared-core timings
-
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -257,7 +254,8 @@ def main() -> None:
     import torch
 
     result = {"host": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                       "torch_threads": torch.get_num_threads()}, "presets": {}}
+                       "torch_threads": torch.get_num_threads(),
+                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}, "presets": {}}
     for preset in args.presets.split(","):
         command = [sys.executable, __file__, "--worker", "--preset", preset, "--world", str(args.world),
                    "--repeats", str(args.repeats), *(["--profile"] if args.profile else [])]

@@ -10,10 +10,6 @@ store are under --out (default outputs/evals; see evaluation/runner.py). User mi
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # be polite to other jobs on the same cores
-
 import argparse
 import sys
 from pathlib import Path

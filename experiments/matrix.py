@@ -684,7 +684,7 @@ def run_local(plan: Plan, log=print, isolate: bool = False, jobs: int = 1) -> di
     remaining = sum(estimate_seconds(n, measured) or 0.0 for n in pending)
     timings: dict[str, float] = {}
     started_all = time.perf_counter()
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = worker_env(available_cores(), shares_cores=False)  # one node at a time: each has the cores to itself
     for index, node in enumerate(pending, start=1):
         estimate = estimate_seconds(node, measured) or 0.0
         log(f"[{index}/{len(pending)}] {node.kind} {_short(node.key)}: "
@@ -776,9 +776,9 @@ def exclusive_nodes(nodes: dict[str, Node]) -> set[str]:
 
 def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None) -> dict[str, float]:
     """Run the unfinished nodes `jobs` at a time, each node in its own process with `cores // jobs` threads
-    (`worker_env`: OMP_NUM_THREADS, which torch reads at start, and the allocator settings), or all the cores
-    for a node that never runs beside another
-    (`exclusive_nodes`), and its output in `node_log(node)`. A node's thread count follows from the plan alone,
+    (`worker_env`: OMP_NUM_THREADS, which torch reads at start, idle OpenMP threads that sleep, and the allocator
+    settings), or all the cores, spinning, for a node that never runs beside another (`exclusive_nodes`), and its
+    output in `node_log(node)`. A node's thread count follows from the plan alone,
     not from timing, so a rerun computes it alike. One line per start and finish, with the running estimate of what
     is left. A node that fails stops the run: the others are stopped too (they resume from their last checkpoints
     next time), and MatrixError names the node and its log."""
@@ -786,8 +786,10 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None) -> 
     alone = exclusive_nodes(plan.nodes) if jobs > 1 else set()
 
     def node_env(key: str) -> tuple[dict[str, str], int]:
-        threads = cores if key in alone else max(1, cores // jobs)
-        return worker_env(threads), threads
+        if key in alone:
+            return worker_env(cores, shares_cores=False), cores
+        threads = max(1, cores // jobs)
+        return worker_env(threads, shares_cores=True), threads
 
     measured = measured_seconds_per_step()
     pending = {n.key: n for n in plan.nodes.values() if not n.done}

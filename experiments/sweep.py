@@ -355,7 +355,7 @@ def run_sweep(cfg: SweepConfig, workers: int, storage: str | None, log=print, so
     storage = storage or default_storage(cfg)
     create_study(cfg, storage)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    env = worker_env(threads)
+    env = worker_env(threads, shares_cores=workers > 1)
     log_dir = SWEEP_ROOT / cfg.name
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -22,12 +22,6 @@ at the end of its current optimizer step and exits with status 75; run again, it
 
 from __future__ import annotations
 
-import os
-
-# OpenMP's busy-waiting made training 30x slower when two processes shared the cores: be polite
-# before torch is imported anywhere.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import errno
 import json

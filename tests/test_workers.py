@@ -28,12 +28,20 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def test_worker_env_sets_threads_and_keeps_the_users_allocator_settings():
-    env = worker_env(3, base={"PATH": "/bin", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "16"})
+    base = {"PATH": "/bin", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "16"}
+    env = worker_env(3, shares_cores=True, base=base)
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
     assert env["MALLOC_TRIM_THRESHOLD_"] == "0"  # the user's own choice wins
     assert env["MALLOC_MMAP_THRESHOLD_"] == ALLOCATOR_ENV["MALLOC_MMAP_THRESHOLD_"]
     assert env["PATH"] == "/bin"
+
+
+def test_idle_threads_sleep_only_in_a_worker_that_shares_the_cores():
+    assert worker_env(1, shares_cores=True, base={})["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in worker_env(2, shares_cores=False, base={})  # libgomp's default spin
+    for shares_cores in (True, False):  # a policy the user set is kept either way
+        env = worker_env(2, shares_cores=shares_cores, base={"OMP_WAIT_POLICY": "ACTIVE"})
+        assert env["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
@@ -44,13 +52,14 @@ def test_the_allocator_settings_stop_freed_blocks_from_being_faulted_in_again():
         done = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
         return int(done.stdout)
 
-    untuned, tuned = faults(plain), faults(worker_env(1, base=plain))
+    untuned, tuned = faults(plain), faults(worker_env(1, shares_cores=True, base=plain))
     pages = 9 * 6 * (8 << 20) // 4096
     assert untuned > pages // 2  # glibc trims the freed 48 MiB and faults it in again every round
     assert tuned < pages // 50
 
 
-def test_the_justfile_exports_the_same_allocator_settings():
+def test_the_justfile_exports_the_same_allocator_settings_and_no_wait_policy():
     justfile = (Path(__file__).parents[1] / "Justfile").read_text()
     for name, value in ALLOCATOR_ENV.items():
         assert f'export {name} := env_var_or_default("{name}", "{value}")' in justfile
+    assert "OMP_WAIT_POLICY" not in justfile  # a recipe runs alone; the harness sets it where processes share

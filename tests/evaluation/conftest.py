@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `evaluation` is a top-level folder of the repository
     sys.path.insert(0, str(ROOT))

@@ -1,13 +1,13 @@
 """The data-parallel path: 2 CPU processes (gloo, via torchrun) train like 1 process on the same global batch."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from prism.workers import worker_env
 from tests.torchrun import torchrun
 
 from .conftest import model_tensors
@@ -19,7 +19,7 @@ def _launch(stage, args, out, processes, timeout):
     if processes > 1:
         result = torchrun(command, processes=processes, timeout=timeout)
     else:
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+        env = worker_env(1, shares_cores=False)
         result = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-2000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

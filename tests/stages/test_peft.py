@@ -2,7 +2,6 @@
 what loads it, resume, and the settings refused."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from prism.runtime import list_checkpoints, load_checkpoint
 from prism.stages import sft
 from prism.stages.rlvr import run as run_rlvr
 from prism.stages.sft import run as run_sft
+from prism.workers import worker_env
 from tests.torchrun import torchrun
 
 from .conftest import interrupted_after, model_tensors
@@ -176,7 +176,7 @@ def test_lora_sft_on_two_processes_equals_one_on_the_same_global_batch(world, po
         if processes > 1:
             result = torchrun(args, processes=processes, timeout=180)
         else:
-            env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+            env = worker_env(1, shares_cores=False)
             result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=180)
         assert result.returncode == 0, result.stderr[-2000:]
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

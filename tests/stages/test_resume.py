@@ -14,6 +14,7 @@ from prism.runtime import latest_checkpoint, load_checkpoint
 from prism.stages import rlvr, sft
 from prism.stages.rlvr import run as run_rlvr
 from prism.stages.sft import run as run_sft
+from prism.workers import worker_env
 
 from .conftest import interrupted_after, model_tensors
 from .test_align import align_config, disc_dir  # noqa: F401  (fixture)
@@ -42,7 +43,7 @@ def test_sft_killed_with_sigkill_resumes_bit_identical(world, policy_dir, tmp_pa
 
     killed = tmp_path / "killed"
     args = sft_overrides(world, policy_dir, killed, *steps)  # the same config as `whole`, through the CLI
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = dict(os.environ)
     process = subprocess.Popen([sys.executable, "-m", "prism.cli", "train", "sft", *args], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -76,7 +77,7 @@ def test_sft_preempted_with_sigterm_saves_the_current_step_and_resumes_bit_ident
 
     cut = tmp_path / "preempted"
     args = sft_overrides(world, policy_dir, cut, *steps)  # the same config as `whole`, through the CLI
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "SLURM_JOB_ID": "1001"}
+    env = {**os.environ, "SLURM_JOB_ID": "1001"}
     process = subprocess.Popen([sys.executable, "-m", "prism.cli", "train", "sft", *args], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -107,7 +108,7 @@ def test_sft_stopped_with_ctrl_c_says_so_in_one_line_and_resumes_bit_identical(w
 
     cut = tmp_path / "interrupted"
     args = sft_overrides(world, policy_dir, cut, *steps)  # the same config as `whole`, through the CLI
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = dict(os.environ)
     for name in ("SLURM_JOB_ID", "SUBMITIT_EXECUTOR"):
         env.pop(name, None)
     process = subprocess.Popen([sys.executable, "-m", "prism.cli", "train", "sft", *args], env=env,
@@ -144,7 +145,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_saved_step(worl
     def launch():
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                    str(free_port()), "-m", "prism.cli", "train", "sft", *args]
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+        env = worker_env(1, shares_cores=True)  # two processes, one core each
         for name in ("SLURM_JOB_ID", "SUBMITIT_EXECUTOR"):
             env.pop(name, None)
         return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
