@@ -43,8 +43,7 @@ def test_sft_killed_with_sigkill_resumes_bit_identical(world, policy_dir, tmp_pa
 
     killed = tmp_path / "killed"
     args = sft_overrides(world, policy_dir, killed, *steps)  # the same config as `whole`, through the CLI
-    env = dict(os.environ)
-    process = subprocess.Popen([sys.executable, "-m", "prism.cli", "train", "sft", *args], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "prism.cli", "train", "sft", *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while latest_checkpoint(killed) is None and process.poll() is None and time.monotonic() < deadline:
