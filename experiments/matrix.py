@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -44,7 +43,7 @@ from prism.config import (
 )
 from prism.hub import cache_status, hub_cache_dir, parse_hub_ref
 from prism.stages import STAGES
-from prism.workers import worker_env
+from prism.workers import available_cores, worker_env
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 REPO_ROOT = Path(__file__).resolve().parent.parent  # stage YAMLs in matrix files are relative to it
@@ -665,11 +664,6 @@ def run_inline(node: Node) -> None:
         eval_node(Path(node.key), **node.cfg)
     else:
         STAGES[node.kind][1](node.cfg)
-
-
-def available_cores() -> int:
-    """The cores this process may run on (the affinity mask, e.g. a SLURM or container limit)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def run_local(plan: Plan, log=print, isolate: bool = False, jobs: int = 1) -> dict[str, float]:

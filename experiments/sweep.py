@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from experiments.matrix import (
     run_inline,
 )
 from prism.config import ConfigError, check, check_types, read_yaml
-from prism.workers import worker_env
+from prism.workers import available_cores, worker_env
 
 SWEEP_DIR = Path(__file__).parent / "configs" / "sweeps"
 SWEEP_ROOT = Path("outputs/sweeps")
@@ -354,7 +353,7 @@ def run_sweep(cfg: SweepConfig, workers: int, storage: str | None, log=print, so
     check_sweep(cfg, sweep_file(source) if source is not None else None)
     storage = storage or default_storage(cfg)
     create_study(cfg, storage)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, available_cores() // workers)  # the affinity mask, as the matrix counts
     env = worker_env(threads, shares_cores=workers > 1)
     log_dir = SWEEP_ROOT / cfg.name
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -151,7 +151,7 @@ def _jobs(args) -> int:
         return args.jobs
     import torch
 
-    from experiments.matrix import available_cores
+    from prism.workers import available_cores
 
     return 1 if torch.cuda.is_available() else available_cores()
 
@@ -198,7 +198,7 @@ def cmd_sweep(args) -> int:
     cfg = load_sweep(args.name)
     if args.action == "run":
         if args.workers is None:
-            from experiments.matrix import available_cores
+            from prism.workers import available_cores
 
             args.workers = available_cores()
         if args.workers < 1:

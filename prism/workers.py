@@ -15,6 +15,12 @@ from collections.abc import Mapping
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its affinity mask (a SLURM allocation, a container's or `taskset`'s CPU
+    limit), which can be fewer than the machine's `os.cpu_count()`. Workers' threads are shares of this."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def worker_env(threads: int, *, shares_cores: bool, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a worker process (a matrix node, a sweep worker): `threads` OpenMP/MKL threads and the
     allocator settings above unless `base` (default: this process's environment) sets its own. glibc and OpenMP

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from prism.workers import ALLOCATOR_ENV, worker_env
+from prism.workers import ALLOCATOR_ENV, available_cores, worker_env
 
 # Six 8 MiB blocks written and freed, ten times: the page faults of the last nine rounds.
 FAULTS = """
@@ -25,6 +25,15 @@ for _ in range(9):
     round_()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity masks (Linux)")
+def test_available_cores_are_the_affinity_mask_not_the_machines_count():
+    child = ("import os; from prism.workers import available_cores; "
+             "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); print(available_cores(), os.cpu_count())")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1", str(os.cpu_count())]  # as under `taskset -c 0` or a one-CPU SLURM step
+    assert available_cores() == len(os.sched_getaffinity(0))
 
 
 def test_worker_env_sets_threads_and_keeps_the_users_allocator_settings():

@@ -3,6 +3,7 @@ duplicating trials, trials reuse upstream stages, and the report exports the bes
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import optuna
@@ -83,6 +84,28 @@ def test_two_workers_share_one_study_and_the_report_exports_the_best(tmp_path, m
     aligns = {n.cfg.alpha for n in plan.nodes.values() if n.kind == "align"}
     assert aligns == {summary["best_params"]["align.alpha"]}
     assert (out / "index.html").is_file() and (out / "history.png").is_file()
+
+
+def test_sweep_workers_share_the_cores_this_process_may_run_on(tmp_path, monkeypatch):
+    """A worker's threads are a share of the affinity mask (a SLURM or container CPU limit), as the matrix's nodes
+    are, not of the machine's CPU count: 2 workers in a 4-CPU mask on a 64-CPU machine get 2 threads each."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "smoke.yaml"
+    path.write_text(SMOKE_SWEEP)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    started = []
+
+    class Worker:  # records the environment a worker process would start with
+        def __init__(self, args, env, **kwargs):
+            started.append(env)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Worker)
+    run_sweep(load_sweep(path), workers=2, storage=None, log=lambda message: None, source=path)
+    assert [env["OMP_NUM_THREADS"] for env in started] == ["2", "2"]
 
 
 def test_a_bad_space_is_refused_before_any_trial_runs(tmp_path, monkeypatch):
