@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from prism.config.loader import check, check_range, deep_merge
 from prism.config.sections import (
+    HASH_IF_SET,
     ModelConfig,
     OptimConfig,
     PolicyUpdateConfig,
@@ -39,6 +40,14 @@ class BaseConfig(StageConfig):
     )
     max_length: int = field(default=1024, metadata={"help": "Maximum sequence length (tokens, prompt + response)."})
     packing: bool = field(default=False, metadata={"help": "Pack each micro-batch's samples into rows of max_length tokens (attention stays within a sample)."})
+    torch_compile: bool = field(
+        default=False,
+        metadata={**HASH_IF_SET,
+                  "help": "torch.compile each repeated block (decoder layers, vision blocks) in place for the training "
+                          "forward and backward: regional compilation, dynamic shapes. Compiled kernels sum in "
+                          "another order than eager ones, so it is part of the stage's hash; a resumed run still "
+                          "ends bit-identical on CPU."},
+    )
 
     # --- batching and schedule ---
     per_device_batch_size: int = field(default=16, metadata={"help": "Sequences per device per micro-step."})
@@ -81,6 +90,14 @@ class SFTConfig(StageConfig):
     )
     max_length: int = field(default=8192, metadata={"help": "Maximum sequence length (tokens, prompt + response)."})
     packing: bool = field(default=False, metadata={"help": "Pack each micro-batch's samples into rows of max_length tokens (attention stays within a sample)."})
+    torch_compile: bool = field(
+        default=False,
+        metadata={**HASH_IF_SET,
+                  "help": "torch.compile each repeated block (decoder layers, vision blocks) in place for the training "
+                          "forward and backward: regional compilation, dynamic shapes. Compiled kernels sum in "
+                          "another order than eager ones, so it is part of the stage's hash; a resumed run still "
+                          "ends bit-identical on CPU."},
+    )
 
     # --- batching and schedule ---
     per_device_batch_size: int = field(default=4, metadata={"help": "Sequences per device per micro-step (not published)."})

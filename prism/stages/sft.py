@@ -9,6 +9,7 @@ the number of merged patches, so the processor's text pass is not needed. Data o
 of (seed, step): a resumed run sees exactly the batches an uninterrupted one would. With `packing: true`
 each micro-batch's samples share rows of max_length tokens instead of being padded to the longest.
 Forwards run in the compute dtype (autocast, `model.mixed_precision`); AdamW updates the float32 master weights.
+With `torch_compile: true` each decoder layer and vision block runs compiled (prism.stages.common).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from prism.runtime import MetricsLogger, Progress, autocast, check_finite, seed_
 from prism.stages.common import (
     build_optimizer,
     build_scheduler,
+    compile_repeated_blocks,
     finish_stage,
     load_policy,
     make_accelerator,
@@ -103,6 +105,8 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
     start = restored["step"] if restored else 0
     model.train()
     policy = accelerator.unwrap_model(model)
+    if cfg.torch_compile:
+        compile_repeated_blocks(policy)  # after FSDP wrapping and the restore, as regional compilation wants
 
     def rope_index(ids, mm_token_type_ids, image_grid_thw):
         return policy.model.get_rope_index(input_ids=ids, mm_token_type_ids=mm_token_type_ids,

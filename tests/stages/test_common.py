@@ -8,7 +8,14 @@ import torch
 from prism.config import ModelConfig, OptimConfig, SFTConfig, load_config
 from prism.models import ModelError
 from prism.runtime import RuntimeConfigError, autocast
-from prism.stages.common import build_optimizer, check_launch_precision, load_policy, lr_multiplier, stage_dir
+from prism.stages.common import (
+    build_optimizer,
+    check_launch_precision,
+    compile_repeated_blocks,
+    load_policy,
+    lr_multiplier,
+    stage_dir,
+)
 
 
 def test_warmup_then_cosine_by_hand():
@@ -44,6 +51,27 @@ def test_stage_dir_is_content_addressed_unless_given(tmp_path):
     assert stage_dir("sft", a) == stage_dir("sft", c)  # bookkeeping is not part of the hash
     d = load_config(SFTConfig, overrides=[f"output_dir={tmp_path}/x"])
     assert stage_dir("sft", d) == tmp_path / "x"
+
+
+def test_torch_compile_is_part_of_the_stage_hash_only_when_set():
+    eager = load_config(SFTConfig, overrides=["model.preset=embedded-s"])
+    compiled = load_config(SFTConfig, overrides=["model.preset=embedded-s", "torch_compile=true"])
+    assert stage_dir("sft", compiled) != stage_dir("sft", eager)  # compiled kernels sum in another order
+    assert stage_dir("sft", load_config(SFTConfig, overrides=["model.preset=embedded-s", "torch_compile=false"])) \
+        == stage_dir("sft", eager)  # and runs from before the field keep their directories
+
+
+def test_compile_repeated_blocks_compiles_each_decoder_layer_and_vision_block_in_place(world):
+    cfg = load_config(SFTConfig, overrides=["model.preset=embedded-s", f"model.processor_path={world}/tokenizer"])
+    model, _ = load_policy(cfg.model, seed=0)
+    names = list(model.state_dict())
+    text, vision = model.config.text_config.num_hidden_layers, model.config.vision_config.depth
+    assert compile_repeated_blocks(model) == text + vision
+    layers = [m for m in model.modules() if type(m).__name__.endswith(("TextDecoderLayer", "VisionBlock"))]
+    assert len(layers) == text + vision and all(m._compiled_call_impl is not None for m in layers)
+    assert list(model.state_dict()) == names  # checkpoints keep their keys
+    with pytest.raises(RuntimeConfigError, match="torch_compile: Sequential names no repeated blocks"):
+        compile_repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_load_policy_errors_name_the_missing_field():

@@ -257,3 +257,17 @@ def test_lost_update_resume_under_mixed_precision_restores_fp32_master_weights_e
     torch.manual_seed(12345)  # the process's RNG moved on meanwhile: the checkpoint must restore it
     resumed = run_sft(sft_config(world, policy_dir, tmp_path / "cut", *steps))
     _assert_same_run(whole, resumed)
+
+
+def test_compiled_sft_interrupted_after_a_checkpoint_resumes_bit_identical(world, policy_dir, tmp_path, monkeypatch):
+    """torch_compile: the resumed process compiles its blocks afresh and still ends on the uninterrupted run's bits."""
+    steps = ["torch_compile=true", "per_device_batch_size=2", "gradient_accumulation_steps=1", "max_steps=4",
+             "save_every_steps=2"]
+    whole = run_sft(sft_config(world, policy_dir, tmp_path / "whole", *steps))
+
+    with interrupted_after(monkeypatch, sft, step=2):
+        run_sft(sft_config(world, policy_dir, tmp_path / "cut", *steps))
+    torch._dynamo.reset()  # as a new process would: nothing compiled in memory
+    torch.manual_seed(12345)
+    resumed = run_sft(sft_config(world, policy_dir, tmp_path / "cut", *steps))
+    _assert_same_run(whole, resumed)
