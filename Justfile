@@ -11,6 +11,13 @@ export MALLOC_TRIM_THRESHOLD_ := env_var_or_default("MALLOC_TRIM_THRESHOLD_", "1
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
+    # A .venv copied, moved or linked here from another checkout runs that checkout's python and code (its scripts
+    # name it), whatever this folder holds: rebuild it. venv writes the folder it was made for into pyvenv.cfg.
+    made_for=$(sed -n 's/^command = .* -m venv //p' .venv/pyvenv.cfg 2>/dev/null || true)
+    if [ -n "$made_for" ] && [ "$(realpath -m "$made_for")" != "$(pwd -P)/.venv" ]; then
+        echo ".venv was made for $made_for: rebuilding it here" >&2
+        rm -rf .venv
+    fi
     want=$(cat pyproject.toml constraints-cpu.txt | sha256sum | cut -c1-16)
     stamp=.venv/.prism-installed
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
