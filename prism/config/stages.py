@@ -23,6 +23,13 @@ from prism.config.sections import (
     StageConfig,
 )
 
+# base and sft
+TORCH_COMPILE_HELP = ("torch.compile each repeated block (decoder layers, vision blocks) in place for the training "
+                      "forward and backward: regional compilation, dynamic shapes. Compiled kernels sum in another "
+                      "order than eager ones, so it is part of the stage's hash; a resumed run still ends "
+                      "bit-identical on CPU, where it paid only in a process that had the cores to itself "
+                      "(README, Throughput).")
+
 
 @dataclass
 class BaseConfig(StageConfig):
@@ -40,14 +47,7 @@ class BaseConfig(StageConfig):
     )
     max_length: int = field(default=1024, metadata={"help": "Maximum sequence length (tokens, prompt + response)."})
     packing: bool = field(default=False, metadata={"help": "Pack each micro-batch's samples into rows of max_length tokens (attention stays within a sample)."})
-    torch_compile: bool = field(
-        default=False,
-        metadata={**HASH_IF_SET,
-                  "help": "torch.compile each repeated block (decoder layers, vision blocks) in place for the training "
-                          "forward and backward: regional compilation, dynamic shapes. Compiled kernels sum in "
-                          "another order than eager ones, so it is part of the stage's hash; a resumed run still "
-                          "ends bit-identical on CPU."},
-    )
+    torch_compile: bool = field(default=False, metadata={**HASH_IF_SET, "help": TORCH_COMPILE_HELP})
 
     # --- batching and schedule ---
     per_device_batch_size: int = field(default=16, metadata={"help": "Sequences per device per micro-step."})
@@ -90,14 +90,7 @@ class SFTConfig(StageConfig):
     )
     max_length: int = field(default=8192, metadata={"help": "Maximum sequence length (tokens, prompt + response)."})
     packing: bool = field(default=False, metadata={"help": "Pack each micro-batch's samples into rows of max_length tokens (attention stays within a sample)."})
-    torch_compile: bool = field(
-        default=False,
-        metadata={**HASH_IF_SET,
-                  "help": "torch.compile each repeated block (decoder layers, vision blocks) in place for the training "
-                          "forward and backward: regional compilation, dynamic shapes. Compiled kernels sum in "
-                          "another order than eager ones, so it is part of the stage's hash; a resumed run still "
-                          "ends bit-identical on CPU."},
-    )
+    torch_compile: bool = field(default=False, metadata={**HASH_IF_SET, "help": TORCH_COMPILE_HELP})
 
     # --- batching and schedule ---
     per_device_batch_size: int = field(default=4, metadata={"help": "Sequences per device per micro-step (not published)."})
