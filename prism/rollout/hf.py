@@ -210,15 +210,16 @@ def response_logits_per_row(model: Any, batch: RolloutBatch, device: torch.devic
     extra = {}
     if pixel_values is not None:
         extra = {"pixel_values": pixel_values.to(device), "image_grid_thw": image_grid_thw.to(device)}
+    resp_len = batch.response_ids.shape[1]
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         mm_token_type_ids=image_token_types(core.config.image_token_id, batch.prompt_ids.to(device), input_ids.shape[1]),
         use_cache=False,
+        logits_to_keep=resp_len + 1,  # no logits for the prompt: the head's GEMM and memory scale with the vocabulary
         **extra,
     )
-    prompt_len, resp_len = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-    return out.logits[:, prompt_len - 1 : prompt_len + resp_len - 1]  # logits at t predict token t + 1
+    return out.logits[:, :-1]  # logits at t predict token t + 1: from the prompt's last position to the response's
 
 
 def response_logits_shared_prompt(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:

@@ -47,13 +47,24 @@ from prism.stages.common import (
 
 
 def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropies over labelled positions (float32, logits only where labelled)."""
+    """Sum of next-token cross-entropies over labelled positions (float32).
+
+    The output head runs only on the positions whose next token is labelled: a hook on it picks their hidden
+    states, in the order `targets[keep]` reads, before the vocabulary projection. Logits of every position
+    would cost the head's GEMMs, and zero-filled gradients of batch x length x vocab floats, for the prompt and
+    padding positions the loss never reads. The model is called as given (a DDP or FSDP wrapper's forward)."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits[:, :-1]
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+    predicts_labelled = F.pad(keep, (0, 1))  # position t predicts token t + 1
+    head = getattr(model, "module", model).get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda module, args: (args[0][predicts_labelled],))
+    try:
+        logits = model(**inputs, use_cache=False).logits
+    finally:
+        hook.remove()
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
 # ----------------------------------------------------------------------------------------------------

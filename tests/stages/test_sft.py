@@ -76,6 +76,38 @@ def test_too_few_records_is_a_clear_error(world, policy_dir, tmp_path):
         run(cfg)
 
 
+def test_the_head_runs_only_on_labelled_positions_and_the_loss_and_gradients_equal_full_logits(
+        world, processor, policy_dir):
+    from prism.models import load_model
+
+    model = load_model(policy_dir, dtype="float32")
+    encoded = [encode_conversation(processor, r, 512) for r in read_sharegpt(world / "sft.json")[:4]]
+    batch = collate(encoded, processor.tokenizer.pad_token_id, model.config.image_token_id)
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    assert 0 < int(keep.sum()) < targets.numel() // 2  # prompts and padding are most of the positions
+
+    rows_seen = []
+    watch = model.lm_head.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape))
+    model.zero_grad(set_to_none=True)
+    loss = summed_token_loss(model, batch)
+    loss.backward()
+    watch.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert rows_seen == [torch.Size([int(keep.sum()), model.config.text_config.hidden_size])]
+    assert not model.lm_head._forward_pre_hooks  # the selection hook is gone after the call
+
+    # by hand: logits of every position, then the labelled ones
+    model.zero_grad(set_to_none=True)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    reference = torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+    reference.backward()
+    torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-6, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-5, atol=1e-6)
+
+
 def test_packed_batch_gives_the_padded_batch_loss_and_gradients(world, processor, policy_dir):
     """Samples sharing a row see only themselves: the summed loss and every gradient equal the padded
     batch's, with images, on fewer rows."""
