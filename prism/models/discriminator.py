@@ -21,6 +21,7 @@ folder saved by the PRISM authors' code (the released `prism-vlm/Qwen3-VL-2B-4X-
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -266,10 +267,12 @@ class Discriminator(nn.Module):
         return Prefill(layers, out.router_logits if self.is_moe else None, start, prefix.prompt_mask)
 
     def continue_hidden(self, prefill: Prefill, rows: SegmentRows, kind: str | None = None,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        parts: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`last_hidden` of rows [prompt + segment] from their prompts' prefill: each row's prompt cache is
         gathered (gradients flow back into the one prompt forward) and only its segment runs. The aux loss is
-        that of the whole rows: each prompt's router logits are repeated for its rows."""
+        that of the whole rows: each prompt's router logits are repeated for its rows. `parts`: the sizes of
+        consecutive groups of rows (a step's teacher and student segments, say) that share this one forward but
+        each take the aux loss over their own rows, returned as a [groups] tensor (padding is masked out of it)."""
         self._route(kind)
         model = self.backbone.model
         routing = {"output_router_logits": True} if self.is_moe else {}
@@ -283,14 +286,20 @@ class Discriminator(nn.Module):
                     use_cache=True, **{cache_kwarg(model): cache}, **routing)
         last = rows.segment_mask.sum(-1) - 1
         hidden = out.last_hidden_state[torch.arange(last.shape[0], device=last.device), last]
-        aux = torch.zeros((), device=hidden.device)
+        groups = [slice(0, last.shape[0])] if parts is None else \
+            [slice(end - size, end) for size, end in zip(parts, itertools.accumulate(parts))]
+        if sum(g.stop - g.start for g in groups) != last.shape[0]:
+            raise ValueError(f"parts {list(parts or [])} do not add up to the {last.shape[0]} rows")
+        aux = torch.zeros(len(groups), device=hidden.device)
         if self.is_moe:
             text = self.backbone.config.text_config
             prompts, length = prefill.prompt_mask.shape
             whole = [torch.cat([p.view(prompts, length, -1)[rows.owner], s.view(last.shape[0], -1, s.shape[-1])], 1)
-                     .flatten(0, 1) for p, s in zip(prefill.router_logits, out.router_logits)]
-            aux = load_balancing_loss_func(tuple(whole), text.num_experts, text.num_experts_per_tok, mask).float()
-        return hidden, aux
+                     for p, s in zip(prefill.router_logits, out.router_logits)]  # per layer [rows, tokens, experts]
+            aux = torch.stack([load_balancing_loss_func(tuple(w[group].flatten(0, 1) for w in whole), text.num_experts,
+                                                        text.num_experts_per_tok, mask[group]).float()
+                               for group in groups])
+        return hidden, (aux[0] if parts is None else aux)
 
     @property
     def routes_by_kind(self) -> bool:

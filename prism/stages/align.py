@@ -165,10 +165,10 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
 
     Micro-batches of `cfg.disc_micro_batch_size` rollouts, in row order: the prompts the micro-batch holds run
     through the backbone once (once per kind for the hard-routed variant), then per segment kind the rollouts'
-    segments and those prompts' teacher segments each run once on their prompt's key/value cache. From each
-    last hidden state the head gives a score without dropout (returned: what the advantage and diagnostics read)
-    and, for the loss, with the head's dropout, the teacher's drawn once per rollout it is paired with
-    (`teacher_scoring: per_rollout`) or once per prompt (`shared`). Each micro-batch's loss over the number of
+    segments and those prompts' teacher segments run once, in one forward, on their prompts' key/value cache.
+    From each last hidden state the head gives a score without dropout (returned: what the advantage and
+    diagnostics read) and, for the loss, with the head's dropout, the teacher's drawn once per rollout it is paired
+    with (`teacher_scoring: per_rollout`) or once per prompt (`shared`). Each micro-batch's loss over the number of
     micro-batches is back-propagated at once (`backward`), so one micro-batch's activations are alive at a time
     and the gradient is the mean of the micro-batches'. `batch_has_valid`: whether any rollout of the whole step
     (every process) is format-valid; without one, the loss is the fallback. With `backward=False` (under
@@ -193,13 +193,16 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
         with autocast(device, cfg.discriminator.autocast_dtype):
             prefill = None if discriminator.routes_by_kind else discriminator.prefill(prefix)
             for kind in kinds:
+                # the teacher and the student segments in one forward (fewer, larger calls: a tiny backbone's
+                # time goes mostly to per-call overhead), each keeping its own aux loss as two forwards would
+                both = segment_rows(processor, owner_prompts, [*range(len(owners)), *owner_of_row.tolist()],
+                                    [teacher_segment(records[p], kind) for p in owners] +
+                                    [split[row][0][kind] for row in rows], cfg.disc_max_length)
                 kind_prefill = prefill or discriminator.prefill(prefix, kind=kind)
-                teacher_rows = segment_rows(processor, owner_prompts, range(len(owners)),
-                                            [teacher_segment(records[p], kind) for p in owners], cfg.disc_max_length)
-                student_rows = segment_rows(processor, owner_prompts, owner_of_row.tolist(),
-                                            [split[row][0][kind] for row in rows], cfg.disc_max_length)
-                hidden_t, aux_t = discriminator.continue_hidden(kind_prefill, teacher_rows.to(device), kind)
-                hidden_s, aux_s = discriminator.continue_hidden(kind_prefill, student_rows.to(device), kind)
+                states, kind_aux = discriminator.continue_hidden(kind_prefill, both.to(device), kind,
+                                                                 parts=[len(owners), len(rows)])
+                hidden_t, hidden_s = states.split([len(owners), len(rows)])
+                aux += list(kind_aux.unbind())
                 with torch.no_grad():
                     teacher[kind][owners] = discriminator.head_scores(hidden_t, dropout=False).cpu()
                     student[kind][rows] = discriminator.head_scores(hidden_s, dropout=False).cpu()
@@ -208,7 +211,6 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
                 else:
                     train_teacher[kind] = discriminator.head_scores(hidden_t, dropout=True)[owner_of_row]
                 train_student[kind] = discriminator.head_scores(hidden_s, dropout=True)
-                aux += [aux_t, aux_s]
         loss, metrics = discriminator_loss(
             train_teacher, train_student, valid[rows].to(device), batch_has_valid=batch_has_valid,
             score_clip=cfg.score_clip, score_reg_coef=cfg.score_reg_coef, fallback_coef=cfg.fallback_loss_coef)

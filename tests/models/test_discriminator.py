@@ -220,6 +220,31 @@ def test_rows_sharing_a_prompt_run_it_once_and_match_whole_rows_in_scores_aux_an
         assert kept == prompt.ids + rows.segment_ids[row][rows.segment_mask[row].bool()].tolist()
 
 
+def test_groups_of_rows_in_one_forward_keep_each_groups_hidden_states_and_aux_loss(processor, dense):
+    """Teacher and student segments (of other lengths) run as one forward with `parts`: each group's hidden states
+    and aux loss equal those of its own forward, the padding that the longer group adds masked out of the aux."""
+    from prism.models.discriminator import prompt_prefix, segment_rows
+
+    discriminator = build_discriminator(dense, DiscriminatorSpec("moe"), **_kwargs())
+    prompts = [encode_prompt(processor, MESSAGES, [noise_image(96, seed=1)], True),
+               encode_prompt(processor, [MESSAGES[0], {"role": "user", "content": "<image>Which shape?"}],
+                             [noise_image(64, seed=2)], True)]
+    teacher = ([0, 1], [split_segments(TEACHER).reasoning, "<think>\nTwo.\n</think>\n<answer>2</answer>"])
+    student = ([0, 0, 1], ["<think>one</think><answer>1</answer>", "<answer>3</answer>",
+                           split_segments(STUDENT).reasoning])
+    prefill = discriminator.prefill(prompt_prefix(processor, prompts))
+    alone = [discriminator.continue_hidden(prefill, segment_rows(processor, prompts, *group))
+             for group in (teacher, student)]
+    rows = segment_rows(processor, prompts, teacher[0] + student[0], teacher[1] + student[1])
+    hidden, aux = discriminator.continue_hidden(prefill, rows, parts=[2, 3])
+    assert rows.segment_mask[:2].sum(-1).max() > rows.segment_mask[2:].sum(-1).max()  # the students are padded
+    torch.testing.assert_close(hidden, torch.cat([alone[0][0], alone[1][0]]), rtol=1e-5, atol=1e-5)
+    assert aux.shape == (2,) and aux[0] != aux[1]
+    torch.testing.assert_close(aux, torch.stack([alone[0][1], alone[1][1]]), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="do not add up to the 5 rows"):
+        discriminator.continue_hidden(prefill, rows, parts=[2, 2])
+
+
 @pytest.fixture(scope="module")
 def saved_moe(processor, dense, tmp_path_factory):
     """A saved `moe` discriminator whose weights are exactly bfloat16 numbers (the authors train in bf16)."""
