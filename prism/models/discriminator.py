@@ -278,7 +278,9 @@ class Discriminator(nn.Module):
         routing = {"output_router_logits": True} if self.is_moe else {}
         cache = DynamicCache(config=self.backbone.config)
         for index, (keys, values) in enumerate(prefill.layers):
-            cache.update(keys[rows.owner], values[rows.owner], index)
+            # index_select, not keys[owner]: its backward (index_add_) sums a prompt's rows in a fixed order,
+            # where advanced indexing's accumulates them with parallel atomic adds (other bits each run)
+            cache.update(keys.index_select(0, rows.owner), values.index_select(0, rows.owner), index)
         offsets = torch.arange(rows.segment_ids.shape[1], device=rows.owner.device)
         positions = prefill.start[rows.owner][:, None] + offsets
         mask = torch.cat([prefill.prompt_mask[rows.owner], rows.segment_mask], dim=1)
@@ -294,7 +296,8 @@ class Discriminator(nn.Module):
         if self.is_moe:
             text = self.backbone.config.text_config
             prompts, length = prefill.prompt_mask.shape
-            whole = [torch.cat([p.view(prompts, length, -1)[rows.owner], s.view(last.shape[0], -1, s.shape[-1])], 1)
+            whole = [torch.cat([p.view(prompts, length, -1).index_select(0, rows.owner),
+                                s.view(last.shape[0], -1, s.shape[-1])], 1)
                      for p, s in zip(prefill.router_logits, out.router_logits)]  # per layer [rows, tokens, experts]
             aux = torch.stack([load_balancing_loss_func(tuple(w[group].flatten(0, 1) for w in whole), text.num_experts,
                                                         text.num_experts_per_tok, mask[group]).float()

@@ -193,8 +193,8 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
         with autocast(device, cfg.discriminator.autocast_dtype):
             prefill = None if discriminator.routes_by_kind else discriminator.prefill(prefix)
             for kind in kinds:
-                # the teacher and the student segments in one forward (fewer, larger calls: a tiny backbone's
-                # time goes mostly to per-call overhead), each keeping its own aux loss as two forwards would
+                # the teacher and the student segments in one forward (half the calls), each keeping its own
+                # aux loss as two forwards would
                 both = segment_rows(processor, owner_prompts, [*range(len(owners)), *owner_of_row.tolist()],
                                     [teacher_segment(records[p], kind) for p in owners] +
                                     [split[row][0][kind] for row in rows], cfg.disc_max_length)
@@ -206,10 +206,11 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
                 with torch.no_grad():
                     teacher[kind][owners] = discriminator.head_scores(hidden_t, dropout=False).cpu()
                     student[kind][rows] = discriminator.head_scores(hidden_s, dropout=False).cpu()
+                # index_select, not [owner_of_row]: a backward that sums duplicates in a fixed order (continue_hidden)
                 if cfg.teacher_scoring == "per_rollout":
-                    train_teacher[kind] = discriminator.head_scores(hidden_t[owner_of_row], dropout=True)
+                    train_teacher[kind] = discriminator.head_scores(hidden_t.index_select(0, owner_of_row), dropout=True)
                 else:
-                    train_teacher[kind] = discriminator.head_scores(hidden_t, dropout=True)[owner_of_row]
+                    train_teacher[kind] = discriminator.head_scores(hidden_t, dropout=True).index_select(0, owner_of_row)
                 train_student[kind] = discriminator.head_scores(hidden_s, dropout=True)
         loss, metrics = discriminator_loss(
             train_teacher, train_student, valid[rows].to(device), batch_has_valid=batch_has_valid,
