@@ -288,10 +288,10 @@ class Discriminator(nn.Module):
                     use_cache=True, **{cache_kwarg(model): cache}, **routing)
         last = rows.segment_mask.sum(-1) - 1
         hidden = out.last_hidden_state[torch.arange(last.shape[0], device=last.device), last]
-        groups = [slice(0, last.shape[0])] if parts is None else \
-            [slice(end - size, end) for size, end in zip(parts, itertools.accumulate(parts))]
-        if sum(g.stop - g.start for g in groups) != last.shape[0]:
-            raise ValueError(f"parts {list(parts or [])} do not add up to the {last.shape[0]} rows")
+        sizes = [last.shape[0]] if parts is None else list(parts)
+        if sum(sizes) != last.shape[0]:
+            raise ValueError(f"parts {sizes} do not add up to the {last.shape[0]} rows")
+        groups = [slice(end - size, end) for size, end in zip(sizes, itertools.accumulate(sizes))]
         aux = torch.zeros(len(groups), device=hidden.device)
         if self.is_moe:
             text = self.backbone.config.text_config

@@ -199,9 +199,9 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
                                     [teacher_segment(records[p], kind) for p in owners] +
                                     [split[row][0][kind] for row in rows], cfg.disc_max_length)
                 kind_prefill = prefill or discriminator.prefill(prefix, kind=kind)
-                states, kind_aux = discriminator.continue_hidden(kind_prefill, both.to(device), kind,
-                                                                 parts=[len(owners), len(rows)])
-                hidden_t, hidden_s = states.split([len(owners), len(rows)])
+                sizes = [len(owners), len(rows)]
+                states, kind_aux = discriminator.continue_hidden(kind_prefill, both.to(device), kind, parts=sizes)
+                hidden_t, hidden_s = states.split(sizes)
                 aux += list(kind_aux.unbind())
                 with torch.no_grad():
                     teacher[kind][owners] = discriminator.head_scores(hidden_t, dropout=False).cpu()
