@@ -1,9 +1,11 @@
 """Prompt prefixes computed once: a Qwen3-VL forward of the distinct prompts whose key/value cache the rows that
-continue them reuse (the n rollouts of a prompt, the teacher and student segments scored on it).
+continue them reuse (the n rollouts of a prompt, the teacher and student segments scored on it, the system prompt
+every SFT row of a micro-batch begins with).
 
-Shared by the rollout backend (decode and re-scoring) and the discriminator (segment scoring). Gradients flow
-back through the cache, so a training forward that shares a prompt equals, up to float rounding, one forward per
-row. Also the two places where transformers' API moved between versions (the cache argument and output).
+Shared by the rollout backend (decode and re-scoring), the discriminator (segment scoring) and the SFT recipe.
+Gradients flow back through the cache, so a training forward that shares a prompt equals, up to float rounding,
+one forward per row. Also the two places where transformers' API moved between versions (the cache argument and
+output).
 """
 
 from __future__ import annotations
@@ -21,6 +23,20 @@ def cache_kwarg(model: Any) -> str:
 
 def output_cache(out: Any) -> Any:
     return out.get("cache", None) or out.get("past_key_values", None)
+
+
+def cache_may_carry_gradients(model: Any) -> bool:
+    """Whether a forward under the current grad mode may run a prefix once and continue rows on its cache: no
+    activation checkpointing while gradients are on (it recomputes layers and would append to the cache twice),
+    and a model that is bare or in DDP (whose gradient hooks live on the parameters, so a forward of the inner
+    module still synchronises; an FSDP wrapper must see every forward)."""
+    core = getattr(model, "module", model)
+    checkpointing = getattr(core, "is_activation_checkpointing", None)  # transformers >= 5.2x
+    if checkpointing is None:
+        checkpointing = getattr(core, "is_gradient_checkpointing", False)
+    if torch.is_grad_enabled() and checkpointing:
+        return False
+    return model is core or isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
 
 def image_token_types(image_token_id: int, prompt_ids: torch.Tensor, total_len: int) -> torch.Tensor:

@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.fsdp import is_fsdp_managed_module
 
-from prism.kv_prefix import cache_kwarg, continuation_positions, image_token_types, output_cache
+from prism.kv_prefix import (
+    cache_kwarg,
+    cache_may_carry_gradients,
+    continuation_positions,
+    image_token_types,
+    output_cache,
+)
 from prism.rollout.base import (
     RolloutBatch,
     RolloutError,
@@ -189,15 +195,7 @@ def shares_prompts(model: Any, batch: RolloutBatch) -> bool:
     """Whether the prompt-once forward applies: several rows per prompt, a cache that may carry gradients,
     and a model that is bare or in DDP (whose gradient hooks live on the parameters, so a forward of the
     inner module still synchronises)."""
-    core = getattr(model, "module", model)
-    if batch.n < 2 or batch.response_ids.shape[1] == 0:
-        return False
-    checkpointing = getattr(core, "is_activation_checkpointing", None)  # transformers >= 5.2x
-    if checkpointing is None:
-        checkpointing = getattr(core, "is_gradient_checkpointing", False)
-    if torch.is_grad_enabled() and checkpointing:
-        return False
-    return model is core or isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    return batch.n > 1 and batch.response_ids.shape[1] > 0 and cache_may_carry_gradients(model)
 
 
 def response_logits_per_row(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:

@@ -14,6 +14,7 @@ With `torch_compile: true` each decoder layer and vision block runs compiled (pr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from prism.config import BaseConfig, SFTConfig
 from prism.data.encoding import IGNORE, Encoded, collate, collate_packed, encode_conversation
 from prism.data.formats import Conversation, DataError, read_sharegpt
 from prism.data.order import step_records
+from prism.kv_prefix import cache_kwarg, cache_may_carry_gradients, output_cache
 from prism.models.peft import final_model_saver
 from prism.runtime import MetricsLogger, Progress, autocast, check_finite, seed_everything
 from prism.stages.common import (
@@ -32,6 +34,7 @@ from prism.stages.common import (
     build_scheduler,
     compile_repeated_blocks,
     finish_stage,
+    is_sharded,
     load_policy,
     make_accelerator,
     no_sync,
@@ -45,26 +48,107 @@ from prism.stages.common import (
     stop_preempted,
 )
 
+# Below this many shared tokens the prefix's own forward call costs more than it saves.
+MIN_SHARED_PREFIX = 16
 
-def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+
+def shared_prefix_length(batch: dict[str, torch.Tensor], image_token_id: int) -> int:
+    """How many leading tokens every row of a right-padded micro-batch holds alike (the system prompt and the
+    chat template's opening), to run once as one row: up to the first column where the rows differ, never into an
+    image (the prefix runs without the vision inputs) and never past the position before the first labelled
+    token (the prefix's own outputs feed no loss). 0 where it does not pay: one row, packed rows (their own
+    position ids), or fewer than MIN_SHARED_PREFIX tokens."""
+    ids = batch["input_ids"]
+    if ids.shape[0] < 2 or "position_ids" in batch:
+        return 0
+    same = (ids == ids[:1]).all(0) & (ids[0] != image_token_id) & (batch["attention_mask"] == 1).all(0)
+    length = int(same.long().cumprod(0).sum())
+    labelled = batch["labels"] != IGNORE
+    if labelled.any():
+        length = min(length, int(labelled.long().argmax(1)[labelled.any(1)].min()) - 1)
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def prefix_groups(samples: list[Encoded], image_token_id: int) -> list[list[Encoded]]:
+    """A micro-batch's samples as the forwards that run them: those whose first MIN_SHARED_PREFIX tokens are
+    the most common such opening (text only: the prefix runs without images), then the rest, each in their
+    original order. Where only some samples carry the system prompt (half of the base stage's corpus) its
+    holders then share it (`summed_token_loss`); where all or none open alike, one forward as before. The
+    step's loss is summed over tokens and divided by the step's token count, so the split changes only float
+    rounding."""
+    def opening(sample: Encoded) -> tuple[int, ...] | None:
+        ids = sample.input_ids[:MIN_SHARED_PREFIX]
+        return tuple(ids) if len(ids) == MIN_SHARED_PREFIX and image_token_id not in ids else None
+
+    openings = [opening(sample) for sample in samples]
+    candidates = [o for o in openings if o is not None]
+    if not candidates:
+        return [samples]
+    common = max(candidates, key=lambda o: (candidates.count(o), -candidates.index(o)))
+    sharing = [sample for sample, o in zip(samples, openings) if o == common]
+    rest = [sample for sample, o in zip(samples, openings) if o != common]
+    return [samples] if len(sharing) < 2 or not rest else [sharing, rest]
+
+
+def summed_token_loss(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> torch.Tensor:
     """Sum of next-token cross-entropies over labelled positions (float32).
 
-    The output head runs only on the positions whose next token is labelled: a hook on it picks their hidden
-    states, in the order `targets[keep]` reads, before the vocabulary projection. Logits of every position
-    would cost the head's GEMMs, and zero-filled gradients of batch x length x vocab floats, for the prompt and
-    padding positions the loss never reads. The model is called as given (a DDP or FSDP wrapper's forward)."""
+    The output head runs only on the positions whose next token is labelled (`head_on`): logits of every
+    position would cost the head's GEMMs, and zero-filled gradients of batch x length x vocab floats, for the
+    prompt and padding positions the loss never reads. The model is called as given (a DDP or FSDP wrapper's
+    forward).
+
+    The rows' shared prefix (`shared_prefix_length`; in the embedded world the system prompt, 99 of a row's ~215
+    tokens) runs once, and the rows continue on its key/value cache, repeated per row. Gradients flow back
+    through the repeat, so loss and gradients equal whole rows' up to float rounding; `share_prefix=False`, or a
+    cache that cannot carry gradients (prism.kv_prefix.cache_may_carry_gradients), runs whole rows."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = labels[:, 1:]
     keep = targets != IGNORE
     predicts_labelled = F.pad(keep, (0, 1))  # position t predicts token t + 1
+    core = getattr(model, "module", model)
+    prefix = 0
+    if share_prefix and cache_may_carry_gradients(model):
+        prefix = shared_prefix_length(batch, core.config.image_token_id)
+    if prefix:
+        logits = continue_on_shared_prefix(model, inputs, prefix, predicts_labelled[:, prefix:])
+    else:
+        with head_on(model, predicts_labelled):
+            logits = model(**inputs, use_cache=False).logits
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+@contextlib.contextmanager
+def head_on(model, positions: torch.Tensor):
+    """Within the block, the output head projects only the hidden states at `positions` ([rows, length] bools),
+    flattened in row-major order (a pre-hook on its input)."""
     head = getattr(model, "module", model).get_output_embeddings()
-    hook = head.register_forward_pre_hook(lambda module, args: (args[0][predicts_labelled],))
+    hook = head.register_forward_pre_hook(lambda module, args: (args[0][positions],))
     try:
-        logits = model(**inputs, use_cache=False).logits
+        yield
     finally:
         hook.remove()
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def continue_on_shared_prefix(model, inputs: dict[str, torch.Tensor], prefix: int, keep: torch.Tensor) -> torch.Tensor:
+    """The batch's forward with its first `prefix` columns run as one row, whose key/value cache is repeated for
+    the rows; they continue on it at the positions (M-RoPE) a whole forward gives them. Returns the logits at
+    the continuation's `keep` positions."""
+    core = getattr(model, "module", model)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    positions = core.model.get_rope_index(input_ids=ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                          image_grid_thw=inputs.get("image_grid_thw"), attention_mask=mask)[0]
+    with head_on(core, torch.zeros(1, prefix, dtype=torch.bool, device=ids.device)):  # its logits feed no loss
+        shared = core(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix],
+                      position_ids=positions[:, :1, :prefix], use_cache=True)
+    cache = output_cache(shared)
+    cache.batch_repeat_interleave(ids.shape[0])
+    vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+    with head_on(model, keep):
+        return model(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions[:, :, prefix:],
+                     mm_token_type_ids=inputs["mm_token_type_ids"][:, prefix:], use_cache=True,
+                     **{cache_kwarg(core): cache}, **vision).logits
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,6 +218,8 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
         if accelerator.is_main_process else None
     progress = Progress(total_steps, desc=stage, initial=start) if accelerator.is_main_process else None
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
+    # the shared prefix's cache carries gradients across two forwards: not for packed rows or FSDP's shards
+    share_prefix = not cfg.packing and cache_may_carry_gradients(model) and not is_sharded(model)
     started, tokens_seen = time.perf_counter(), 0
     for step in range(start, total_steps):
         step_started = time.perf_counter()
@@ -142,7 +228,10 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
             for idx in step_records(step, steps_per_epoch, global_batch, len(records), cfg.seed, rank, world,
                                     cfg.per_device_batch_size, cfg.gradient_accumulation_steps)
         ]
-        micro_batches = [batch_of(samples) for samples in micro_samples]
+        if share_prefix:
+            micro_batches = [batch_of(group) for samples in micro_samples for group in prefix_groups(samples, image_token_id)]
+        else:
+            micro_batches = [batch_of(samples) for samples in micro_samples]
         local_tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)))
         total_tokens = accelerator.reduce(local_tokens, reduction="sum") if world > 1 else local_tokens
         loss_sum = torch.zeros((), device=accelerator.device)
@@ -151,7 +240,7 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with no_sync(accelerator, model, last_micro_step=i == len(micro_batches) - 1):
                 with autocast(accelerator.device, cfg.model.autocast_dtype):  # bf16 compute, fp32 weights
-                    loss = summed_token_loss(model, batch)
+                    loss = summed_token_loss(model, batch, share_prefix=share_prefix)
                 # DDP averages gradients over processes: scale by `world` so the result is sum / total_tokens.
                 accelerator.backward(loss * world / total_tokens)
             loss_sum += loss.detach()

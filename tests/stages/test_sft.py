@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from prism.config import ModelConfig, SFTConfig, load_config
-from prism.data.encoding import IGNORE, collate, collate_packed, encode_conversation
+from prism.data.encoding import IGNORE, Encoded, collate, collate_packed, encode_conversation
 from prism.data.formats import DataError, read_sharegpt
 from prism.models import load_processor
-from prism.stages.sft import run, summed_token_loss
+from prism.stages.sft import MIN_SHARED_PREFIX, prefix_groups, run, shared_prefix_length, summed_token_loss
 
 from .conftest import model_tensors
 
@@ -90,7 +90,7 @@ def test_the_head_runs_only_on_labelled_positions_and_the_loss_and_gradients_equ
     rows_seen = []
     watch = model.lm_head.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape))
     model.zero_grad(set_to_none=True)
-    loss = summed_token_loss(model, batch)
+    loss = summed_token_loss(model, batch, share_prefix=False)
     loss.backward()
     watch.remove()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -106,6 +106,96 @@ def test_the_head_runs_only_on_labelled_positions_and_the_loss_and_gradients_equ
     torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-6, atol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_shared_system_prompt_runs_once_with_the_whole_rows_loss_and_gradients(world, processor, policy_dir):
+    from prism.models import load_model
+
+    model = load_model(policy_dir, dtype="float32")
+    records = read_sharegpt(world / "sft.json")[:6]
+    batch = collate([encode_conversation(processor, r, 512) for r in records],
+                    processor.tokenizer.pad_token_id, model.config.image_token_id)
+    # by hand: the system turn and the user turn's opening up to its image, the same in every row
+    system = next(m["content"] for m in records[0].messages if m["role"] == "system")
+    opening = processor.tokenizer(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<|vision_start|>")
+    prefix = len(opening["input_ids"])
+    assert all(next(m["content"] for m in r.messages if m["role"] == "system") == system for r in records)
+    assert shared_prefix_length(batch, model.config.image_token_id) == prefix >= MIN_SHARED_PREFIX
+    assert batch["input_ids"][0, prefix] == model.config.image_token_id
+
+    def loss_and_grads(share_prefix):
+        widths = []
+        watch = model.get_input_embeddings().register_forward_hook(lambda m, args, out: widths.append(tuple(out.shape[:2])))
+        model.zero_grad(set_to_none=True)
+        loss = summed_token_loss(model, batch, share_prefix=share_prefix)
+        loss.backward()
+        watch.remove()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, widths
+
+    loss_a, grads_a, widths_a = loss_and_grads(False)
+    loss_b, grads_b, widths_b = loss_and_grads(True)
+    rows, width = batch["input_ids"].shape
+    assert widths_a == [(rows, width)] and widths_b == [(1, prefix), (rows, width - prefix)]
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:  # the prefix's gradient is summed over the rows in another order: rounding only
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5)
+
+
+def test_the_shared_prefix_stops_where_rows_differ_before_an_image_and_before_the_first_labelled_prediction():
+    image = 100
+    ids = torch.arange(1, 41).repeat(3, 1)
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, 35:] = ids[:, 35:]
+    batch = lambda: {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    assert shared_prefix_length(batch(), image) == 34  # position 34 predicts the first labelled token
+    ids[1, 30] = 0
+    assert shared_prefix_length(batch(), image) == 30  # the first column where the rows differ
+    ids[:, 20] = image
+    assert shared_prefix_length(batch(), image) == 20  # the prefix runs without the vision inputs
+    ids[:, MIN_SHARED_PREFIX - 1] = image
+    assert shared_prefix_length(batch(), image) == 0  # too short to pay for its own forward
+    ids[:, MIN_SHARED_PREFIX - 1] = 0
+    assert shared_prefix_length({k: v[:1] for k, v in batch().items()}, image) == 0  # one row
+    assert shared_prefix_length({**batch(), "position_ids": ids}, image) == 0  # packed rows
+
+
+def test_samples_that_open_with_the_most_common_tokens_run_as_their_own_forward():
+    system, other = list(range(1, MIN_SHARED_PREFIX + 5)), list(range(50, 50 + MIN_SHARED_PREFIX + 5))
+    sample = lambda opening, tail: Encoded(opening + [tail], [IGNORE] * len(opening) + [tail], None, None)
+    a1, b1, a2, c1, a3 = sample(system, 7), sample(other, 8), sample(system, 9), sample(other[:3] + system, 5), sample(system, 6)
+    image = 99
+    assert prefix_groups([a1, b1, a2, c1, a3], image) == [[a1, a2, a3], [b1, c1]]  # each group in its order
+    assert prefix_groups([b1, a1, c1, a2], image) == [[a1, a2], [b1, c1]]  # ties: the first opening seen
+    assert prefix_groups([a1, a2, a3], image) == [[a1, a2, a3]]  # all alike: one forward
+    assert prefix_groups([a1, b1, c1], image) == [[a1, b1, c1]]  # nothing to share: one forward
+    assert prefix_groups([a1], image) == [[a1]]
+    image = system[3]  # the prefix runs without images: an opening holding one is not shared
+    assert prefix_groups([a1, b1, a2, b1], image) == [[b1, b1], [a1, a2]]
+
+
+def test_base_corpus_grouped_by_system_prompt_gives_the_one_forward_loss_and_gradients(world, processor, policy_dir):
+    """Half the base corpus carries the system prompt: its holders share it in their own forward, the rest run
+    whole; the summed loss and the gradients are those of one forward of every sample."""
+    from prism.models import load_model
+
+    model = load_model(policy_dir, dtype="float32")
+    pad, image = processor.tokenizer.pad_token_id, model.config.image_token_id
+    samples = [encode_conversation(processor, r, 512) for r in read_sharegpt(world / "base.json")[:12]]
+    groups = prefix_groups(samples, image)
+    assert len(groups) == 2 and sorted(map(id, groups[0] + groups[1])) == sorted(map(id, samples))
+    assert shared_prefix_length(collate(groups[0], pad, image), image) >= MIN_SHARED_PREFIX
+
+    def loss_and_grads(parts):
+        model.zero_grad(set_to_none=True)
+        loss = sum(summed_token_loss(model, collate(part, pad, image)) for part in parts)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads([samples]), loss_and_grads(groups)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-5)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5)
 
 
 def test_packed_batch_gives_the_padded_batch_loss_and_gradients(world, processor, policy_dir):
