@@ -29,7 +29,8 @@ def cache_may_carry_gradients(model: Any) -> bool:
     """Whether a forward under the current grad mode may run a prefix once and continue rows on its cache: no
     activation checkpointing while gradients are on (it recomputes layers and would append to the cache twice),
     and a model that is bare or in DDP (whose gradient hooks live on the parameters, so a forward of the inner
-    module still synchronises; an FSDP wrapper must see every forward)."""
+    module still synchronises; an FSDP1 wrapper must see every forward). FSDP2's `fully_shard` leaves no wrapper
+    to see: callers that cannot run on its shards check for it."""
     core = getattr(model, "module", model)
     checkpointing = getattr(core, "is_activation_checkpointing", None)  # transformers >= 5.2x
     if checkpointing is None:

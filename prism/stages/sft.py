@@ -48,24 +48,38 @@ from prism.stages.common import (
     stop_preempted,
 )
 
-# Below this many shared tokens the prefix's own forward call costs more than it saves.
+# Below this many shared tokens the prefix's own forward call costs more than it saves; also the opening by which
+# `prefix_groups` sorts a micro-batch's samples.
 MIN_SHARED_PREFIX = 16
+
+
+def prefix_sharing_applies(model) -> bool:
+    """Whether `summed_token_loss` may run a shared prefix once: its cache can carry gradients
+    (prism.kv_prefix.cache_may_carry_gradients), the model is not FSDP2-sharded (whose unsharded parameters
+    the second forward would not find for the first one's backward), and no dropout is active (one pass of the
+    prefix would give every row the same mask, where whole rows each draw their own)."""
+    core = getattr(model, "module", model)
+    dropout = core.training and (
+        any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in core.modules())
+        or getattr(getattr(core.config, "text_config", core.config), "attention_dropout", 0.0) > 0)
+    return cache_may_carry_gradients(model) and not is_sharded(model) and not dropout
 
 
 def shared_prefix_length(batch: dict[str, torch.Tensor], image_token_id: int) -> int:
     """How many leading tokens every row of a right-padded micro-batch holds alike (the system prompt and the
-    chat template's opening), to run once as one row: up to the first column where the rows differ, never into an
-    image (the prefix runs without the vision inputs) and never past the position before the first labelled
-    token (the prefix's own outputs feed no loss). 0 where it does not pay: one row, packed rows (their own
-    position ids), or fewer than MIN_SHARED_PREFIX tokens."""
+    chat template's opening), to run once as one row: up to the first column where the rows differ or one holds
+    padding, never into an image (the prefix runs without the vision inputs), and ending before the position that
+    predicts the first labelled token (the prefix's own outputs feed no loss). 0 where it does not pay: one row,
+    packed rows (their own position ids), no labelled token, or fewer than MIN_SHARED_PREFIX tokens."""
     ids = batch["input_ids"]
     if ids.shape[0] < 2 or "position_ids" in batch:
         return 0
     same = (ids == ids[:1]).all(0) & (ids[0] != image_token_id) & (batch["attention_mask"] == 1).all(0)
     length = int(same.long().cumprod(0).sum())
     labelled = batch["labels"] != IGNORE
-    if labelled.any():
-        length = min(length, int(labelled.long().argmax(1)[labelled.any(1)].min()) - 1)
+    if not labelled.any():
+        return 0
+    length = min(length, int(labelled.long().argmax(1)[labelled.any(1)].min()) - 1)
     return length if length >= MIN_SHARED_PREFIX else 0
 
 
@@ -87,7 +101,11 @@ def prefix_groups(samples: list[Encoded], image_token_id: int) -> list[list[Enco
     common = max(candidates, key=lambda o: (candidates.count(o), -candidates.index(o)))
     sharing = [sample for sample, o in zip(samples, openings) if o == common]
     rest = [sample for sample, o in zip(samples, openings) if o != common]
-    return [samples] if len(sharing) < 2 or not rest else [sharing, rest]
+    if len(sharing) < 2 or not rest:
+        return [samples]
+    # a group without images would leave the vision tower out of that backward (DDP waits for its gradients)
+    with_images = [any(sample.pixel_values is not None for sample in group) for group in (sharing, rest)]
+    return [sharing, rest] if all(with_images) or not any(with_images) else [samples]
 
 
 def summed_token_loss(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> torch.Tensor:
@@ -100,8 +118,8 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], share_prefix: bool 
 
     The rows' shared prefix (`shared_prefix_length`; in the embedded world the system prompt, 99 of a row's ~215
     tokens) runs once, and the rows continue on its key/value cache, repeated per row. Gradients flow back
-    through the repeat, so loss and gradients equal whole rows' up to float rounding; `share_prefix=False`, or a
-    cache that cannot carry gradients (prism.kv_prefix.cache_may_carry_gradients), runs whole rows."""
+    through the repeat, so loss and gradients equal whole rows' up to float rounding. `share_prefix=False`, or a
+    model where it does not apply (`prefix_sharing_applies`), runs whole rows."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = labels[:, 1:]
@@ -109,7 +127,7 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], share_prefix: bool 
     predicts_labelled = F.pad(keep, (0, 1))  # position t predicts token t + 1
     core = getattr(model, "module", model)
     prefix = 0
-    if share_prefix and cache_may_carry_gradients(model):
+    if share_prefix and prefix_sharing_applies(model):
         prefix = shared_prefix_length(batch, core.config.image_token_id)
     if prefix:
         logits = continue_on_shared_prefix(model, inputs, prefix, predicts_labelled[:, prefix:])
@@ -218,8 +236,7 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
         if accelerator.is_main_process else None
     progress = Progress(total_steps, desc=stage, initial=start) if accelerator.is_main_process else None
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-    # the shared prefix's cache carries gradients across two forwards: not for packed rows or FSDP's shards
-    share_prefix = not cfg.packing and cache_may_carry_gradients(model) and not is_sharded(model)
+    share_prefix = not cfg.packing and prefix_sharing_applies(model)  # then base micro-batches split (prefix_groups)
     started, tokens_seen = time.perf_counter(), 0
     for step in range(start, total_steps):
         step_started = time.perf_counter()
@@ -229,7 +246,8 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
                                     cfg.per_device_batch_size, cfg.gradient_accumulation_steps)
         ]
         if share_prefix:
-            micro_batches = [batch_of(group) for samples in micro_samples for group in prefix_groups(samples, image_token_id)]
+            micro_batches = [batch_of(group) for samples in micro_samples
+                             for group in prefix_groups(samples, image_token_id)]
         else:
             micro_batches = [batch_of(samples) for samples in micro_samples]
         local_tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)))

@@ -158,12 +158,17 @@ def test_the_shared_prefix_stops_where_rows_differ_before_an_image_and_before_th
     ids[:, MIN_SHARED_PREFIX - 1] = 0
     assert shared_prefix_length({k: v[:1] for k, v in batch().items()}, image) == 0  # one row
     assert shared_prefix_length({**batch(), "position_ids": ids}, image) == 0  # packed rows
+    left_padded = torch.ones_like(ids)
+    left_padded[2, :MIN_SHARED_PREFIX + 2] = 0
+    assert shared_prefix_length({**batch(), "attention_mask": left_padded}, image) == 0  # padding is not shared
+    assert shared_prefix_length({**batch(), "labels": torch.full_like(ids, IGNORE)}, image) == 0  # nothing to learn
 
 
 def test_samples_that_open_with_the_most_common_tokens_run_as_their_own_forward():
     system, other = list(range(1, MIN_SHARED_PREFIX + 5)), list(range(50, 50 + MIN_SHARED_PREFIX + 5))
     sample = lambda opening, tail: Encoded(opening + [tail], [IGNORE] * len(opening) + [tail], None, None)
-    a1, b1, a2, c1, a3 = sample(system, 7), sample(other, 8), sample(system, 9), sample(other[:3] + system, 5), sample(system, 6)
+    a1, b1, a2, a3 = sample(system, 7), sample(other, 8), sample(system, 9), sample(system, 6)
+    c1 = sample(other[:3] + system, 5)
     image = 99
     assert prefix_groups([a1, b1, a2, c1, a3], image) == [[a1, a2, a3], [b1, c1]]  # each group in its order
     assert prefix_groups([b1, a1, c1, a2], image) == [[a1, a2], [b1, c1]]  # ties: the first opening seen
@@ -172,6 +177,11 @@ def test_samples_that_open_with_the_most_common_tokens_run_as_their_own_forward(
     assert prefix_groups([a1], image) == [[a1]]
     image = system[3]  # the prefix runs without images: an opening holding one is not shared
     assert prefix_groups([a1, b1, a2, b1], image) == [[b1, b1], [a1, a2]]
+    # every forward keeps an image where any sample has one: DDP's synchronised backward needs the vision tower's
+    with_image = lambda s: Encoded(s.input_ids, s.labels, torch.zeros(4, 3), torch.tensor([[1, 2, 2]]))
+    d1, d2, e1 = with_image(a1), with_image(a2), with_image(b1)
+    assert prefix_groups([d1, b1, d2], 99) == [[d1, b1, d2]]  # b1 alone would run without one
+    assert prefix_groups([d1, e1, d2], 99) == [[d1, d2], [e1]]
 
 
 def test_base_corpus_grouped_by_system_prompt_gives_the_one_forward_loss_and_gradients(world, processor, policy_dir):
@@ -198,6 +208,21 @@ def test_base_corpus_grouped_by_system_prompt_gives_the_one_forward_loss_and_gra
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5)
 
 
+def test_no_shared_prefix_where_one_pass_would_share_a_dropout_mask(policy_dir):
+    from prism.models import load_model
+    from prism.stages.sft import prefix_sharing_applies
+
+    model = load_model(policy_dir, dtype="float32").train()
+    assert prefix_sharing_applies(model)
+    model.config.text_config.attention_dropout = 0.1
+    assert not prefix_sharing_applies(model)
+    assert prefix_sharing_applies(model.eval())  # no dropout at evaluation
+    model.config.text_config.attention_dropout = 0.0
+    model.model.language_model.layers[0].mlp.down_proj = torch.nn.Sequential(
+        torch.nn.Dropout(0.1), model.model.language_model.layers[0].mlp.down_proj)  # as a LoRA dropout sits
+    assert not prefix_sharing_applies(model.train())
+
+
 def test_packed_batch_gives_the_padded_batch_loss_and_gradients(world, processor, policy_dir):
     """Samples sharing a row see only themselves: the summed loss and every gradient equal the padded
     batch's, with images, on fewer rows."""
@@ -215,9 +240,9 @@ def test_packed_batch_gives_the_padded_batch_loss_and_gradients(world, processor
     assert packed["input_ids"].shape[0] < len(encoded) and "attention_mask" not in packed
     assert (packed["labels"] != IGNORE).sum() == (padded["labels"] != IGNORE).sum()
 
-    def loss_and_grads(batch):
+    def loss_and_grads(batch):  # whole rows for both: this is about packing
         model.zero_grad(set_to_none=True)
-        loss = summed_token_loss(model, batch)
+        loss = summed_token_loss(model, batch, share_prefix=False)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
