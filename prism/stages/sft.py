@@ -7,7 +7,8 @@ the whole optimizer step and divided by their count, so gradient accumulation an
 the gradient of one large batch. Each image is processed once; its `<|image_pad|>` is expanded here to
 the number of merged patches, so the processor's text pass is not needed. Data order is a pure function
 of (seed, step): a resumed run sees exactly the batches an uninterrupted one would. With `packing: true`
-each micro-batch's samples share rows of max_length tokens instead of being padded to the longest.
+each micro-batch's samples share rows of max_length tokens instead of being padded to the longest; without it the
+tokens every row begins with (the system prompt) run once per micro-batch, the rows continuing on their cache.
 Forwards run in the compute dtype (autocast, `model.mixed_precision`); AdamW updates the float32 master weights.
 With `torch_compile: true` each decoder layer and vision block runs compiled (prism.stages.common).
 """
