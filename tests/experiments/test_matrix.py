@@ -38,21 +38,22 @@ def test_table1_cells_share_their_common_stages():
     assert prism_grpo.cfg.algorithm == "grpo" and prism_grpo.cfg.data_files[0].endswith("/rl.parquet")
 
 
-def test_the_long_embedded_preset_gives_both_sizes_one_schedule_on_the_embedded_world_and_items():
-    """M above S must come from the model, not from more steps: embedded-long trains S and M for the same base and
-    SFT steps, longer than the embedded preset's, on the same world export and held-out items, so the two presets'
-    cells pair item for item."""
+def test_both_embedded_presets_give_both_sizes_one_schedule_on_the_embedded_world_and_items():
+    """M above S must come from the model, not from more steps: each embedded preset trains S and M for the same
+    base and SFT steps; embedded-long's SFT is longer, the RL schedule the same; both use the same world export
+    and held-out items, so the two presets' cells pair item for item."""
     short, long = (build_plan(load_matrix("table1"), preset) for preset in ("embedded", "embedded-long"))
 
     def steps(plan, kind):
         return {node.preset: node.cfg.max_steps for node in plan.nodes.values() if node.kind == kind}
 
     for kind in ("base", "sft"):
-        assert len(set(steps(long, kind).values())) == 1, kind
+        assert len(set(steps(long, kind).values())) == 1 and len(set(steps(short, kind).values())) == 1, kind
         assert all(steps(long, kind)[p] >= steps(short, kind)[p] for p in ("embedded-s", "embedded-m")), kind
     assert steps(long, "sft")["embedded-s"] > steps(short, "sft")["embedded-s"]
-    rl_steps = {node.cfg.steps for node in long.nodes.values() if node.kind == "rlvr"}
-    assert rl_steps == {24} and {node.cfg.steps for node in short.nodes.values() if node.kind == "rlvr"} == {12}
+    rl = [{(node.cfg.steps, node.cfg.optim.lr) for node in plan.nodes.values() if node.kind == "rlvr"}
+          for plan in (short, long)]
+    assert rl[0] == rl[1] == {(24, 5e-5)}
     worlds = [[key for key, node in plan.nodes.items() if node.kind == "world"] for plan in (short, long)]
     assert worlds[0] == worlds[1] and len(worlds[0]) == 1
     assert short.matrix.presets["embedded"].eval == long.matrix.presets["embedded-long"].eval
