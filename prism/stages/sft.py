@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -99,7 +100,7 @@ def prefix_groups(samples: list[Encoded], image_token_id: int) -> list[list[Enco
     candidates = [o for o in openings if o is not None]
     if not candidates:
         return [samples]
-    common = max(candidates, key=lambda o: (candidates.count(o), -candidates.index(o)))
+    common = Counter(candidates).most_common(1)[0][0]  # ties: the opening seen first
     sharing = [sample for sample, o in zip(samples, openings) if o == common]
     rest = [sample for sample, o in zip(samples, openings) if o != common]
     if len(sharing) < 2 or not rest:
