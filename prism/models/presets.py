@@ -250,6 +250,9 @@ def load_model(
             local_files_only=True,
             use_safetensors=True,  # never unpickle a .bin
             trust_remote_code=trust_remote_code,
+            # transformers >= 5.2x kernelizes by default: on CUDA, `.eval()` then fetches `kernels-community/*` code
+            # from the Hub (remote code; offline it raised inside the RLVR recipe on an H200). Torch's layers only.
+            use_kernels=False,
         )
     except ValueError as error:
         if "trust_remote_code" in str(error):

@@ -121,6 +121,15 @@ def test_save_and_load_round_trip_gives_identical_logits(model, processor, input
     assert isinstance(resolve_model({"preset": "embedded-s", "path": str(directory)}), type(model))
 
 
+def test_loaded_models_never_use_hub_kernels(model, processor, tmp_path):
+    # transformers' default kernelizes on load; on CUDA `.eval()` then fetched kernels-community code from the Hub
+    save_model(model, processor, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt")
+    loaded.train()
+    loaded.eval()
+    assert loaded.use_kernels is False and loaded.kernels_mode is None
+
+
 def test_missing_or_malformed_checkpoint_paths_raise_model_error_naming_them(tmp_path):
     with pytest.raises(ModelError, match="no_such_ckpt.*does not exist"):
         load_model(tmp_path / "no_such_ckpt")
