@@ -107,7 +107,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=384)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--micro", type=int, default=8)
-    parser.add_argument("--phases", default="rollout", help="comma list of rollout, update, sft (run each alone)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats of the rollout and the update")
+    parser.add_argument("--phases", default="rollout", help="comma list of rollout, update, sft (each resets the peak)")
     args = parser.parse_args()
 
     generator = torch.Generator().manual_seed(0)
@@ -116,7 +117,8 @@ def main() -> None:
     model = build(args.preset)
     result = {"preset": args.preset, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "parameters": sum(p.numel() for p in model.parameters()), "args": vars(args),
-              "build_seconds": round(time.perf_counter() - started, 1), "weights_gib": peak_gib()}
+              "build_seconds": round(time.perf_counter() - started, 1),
+              "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 2), "build_peak_gib": peak_gib()}
     print(json.dumps(result), flush=True)
     phases = args.phases.split(",")
 
@@ -132,7 +134,7 @@ def main() -> None:
             return sample_responses(model, inputs, args.n, sampling, stop_ids=[0], pad_id=0, with_log_probs=False)
 
         try:
-            times, _ = timed(generate, 2)
+            times, _ = timed(generate, args.repeats)
             rows = args.prompts * args.n
             result["rollout"] = {"rows": rows, "new_tokens": args.new_tokens, "seconds": [round(t, 2) for t in times],
                                  "tokens_per_s": round(rows * args.new_tokens / min(times), 1), "peak_gib": peak_gib()}
@@ -158,7 +160,7 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
 
         try:
-            times, _ = timed(update, 2)
+            times, _ = timed(update, args.repeats)
             result["update"] = {"rows": rows, "micro": args.micro, "seq_len": seq_len,
                                 "seconds": [round(t, 2) for t in times],
                                 "tokens_per_s": round(rows * seq_len / min(times), 1), "peak_gib": peak_gib()}
