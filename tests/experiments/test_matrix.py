@@ -59,6 +59,18 @@ def test_both_embedded_presets_give_both_sizes_one_schedule_on_the_embedded_worl
     assert short.matrix.presets["embedded"].eval == long.matrix.presets["embedded-long"].eval
 
 
+def test_the_embedded_ablations_full_row_is_table1s_s_sft_prism_grpo_cell():
+    """Ablation deltas are read against `full`: on the embedded preset it is the very run behind table1's S SFT ->
+    PRISM -> GRPO cell (the same stage directories), so the two reports agree where they overlap."""
+    table = build_plan(load_matrix("table1"), "embedded")
+    ablations = build_plan(load_matrix("ablations"), "embedded")
+    full = next(cell for cell in ablations.cells if cell.labels["setting"] == "full")
+    cell = next(cell for cell in table.cells if cell.labels == {"size": "s", "pipeline": "sft+prism", "rl": "grpo",
+                                                                "seed": 0})
+    assert (full.checkpoint, full.eval_key) == (cell.checkpoint, cell.eval_key)
+    assert ablations.nodes[full.checkpoint.removesuffix("/model")].kind == "rlvr"
+
+
 def test_a_changed_field_reruns_exactly_its_dependants(tmp_path):
     text = (mx.CONFIG_DIR / "table1.yaml").read_text()
     changed = tmp_path / "table1.yaml"
