@@ -267,38 +267,57 @@ class Discriminator(nn.Module):
         return Prefill(layers, out.router_logits if self.is_moe else None, start, prefix.prompt_mask)
 
     def continue_hidden(self, prefill: Prefill, rows: SegmentRows, kind: str | None = None,
-                        parts: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        parts: Sequence[int] | None = None,
+                        split_by_length: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """`last_hidden` of rows [prompt + segment] from their prompts' prefill: each row's prompt cache is
         gathered (gradients flow back into the one prompt forward) and only its segment runs. The aux loss is
         that of the whole rows: each prompt's router logits are repeated for its rows. `parts`: the sizes of
         consecutive groups of rows (a step's teacher and student segments, say) that share this one forward but
-        each take the aux loss over their own rows, returned as a [groups] tensor (padding is masked out of it)."""
+        each take the aux loss over their own rows, returned as a [groups] tensor (padding is masked out of it).
+        `split_by_length`: run the shorter rows as a second forward at their own width where that saves enough
+        padded tokens (`length_buckets`); rows never interact, so hidden states and aux loss are those of one
+        forward, to float rounding."""
         self._route(kind)
         model = self.backbone.model
         routing = {"output_router_logits": True} if self.is_moe else {}
-        cache = DynamicCache(config=self.backbone.config)
-        for index, (keys, values) in enumerate(prefill.layers):
-            # index_select, not keys[owner]: its backward (index_add_) sums a prompt's rows in a fixed order,
-            # where advanced indexing's accumulates them with parallel atomic adds (other bits each run)
-            cache.update(keys.index_select(0, rows.owner), values.index_select(0, rows.owner), index)
-        offsets = torch.arange(rows.segment_ids.shape[1], device=rows.owner.device)
-        positions = prefill.start[rows.owner][:, None] + offsets
-        mask = torch.cat([prefill.prompt_mask[rows.owner], rows.segment_mask], dim=1)
-        out = model(input_ids=rows.segment_ids, attention_mask=mask, position_ids=positions[None].expand(3, -1, -1),
-                    use_cache=True, **{cache_kwarg(model): cache}, **routing)
-        last = rows.segment_mask.sum(-1) - 1
-        hidden = out.last_hidden_state[torch.arange(last.shape[0], device=last.device), last]
-        sizes = [last.shape[0]] if parts is None else list(parts)
-        if sum(sizes) != last.shape[0]:
-            raise ValueError(f"parts {sizes} do not add up to the {last.shape[0]} rows")
+        lengths = rows.segment_mask.sum(-1)
+        buckets = length_buckets(lengths.tolist()) if split_by_length else [list(range(len(lengths)))]
+        width = rows.segment_ids.shape[1]
+        hidden_parts, router_parts = [], []
+        for bucket in buckets:
+            index = torch.tensor(bucket, device=rows.owner.device)
+            owner = rows.owner.index_select(0, index)
+            bucket_width = int(lengths.index_select(0, index).max())
+            segment_ids = rows.segment_ids.index_select(0, index)[:, :bucket_width]
+            segment_mask = rows.segment_mask.index_select(0, index)[:, :bucket_width]
+            cache = DynamicCache(config=self.backbone.config)
+            for layer, (keys, values) in enumerate(prefill.layers):
+                # index_select, not keys[owner]: its backward (index_add_) sums a prompt's rows in a fixed order,
+                # where advanced indexing's accumulates them with parallel atomic adds (other bits each run)
+                cache.update(keys.index_select(0, owner), values.index_select(0, owner), layer)
+            positions = prefill.start[owner][:, None] + torch.arange(bucket_width, device=owner.device)
+            mask = torch.cat([prefill.prompt_mask[owner], segment_mask], dim=1)
+            out = model(input_ids=segment_ids, attention_mask=mask, position_ids=positions[None].expand(3, -1, -1),
+                        use_cache=True, **{cache_kwarg(model): cache}, **routing)
+            last = segment_mask.sum(-1) - 1
+            hidden_parts.append(out.last_hidden_state[torch.arange(len(bucket), device=last.device), last])
+            if self.is_moe:  # per layer [rows, width, experts], padded to the widest bucket (masked in the aux)
+                router_parts.append([nn.functional.pad(s.view(len(bucket), bucket_width, -1),
+                                                       (0, 0, 0, width - bucket_width)) for s in out.router_logits])
+        inverse = torch.argsort(torch.tensor([row for bucket in buckets for row in bucket], device=rows.owner.device))
+        hidden = torch.cat(hidden_parts).index_select(0, inverse)
+        sizes = [hidden.shape[0]] if parts is None else list(parts)
+        if sum(sizes) != hidden.shape[0]:
+            raise ValueError(f"parts {sizes} do not add up to the {hidden.shape[0]} rows")
         groups = [slice(end - size, end) for size, end in zip(sizes, itertools.accumulate(sizes))]
         aux = torch.zeros(len(groups), device=hidden.device)
         if self.is_moe:
             text = self.backbone.config.text_config
             prompts, length = prefill.prompt_mask.shape
-            whole = [torch.cat([p.view(prompts, length, -1).index_select(0, rows.owner),
-                                s.view(last.shape[0], -1, s.shape[-1])], 1)
-                     for p, s in zip(prefill.router_logits, out.router_logits)]  # per layer [rows, tokens, experts]
+            mask = torch.cat([prefill.prompt_mask[rows.owner], rows.segment_mask], dim=1)
+            segments = [torch.cat(layer).index_select(0, inverse) for layer in zip(*router_parts)]
+            whole = [torch.cat([p.view(prompts, length, -1).index_select(0, rows.owner), s], 1)
+                     for p, s in zip(prefill.router_logits, segments)]  # per layer [rows, tokens, experts]
             aux = torch.stack([load_balancing_loss_func(tuple(w[group].flatten(0, 1) for w in whole), text.num_experts,
                                                         text.num_experts_per_tok, mask[group]).float()
                                for group in groups])
@@ -313,6 +332,27 @@ class Discriminator(nn.Module):
         if dropout:
             hidden = nn.functional.dropout(hidden, self.dropout.p, training=True)
         return self.head(hidden).squeeze(-1).float()
+
+
+def length_buckets(lengths: Sequence[int], min_saving: float = 0.2) -> list[list[int]]:
+    """Rows (their indices, in order) for one forward, or for two split by length: the shorter rows at their own
+    width, where that saves at least `min_saving` of the padded segment tokens (the best split point of the sorted
+    lengths). A forward costs about rows x width tokens; segments of the embedded world leave about 30% of a
+    micro-batch's tokens as padding in one forward."""
+    rows = len(lengths)
+    if rows < 2:
+        return [list(range(rows))]
+    order = sorted(range(rows), key=lambda row: lengths[row])
+    ordered = [lengths[row] for row in order]
+    whole = rows * ordered[-1]
+    split, best = rows, whole
+    for short in range(1, rows):
+        cost = short * ordered[short - 1] + (rows - short) * ordered[-1]
+        if cost < best:
+            split, best = short, cost
+    if whole - best < min_saving * whole:
+        return [list(range(rows))]
+    return [sorted(order[:split]), sorted(order[split:])]
 
 
 def build_discriminator(dense: nn.Module, spec: DiscriminatorSpec, *, num_experts: int, top_k: int,

@@ -266,6 +266,52 @@ def test_groups_of_rows_in_one_forward_keep_each_groups_hidden_states_and_aux_lo
         discriminator.continue_hidden(prefill, rows, parts=[2, 2])
 
 
+def test_length_buckets_split_off_the_short_rows_only_where_padding_would_cost_a_fifth():
+    from prism.models.discriminator import length_buckets
+
+    # one forward: 4 x 50 = 200 tokens; rows 0, 2, 3 at width 10 and row 1 at 50: 80, a saving of 60%
+    assert length_buckets([10, 50, 9, 10]) == [[0, 2, 3], [1]]
+    assert length_buckets([10, 11, 12]) == [[0, 1, 2]]  # the best split, 2 x 11 + 12 = 34 of 36, saves too little
+    assert length_buckets([30, 10, 30, 10, 30]) == [[1, 3], [0, 2, 4]]
+    assert length_buckets([7]) == [[0]] and length_buckets([]) == [[]]
+
+
+def test_rows_split_by_length_give_the_one_forward_hidden_states_aux_and_gradients(processor, dense):
+    from prism.models.discriminator import prompt_prefix, segment_rows
+
+    discriminator = build_discriminator(dense, DiscriminatorSpec("moe"), **_kwargs())
+    prompts = [encode_prompt(processor, MESSAGES, [noise_image(96, seed=1)], True),
+               encode_prompt(processor, [MESSAGES[0], {"role": "user", "content": "<image>Which shape?"}],
+                             [noise_image(64, seed=2)], True)]
+    owner = [0, 1, 1, 0, 1]
+    segments = ["<answer>1</answer>", split_segments(TEACHER).reasoning, "<answer>3</answer>",
+                split_segments(STUDENT).reasoning, "<answer>2</answer>"]
+    rows = segment_rows(processor, prompts, owner, segments)
+    widths = []
+    hook = discriminator.backbone.model.language_model.embed_tokens.register_forward_hook(
+        lambda module, args, out: widths.append(tuple(args[0].shape)))
+
+    def run(split: bool):
+        discriminator.zero_grad(set_to_none=True)
+        prefill = discriminator.prefill(prompt_prefix(processor, prompts))
+        hidden, aux = discriminator.continue_hidden(prefill, rows, parts=[2, 3], split_by_length=split)
+        (hidden.square().sum() + 10 * aux.sum()).backward()
+        return hidden.detach(), aux.detach(), {n: p.grad.clone() for n, p in discriminator.named_parameters()
+                                               if p.grad is not None}
+
+    one = run(split=False)
+    split = run(split=True)
+    hook.remove()
+    lengths = rows.segment_mask.sum(-1).tolist()
+    short = max(lengths[i] for i in (0, 2, 4))
+    assert widths[1] == (5, max(lengths)) and widths[3:] == [(3, short), (2, max(lengths))]  # prefills at 0 and 2
+    torch.testing.assert_close(split[0], one[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split[1], one[1], rtol=1e-6, atol=1e-7)
+    assert split[2].keys() == one[2].keys()
+    for name, grad in one[2].items():
+        assert (split[2][name] - grad).abs().max() <= 1e-3 * grad.abs().max() + 1e-7, name  # as whole rows vs shared
+
+
 @pytest.fixture(scope="module")
 def saved_moe(processor, dense, tmp_path_factory):
     """A saved `moe` discriminator whose weights are exactly bfloat16 numbers (the authors train in bf16)."""
