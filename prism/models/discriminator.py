@@ -280,14 +280,14 @@ class Discriminator(nn.Module):
         self._route(kind)
         model = self.backbone.model
         routing = {"output_router_logits": True} if self.is_moe else {}
-        lengths = rows.segment_mask.sum(-1)
-        buckets = length_buckets(lengths.tolist()) if split_by_length else [list(range(len(lengths)))]
+        lengths = rows.segment_mask.sum(-1).tolist()
+        buckets = length_buckets(lengths) if split_by_length else [list(range(len(lengths)))]
         width = rows.segment_ids.shape[1]
         hidden_parts, router_parts = [], []
         for bucket in buckets:
-            index = torch.tensor(bucket, device=rows.owner.device)
+            index = torch.tensor(bucket, dtype=torch.long, device=rows.owner.device)
             owner = rows.owner.index_select(0, index)
-            bucket_width = int(lengths.index_select(0, index).max())
+            bucket_width = max(lengths[row] for row in bucket)
             segment_ids = rows.segment_ids.index_select(0, index)[:, :bucket_width]
             segment_mask = rows.segment_mask.index_select(0, index)[:, :bucket_width]
             cache = DynamicCache(config=self.backbone.config)
@@ -304,7 +304,8 @@ class Discriminator(nn.Module):
             if self.is_moe:  # per layer [rows, width, experts], padded to the widest bucket (masked in the aux)
                 router_parts.append([nn.functional.pad(s.view(len(bucket), bucket_width, -1),
                                                        (0, 0, 0, width - bucket_width)) for s in out.router_logits])
-        inverse = torch.argsort(torch.tensor([row for bucket in buckets for row in bucket], device=rows.owner.device))
+        inverse = torch.argsort(torch.tensor([row for bucket in buckets for row in bucket], dtype=torch.long,
+                                             device=rows.owner.device))
         hidden = torch.cat(hidden_parts).index_select(0, inverse)
         sizes = [hidden.shape[0]] if parts is None else list(parts)
         if sum(sizes) != hidden.shape[0]:

@@ -273,13 +273,14 @@ def set_experts_implementation(model: torch.nn.Module, name: str) -> str | None:
     text = getattr(config, "text_config", config)
     if not getattr(text, "num_experts", 0):
         return None
-    if name == "auto":
-        name = "grouped_mm" if torch.cuda.is_available() else "eager"
     if not hasattr(model, "set_experts_implementation"):  # transformers before the experts interface
+        if name == "auto":
+            return None
         raise ModelError(f"experts_implementation {name!r}: this transformers has no experts backends (upgrade it, "
                          "or set experts_implementation: auto)")
-    if config._experts_implementation != name:
-        model.set_experts_implementation(name)
+    if name == "auto":  # the stages run on CUDA where it is available (make_accelerator)
+        name = "grouped_mm" if torch.cuda.is_available() else "eager"
+    model.set_experts_implementation(name)  # every sub-config: the experts read text_config's
     return name
 
 
