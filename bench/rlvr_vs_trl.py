@@ -153,7 +153,8 @@ def trl_rlvr(args) -> dict:
         def on_step_end(self, args_, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self.started)
 
-    model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32)
+    # the same layers as ours (prism.models.load_model): no Hub kernels
+    model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32, use_kernels=False)
     processor = load_processor(args.model_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = Path(tempfile.mkdtemp(prefix="prism-bench-trl-"))
