@@ -81,7 +81,6 @@ def teacher_layouts_worker(args) -> dict:
     import torch
 
     from prism.algorithms import discriminator_loss
-    from prism.models import set_experts_implementation
     from prism.models.discriminator import encode_prompt, load_discriminator, segment_batch
     from prism.response_format import scored_segments
     from prism.rollout import SamplingParams
@@ -99,7 +98,6 @@ def teacher_layouts_worker(args) -> dict:
     texts = backend.generate([rollout_prompt(r) for r in records], n, SamplingParams(
         max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, seed=cfg.seed)).texts
     discriminator = load_discriminator(cfg.discriminator.path, dtype=cfg.discriminator.dtype).train()
-    set_experts_implementation(discriminator.backbone, cfg.discriminator.experts_implementation)  # as align does
     prompts = [encode_prompt(processor, r.prompt, rollout_prompt(r).images, True) for r in records]
     kinds = discriminator.spec.segment_kinds
 

@@ -111,7 +111,7 @@ def worker(args) -> dict:
     from prism.config import AlignConfig, ModelConfig, OptimConfig, PolicyUpdateConfig, load_config
     from prism.data.encoding import IGNORE, collate, encode_conversation
     from prism.data.formats import read_rl_parquet, read_sharegpt
-    from prism.models import build_model, load_model, load_processor, save_model, set_experts_implementation
+    from prism.models import build_model, load_model, load_processor, save_model
     from prism.models.discriminator import DiscriminatorSpec, build_discriminator, encode_prompt
     from prism.rollout import SamplingParams
     from prism.rollout.backends import make_backend
@@ -231,8 +231,6 @@ def worker(args) -> dict:
                                         expert_noise_std=0.002, router_init_std=0.02, aux_loss_coef=0.01,
                                         seed=0).train()
     cfg = load_config(AlignConfig, path="experiments/configs/embedded/align.yaml")
-    result["experts_implementation"] = set_experts_implementation(discriminator.backbone,
-                                                                  cfg.discriminator.experts_implementation)
     encoded_prompts = [encode_prompt(processor, r.prompt, rollout_prompt(r).images, True) for r in records]
     disc_optimizer = build_optimizer(discriminator, cfg.disc_optim)
 

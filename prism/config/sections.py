@@ -95,13 +95,6 @@ class ModelConfig:
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "transformers attention backend: sdpa, eager, flash_attention_2, ..."},
     )
-    experts_implementation: Literal["auto", "eager", "grouped_mm", "batched_mm"] = field(
-        default="auto",
-        metadata={**HASH_IF_SET,
-                  "help": "transformers backend of a Mixture-of-Experts model's expert layers (the discriminator): "
-                          "auto = eager on CPU (faster there than grouped_mm's fallback), grouped_mm on GPUs. The "
-                          "backends agree to float rounding; a dense model has none to set."},
-    )
 
     # --- what trains (the policy stages base, sft and rlvr; prism.models.peft) ---
     freeze_vision: bool = field(

@@ -11,7 +11,6 @@ from prism.models.presets import (
     load_model,
     resolve_model,
     save_model,
-    set_experts_implementation,
 )
 from prism.models.processor import (
     ModelError,
@@ -46,5 +45,4 @@ __all__ = [
     "resolve_model",
     "save_model",
     "save_processor",
-    "set_experts_implementation",
 ]

@@ -264,26 +264,6 @@ def load_model(
     return model.eval()
 
 
-def set_experts_implementation(model: torch.nn.Module, name: str) -> str | None:
-    """Pick the transformers backend of a Mixture-of-Experts model's expert layers; returns the one set, None for a
-    dense model (nothing to set). `auto`: `eager` (a loop over the experts that hold tokens) on CPU, where it ran
-    the upcycled discriminator's pass faster than transformers' default `grouped_mm`, whose CPU path is a slow
-    fallback (`bench/throughput.py`, `disc_pass`); `grouped_mm` on GPUs. The backends agree to float rounding."""
-    config = getattr(model, "config", None)
-    text = getattr(config, "text_config", config)
-    if not getattr(text, "num_experts", 0):
-        return None
-    if not hasattr(model, "set_experts_implementation"):  # transformers before the experts interface
-        if name == "auto":
-            return None
-        raise ModelError(f"experts_implementation {name!r}: this transformers has no experts backends (upgrade it, "
-                         "or set experts_implementation: auto)")
-    if name == "auto":  # the stages run on CUDA where it is available (make_accelerator)
-        name = "grouped_mm" if torch.cuda.is_available() else "eager"
-    model.set_experts_implementation(name)  # every sub-config: the experts read text_config's
-    return name
-
-
 def save_model(model: PreTrainedModel, processor: Qwen3VLImageTextProcessor, directory: str | os.PathLike,
                state_dict: dict | None = None) -> Path:
     """Write a plain HF checkpoint folder (config, safetensors, tokenizer, processor) atomically.

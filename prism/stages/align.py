@@ -53,7 +53,6 @@ from prism.algorithms import discriminator_loss, get_advantage_estimator
 from prism.atomic_io import atomic_write_text
 from prism.config import AlignConfig
 from prism.data.formats import DataError, RLRecord
-from prism.models import set_experts_implementation
 from prism.models.discriminator import (
     Discriminator,
     EncodedPrompt,
@@ -276,7 +275,6 @@ def run(cfg: AlignConfig, on_step=None) -> Path:
     teacher = teacher_counts(records)
     policy, processor = load_policy(local.model, cfg.seed)
     discriminator = load_discriminator(local.discriminator.path, dtype=cfg.discriminator.dtype).train()
-    set_experts_implementation(discriminator.backbone, cfg.discriminator.experts_implementation)
     if discriminator.backbone.config.text_config.attention_dropout:
         raise NotImplementedError(
             f"{cfg.discriminator.path}: attention_dropout > 0. align takes the scores and the loss from one pass of "

@@ -28,14 +28,7 @@ from prism.atomic_io import check_output_folder
 from prism.config import ModelConfig, OptimConfig, config_hash, load_config, write_config_yaml
 from prism.data.formats import DataError
 from prism.hub import HubError, resolve_data_files, resolve_model_path
-from prism.models import (
-    ModelError,
-    build_model,
-    check_checkpoint_folder,
-    load_model,
-    load_processor,
-    set_experts_implementation,
-)
+from prism.models import ModelError, build_model, check_checkpoint_folder, load_model, load_processor
 from prism.models.peft import setup_trainable
 from prism.models.presets import get_preset
 from prism.runtime import (
@@ -155,7 +148,6 @@ def load_policy(model_cfg: Any, seed: int) -> tuple[torch.nn.Module, Any]:
         model = build_model(model_cfg.preset, processor.tokenizer, seed=seed).to(dtype)
     if model.config._attn_implementation != model_cfg.attn_implementation:
         model.set_attn_implementation(model_cfg.attn_implementation)
-    set_experts_implementation(model, model_cfg.experts_implementation)
     model.config.use_cache = False  # training forwards; generation turns the cache on per call
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -39,7 +39,6 @@ from prism.data.formats import (
     write_warmup_pairs,
 )
 from prism.data.order import epoch_order, step_records
-from prism.models import set_experts_implementation
 from prism.models.discriminator import (
     Discriminator,
     DiscriminatorSpec,
@@ -242,7 +241,6 @@ def run(cfg: DiscWarmupConfig) -> Path:
     discriminator = build_discriminator(
         dense, spec, num_experts=cfg.num_experts, top_k=cfg.top_k, expert_noise_std=cfg.expert_noise_std,
         router_init_std=cfg.router_init_std, aux_loss_coef=cfg.aux_loss_coef, seed=cfg.seed).train()
-    set_experts_implementation(discriminator.backbone, cfg.model.experts_implementation)
     del dense
     encoder = PairEncoder(processor, pairs, spec.uses_images)
     optimizer = build_optimizer(discriminator, cfg.optim)

@@ -13,7 +13,6 @@ from prism.models import (
     build_model,
     build_processor,
     build_tokenizer,
-    set_experts_implementation,
 )
 from prism.models.discriminator import (
     Discriminator,
@@ -135,26 +134,6 @@ def test_free_routing_uses_every_expert_and_reports_the_aux_loss(processor, dens
     chosen = torch.cat([logits.topk(2, dim=-1).indices.flatten() for logits in out.router_logits])
     assert set(chosen.tolist()) == {0, 1, 2, 3}
     assert scores.shape == (2,) and aux.item() > 0
-
-
-def test_experts_backends_agree_and_auto_picks_the_eager_loop_on_cpu(processor, dense):
-    disc = build_discriminator(dense, DiscriminatorSpec("moe", head_dropout=0.0), **_kwargs()).train()
-    batch = _batch(processor, [split_segments(TEACHER).perception, split_segments(TEACHER).reasoning])
-
-    def scores_and_gradients():
-        disc.zero_grad(set_to_none=True)
-        scores, aux = disc(**batch, kind="perception")
-        (scores.sum() + aux).backward()
-        return scores.detach(), torch.cat([p.grad.flatten() for p in disc.parameters() if p.grad is not None])
-
-    assert disc.backbone.config._experts_implementation == "grouped_mm"  # transformers' default
-    grouped = scores_and_gradients()
-    assert set_experts_implementation(disc.backbone, "auto") == "eager"
-    assert disc.backbone.config.text_config._experts_implementation == "eager"
-    eager = scores_and_gradients()
-    assert torch.allclose(grouped[0], eager[0], atol=1e-5)
-    assert torch.allclose(grouped[1], eager[1], rtol=1e-4, atol=1e-6)
-    assert set_experts_implementation(dense, "eager") is None  # a dense model has no experts to set
 
 
 def test_variant_and_backbone_must_agree(dense):
