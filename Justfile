@@ -97,6 +97,10 @@ calibrate-world preset="embedded-s" *args: setup
 bench-align *args: setup
     .venv/bin/python bench/align_step.py {{args}}
 
+# One discriminator pass, its rows as one forward or split by length, under two experts backends: `just bench-disc-split --threads 1`.
+bench-disc-split *args: setup
+    .venv/bin/python bench/disc_split.py {{args}}
+
 # FLOPs and seconds per kind of work (SFT step, rollout, RLVR update, discriminator, evaluation) beside the GEMM
 # peaks of the model's shapes, per tiny preset: outputs/bench/throughput.json (`--profile` adds top operators).
 bench-throughput *args: setup
