@@ -1,9 +1,10 @@
 """Benchmark: one discriminator pass of the alignment stage (`prism.stages.align.discriminator_pass`: forward and
-backward of the published loss) with the rows continuing each prefill run as one forward or split by segment length
-(`prism.models.discriminator.length_buckets`), under transformers' `grouped_mm` and `eager` experts backends.
+backward of the published loss) with the rows continuing each prefill run as one forward, in at most two forwards
+by segment length, or in the default up to four (`prism.models.discriminator.length_buckets`), under transformers'
+`grouped_mm` (its default) and `eager` experts backends.
 
 Work per pass: 8 prompts of the world's teacher parquet, 64 rollouts made of other records' teacher segments (so
-their lengths are the world's), the preset's model sparse-upcycled (4 experts, top-2, random init). The four
+their lengths are the world's), the preset's model sparse-upcycled (4 experts, top-2, random init). The
 variants run interleaved, `--repeats` times after one warm-up each; medians. Writes outputs/bench/disc-split-<preset>-<threads>t.json.
 
     .venv/bin/python bench/disc_split.py --world outputs/world --presets embedded-s,embedded-m --threads 1
@@ -12,6 +13,7 @@ variants run interleaved, `--repeats` times after one warm-up each; medians. Wri
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -31,11 +33,13 @@ from prism.stages.align import discriminator_pass
 SPLIT = disc_module.length_buckets
 
 
-def one_forward(lengths, min_saving=0.2):
+def one_forward(lengths):
     return [list(range(len(lengths)))]
 
 
-VARIANTS = {"grouped_mm_one_forward": ("grouped_mm", one_forward), "grouped_mm_split_by_length": ("grouped_mm", SPLIT),
+VARIANTS = {"grouped_mm_one_forward": ("grouped_mm", one_forward),
+            "grouped_mm_two_buckets": ("grouped_mm", functools.partial(SPLIT, max_buckets=2)),
+            "grouped_mm_split_by_length": ("grouped_mm", SPLIT),
             "eager_one_forward": ("eager", one_forward), "eager_split_by_length": ("eager", SPLIT)}
 
 

@@ -1,6 +1,6 @@
 """Prompt prefixes computed once: a Qwen3-VL forward of the distinct prompts whose key/value cache the rows that
 continue them reuse (the n rollouts of a prompt, the teacher and student segments scored on it, the system prompt
-every SFT row of a micro-batch begins with).
+every SFT row of a micro-batch and every prompt the discriminator scores begin with).
 
 Shared by the rollout backend (decode and re-scoring), the discriminator (segment scoring) and the SFT recipe.
 Gradients flow back through the cache, so a training forward that shares a prompt equals, up to float rounding,
@@ -40,6 +40,14 @@ def cache_may_carry_gradients(model: Any) -> bool:
     return model is core or isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
 
+def common_prefix_length(ids: torch.Tensor, mask: torch.Tensor, image_token_id: int) -> int:
+    """How many leading columns every row of a right-padded batch holds alike and unpadded, up to the first image
+    placeholder (a shared prefix runs without the vision inputs): the system prompt and the chat template's
+    opening, where the rows carry the same one."""
+    same = (ids == ids[:1]).all(0) & (ids[0] != image_token_id) & (mask == 1).all(0)
+    return int(same.long().cumprod(0).sum())
+
+
 def image_token_types(image_token_id: int, prompt_ids: torch.Tensor, total_len: int) -> torch.Tensor:
     """`mm_token_type_ids`: 1 at the prompt's image placeholders, 0 elsewhere (M-RoPE needs it with images)."""
     types = torch.zeros(prompt_ids.shape[0], total_len, dtype=torch.long, device=prompt_ids.device)
@@ -49,12 +57,13 @@ def image_token_types(image_token_id: int, prompt_ids: torch.Tensor, total_len: 
 
 def continuation_positions(vl_model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                            mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
-    """Per left-padded prompt, the position (in every M-RoPE axis) of the first token after it: its last position
-    + 1, as a whole forward numbers it. `vl_model` is the Qwen3-VL base model (`.model` of the generation
-    class). Computed here, never read from the model's `rope_deltas`, which an earlier call may have left for
-    another batch."""
+    """Per prompt (left- or right-padded), the position (in every M-RoPE axis) of the first token after it: its
+    last position + 1, as a whole forward numbers it. `vl_model` is the Qwen3-VL base model (`.model` of the
+    generation class). Computed here, never read from the model's `rope_deltas`, which an earlier call may have
+    left for another batch."""
     if image_grid_thw is None:  # text only: a whole forward numbers every column, padding included
-        return torch.full((prompt_ids.shape[0],), prompt_ids.shape[1], device=prompt_ids.device)
+        columns = torch.arange(1, prompt_ids.shape[1] + 1, device=prompt_ids.device)
+        return (prompt_mask.to(columns.dtype) * columns).amax(-1)  # the last unpadded column + 1
     _, deltas = vl_model.get_rope_index(input_ids=prompt_ids, mm_token_type_ids=mm_token_type_ids,
                                         image_grid_thw=image_grid_thw.to(prompt_ids.device),
                                         attention_mask=prompt_mask)

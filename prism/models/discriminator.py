@@ -43,7 +43,13 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
 from prism.atomic_io import atomic_directory
 from prism.data.encoding import IGNORE, Encoded, chat_messages, collate, process_images
 from prism.data.formats import IMAGE_TOKEN
-from prism.kv_prefix import cache_kwarg, continuation_positions, image_token_types, output_cache
+from prism.kv_prefix import (
+    cache_kwarg,
+    common_prefix_length,
+    continuation_positions,
+    image_token_types,
+    output_cache,
+)
 from prism.models.presets import DENSE, MOE, check_checkpoint_folder, load_model, save_model
 from prism.models.processor import ModelError
 
@@ -52,6 +58,8 @@ SegmentKind = Literal["perception", "reasoning", "response"]
 VARIANTS: tuple[str, ...] = ("moe", "dense", "text_only", "hard_routed", "whole_response")
 HEAD_FILE = "value_head.safetensors"
 SPEC_FILE = "discriminator.json"
+# Below this many common tokens the prompts' opening is not run apart (its own forward call costs more than it saves).
+MIN_SHARED_PROMPT = 16
 # The PRISM authors' discriminator folder (github.com/XIAO4579/PRISM, moe/value_head.py:430-471,
 # Qwen3VLMoeValueHead.save_pretrained): the backbone saved by transformers 4.57 with the value head
 # nn.Sequential(Dropout(0.1), Linear(hidden, 1, bias=False)) merged into its weights as `v_head.1.weight`, plus a
@@ -254,17 +262,39 @@ class Discriminator(nn.Module):
 
     def prefill(self, prefix: PromptPrefix, kind: str | None = None) -> Prefill:
         """One forward of the distinct prompts (and their images), kept for `continue_hidden`. Routing depends on
-        the kind only for the hard-routed variant (`routes_by_kind`): otherwise one prefill serves every kind."""
+        the kind only for the hard-routed variant (`routes_by_kind`): otherwise one prefill serves every kind.
+        The opening every prompt holds alike (the system prompt: about 99 of the embedded world's ~130 prompt
+        tokens) runs once, as one row, and the prompts continue on its key/value cache repeated for them; keys,
+        values, router logits and gradients are those of whole prompts, to float rounding."""
         self._route(kind)
         model = self.backbone.model
-        types = image_token_types(self.backbone.config.image_token_id, prefix.prompt_ids, prefix.prompt_ids.shape[1])
-        out = model(input_ids=prefix.prompt_ids, attention_mask=prefix.prompt_mask, mm_token_type_ids=types,
-                    use_cache=True, **prefix.vision, **({"output_router_logits": True} if self.is_moe else {}))
-        cache = output_cache(out)
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        start = continuation_positions(model, prefix.prompt_ids, prefix.prompt_mask, types,
-                                       prefix.vision.get("image_grid_thw"))
-        return Prefill(layers, out.router_logits if self.is_moe else None, start, prefix.prompt_mask)
+        ids, mask = prefix.prompt_ids, prefix.prompt_mask
+        rows, width = ids.shape
+        types = image_token_types(self.backbone.config.image_token_id, ids, width)
+        routing = {"output_router_logits": True} if self.is_moe else {}
+        shared = min(common_prefix_length(ids, mask, self.backbone.config.image_token_id), width - 1)
+        if rows > 1 and shared >= MIN_SHARED_PROMPT:
+            positions = model.get_rope_index(input_ids=ids, mm_token_type_ids=types, attention_mask=mask,
+                                             image_grid_thw=prefix.vision.get("image_grid_thw"))[0]
+            head = model(input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared],
+                         position_ids=positions[:, :1, :shared], use_cache=True, **routing)
+            cache = output_cache(head)
+            cache.batch_repeat_interleave(rows)
+            out = model(input_ids=ids[:, shared:], attention_mask=mask, position_ids=positions[:, :, shared:],
+                        mm_token_type_ids=types[:, shared:], use_cache=True, **{cache_kwarg(model): cache},
+                        **prefix.vision, **routing)
+            router_logits = None
+            if self.is_moe:  # per layer [rows * width, experts], as one forward of the whole prompts gives them
+                router_logits = tuple(
+                    torch.cat([h.view(1, shared, -1).expand(rows, -1, -1), t.view(rows, width - shared, -1)], 1)
+                    .flatten(0, 1) for h, t in zip(head.router_logits, out.router_logits))
+        else:
+            out = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, use_cache=True, **prefix.vision,
+                        **routing)
+            router_logits = out.router_logits if self.is_moe else None
+        layers = [(layer.keys, layer.values) for layer in output_cache(out).layers]
+        start = continuation_positions(model, ids, mask, types, prefix.vision.get("image_grid_thw"))
+        return Prefill(layers, router_logits, start, mask)
 
     def continue_hidden(self, prefill: Prefill, rows: SegmentRows, kind: str | None = None,
                         parts: Sequence[int] | None = None,
@@ -335,25 +365,35 @@ class Discriminator(nn.Module):
         return self.head(hidden).squeeze(-1).float()
 
 
-def length_buckets(lengths: Sequence[int], min_saving: float = 0.2) -> list[list[int]]:
-    """Rows (their indices, in order) for one forward, or for two split by length: the shorter rows at their own
-    width, where that saves at least `min_saving` of the padded segment tokens (the best split point of the sorted
-    lengths). A forward costs about rows x width tokens; segments of the embedded world leave about 30% of a
-    micro-batch's tokens as padding in one forward."""
+def length_buckets(lengths: Sequence[int], max_buckets: int = 4, forward_tokens: int = 128) -> list[list[int]]:
+    """Rows (their indices, in order) grouped into at most `max_buckets` forwards by length, each run at its
+    longest row's width: the grouping of the sorted lengths that minimises the padded tokens run plus
+    `forward_tokens` for each extra forward (what a forward's fixed cost is worth in tokens). The discriminator's
+    forwards are compute-bound (its expert GEMMs run near the fp32 peak), so padding is time; in one forward about
+    30% of a micro-batch's segment tokens of the embedded world were padding."""
     rows = len(lengths)
-    if rows < 2:
+    if rows < 2 or max_buckets < 2:
         return [list(range(rows))]
     order = sorted(range(rows), key=lambda row: lengths[row])
     ordered = [lengths[row] for row in order]
-    whole = rows * ordered[-1]
-    split, best = rows, whole
-    for short in range(1, rows):
-        cost = short * ordered[short - 1] + (rows - short) * ordered[-1]
-        if cost < best:
-            split, best = short, cost
-    if whole - best < min_saving * whole:
-        return [list(range(rows))]
-    return [sorted(order[:split]), sorted(order[split:])]
+    # cost[k][end]: the cheapest grouping of the `end` shortest rows into k forwards; cut[k][end] its last start
+    inf = float("inf")
+    cost = [[inf] * (rows + 1) for _ in range(max_buckets + 1)]
+    cut = [[0] * (rows + 1) for _ in range(max_buckets + 1)]
+    cost[0][0] = 0.0
+    for k in range(1, max_buckets + 1):
+        for end in range(1, rows + 1):
+            for begin in range(k - 1, end):
+                total = cost[k - 1][begin] + (end - begin) * ordered[end - 1] + (forward_tokens if k > 1 else 0)
+                if total < cost[k][end]:
+                    cost[k][end], cut[k][end] = total, begin
+    k = min(range(1, max_buckets + 1), key=lambda count: cost[count][rows])
+    buckets, end = [], rows
+    while k:
+        begin = cut[k][end]
+        buckets.append(sorted(order[begin:end]))
+        end, k = begin, k - 1
+    return buckets[::-1]
 
 
 def build_discriminator(dense: nn.Module, spec: DiscriminatorSpec, *, num_experts: int, top_k: int,
@@ -593,8 +633,9 @@ def segment_batch(processor, prompts: Sequence[EncodedPrompt], segments: Sequenc
 
 @dataclass
 class PromptPrefix:
-    """Distinct prompts, left-padded so that every row's segment starts in the same column, with their vision
-    inputs (the images of the prompts that have them, in order)."""
+    """Distinct prompts, right-padded (their common opening in the same columns, run once by `prefill`; a row's
+    segment continues after the padding, its positions explicit), with their vision inputs (the images of the
+    prompts that have them, in order)."""
 
     prompt_ids: torch.Tensor  # [prompts, P]
     prompt_mask: torch.Tensor
@@ -633,8 +674,8 @@ def prompt_prefix(processor, prompts: Sequence[EncodedPrompt]) -> PromptPrefix:
     prompt_ids = torch.full((len(prompts), width), processor.tokenizer.pad_token_id, dtype=torch.long)
     prompt_mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for i, prompt in enumerate(prompts):
-        prompt_ids[i, width - len(prompt.ids):] = torch.tensor(prompt.ids)
-        prompt_mask[i, width - len(prompt.ids):] = 1
+        prompt_ids[i, : len(prompt.ids)] = torch.tensor(prompt.ids)
+        prompt_mask[i, : len(prompt.ids)] = 1
     with_images = [p for p in prompts if p.pixel_values is not None]
     vision = {}
     if with_images:

@@ -164,8 +164,9 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
     """Score the rollouts `texts` (row i answers prompt i // n) and back-propagate the published loss.
 
     Micro-batches of `cfg.disc_micro_batch_size` rollouts, in row order: the prompts the micro-batch holds run
-    through the backbone once (once per kind for the hard-routed variant), then per segment kind the rollouts'
-    segments and those prompts' teacher segments run once, in one forward, on their prompts' key/value cache.
+    through the backbone once (once per kind for the hard-routed variant), then every kind's rollout segments
+    and those prompts' teacher segments run once, in one `continue_hidden` call (one per kind for the hard-routed
+    variant; forwards grouped by length), on their prompts' key/value cache.
     From each last hidden state the head gives a score without dropout (returned: what the advantage and
     diagnostics read) and, for the loss, with the head's dropout, the teacher's drawn once per rollout it is paired
     with (`teacher_scoring: per_rollout`) or once per prompt (`shared`). Each micro-batch's loss over the number of
@@ -192,26 +193,34 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
         # The forwards in the discriminator's compute dtype; the scores come out of the head in float32.
         with autocast(device, cfg.discriminator.autocast_dtype):
             prefill = None if discriminator.routes_by_kind else discriminator.prefill(prefix)
-            for kind in kinds:
-                # the teacher and the student segments in one forward (half the calls), each keeping its own
-                # aux loss as two forwards would
-                both = segment_rows(processor, owner_prompts, [*range(len(owners)), *owner_of_row.tolist()],
-                                    [teacher_segment(records[p], kind) for p in owners] +
-                                    [split[row][0][kind] for row in rows], cfg.disc_max_length)
-                kind_prefill = prefill or discriminator.prefill(prefix, kind=kind)
-                sizes = [len(owners), len(rows)]
-                states, kind_aux = discriminator.continue_hidden(kind_prefill, both.to(device), kind, parts=sizes)
-                hidden_t, hidden_s = states.split(sizes)
-                aux += list(kind_aux.unbind())
-                with torch.no_grad():
-                    teacher[kind][owners] = discriminator.head_scores(hidden_t, dropout=False).cpu()
-                    student[kind][rows] = discriminator.head_scores(hidden_s, dropout=False).cpu()
-                # index_select, not [owner_of_row]: a backward that sums duplicates in a fixed order (continue_hidden)
-                if cfg.teacher_scoring == "per_rollout":
-                    train_teacher[kind] = discriminator.head_scores(hidden_t.index_select(0, owner_of_row), dropout=True)
-                else:
-                    train_teacher[kind] = discriminator.head_scores(hidden_t, dropout=True).index_select(0, owner_of_row)
-                train_student[kind] = discriminator.head_scores(hidden_s, dropout=True)
+            # every kind's teacher and student segments in one continue_hidden call, each group keeping its own
+            # aux loss as separate forwards would; the hard-routed variant routes by kind, so one call per kind
+            for call_kinds in ([[kind] for kind in kinds] if discriminator.routes_by_kind else [list(kinds)]):
+                route = call_kinds[0] if discriminator.routes_by_kind else None
+                owner_index, segments = [], []
+                for kind in call_kinds:
+                    owner_index += [*range(len(owners)), *owner_of_row.tolist()]
+                    segments += [teacher_segment(records[p], kind) for p in owners]
+                    segments += [split[row][0][kind] for row in rows]
+                both = segment_rows(processor, owner_prompts, owner_index, segments, cfg.disc_max_length)
+                sizes = [len(owners), len(rows)] * len(call_kinds)
+                states, call_aux = discriminator.continue_hidden(prefill or discriminator.prefill(prefix, kind=route),
+                                                                 both.to(device), route, parts=sizes)
+                aux += list(call_aux.unbind())
+                states = states.split(sizes)
+                for index, kind in enumerate(call_kinds):
+                    hidden_t, hidden_s = states[2 * index], states[2 * index + 1]
+                    with torch.no_grad():
+                        teacher[kind][owners] = discriminator.head_scores(hidden_t, dropout=False).cpu()
+                        student[kind][rows] = discriminator.head_scores(hidden_s, dropout=False).cpu()
+                    # index_select, not [owner_of_row]: a backward that sums duplicates in a fixed order
+                    if cfg.teacher_scoring == "per_rollout":
+                        train_teacher[kind] = discriminator.head_scores(hidden_t.index_select(0, owner_of_row),
+                                                                        dropout=True)
+                    else:
+                        train_teacher[kind] = discriminator.head_scores(hidden_t, dropout=True).index_select(
+                            0, owner_of_row)
+                    train_student[kind] = discriminator.head_scores(hidden_s, dropout=True)
         loss, metrics = discriminator_loss(
             train_teacher, train_student, valid[rows].to(device), batch_has_valid=batch_has_valid,
             score_clip=cfg.score_clip, score_reg_coef=cfg.score_reg_coef, fallback_coef=cfg.fallback_loss_coef)

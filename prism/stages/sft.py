@@ -28,7 +28,7 @@ from prism.config import BaseConfig, SFTConfig
 from prism.data.encoding import IGNORE, Encoded, collate, collate_packed, encode_conversation
 from prism.data.formats import Conversation, DataError, read_sharegpt
 from prism.data.order import step_records
-from prism.kv_prefix import cache_kwarg, cache_may_carry_gradients, output_cache
+from prism.kv_prefix import cache_kwarg, cache_may_carry_gradients, common_prefix_length, output_cache
 from prism.models.peft import final_model_saver
 from prism.runtime import MetricsLogger, Progress, autocast, check_finite, seed_everything
 from prism.stages.common import (
@@ -76,8 +76,7 @@ def shared_prefix_length(batch: dict[str, torch.Tensor], image_token_id: int) ->
     ids = batch["input_ids"]
     if ids.shape[0] < 2 or "position_ids" in batch:
         return 0
-    same = (ids == ids[:1]).all(0) & (ids[0] != image_token_id) & (batch["attention_mask"] == 1).all(0)
-    length = int(same.long().cumprod(0).sum())
+    length = common_prefix_length(ids, batch["attention_mask"], image_token_id)
     labelled = batch["labels"] != IGNORE
     if not labelled.any():
         return 0

@@ -2,6 +2,7 @@
 see what they should, and a saved discriminator scores the same after loading."""
 
 import argparse
+import functools
 
 import pytest
 import torch
@@ -245,17 +246,23 @@ def test_groups_of_rows_in_one_forward_keep_each_groups_hidden_states_and_aux_lo
         discriminator.continue_hidden(prefill, rows, parts=[2, 2])
 
 
-def test_length_buckets_split_off_the_short_rows_only_where_padding_would_cost_a_fifth():
+def test_length_buckets_minimise_padded_tokens_plus_a_cost_per_forward():
     from prism.models.discriminator import length_buckets
 
-    # one forward: 4 x 50 = 200 tokens; rows 0, 2, 3 at width 10 and row 1 at 50: 80, a saving of 60%
-    assert length_buckets([10, 50, 9, 10]) == [[0, 2, 3], [1]]
-    assert length_buckets([10, 11, 12]) == [[0, 1, 2]]  # the best split, 2 x 11 + 12 = 34 of 36, saves too little
-    assert length_buckets([30, 10, 30, 10, 30]) == [[1, 3], [0, 2, 4]]
+    # one forward: 4 x 50 = 200 tokens; rows 0, 2, 3 at width 10 and row 1 at 50: 30 + 50 + 16 = 96; three
+    # forwards ([9], [10, 10], [50]): 9 + 20 + 50 + 2 x 16 = 111
+    assert length_buckets([10, 50, 9, 10], forward_tokens=16) == [[0, 2, 3], [1]]
+    assert length_buckets([10, 50, 9, 10], forward_tokens=128) == [[0, 1, 2, 3]]  # 30 + 50 + 128 > 200
+    # free forwards: every length its own, up to max_buckets; two: [10, 20] + [30, 40] = 40 + 80 = 120 beats
+    # [10] + [20, 30, 40] = 130 and [10, 20, 30] + [40] = 130; rows keep their order inside a bucket
+    assert length_buckets([40, 10, 30, 20], max_buckets=4, forward_tokens=0) == [[1], [3], [2], [0]]
+    assert length_buckets([40, 10, 30, 20], max_buckets=2, forward_tokens=0) == [[1, 3], [0, 2]]
+    assert length_buckets([40, 10, 30, 20], max_buckets=1, forward_tokens=0) == [[0, 1, 2, 3]]
     assert length_buckets([7]) == [[0]] and length_buckets([]) == [[]]
 
 
-def test_rows_split_by_length_give_the_one_forward_hidden_states_aux_and_gradients(processor, dense):
+def test_rows_split_by_length_give_the_one_forward_hidden_states_aux_and_gradients(processor, dense, monkeypatch):
+    import prism.models.discriminator as discriminator_module
     from prism.models.discriminator import prompt_prefix, segment_rows
 
     discriminator = build_discriminator(dense, DiscriminatorSpec("moe"), **_kwargs())
@@ -269,6 +276,9 @@ def test_rows_split_by_length_give_the_one_forward_hidden_states_aux_and_gradien
     widths = []
     hook = discriminator.backbone.model.language_model.embed_tokens.register_forward_hook(
         lambda module, args, out: widths.append(tuple(args[0].shape)))
+    # free extra forwards, at most two: the three short answers apart from the two chains
+    monkeypatch.setattr(discriminator_module, "length_buckets",
+                        functools.partial(discriminator_module.length_buckets, max_buckets=2, forward_tokens=0))
 
     def run(split: bool):
         discriminator.zero_grad(set_to_none=True)
@@ -283,7 +293,11 @@ def test_rows_split_by_length_give_the_one_forward_hidden_states_aux_and_gradien
     hook.remove()
     lengths = rows.segment_mask.sum(-1).tolist()
     short = max(lengths[i] for i in (0, 2, 4))
-    assert widths[1] == (5, max(lengths)) and widths[3:] == [(3, short), (2, max(lengths))]  # prefills at 0 and 2
+    # each prefill: the prompts' common opening (the system prompt) once, then the two prompts' rest on its cache
+    prompt_width = max(len(prompt.ids) for prompt in prompts)
+    assert widths[0][0] == 1 and widths[0][1] >= 16 and widths[1] == (2, prompt_width - widths[0][1])
+    assert widths[2] == (5, max(lengths))
+    assert widths[3:5] == widths[:2] and widths[5:] == [(3, short), (2, max(lengths))]
     torch.testing.assert_close(split[0], one[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split[1], one[1], rtol=1e-6, atol=1e-7)
     assert split[2].keys() == one[2].keys()
