@@ -59,6 +59,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+    # A fresh process leaves MKL free to pick a GEMM's threads per call (its dynamic mode); torch.set_num_threads
+    # turns that off for good. Turned off here in every stage, a stage computes the same bits whether or not
+    # something earlier in its process set the thread count (on an Intel host the two modes differed in the
+    # gradients' last bits, and a resumed run in a fresh process then differed from the run it resumed).
+    torch.set_num_threads(torch.get_num_threads())
 
 
 def rng_state() -> dict[str, Any]:

@@ -37,6 +37,20 @@ def _assert_same_run(a, b):
     assert _metrics_without_timing(a) == _metrics_without_timing(b)
 
 
+def test_a_stage_in_a_process_that_set_its_thread_count_computes_what_a_fresh_process_does(world, policy_dir,
+                                                                                           tmp_path):
+    """torch.set_num_threads also turns MKL's per-call choice of threads off for good; every stage turns it off
+    at its start, so an earlier setting in the process cannot change a stage's bits (on an Intel host it did)."""
+    steps = ["max_steps=4", "per_device_batch_size=4", "gradient_accumulation_steps=1"]
+    subprocess.run([sys.executable, "-m", "prism.cli", "train", "sft",
+                    *sft_overrides(world, policy_dir, tmp_path / "fresh", *steps)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
+    _assert_same_run(tmp_path / "fresh", run_sft(sft_config(world, policy_dir, tmp_path / "here", *steps)))
+
+
 def test_sft_killed_with_sigkill_resumes_bit_identical(world, policy_dir, tmp_path):
     steps = ["max_steps=24", "per_device_batch_size=2", "gradient_accumulation_steps=1"]
     whole = run_sft(sft_config(world, policy_dir, tmp_path / "whole", *steps))

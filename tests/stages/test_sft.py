@@ -104,8 +104,9 @@ def test_the_head_runs_only_on_labelled_positions_and_the_loss_and_gradients_equ
     reference = torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
     reference.backward()
     torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-6, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():  # the loss is a sum over tokens: rounding scales with each gradient's size
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-5,
+                                   atol=1e-6 * float(grad.abs().max()))
 
 
 def test_the_shared_system_prompt_runs_once_with_the_whole_rows_loss_and_gradients(world, processor, policy_dir):
