@@ -1,7 +1,7 @@
 """Benchmark: one discriminator pass of the alignment stage (`prism.stages.align.discriminator_pass`: forward and
 backward of the published loss) with the rows continuing each prefill run as one forward, in at most two forwards
 by segment length, or in the default up to four (`prism.models.discriminator.length_buckets`), under transformers'
-`grouped_mm` (its default) and `eager` experts backends.
+`grouped_mm` (its default) and `eager` experts backends, and the default under bf16 autocast (float32 weights).
 
 Work per pass: 8 prompts of the world's teacher parquet, 64 rollouts made of other records' teacher segments (so
 their lengths are the world's), the preset's model sparse-upcycled (4 experts, top-2, random init). The
@@ -37,10 +37,12 @@ def one_forward(lengths):
     return [list(range(len(lengths)))]
 
 
-VARIANTS = {"grouped_mm_one_forward": ("grouped_mm", one_forward),
-            "grouped_mm_two_buckets": ("grouped_mm", functools.partial(SPLIT, max_buckets=2)),
-            "grouped_mm_split_by_length": ("grouped_mm", SPLIT),
-            "eager_one_forward": ("eager", one_forward), "eager_split_by_length": ("eager", SPLIT)}
+# name -> (experts backend, grouping of the rows by length, the discriminator's mixed_precision)
+VARIANTS = {"grouped_mm_one_forward": ("grouped_mm", one_forward, "no"),
+            "grouped_mm_two_buckets": ("grouped_mm", functools.partial(SPLIT, max_buckets=2), "no"),
+            "grouped_mm_split_by_length": ("grouped_mm", SPLIT, "no"),
+            "grouped_mm_split_by_length_bf16": ("grouped_mm", SPLIT, "bf16"),
+            "eager_one_forward": ("eager", one_forward, "no"), "eager_split_by_length": ("eager", SPLIT, "no")}
 
 
 def measure(preset: str, world: Path, repeats: int) -> dict:
@@ -58,7 +60,7 @@ def measure(preset: str, world: Path, repeats: int) -> dict:
     texts = [o.teacher_caption + "\n" + o.teacher_cot for o in others]
 
     def run(name: str) -> float:
-        backend, buckets = VARIANTS[name]
+        backend, buckets, cfg.discriminator.mixed_precision = VARIANTS[name]
         discriminator.backbone.set_experts_implementation(backend)
         disc_module.length_buckets = buckets  # what continue_hidden calls
         discriminator.zero_grad(set_to_none=True)

@@ -302,6 +302,13 @@ class AlignConfig(StageConfig):
                           "means are taken per micro-batch and the step's gradient is the micro-batches' mean, so "
                           "this is a setting of the loss as well as of memory."},
     )
+    disc_forward_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rollouts per discriminator forward (count, a multiple of disc_micro_batch_size): the "
+                          "micro-batches it holds run through the backbone together, each keeping its own loss "
+                          "means, so the gradient is the same to float rounding. null: one micro-batch a forward "
+                          "(the published critic's memory use); larger: fewer, larger forwards where memory allows."},
+    )
     disc_max_length: int = field(
         default=8192, metadata={"help": "Maximum scored sequence length (tokens, prompt + segment); longer segments are cut."},
     )
@@ -336,6 +343,10 @@ class AlignConfig(StageConfig):
         check_range(self, "fallback_loss_coef", low=0)
         check_range(self, "disc_aux_loss_coef", low=0)
         check_range(self, "disc_micro_batch_size", low=1)
+        forward = self.disc_forward_batch_size
+        check(forward is None or (forward > 0 and forward % self.disc_micro_batch_size == 0), "disc_forward_batch_size",
+              f"null or a positive multiple of disc_micro_batch_size ({self.disc_micro_batch_size})", forward,
+              related=("disc_micro_batch_size",))
         check_range(self, "disc_max_length", low=1)
         check_mini_batches(self)
         check_range(self, "steps", low=1)

@@ -163,77 +163,92 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
                        batch_has_valid: bool, backward: bool = True) -> DiscriminatorPass:
     """Score the rollouts `texts` (row i answers prompt i // n) and back-propagate the published loss.
 
-    Micro-batches of `cfg.disc_micro_batch_size` rollouts, in row order: the prompts the micro-batch holds run
-    through the backbone once (once per kind for the hard-routed variant), then every kind's rollout segments
-    and those prompts' teacher segments run once, in one `continue_hidden` call (one per kind for the hard-routed
-    variant; forwards grouped by length), on their prompts' key/value cache.
+    Micro-batches of `cfg.disc_micro_batch_size` rollouts, in row order, each taking its loss's means over its own
+    rows; `cfg.disc_forward_batch_size` rollouts (default: one micro-batch) run through the backbone together. Per
+    forward, the prompts it holds run through the backbone once (once per kind for the hard-routed variant), then
+    every kind's rollout segments and each micro-batch's teacher segments run once, in one `continue_hidden` call
+    (one per kind for the hard-routed variant; forwards grouped by length), on their prompts' key/value cache.
     From each last hidden state the head gives a score without dropout (returned: what the advantage and
     diagnostics read) and, for the loss, with the head's dropout, the teacher's drawn once per rollout it is paired
-    with (`teacher_scoring: per_rollout`) or once per prompt (`shared`). Each micro-batch's loss over the number of
-    micro-batches is back-propagated at once (`backward`), so one micro-batch's activations are alive at a time
-    and the gradient is the mean of the micro-batches'. `batch_has_valid`: whether any rollout of the whole step
-    (every process) is format-valid; without one, the loss is the fallback. With `backward=False` (under
-    torch.no_grad) the pass only scores."""
+    with (`teacher_scoring: per_rollout`) or once per prompt (`shared`), micro-batch by micro-batch. The
+    micro-batches' losses over their number are back-propagated once per forward (`backward`), so one forward's
+    activations are alive at a time and the gradient is the mean of the micro-batches'. `batch_has_valid`: whether
+    any rollout of the whole step (every process) is format-valid; without one, the loss is the fallback. With
+    `backward=False` (under torch.no_grad) the pass only scores."""
     kinds = discriminator.spec.segment_kinds
     split = [scored_segments(text) for text in texts]
     valid = torch.tensor([ok for _, ok in split], dtype=torch.bool)
     size = cfg.disc_micro_batch_size
     micro = [list(range(start, min(start + size, len(texts)))) for start in range(0, len(texts), size)]
+    per_forward = (cfg.disc_forward_batch_size or size) // size
     student = {kind: torch.empty(len(texts)) for kind in kinds}
     teacher = {kind: torch.empty(len(records)) for kind in kinds}
     totals = dict.fromkeys(("loss", "bt_loss", "score_reg", "fallback", "seconds_forward", "seconds_backward"), 0.0)
     device = discriminator.device
-    for rows in micro:
+    for first in range(0, len(micro), per_forward):
         started = time.perf_counter()
-        owners = sorted({row // n for row in rows})  # the prompts of this micro-batch
-        owner_of_row = torch.tensor([owners.index(row // n) for row in rows], device=device)
-        train_teacher, train_student, aux = {}, {}, []
+        batches = micro[first:first + per_forward]
+        batch_owners = [sorted({row // n for row in rows}) for rows in batches]  # each micro-batch's prompts
+        owners = sorted({p for mine in batch_owners for p in mine})  # the prompts this forward holds
         owner_prompts = [prompts[p] for p in owners]
         prefix = prompt_prefix(processor, owner_prompts).to(device)
+        hidden, aux = {}, [[] for _ in batches]  # hidden[(micro-batch, kind)] = (teacher rows, student rows)
         # The forwards in the discriminator's compute dtype; the scores come out of the head in float32.
         with autocast(device, cfg.discriminator.autocast_dtype):
             prefill = None if discriminator.routes_by_kind else discriminator.prefill(prefix)
-            # every kind's teacher and student segments in one continue_hidden call, each group keeping its own
-            # aux loss as separate forwards would; the hard-routed variant routes by kind, so one call per kind
+            # every kind's teacher and student segments in one continue_hidden call, each group (kind, micro-batch,
+            # teacher or student) keeping its own aux loss as separate forwards would; the hard-routed variant
+            # routes by kind, so one call per kind
             for call_kinds in ([[kind] for kind in kinds] if discriminator.routes_by_kind else [list(kinds)]):
                 route = call_kinds[0] if discriminator.routes_by_kind else None
-                owner_index, segments = [], []
+                owner_index, segments, sizes = [], [], []
                 for kind in call_kinds:
-                    owner_index += [*range(len(owners)), *owner_of_row.tolist()]
-                    segments += [teacher_segment(records[p], kind) for p in owners]
-                    segments += [split[row][0][kind] for row in rows]
+                    for mine, rows in zip(batch_owners, batches):
+                        owner_index += [owners.index(p) for p in mine] + [owners.index(row // n) for row in rows]
+                        segments += [teacher_segment(records[p], kind) for p in mine]
+                        segments += [split[row][0][kind] for row in rows]
+                        sizes += [len(mine), len(rows)]
                 both = segment_rows(processor, owner_prompts, owner_index, segments, cfg.disc_max_length)
-                sizes = [len(owners), len(rows)] * len(call_kinds)
                 states, call_aux = discriminator.continue_hidden(prefill or discriminator.prefill(prefix, kind=route),
                                                                  both.to(device), route, parts=sizes)
-                aux += list(call_aux.unbind())
-                states = states.split(sizes)
-                for index, kind in enumerate(call_kinds):
-                    hidden_t, hidden_s = states[2 * index], states[2 * index + 1]
+                states, call_aux = iter(states.split(sizes)), iter(call_aux.unbind())
+                for kind in call_kinds:
+                    for index in range(len(batches)):
+                        hidden[index, kind] = next(states), next(states)
+                        aux[index] += [next(call_aux), next(call_aux)]
+            # the head, micro-batch by micro-batch (its dropout draws in the order one micro-batch a forward takes them)
+            heads = []  # per micro-batch: (teacher, student) kind -> scores with the head's dropout, for the loss
+            for index, (mine, rows) in enumerate(zip(batch_owners, batches)):
+                train_teacher, train_student = {}, {}
+                of_row = torch.tensor([mine.index(row // n) for row in rows], device=device)
+                for kind in kinds:
+                    hidden_t, hidden_s = hidden[index, kind]
                     with torch.no_grad():
-                        teacher[kind][owners] = discriminator.head_scores(hidden_t, dropout=False).cpu()
+                        teacher[kind][mine] = discriminator.head_scores(hidden_t, dropout=False).cpu()
                         student[kind][rows] = discriminator.head_scores(hidden_s, dropout=False).cpu()
-                    # index_select, not [owner_of_row]: a backward that sums duplicates in a fixed order
+                    # index_select, not [of_row]: a backward that sums duplicates in a fixed order
                     if cfg.teacher_scoring == "per_rollout":
-                        train_teacher[kind] = discriminator.head_scores(hidden_t.index_select(0, owner_of_row),
-                                                                        dropout=True)
+                        train_teacher[kind] = discriminator.head_scores(hidden_t.index_select(0, of_row), dropout=True)
                     else:
-                        train_teacher[kind] = discriminator.head_scores(hidden_t, dropout=True).index_select(
-                            0, owner_of_row)
+                        train_teacher[kind] = discriminator.head_scores(hidden_t, dropout=True).index_select(0, of_row)
                     train_student[kind] = discriminator.head_scores(hidden_s, dropout=True)
-        loss, metrics = discriminator_loss(
-            train_teacher, train_student, valid[rows].to(device), batch_has_valid=batch_has_valid,
-            score_clip=cfg.score_clip, score_reg_coef=cfg.score_reg_coef, fallback_coef=cfg.fallback_loss_coef)
-        loss = (loss + cfg.disc_aux_loss_coef * torch.stack(aux).mean()) / len(micro)
+                heads.append((train_teacher, train_student))
+        loss = torch.zeros((), device=device)
+        for index, (rows, (train_teacher, train_student)) in enumerate(zip(batches, heads)):
+            batch_loss, metrics = discriminator_loss(
+                train_teacher, train_student, valid[rows].to(device), batch_has_valid=batch_has_valid,
+                score_clip=cfg.score_clip, score_reg_coef=cfg.score_reg_coef, fallback_coef=cfg.fallback_loss_coef)
+            batch_loss = (batch_loss + cfg.disc_aux_loss_coef * torch.stack(aux[index]).mean()) / len(micro)
+            loss = loss + batch_loss
+            totals["loss"] += float(batch_loss.detach())
+            totals["bt_loss"] += sum(float(metrics[f"bt_{kind}"]) for kind in kinds) / len(micro)
+            totals["score_reg"] += float(metrics["score_reg"]) / len(micro)
+            totals["fallback"] += float(metrics["fallback"]) / len(micro)
         totals["seconds_forward"] += time.perf_counter() - started
         started = time.perf_counter()
         if backward:
             loss.backward()
         totals["seconds_backward"] += time.perf_counter() - started
-        totals["loss"] += float(loss.detach())
-        totals["bt_loss"] += sum(float(metrics[f"bt_{kind}"]) for kind in kinds) / len(micro)
-        totals["score_reg"] += float(metrics["score_reg"]) / len(micro)
-        totals["fallback"] += float(metrics["fallback"]) / len(micro)
     return DiscriminatorPass(student=student, teacher=teacher, valid=valid, **totals)
 
 

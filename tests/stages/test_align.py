@@ -162,6 +162,54 @@ def test_the_pass_equals_the_published_loss_on_per_rollout_teacher_forwards(worl
         torch.testing.assert_close(grad, discriminator.get_parameter(name).grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["moe", "hard_routed"])
+def test_micro_batches_sharing_a_forward_give_what_one_micro_batch_a_forward_gives(world, policy_dir, tmp_path,
+                                                                                  monkeypatch, variant):
+    """disc_forward_batch_size regroups the forwards only: micro-batches of 3 rollouts (prompt 0's four rows
+    straddle the first two), two to a forward, with the head's dropout on and the same seed, give the scores,
+    loss, aux loss and gradients of one micro-batch a forward, in fewer prompt forwards."""
+    from prism.models.discriminator import Discriminator
+
+    disc = discriminator_dir(policy_dir, tmp_path / "disc", variant)
+    prefills = []
+    real_prefill = Discriminator.prefill
+
+    def counted_prefill(self, *args, **kwargs):
+        prefills.append(1)
+        return real_prefill(self, *args, **kwargs)
+
+    monkeypatch.setattr(Discriminator, "prefill", counted_prefill)
+    results = []
+    for forward in ("null", "6"):
+        processor, records, texts, prompts, cfg = _pass_inputs(world, disc, "disc_micro_batch_size=3",
+                                                              f"disc_forward_batch_size={forward}",
+                                                              "disc_aux_loss_coef=0.5")
+        discriminator = load_discriminator(disc).train()
+        discriminator.dropout.p = 0.5
+        prefills.clear()
+        torch.manual_seed(0)
+        scored = discriminator_pass(discriminator, processor, prompts, records, texts, 4, cfg, batch_has_valid=True)
+        grads = {name: p.grad for name, p in discriminator.named_parameters() if p.grad is not None}
+        results.append((scored, grads, len(prefills)))
+    (one, one_grads, one_prefills), (shared, shared_grads, shared_prefills) = results
+    kinds = 2 if variant == "hard_routed" else 1  # prefills per forward
+    assert (one_prefills, shared_prefills) == (3 * kinds, 2 * kinds)  # 8 rollouts: micro-batches of 3, 3, 2
+    assert shared.loss == pytest.approx(one.loss, rel=1e-5) and shared.bt_loss == pytest.approx(one.bt_loss, rel=1e-5)
+    for kind in one.student:
+        torch.testing.assert_close(shared.student[kind], one.student[kind], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(shared.teacher[kind], one.teacher[kind], rtol=1e-5, atol=1e-6)
+    assert one_grads.keys() == shared_grads.keys()
+    for name, grad in one_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_forward_batch_must_hold_whole_micro_batches():
+    from prism.config.loader import ConfigError
+
+    with pytest.raises(ConfigError, match="disc_forward_batch_size.*multiple of disc_micro_batch_size"):
+        load_config(AlignConfig, overrides=["disc_micro_batch_size=8", "disc_forward_batch_size=12"])
+
+
 def test_per_rollout_teacher_draws_its_own_dropout_and_shared_one_per_prompt(world, disc_dir, monkeypatch):
     from prism.stages import align as align_module
 
