@@ -40,6 +40,10 @@ def cache_may_carry_gradients(model: Any) -> bool:
     return model is core or isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
 
+# Below this many shared tokens a prefix's own forward call costs more than it saves.
+MIN_SHARED_PREFIX = 16
+
+
 def common_prefix_length(ids: torch.Tensor, mask: torch.Tensor, image_token_id: int) -> int:
     """How many leading columns every row of a right-padded batch holds alike and unpadded, up to the first image
     placeholder (a shared prefix runs without the vision inputs): the system prompt and the chat template's

@@ -44,6 +44,7 @@ from prism.atomic_io import atomic_directory
 from prism.data.encoding import IGNORE, Encoded, chat_messages, collate, process_images
 from prism.data.formats import IMAGE_TOKEN
 from prism.kv_prefix import (
+    MIN_SHARED_PREFIX,
     cache_kwarg,
     common_prefix_length,
     continuation_positions,
@@ -58,8 +59,6 @@ SegmentKind = Literal["perception", "reasoning", "response"]
 VARIANTS: tuple[str, ...] = ("moe", "dense", "text_only", "hard_routed", "whole_response")
 HEAD_FILE = "value_head.safetensors"
 SPEC_FILE = "discriminator.json"
-# Below this many common tokens the prompts' opening is not run apart (its own forward call costs more than it saves).
-MIN_SHARED_PROMPT = 16
 # The PRISM authors' discriminator folder (github.com/XIAO4579/PRISM, moe/value_head.py:430-471,
 # Qwen3VLMoeValueHead.save_pretrained): the backbone saved by transformers 4.57 with the value head
 # nn.Sequential(Dropout(0.1), Linear(hidden, 1, bias=False)) merged into its weights as `v_head.1.weight`, plus a
@@ -273,7 +272,7 @@ class Discriminator(nn.Module):
         types = image_token_types(self.backbone.config.image_token_id, ids, width)
         routing = {"output_router_logits": True} if self.is_moe else {}
         shared = min(common_prefix_length(ids, mask, self.backbone.config.image_token_id), width - 1)
-        if rows > 1 and shared >= MIN_SHARED_PROMPT:
+        if rows > 1 and shared >= MIN_SHARED_PREFIX:
             positions = model.get_rope_index(input_ids=ids, mm_token_type_ids=types, attention_mask=mask,
                                              image_grid_thw=prefix.vision.get("image_grid_thw"))[0]
             head = model(input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared],
@@ -304,9 +303,9 @@ class Discriminator(nn.Module):
         that of the whole rows: each prompt's router logits are repeated for its rows. `parts`: the sizes of
         consecutive groups of rows (a step's teacher and student segments, say) that share this one forward but
         each take the aux loss over their own rows, returned as a [groups] tensor (padding is masked out of it).
-        `split_by_length`: run the shorter rows as a second forward at their own width where that saves enough
-        padded tokens (`length_buckets`); rows never interact, so hidden states and aux loss are those of one
-        forward, to float rounding."""
+        `split_by_length`: run the rows in up to four forwards by length, each at its own width, where that saves
+        enough padded tokens (`length_buckets`); rows never interact, so hidden states and aux loss are those of
+        one forward, to float rounding."""
         self._route(kind)
         model = self.backbone.model
         routing = {"output_router_logits": True} if self.is_moe else {}

@@ -190,6 +190,10 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
         batches = micro[first:first + per_forward]
         batch_owners = [sorted({row // n for row in rows}) for rows in batches]  # each micro-batch's prompts
         owners = sorted({p for mine in batch_owners for p in mine})  # the prompts this forward holds
+        slot = {p: i for i, p in enumerate(owners)}
+        # per micro-batch, the prompt (in this forward) of each of its segment rows: its teachers', then its rollouts'
+        row_prompts = [[slot[p] for p in mine] + [slot[row // n] for row in rows]
+                       for mine, rows in zip(batch_owners, batches)]
         owner_prompts = [prompts[p] for p in owners]
         prefix = prompt_prefix(processor, owner_prompts).to(device)
         hidden, aux = {}, [[] for _ in batches]  # hidden[(micro-batch, kind)] = (teacher rows, student rows)
@@ -203,8 +207,8 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
                 route = call_kinds[0] if discriminator.routes_by_kind else None
                 owner_index, segments, sizes = [], [], []
                 for kind in call_kinds:
-                    for mine, rows in zip(batch_owners, batches):
-                        owner_index += [owners.index(p) for p in mine] + [owners.index(row // n) for row in rows]
+                    for mine, rows, of_rows in zip(batch_owners, batches, row_prompts):
+                        owner_index += of_rows
                         segments += [teacher_segment(records[p], kind) for p in mine]
                         segments += [split[row][0][kind] for row in rows]
                         sizes += [len(mine), len(rows)]

@@ -28,7 +28,13 @@ from prism.config import BaseConfig, SFTConfig
 from prism.data.encoding import IGNORE, Encoded, collate, collate_packed, encode_conversation
 from prism.data.formats import Conversation, DataError, read_sharegpt
 from prism.data.order import step_records
-from prism.kv_prefix import cache_kwarg, cache_may_carry_gradients, common_prefix_length, output_cache
+from prism.kv_prefix import (
+    MIN_SHARED_PREFIX,  # also the opening by which `prefix_groups` sorts a micro-batch's samples
+    cache_kwarg,
+    cache_may_carry_gradients,
+    common_prefix_length,
+    output_cache,
+)
 from prism.models.peft import final_model_saver
 from prism.runtime import MetricsLogger, Progress, autocast, check_finite, seed_everything
 from prism.stages.common import (
@@ -49,10 +55,6 @@ from prism.stages.common import (
     start_stage,
     stop_preempted,
 )
-
-# Below this many shared tokens the prefix's own forward call costs more than it saves; also the opening by which
-# `prefix_groups` sorts a micro-batch's samples.
-MIN_SHARED_PREFIX = 16
 
 
 def prefix_sharing_applies(model) -> bool:
