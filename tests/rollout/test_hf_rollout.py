@@ -300,23 +300,27 @@ def test_greedy_rollouts_equal_transformers_generate(backend, processor):
     assert torch.equal(batch.response_ids, expected[:, inputs["input_ids"].shape[1]:])
 
 
+@pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
-def test_stopped_rows_leave_the_batch_without_changing_any_row(eos_backend, monkeypatch, top_p):
+def test_stopped_rows_leave_the_batch_without_changing_any_row(eos_backend, monkeypatch, top_p, shared):
     from transformers.cache_utils import Cache
 
     from prism.rollout.hf import sample_responses
+    from prism.rollout.shared_prompt_decode import SharedPromptDecoder
 
     inputs, _ = eos_backend.encode(_prompts())
     model, pad = eos_backend.model, eos_backend.tokenizer.pad_token_id
     sampling = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=top_p, seed=4)
     batch_sizes = []
-    select = Cache.batch_select_indices
-    monkeypatch.setattr(Cache, "batch_select_indices", lambda cache, keep: (batch_sizes.append(len(keep)),
-                                                                             select(cache, keep))[1])
-    compact_ids, compact_logp = sample_responses(model, inputs, 8, sampling, [EOS_TOKEN_ID], pad, True)
+    owner = SharedPromptDecoder if shared else Cache  # where the rows that stopped leave
+    method = "keep" if shared else "batch_select_indices"
+    select = getattr(owner, method)
+    monkeypatch.setattr(owner, method, lambda self, keep: (batch_sizes.append(len(keep)), select(self, keep))[1])
+    compact_ids, compact_logp = sample_responses(model, inputs, 8, sampling, [EOS_TOKEN_ID], pad, True,
+                                                 shared_prompt_decode=shared)
     assert batch_sizes and batch_sizes == sorted(batch_sizes, reverse=True) and batch_sizes[-1] < 16
     whole_ids, whole_logp = sample_responses(model, inputs, 8, sampling, [EOS_TOKEN_ID], pad, True,
-                                             compact_rows=False)
+                                             compact_rows=False, shared_prompt_decode=shared)
     assert len(batch_sizes) == len(set(batch_sizes))  # no compaction in the second call
     assert torch.equal(compact_ids, whole_ids)
     mask, _ = response_mask_and_finish(whole_ids, [EOS_TOKEN_ID])

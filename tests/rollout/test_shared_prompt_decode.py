@@ -1,0 +1,117 @@
+"""The written-out Qwen3-VL decode step: its logits against transformers' forward on a per-row cache (left-padded
+prompts, with and without images, rows leaving the batch, both presets' head layouts), and where it does not apply."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prism.models import PRESETS, build_model, build_processor, build_tokenizer
+from prism.rollout import HFRolloutBackend, RolloutPrompt, SamplingParams
+from prism.rollout.hf import prefill_prompts, reserve_cache, sample_responses
+from prism.rollout.shared_prompt_decode import SharedPromptDecoder, applies
+
+
+def _corpus(n=300, seed=0):
+    rng = random.Random(seed)
+    colours, shapes = ["red", "green", "blue", "yellow"], ["circles", "squares", "triangles"]
+    return [f"There are {rng.randint(1, 5)} {rng.choice(colours)} {rng.choice(shapes)}." for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(build_tokenizer(_corpus()), image_size=PRESETS["embedded-s"].image_size)
+
+
+def _image(seed):
+    size = PRESETS["embedded-s"].image_size
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _inputs(processor, model, with_images=True):
+    prompts = [RolloutPrompt(question="How many red circles are there in the picture?", images=[_image(1)]),
+               RolloutPrompt(question="How many?", images=[_image(2)]),  # shorter: left-padded
+               RolloutPrompt(question="Is there a green square?", images=[_image(3)])]
+    if not with_images:
+        prompts = [RolloutPrompt(question=p.question) for p in prompts]
+    inputs, _ = HFRolloutBackend(model, processor).encode(prompts)
+    return dict(inputs)
+
+
+@pytest.mark.parametrize("preset", ["embedded-s", "embedded-m"])
+@pytest.mark.parametrize("with_images", [True, False])
+@torch.no_grad()
+def test_step_logits_equal_transformers_forward_on_a_repeated_cache(processor, preset, with_images):
+    """Teacher-forced: the same tokens through both, rows 1, 4 and 7 leaving after step 3 (each prompt keeps
+    rows of its own, one prompt keeps one)."""
+    torch.manual_seed(0)
+    model = build_model(preset, processor.tokenizer, seed=0).eval()
+    inputs = _inputs(processor, model, with_images)
+    n, steps = 3, 6
+    prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
+    assert (prompt_mask == 0).any()  # left padding is exercised
+    vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if inputs.get(k) is not None}
+    tokens = torch.randint(10, 200, (prompt_ids.shape[0] * n, steps))
+
+    _, cache, start = prefill_prompts(model, prompt_ids, prompt_mask, vision, n)
+    reserve_cache(cache, steps)
+    mask = torch.cat([prompt_mask.repeat_interleave(n, 0), torch.ones(len(tokens), steps, dtype=torch.long)], 1)
+    first, shared_cache, shared_start = prefill_prompts(model, prompt_ids, prompt_mask, vision, n, repeat_cache=False)
+    decoder = SharedPromptDecoder(model, shared_cache, prompt_mask, n, steps, shared_start)
+    active = torch.arange(len(tokens))
+    worst = 0.0
+    for t in range(steps):
+        if t == 3:
+            keep = torch.tensor([i for i in range(len(active)) if i not in (1, 4, 7)])
+            active, start, mask = active[keep], start[keep], mask[keep]
+            cache.batch_select_indices(keep)
+            decoder.keep(keep)
+        step_tokens = tokens[active, t]
+        expected = model(input_ids=step_tokens[:, None], attention_mask=mask[:, : prompt_ids.shape[1] + t + 1],
+                         position_ids=(start + t)[None, :, None].expand(3, -1, -1), use_cache=True,
+                         cache=cache).logits[:, -1]
+        got = decoder.step(step_tokens, active, t)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        worst = max(worst, float((got - expected).abs().max()))
+        assert got.shape == (len(active), model.config.text_config.vocab_size)
+    assert worst < 1e-5 and expected.abs().max() > 0.1  # logits that carry something, matched to rounding
+
+
+def test_sampled_rollouts_equal_those_of_transformers_forward(processor):
+    """Seeded sampling through the whole loop: the same tokens and, to rounding, the same behaviour log-probs."""
+    model = build_model("embedded-s", processor.tokenizer, seed=0).eval()
+    inputs = _inputs(processor, model)
+    sampling = SamplingParams(max_new_tokens=10, temperature=1.0, seed=3)
+    pad = processor.tokenizer.pad_token_id
+    shared = sample_responses(model, inputs, 4, sampling, [2], pad, True, shared_prompt_decode=True)
+    per_row = sample_responses(model, inputs, 4, sampling, [2], pad, True, shared_prompt_decode=False)
+    assert torch.equal(shared[0], per_row[0])
+    torch.testing.assert_close(shared[1], per_row[1], atol=1e-5, rtol=0)
+
+
+def test_it_steps_aside_for_adapters_hooks_and_other_models(processor):
+    model = build_model("embedded-s", processor.tokenizer, seed=0)
+    assert applies(model)
+
+    class Adapted(torch.nn.Linear):  # what a LoRA layer is to this check: not a bare Linear
+        pass
+
+    attn = model.model.language_model.layers[0].self_attn
+    plain = attn.q_proj
+    attn.q_proj = Adapted(plain.in_features, plain.out_features, bias=False)
+    assert not applies(model)
+    attn.q_proj = plain
+
+    calls = []
+    handle = model.model.language_model.layers[1].register_forward_hook(lambda *args: calls.append(1))
+    assert not applies(model)
+    inputs = _inputs(processor, model)
+    sample_responses(model, inputs, 2, SamplingParams(max_new_tokens=3, seed=0), [2], 0, False)
+    assert len(calls) == 3  # the prefill and two decode steps all went through transformers' forward
+    handle.remove()
+    assert applies(model)
+
+    model.config.model_type = "qwen2_5_vl"
+    assert not applies(model)
