@@ -322,14 +322,10 @@ def sample_responses(
 
     With `shared_prompt_decode`, where it applies (prism.rollout.shared_prompt_decode), the decode steps run
     that module's step on the prompts' cache held once per prompt instead of transformers' forward on a cache
-    repeated per row: the same logits up to float rounding, in about 60% of the time at the tiny presets."""
+    repeated per row: the same logits up to float rounding, in 58% (embedded-s) to 69% (embedded-m) of the time."""
     device = inputs["input_ids"].device
     prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
     vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if inputs.get(k) is not None}
-    # Under FSDP every process must join every forward: go on until all processes are done (as `generate`'s
-    # synced_gpus does), and keep the batch whole (an empty batch could not join).
-    synced = (torch.distributed.is_available() and torch.distributed.is_initialized()
-              and torch.distributed.get_world_size() > 1 and is_sharded_module(model))
     shared = shared_prompt_decode and not is_sharded_module(model) and shared_prompt.applies(model)
     logits, cache, start = prefill_prompts(model, prompt_ids, prompt_mask, vision, n, repeat_cache=not shared)
     rows, max_new = logits.shape[0], sampling.max_new_tokens
@@ -349,6 +345,10 @@ def sample_responses(
     active = torch.arange(rows, device=device)  # the rows still decoding; logits, cache and mask hold only these
     finished = torch.zeros(rows, dtype=torch.bool, device=device)  # of the active rows
     cache_arg, steps = cache_kwarg(model), 0
+    # Under FSDP every process must join every forward: go on until all processes are done (as `generate`'s
+    # synced_gpus does), and keep the batch whole (an empty batch could not join).
+    synced = (torch.distributed.is_available() and torch.distributed.is_initialized()
+              and torch.distributed.get_world_size() > 1 and is_sharded_module(model))
     for t in range(max_new):
         scores = logits.float().index_fill(-1, suppressed, float("-inf"))
         if t < sampling.min_new_tokens:

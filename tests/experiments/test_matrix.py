@@ -1,6 +1,7 @@
 """The experiment matrix: cells expand into a DAG of content-addressed stages that cells share, a changed field
 reruns exactly its dependants, finished stages are cached, and the SLURM plan writes scripts without submitting."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -36,6 +37,29 @@ def test_table1_cells_share_their_common_stages():
     # the embedded discriminator upcycles the S base model (the base stage of size s, same seed)
     assert warmup.cfg.model.path == plan.nodes[sft_key].cfg.model.path and warmup.cfg.policy.path == f"{sft_key}/model"
     assert prism_grpo.cfg.algorithm == "grpo" and prism_grpo.cfg.data_files[0].endswith("/rl.parquet")
+
+
+def test_the_size_axis_probe_trains_table1s_embedded_base_and_sft_on_another_world():
+    """experiments/configs/size_axis.yaml chose table1's base schedule on a validation world: it must train what
+    table1's embedded preset trains (every base and SFT setting but the paths), on a world of another seed."""
+    table = build_plan(load_matrix("table1"), "embedded")
+    probe = build_plan(load_matrix("experiments/configs/size_axis.yaml"), "validation")
+
+    def stages(plan, kind):  # preset -> the resolved config, less what names the world, the folders and the matrix
+        out = {}
+        for node in (n for n in plan.nodes.values() if n.kind == kind):
+            cfg = dataclasses.asdict(node.cfg)
+            for field in ("output_dir", "data_files", "tracking_group"):
+                cfg.pop(field)
+            cfg["model"].pop("path"), cfg["model"].pop("processor_path")
+            out[node.preset] = cfg
+        return out
+
+    for kind in ("base", "sft"):
+        assert stages(table, kind) == stages(probe, kind), kind
+        assert {n.cfg.max_steps for n in probe.nodes.values() if n.kind == kind} == ({1200} if kind == "base" else {700})
+    table_world, probe_world = ([n for n in plan.nodes.values() if n.kind == "world"] for plan in (table, probe))
+    assert table_world[0].key != probe_world[0].key
 
 
 def test_both_embedded_presets_give_both_sizes_one_schedule_on_the_embedded_world_and_items():
