@@ -109,36 +109,26 @@ class SharedPromptDecoder:
                 "values": prompt_values.new_empty(self.rows, self.kv_heads, max_new_tokens, self.head_dim),
             })
         self.intermediate = config.intermediate_size
-        self.all_queries = None  # the all-rows layout of the queries, once rows have left the batch
 
     def keep(self, indices: torch.Tensor) -> None:
         for layer in self.layers:
             layer["keys"], layer["values"] = layer["keys"][indices], layer["values"][indices]
 
-    def prompt_scores(self, queries: torch.Tensor, layer: dict, active: torch.Tensor | None) -> torch.Tensor:
-        """[active, kv, groups, P]: each row's scaled scores against its prompt's keys, padding at -inf."""
-        if active is not None:  # scatter into the all-rows layout: each prompt's block stays n rows (the rows
-            # that left keep stale queries, whose scores are dropped: a GEMM's output row reads its own input row)
-            if self.all_queries is None or self.all_queries.dtype != queries.dtype:
-                self.all_queries = queries.new_zeros(self.rows, *queries.shape[1:])
-            queries = self.all_queries.index_copy_(0, active, queries)
-        block = queries.view(self.prompts, self.n, self.kv_heads, self.groups, self.head_dim).transpose(1, 2)
-        block = block.reshape(self.prompts, self.kv_heads, self.n * self.groups, self.head_dim)
-        scores = torch.matmul(block, layer["prompt_keys"].transpose(-1, -2)) + self.padding_bias
-        scores = scores.view(self.prompts, self.kv_heads, self.n, self.groups, self.prompt_len).transpose(1, 2)
-        scores = scores.reshape(self.rows, self.kv_heads, self.groups, self.prompt_len)
-        return scores if active is None else scores.index_select(0, active)
-
-    def prompt_output(self, weights: torch.Tensor, layer: dict, active: torch.Tensor | None) -> torch.Tensor:
-        """[active, kv, groups, d]: each row's attention weights on its prompt times the prompt's values."""
+    def per_prompt(self, x: torch.Tensor, right: torch.Tensor, active: torch.Tensor | None,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` [active, kv, groups, K] times its prompt's `right` [prompts, kv, K, M] (+ `bias`, broadcast over
+        a prompt's block) -> [active, kv, groups, M]: each prompt's n rows as one block, one GEMM per prompt and
+        head. Once rows have left the batch they are scattered into the all-rows layout first (the rows that left
+        hold zeros, whose products are dropped: a GEMM's output row reads only its own input row)."""
         if active is not None:
-            full = weights.new_zeros(self.rows, *weights.shape[1:])
-            weights = full.index_copy_(0, active, weights)
-        block = weights.reshape(self.prompts, self.n, self.kv_heads, self.groups, self.prompt_len).transpose(1, 2)
-        block = block.reshape(self.prompts, self.kv_heads, self.n * self.groups, self.prompt_len)
-        out = torch.matmul(block, layer["prompt_values"])
-        out = out.view(self.prompts, self.kv_heads, self.n, self.groups, self.head_dim).transpose(1, 2)
-        out = out.reshape(self.rows, self.kv_heads, self.groups, self.head_dim)
+            x = x.new_zeros(self.rows, *x.shape[1:]).index_copy_(0, active, x)
+        width, out_width = x.shape[-1], right.shape[-1]
+        block = x.reshape(self.prompts, self.n, self.kv_heads, self.groups, width).transpose(1, 2)
+        out = torch.matmul(block.reshape(self.prompts, self.kv_heads, self.n * self.groups, width), right)
+        if bias is not None:
+            out = out + bias
+        out = out.view(self.prompts, self.kv_heads, self.n, self.groups, out_width).transpose(1, 2)
+        out = out.reshape(self.rows, self.kv_heads, self.groups, out_width)
         return out if active is None else out.index_select(0, active)
 
     @torch.no_grad()
@@ -158,12 +148,11 @@ class SharedPromptDecoder:
             k = rotate(rms_norm(k.view(rows, kv_heads, d), k_norm.weight, k_norm.variance_epsilon), cos, sin)
             layer["keys"][:, :, t] = k
             layer["values"][:, :, t] = v.view(rows, kv_heads, d)
-            q = q * layer["scale"]
-            prompt_part = self.prompt_scores(q, layer, compacted)
-            response_keys = layer["keys"][:, :, : t + 1].transpose(-1, -2)
-            response_part = torch.matmul(q.view(rows, kv_heads, groups, d), response_keys)
+            q = (q * layer["scale"]).view(rows, kv_heads, groups, d)
+            prompt_part = self.per_prompt(q, layer["prompt_keys"].transpose(-1, -2), compacted, self.padding_bias)
+            response_part = torch.matmul(q, layer["keys"][:, :, : t + 1].transpose(-1, -2))
             weights = torch.cat([prompt_part, response_part], dim=-1).softmax(-1, dtype=torch.float32).to(q.dtype)
-            out = self.prompt_output(weights[..., : self.prompt_len], layer, compacted)
+            out = self.per_prompt(weights[..., : self.prompt_len], layer["prompt_values"], compacted)
             out = out + torch.matmul(weights[..., self.prompt_len :], layer["values"][:, :, : t + 1])
             hidden = hidden + F.linear(out.reshape(rows, heads * d), *layer["o"])
             x = rms_norm(hidden, post_norm.weight, post_norm.variance_epsilon)
