@@ -60,15 +60,18 @@ def image_token_types(image_token_id: int, prompt_ids: torch.Tensor, total_len: 
 
 
 def continuation_positions(vl_model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                           mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+                           mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                           rope_deltas: torch.Tensor | None = None) -> torch.Tensor:
     """Per prompt (left- or right-padded), the position (in every M-RoPE axis) of the first token after it: its
     last position + 1, as a whole forward numbers it. `vl_model` is the Qwen3-VL base model (`.model` of the
     generation class). Computed here, never read from the model's `rope_deltas`, which an earlier call may have
-    left for another batch."""
+    left for another batch; `rope_deltas`: what `get_rope_index` returned for these same prompts, where the caller
+    already has it."""
     if image_grid_thw is None:  # text only: a whole forward numbers every column, padding included
         columns = torch.arange(1, prompt_ids.shape[1] + 1, device=prompt_ids.device)
         return (prompt_mask.to(columns.dtype) * columns).amax(-1)  # the last unpadded column + 1
-    _, deltas = vl_model.get_rope_index(input_ids=prompt_ids, mm_token_type_ids=mm_token_type_ids,
-                                        image_grid_thw=image_grid_thw.to(prompt_ids.device),
-                                        attention_mask=prompt_mask)
-    return prompt_mask.sum(-1) + deltas.reshape(-1).to(prompt_ids.device)
+    if rope_deltas is None:
+        _, rope_deltas = vl_model.get_rope_index(input_ids=prompt_ids, mm_token_type_ids=mm_token_type_ids,
+                                                 image_grid_thw=image_grid_thw.to(prompt_ids.device),
+                                                 attention_mask=prompt_mask)
+    return prompt_mask.sum(-1) + rope_deltas.reshape(-1).to(prompt_ids.device)

@@ -24,6 +24,10 @@ from prism.config.sections import (
 )
 
 # base and sft
+SPLIT_BY_LENGTH_HELP = ("Run each micro-batch in up to four forwards by sample length (prism.data.encoding."
+                        "length_buckets), each padded to its own longest sample rather than the micro-batch's; the "
+                        "loss is summed over tokens, so loss and gradients equal one forward's to float rounding "
+                        "(hence part of the stage's hash). Not with packing.")
 TORCH_COMPILE_HELP = ("torch.compile each repeated block (decoder layers, vision blocks) in place for the training "
                       "forward and backward: regional compilation, dynamic shapes. Compiled kernels sum in another "
                       "order than eager ones, so it is part of the stage's hash; a resumed run still ends "
@@ -47,6 +51,7 @@ class BaseConfig(StageConfig):
     )
     max_length: int = field(default=1024, metadata={"help": "Maximum sequence length (tokens, prompt + response)."})
     packing: bool = field(default=False, metadata={"help": "Pack each micro-batch's samples into rows of max_length tokens (attention stays within a sample)."})
+    split_by_length: bool = field(default=False, metadata={**HASH_IF_SET, "help": SPLIT_BY_LENGTH_HELP})
     torch_compile: bool = field(default=False, metadata={**HASH_IF_SET, "help": TORCH_COMPILE_HELP})
 
     # --- batching and schedule ---
@@ -64,6 +69,9 @@ class BaseConfig(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range(self, "max_length", low=1)
+        check(not (self.packing and self.split_by_length), "split_by_length",
+              "false when packing is true (packed rows have no padding to split)", self.split_by_length,
+              related=("packing",))
         check_range(self, "per_device_batch_size", low=1)
         check_range(self, "gradient_accumulation_steps", low=1)
         check_range(self, "epochs", low=1)
@@ -90,6 +98,7 @@ class SFTConfig(StageConfig):
     )
     max_length: int = field(default=8192, metadata={"help": "Maximum sequence length (tokens, prompt + response)."})
     packing: bool = field(default=False, metadata={"help": "Pack each micro-batch's samples into rows of max_length tokens (attention stays within a sample)."})
+    split_by_length: bool = field(default=False, metadata={**HASH_IF_SET, "help": SPLIT_BY_LENGTH_HELP})
     torch_compile: bool = field(default=False, metadata={**HASH_IF_SET, "help": TORCH_COMPILE_HELP})
 
     # --- batching and schedule ---
@@ -108,6 +117,9 @@ class SFTConfig(StageConfig):
         super().__post_init__()
         check_range(self, "max_records", low=1)
         check_range(self, "max_length", low=1)
+        check(not (self.packing and self.split_by_length), "split_by_length",
+              "false when packing is true (packed rows have no padding to split)", self.split_by_length,
+              related=("packing",))
         check_range(self, "per_device_batch_size", low=1)
         check_range(self, "gradient_accumulation_steps", low=1)
         check_range(self, "epochs", low=1)

@@ -41,7 +41,7 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
 )
 
 from prism.atomic_io import atomic_directory
-from prism.data.encoding import IGNORE, Encoded, chat_messages, collate, process_images
+from prism.data.encoding import IGNORE, Encoded, chat_messages, collate, length_buckets, process_images
 from prism.data.formats import IMAGE_TOKEN
 from prism.kv_prefix import (
     MIN_SHARED_PREFIX,
@@ -272,9 +272,10 @@ class Discriminator(nn.Module):
         types = image_token_types(self.backbone.config.image_token_id, ids, width)
         routing = {"output_router_logits": True} if self.is_moe else {}
         shared = min(common_prefix_length(ids, mask, self.backbone.config.image_token_id), width - 1)
+        deltas = None
         if rows > 1 and shared >= MIN_SHARED_PREFIX:
-            positions = model.get_rope_index(input_ids=ids, mm_token_type_ids=types, attention_mask=mask,
-                                             image_grid_thw=prefix.vision.get("image_grid_thw"))[0]
+            positions, deltas = model.get_rope_index(input_ids=ids, mm_token_type_ids=types, attention_mask=mask,
+                                                   image_grid_thw=prefix.vision.get("image_grid_thw"))
             head = model(input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared],
                          position_ids=positions[:, :1, :shared], use_cache=True, **routing)
             cache = output_cache(head)
@@ -292,7 +293,7 @@ class Discriminator(nn.Module):
                         **routing)
             router_logits = out.router_logits if self.is_moe else None
         layers = [(layer.keys, layer.values) for layer in output_cache(out).layers]
-        start = continuation_positions(model, ids, mask, types, prefix.vision.get("image_grid_thw"))
+        start = continuation_positions(model, ids, mask, types, prefix.vision.get("image_grid_thw"), deltas)
         return Prefill(layers, router_logits, start, mask)
 
     def continue_hidden(self, prefill: Prefill, rows: SegmentRows, kind: str | None = None,
@@ -362,37 +363,6 @@ class Discriminator(nn.Module):
         if dropout:
             hidden = nn.functional.dropout(hidden, self.dropout.p, training=True)
         return self.head(hidden).squeeze(-1).float()
-
-
-def length_buckets(lengths: Sequence[int], max_buckets: int = 4, forward_tokens: int = 128) -> list[list[int]]:
-    """Rows (their indices, in order) grouped into at most `max_buckets` forwards by length, each run at its
-    longest row's width: the grouping of the sorted lengths that minimises the padded tokens run plus
-    `forward_tokens` for each extra forward (what a forward's fixed cost is worth in tokens). The discriminator's
-    forwards are compute-bound (its expert GEMMs run near the fp32 peak), so padding is time; in one forward about
-    30% of a micro-batch's segment tokens of the embedded world were padding."""
-    rows = len(lengths)
-    if rows < 2 or max_buckets < 2:
-        return [list(range(rows))]
-    order = sorted(range(rows), key=lambda row: lengths[row])
-    ordered = [lengths[row] for row in order]
-    # cost[k][end]: the cheapest grouping of the `end` shortest rows into k forwards; cut[k][end] its last start
-    inf = float("inf")
-    cost = [[inf] * (rows + 1) for _ in range(max_buckets + 1)]
-    cut = [[0] * (rows + 1) for _ in range(max_buckets + 1)]
-    cost[0][0] = 0.0
-    for k in range(1, max_buckets + 1):
-        for end in range(1, rows + 1):
-            for begin in range(k - 1, end):
-                total = cost[k - 1][begin] + (end - begin) * ordered[end - 1] + (forward_tokens if k > 1 else 0)
-                if total < cost[k][end]:
-                    cost[k][end], cut[k][end] = total, begin
-    k = min(range(1, max_buckets + 1), key=lambda count: cost[count][rows])
-    buckets, end = [], rows
-    while k:
-        begin = cut[k][end]
-        buckets.append(sorted(order[begin:end]))
-        end, k = begin, k - 1
-    return buckets[::-1]
 
 
 def build_discriminator(dense: nn.Module, spec: DiscriminatorSpec, *, num_experts: int, top_k: int,

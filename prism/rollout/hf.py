@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.fsdp import is_fsdp_managed_module
 
+from prism.data.encoding import length_buckets
 from prism.kv_prefix import (
     cache_kwarg,
     cache_may_carry_gradients,
@@ -169,10 +170,11 @@ def log_probs_and_entropy(
     log-probs, leave gradients on for the policy loss.
 
     The n rows of a prompt share their prompt, so the prompt (and its images) goes through the model once per
-    prompt and its key/value cache is repeated for the rows (`response_logits_shared_prompt`); gradients flow
-    back through the repeat. Where a cache cannot carry gradients (gradient checkpointing recomputes layers and
-    would append to it twice) or the model sits in a wrapper that must see every forward (FSDP1), every row
-    runs whole (`response_logits_per_row`). Both give the same log-probs up to float rounding."""
+    prompt and its key/value cache is gathered for the rows, which run in up to four forwards by response length
+    (`response_logits_shared_prompt`); gradients flow back through the gather. Where a cache cannot carry
+    gradients (gradient checkpointing recomputes layers and would append to it twice) or the model sits in a
+    wrapper that must see every forward (FSDP1), every row runs whole (`response_logits_per_row`). Both give the
+    same log-probs up to float rounding."""
     temperature = batch.sampling.logprob_temperature if temperature is None else temperature
     if not temperature > 0:
         raise RolloutError(f"temperature for log-probs must be > 0, got {temperature!r}")
@@ -222,26 +224,54 @@ def response_logits_per_row(model: Any, batch: RolloutBatch, device: torch.devic
     return out.logits[:, :-1]  # logits at t predict token t + 1: from the prompt's last position to the response's
 
 
-def response_logits_shared_prompt(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
+def response_logits_shared_prompt(model: Any, batch: RolloutBatch, device: torch.device,
+                                  split_by_length: bool = True) -> torch.Tensor:
     """Logits [rows, R, V] predicting each response token: one forward of the unique prompts (images once
-    per prompt), its key/value cache repeated n times, then one forward of the rows' responses on it."""
+    per prompt), then the rows' responses on its key/value cache, gathered per row. `split_by_length`: the rows
+    run in up to four forwards by response length (`length_buckets`), each as wide as its longest response,
+    instead of one forward as wide as the batch's; rows never interact, so the logits at every response position
+    are one forward's to float rounding, and the padding positions (masked by every caller) get zeros."""
     core = getattr(model, "module", model)
     first_rows = torch.arange(0, batch.num_rows, batch.n)
     vision = {}
     if batch.pixel_values is not None:
         vision = {"pixel_values": batch.pixel_values.to(device), "image_grid_thw": batch.image_grid_thw.to(device)}
-    first_logits, cache, start = prefill_prompts(core, batch.prompt_ids[first_rows].to(device),
-                                                 batch.prompt_mask[first_rows].to(device), vision, batch.n)
+    prompt_mask = batch.prompt_mask[first_rows].to(device)
+    first_logits, cache, start = prefill_prompts(core, batch.prompt_ids[first_rows].to(device), prompt_mask, vision,
+                                                 batch.n, repeat_cache=False)
     first_logits = first_logits[:, None]  # predicts response token 0
     resp_len = batch.response_ids.shape[1]
     if resp_len == 1:
         return first_logits
-    positions = start[:, None] + torch.arange(resp_len - 1, device=device)
-    response_ids = batch.response_ids[:, : resp_len - 1].to(device)
-    attention_mask = torch.cat([batch.prompt_mask, batch.response_mask[:, : resp_len - 1]], dim=1).to(device)
-    response_out = model(input_ids=response_ids, attention_mask=attention_mask,
-                         position_ids=positions[None].expand(3, -1, -1), use_cache=True, **{cache_kwarg(core): cache})
-    return torch.cat([first_logits, response_out.logits], dim=1)
+    lengths = [max(length - 1, 0) for length in batch.response_mask.sum(-1).tolist()]  # tokens each row runs
+    buckets = length_buckets(lengths) if split_by_length else [list(range(batch.num_rows))]
+    response_ids, response_mask = batch.response_ids.to(device), batch.response_mask.to(device)
+    owner = torch.arange(batch.num_rows, device=device) // batch.n
+    parts, wrapper_called = [], False
+    for bucket in buckets:
+        rows = torch.tensor(bucket, dtype=torch.long, device=device)
+        width = resp_len - 1 if not split_by_length else max(lengths[row] for row in bucket)
+        logits = first_logits.index_select(0, rows)
+        if width:
+            # index_select, not [owner]: its backward sums a prompt's rows in a fixed order (prism.kv_prefix)
+            bucket_cache = DynamicCache(config=core.config)
+            prompts = owner.index_select(0, rows)
+            for layer, entry in enumerate(cache.layers):
+                bucket_cache.update(entry.keys.index_select(0, prompts), entry.values.index_select(0, prompts), layer)
+            positions = start.index_select(0, rows)[:, None] + torch.arange(width, device=device)
+            attention_mask = torch.cat([prompt_mask.index_select(0, prompts),
+                                        response_mask.index_select(0, rows)[:, :width]], dim=1)
+            # one call of the wrapper per process whatever the bucket count: a DDP forward is a collective
+            # (buffer broadcast), and DDP's gradient hooks sit on the parameters, so the inner module's forwards
+            # (the prompts' too) still synchronise
+            forward, wrapper_called = (core if wrapper_called else model), True
+            out = forward(input_ids=response_ids.index_select(0, rows)[:, :width], attention_mask=attention_mask,
+                        position_ids=positions[None].expand(3, -1, -1), use_cache=True,
+                        **{cache_kwarg(core): bucket_cache})
+            logits = torch.cat([logits, out.logits], dim=1)
+        parts.append(F.pad(logits, (0, 0, 0, resp_len - 1 - width)))
+    inverse = torch.argsort(torch.tensor([row for bucket in buckets for row in bucket], device=device))
+    return torch.cat(parts).index_select(0, inverse)
 
 
 class PreallocatedLayer(DynamicLayer):

@@ -224,7 +224,8 @@ def discriminator_pass(discriminator: Discriminator, processor, prompts: Sequenc
             heads = []  # per micro-batch: (teacher, student) kind -> scores with the head's dropout, for the loss
             for index, (mine, rows) in enumerate(zip(batch_owners, batches)):
                 train_teacher, train_student = {}, {}
-                of_row = torch.tensor([mine.index(row // n) for row in rows], device=device)
+                place = {p: i for i, p in enumerate(mine)}  # each of its prompts' teacher row
+                of_row = torch.tensor([place[row // n] for row in rows], device=device)
                 for kind in kinds:
                     hidden_t, hidden_s = hidden[index, kind]
                     with torch.no_grad():

@@ -1,9 +1,12 @@
-"""Chat encoding and batching: labels, images, truncation, padding and packing."""
+"""Chat encoding and batching: labels, images, truncation, padding, length buckets and packing."""
+
+import itertools
+import random
 
 import pytest
 import torch
 
-from prism.data.encoding import IGNORE, collate, encode_conversation, pack_rows
+from prism.data.encoding import IGNORE, collate, encode_conversation, length_buckets, pack_rows
 from prism.data.formats import Conversation, DataError, read_sharegpt
 from prism.models import load_processor
 
@@ -57,3 +60,33 @@ def test_pack_rows_is_first_fit_decreasing():
     assert pack_rows([5, 3, 4, 2], 7) == [[0, 3], [2, 1]]
     assert pack_rows([7, 7], 7) == [[0], [1]]
     assert pack_rows([1, 1, 1], 7) == [[0, 1, 2]]
+
+
+def test_length_buckets_minimise_padded_tokens_plus_a_cost_per_forward():
+    # one forward: 4 x 50 = 200 tokens; rows 0, 2, 3 at width 10 and row 1 at 50: 30 + 50 + 16 = 96; three
+    # forwards ([9], [10, 10], [50]): 9 + 20 + 50 + 2 x 16 = 111
+    assert length_buckets([10, 50, 9, 10], forward_tokens=16) == [[0, 2, 3], [1]]
+    assert length_buckets([10, 50, 9, 10], forward_tokens=128) == [[0, 1, 2, 3]]  # 30 + 50 + 128 > 200
+    # free forwards: every length its own, up to max_buckets; two: [10, 20] + [30, 40] = 40 + 80 = 120 beats
+    # [10] + [20, 30, 40] = 130 and [10, 20, 30] + [40] = 130; rows keep their order inside a bucket
+    assert length_buckets([40, 10, 30, 20], max_buckets=4, forward_tokens=0) == [[1], [3], [2], [0]]
+    assert length_buckets([40, 10, 30, 20], max_buckets=2, forward_tokens=0) == [[1, 3], [0, 2]]
+    assert length_buckets([40, 10, 30, 20], max_buckets=1, forward_tokens=0) == [[0, 1, 2, 3]]
+    assert length_buckets([7]) == [[0]] and length_buckets([]) == [[]]
+
+
+def test_length_buckets_cost_no_more_than_any_grouping_of_the_sorted_lengths():
+    def cost(buckets, lengths, forward_tokens):
+        return sum(len(b) * max(lengths[r] for r in b) for b in buckets) + forward_tokens * (len(buckets) - 1)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, rng.choice([5, 60])) for _ in range(rng.randint(2, 9))]
+        max_buckets, forward_tokens = rng.randint(2, 4), rng.choice([0, 8, 128])
+        chosen = length_buckets(lengths, max_buckets=max_buckets, forward_tokens=forward_tokens)
+        assert sorted(r for b in chosen for r in b) == list(range(len(lengths))) and len(chosen) <= max_buckets
+        ordered = sorted(range(len(lengths)), key=lambda r: lengths[r])
+        best = min(cost([ordered[a:b] for a, b in itertools.pairwise((0, *cuts, len(lengths)))], lengths,
+                        forward_tokens)
+                   for count in range(max_buckets) for cuts in itertools.combinations(range(1, len(lengths)), count))
+        assert cost(chosen, lengths, forward_tokens) == best, (lengths, max_buckets, forward_tokens)

@@ -246,21 +246,6 @@ def test_groups_of_rows_in_one_forward_keep_each_groups_hidden_states_and_aux_lo
         discriminator.continue_hidden(prefill, rows, parts=[2, 2])
 
 
-def test_length_buckets_minimise_padded_tokens_plus_a_cost_per_forward():
-    from prism.models.discriminator import length_buckets
-
-    # one forward: 4 x 50 = 200 tokens; rows 0, 2, 3 at width 10 and row 1 at 50: 30 + 50 + 16 = 96; three
-    # forwards ([9], [10, 10], [50]): 9 + 20 + 50 + 2 x 16 = 111
-    assert length_buckets([10, 50, 9, 10], forward_tokens=16) == [[0, 2, 3], [1]]
-    assert length_buckets([10, 50, 9, 10], forward_tokens=128) == [[0, 1, 2, 3]]  # 30 + 50 + 128 > 200
-    # free forwards: every length its own, up to max_buckets; two: [10, 20] + [30, 40] = 40 + 80 = 120 beats
-    # [10] + [20, 30, 40] = 130 and [10, 20, 30] + [40] = 130; rows keep their order inside a bucket
-    assert length_buckets([40, 10, 30, 20], max_buckets=4, forward_tokens=0) == [[1], [3], [2], [0]]
-    assert length_buckets([40, 10, 30, 20], max_buckets=2, forward_tokens=0) == [[1, 3], [0, 2]]
-    assert length_buckets([40, 10, 30, 20], max_buckets=1, forward_tokens=0) == [[0, 1, 2, 3]]
-    assert length_buckets([7]) == [[0]] and length_buckets([]) == [[]]
-
-
 def test_rows_split_by_length_give_the_one_forward_hidden_states_aux_and_gradients(processor, dense, monkeypatch):
     import prism.models.discriminator as discriminator_module
     from prism.models.discriminator import prompt_prefix, segment_rows

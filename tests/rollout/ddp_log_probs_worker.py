@@ -1,13 +1,16 @@
 """Run under torchrun (2 processes, gloo): each process rolls out its own batch, then compares the gradient
 of its policy-gradient-like loss taken through DDP (the prompt-once forward runs the inner module, the
-response forward the wrapper) with the average of both processes' gradients taken without DDP."""
+response forwards the wrapper, one per response length: every forward is free here) with the average of both
+processes' gradients taken without DDP."""
 
+import functools
 import json
 import sys
 
 import torch
 import torch.distributed as dist
 
+import prism.rollout.hf as hf_module
 from prism.models import PRESETS, build_model, build_processor, build_tokenizer
 from prism.rollout import (
     HFRolloutBackend,
@@ -31,7 +34,19 @@ def main(out: str) -> None:
     from PIL import Image
 
     prompt = RolloutPrompt(question="How many circles?" + " Count." * rank, images=[Image.fromarray(pixels)])
-    batch = HFRolloutBackend(model, processor).generate([prompt], n=3, sampling=SamplingParams(max_new_tokens=5, seed=rank))
+    bias = torch.zeros(model.config.text_config.vocab_size)
+    bias[processor.tokenizer.eos_token_id] = 2.0  # responses of several lengths
+    hook = model.lm_head.register_forward_hook(lambda module, args, output: output + bias)
+    batch = HFRolloutBackend(model, processor).generate([prompt], n=4, sampling=SamplingParams(max_new_tokens=6, seed=rank))
+    hook.remove()
+    free, forwards = functools.partial(hf_module.length_buckets, forward_tokens=0), []
+
+    def counted_buckets(lengths):  # every forward free: each response length its own forward
+        buckets = free(lengths)
+        forwards.append(len(buckets))
+        return buckets
+
+    hf_module.length_buckets = counted_buckets
 
     def grads(module) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
@@ -49,7 +64,8 @@ def main(out: str) -> None:
     scale = max(g.abs().max().item() for g in local.values())
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"worst": worst, "scale": scale, "same_keys": sorted(synced) == sorted(local)}, f)
+            json.dump({"worst": worst, "scale": scale, "same_keys": sorted(synced) == sorted(local),
+                       "response_forwards": forwards}, f)
     del ddp  # a live DDP reducer at teardown hangs gloo's shutdown
     dist.barrier()
     dist.destroy_process_group()

@@ -214,15 +214,29 @@ def test_prompt_without_images_mixes_with_image_prompts(backend):
 
 
 @pytest.mark.parametrize("with_images", [True, False])
-def test_prompt_once_forward_equals_per_row_forward_with_gradients(processor, with_images):
-    """The shared-prompt forward (prompt and images once per prompt, cache repeated for its rows) gives the
+@pytest.mark.parametrize("split", ["one forward", "by length"])
+def test_prompt_once_forward_equals_per_row_forward_with_gradients(processor, with_images, split, monkeypatch):
+    """The shared-prompt forward (prompt and images once per prompt, cache gathered for its rows) gives the
     per-row forward's log-probs and the same parameter gradients, with and without images, over prompts of
-    different lengths (left padding) and responses that stop early (right padding)."""
+    different lengths (left padding) and responses that stop early (right padding), with its rows in one forward
+    or in forwards by response length (each forward free, so every length runs at its own width)."""
+    import functools
+
+    import prism.rollout.hf as hf_module
     from prism.rollout.hf import (
         response_logits_per_row,
         response_logits_shared_prompt,
         shares_prompts,
     )
+
+    calls, length_buckets = [], hf_module.length_buckets
+
+    def free_forwards(lengths):
+        calls.append(length_buckets(lengths, forward_tokens=0))
+        return calls[-1]
+
+    monkeypatch.setattr(hf_module, "length_buckets", free_forwards)
+    shared_logits = functools.partial(response_logits_shared_prompt, split_by_length=split == "by length")
 
     model = build_model("embedded-s", processor.tokenizer, seed=0)
     bias = torch.zeros(model.config.text_config.vocab_size)
@@ -243,7 +257,8 @@ def test_prompt_once_forward_equals_per_row_forward_with_gradients(processor, wi
         loss.backward()
         return picked * batch.response_mask, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    shared, shared_grads = loss_and_grads(response_logits_shared_prompt)
+    shared, shared_grads = loss_and_grads(shared_logits)
+    assert (len(calls[0]) > 2) if split == "by length" else not calls
     per_row, per_row_grads = loss_and_grads(response_logits_per_row)
     torch.testing.assert_close(shared, per_row, atol=1e-5, rtol=0)
     assert shared_grads.keys() == per_row_grads.keys()
@@ -337,7 +352,8 @@ def test_min_new_tokens_holds_back_the_stop_token(eos_backend):
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")
 def test_prompt_once_forward_synchronises_gradients_under_ddp(tmp_path):
     """2 processes under torchrun: the gradient through DDP equals the mean of the processes' own gradients,
-    although the prompt forward bypasses the wrapper (DDP's hooks sit on the parameters)."""
+    although the prompt forward bypasses the wrapper (DDP's hooks sit on the parameters) and the responses run
+    through it in several forwards by length before one backward."""
     import json
     from pathlib import Path
 
@@ -348,6 +364,7 @@ def test_prompt_once_forward_synchronises_gradients_under_ddp(tmp_path):
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["same_keys"] and out["scale"] > 0
     assert out["worst"] <= 1e-5 * max(1.0, out["scale"])
+    assert min(out["response_forwards"]) > 1
 
 
 @pytest.mark.parametrize("compute_dtype, expected", [(None, torch.float32), ("float32", torch.float32),

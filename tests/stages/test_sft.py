@@ -5,11 +5,18 @@ import json
 import pytest
 import torch
 
-from prism.config import ModelConfig, SFTConfig, load_config
+from prism.config import ConfigError, ModelConfig, SFTConfig, load_config
 from prism.data.encoding import IGNORE, Encoded, collate, collate_packed, encode_conversation
 from prism.data.formats import DataError, read_sharegpt
 from prism.models import load_processor
-from prism.stages.sft import MIN_SHARED_PREFIX, prefix_groups, run, shared_prefix_length, summed_token_loss
+from prism.stages.sft import (
+    MIN_SHARED_PREFIX,
+    length_groups,
+    prefix_groups,
+    run,
+    shared_prefix_length,
+    summed_token_loss,
+)
 
 from .conftest import model_tensors
 
@@ -207,6 +214,58 @@ def test_base_corpus_grouped_by_system_prompt_gives_the_one_forward_loss_and_gra
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-5)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5)
+
+
+def test_micro_batches_split_by_length_give_the_one_forward_loss_and_gradients(world, processor, policy_dir):
+    """SFT samples in forwards by length, each padded to its own longest sample and sharing the system prompt
+    within it: the summed loss and the gradients are those of one forward, and fewer padded tokens run."""
+    from prism.models import load_model
+
+    model = load_model(policy_dir, dtype="float32")
+    pad, image = processor.tokenizer.pad_token_id, model.config.image_token_id
+    samples = [encode_conversation(processor, r, 512) for r in read_sharegpt(world / "sft.json")[:16]]
+    parts = length_groups(samples)
+    assert len(parts) > 1 and sorted(map(id, sum(parts, []))) == sorted(map(id, samples))
+    assert [samples.index(s) for s in parts[0]] == sorted(samples.index(s) for s in parts[0])  # in their order
+    width = lambda part: len(part) * max(len(s.input_ids) for s in part)
+    assert sum(map(width, parts)) < width(samples)
+
+    def loss_and_grads(groups):
+        model.zero_grad(set_to_none=True)
+        loss = sum(summed_token_loss(model, collate(group, pad, image)) for group in groups)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads([samples]), loss_and_grads(parts)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5)
+
+
+def test_length_groups_keep_images_in_every_forward_or_in_none():
+    short, long = list(range(1, 20)), list(range(1, 400))
+    text = lambda ids: Encoded(ids, ids, None, None)
+    pictured = lambda ids: Encoded(ids, ids, torch.zeros(4, 3), torch.tensor([[1, 2, 2]]))
+    a, b, c = text(short), text(long), text(short)
+    assert length_groups([a, b, c]) == [[a, c], [b]]
+    d, e = pictured(short), pictured(long)
+    assert length_groups([d, e, d]) == [[d, d], [e]]
+    assert length_groups([a, e, c]) == [[a, e, c]]  # [a, c] would run without the image [e] has
+    assert length_groups([a]) == [[a]]
+
+
+def test_split_by_length_trains_as_one_forward_does_and_is_refused_with_packing(world, policy_dir, tmp_path):
+    one = run(sft_config(world, policy_dir, tmp_path / "one", "max_steps=2", "per_device_batch_size=16",
+                         "gradient_accumulation_steps=1"))
+    split = run(sft_config(world, policy_dir, tmp_path / "split", "max_steps=2", "per_device_batch_size=16",
+                           "gradient_accumulation_steps=1", "split_by_length=true"))
+    read = lambda d, key: [json.loads(l)[key] for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert read(split, "loss") == pytest.approx(read(one, "loss"), rel=1e-6)
+    assert read(split, "grad_norm") == pytest.approx(read(one, "grad_norm"), rel=1e-5)
+    assert read(one, "forwards") == [1, 1] and min(read(split, "forwards")) > 1
+    with pytest.raises(ConfigError, match="split_by_length"):
+        sft_config(world, policy_dir, tmp_path / "x", "packing=true", "split_by_length=true")
 
 
 def test_no_shared_prefix_where_one_pass_would_share_a_dropout_mask(policy_dir):
