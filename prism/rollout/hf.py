@@ -269,7 +269,9 @@ def response_logits_shared_prompt(model: Any, batch: RolloutBatch, device: torch
                         position_ids=positions[None].expand(3, -1, -1), use_cache=True,
                         **{cache_kwarg(core): bucket_cache})
             logits = torch.cat([logits, out.logits], dim=1)
-        parts.append(F.pad(logits, (0, 0, 0, resp_len - 1 - width)))
+        parts.append(F.pad(logits, (0, 0, 0, resp_len - 1 - width)) if width < resp_len - 1 else logits)
+    if len(parts) == 1:  # one forward of the rows in order: no copy of the logits to reorder
+        return parts[0]
     inverse = torch.argsort(torch.tensor([row for bucket in buckets for row in bucket], device=device))
     return torch.cat(parts).index_select(0, inverse)
 
