@@ -192,6 +192,22 @@ def test_samples_that_open_with_the_most_common_tokens_run_as_their_own_forward(
     assert prefix_groups([d1, e1, d2], 99) == [[d1, d2], [e1]]
 
 
+def assert_forwards_equal_one(model, pad, image, samples, groups):
+    """The summed token loss and the parameter gradients of `groups` (one forward each) equal one forward of
+    `samples`, to float rounding."""
+    def loss_and_grads(forwards):
+        model.zero_grad(set_to_none=True)
+        loss = sum(summed_token_loss(model, collate(group, pad, image)) for group in forwards)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads([samples]), loss_and_grads(groups)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5)
+
+
 def test_base_corpus_grouped_by_system_prompt_gives_the_one_forward_loss_and_gradients(world, processor, policy_dir):
     """Half the base corpus carries the system prompt: its holders share it in their own forward, the rest run
     whole; the summed loss and the gradients are those of one forward of every sample."""
@@ -204,16 +220,7 @@ def test_base_corpus_grouped_by_system_prompt_gives_the_one_forward_loss_and_gra
     assert len(groups) == 2 and sorted(map(id, groups[0] + groups[1])) == sorted(map(id, samples))
     assert shared_prefix_length(collate(groups[0], pad, image), image) >= MIN_SHARED_PREFIX
 
-    def loss_and_grads(parts):
-        model.zero_grad(set_to_none=True)
-        loss = sum(summed_token_loss(model, collate(part, pad, image)) for part in parts)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads([samples]), loss_and_grads(groups)
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-5)
-    for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5)
+    assert_forwards_equal_one(model, pad, image, samples, groups)
 
 
 def test_micro_batches_split_by_length_give_the_one_forward_loss_and_gradients(world, processor, policy_dir):
@@ -230,17 +237,7 @@ def test_micro_batches_split_by_length_give_the_one_forward_loss_and_gradients(w
     width = lambda part: len(part) * max(len(s.input_ids) for s in part)
     assert sum(map(width, parts)) < width(samples)
 
-    def loss_and_grads(groups):
-        model.zero_grad(set_to_none=True)
-        loss = sum(summed_token_loss(model, collate(group, pad, image)) for group in groups)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads([samples]), loss_and_grads(parts)
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-5)
-    assert grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5)
+    assert_forwards_equal_one(model, pad, image, samples, parts)
 
 
 def test_length_groups_keep_images_in_every_forward_or_in_none():
