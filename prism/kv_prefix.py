@@ -11,9 +11,11 @@ output).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 
 def cache_kwarg(model: Any) -> str:
@@ -23,6 +25,17 @@ def cache_kwarg(model: Any) -> str:
 
 def output_cache(out: Any) -> Any:
     return out.get("cache", None) or out.get("past_key_values", None)
+
+
+def gathered_cache(config: Any, layers: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                   owner: torch.Tensor) -> DynamicCache:
+    """A cache for rows continuing prompts: each layer's (keys, values) of the prompts [prompts, ...] gathered to
+    row i's prompt `owner[i]`. `index_select`, not `keys[owner]`: its backward (index_add_) sums a prompt's rows in
+    a fixed order, where advanced indexing's accumulates them with parallel atomic adds (other bits each run)."""
+    cache = DynamicCache(config=config)
+    for layer, (keys, values) in enumerate(layers):
+        cache.update(keys.index_select(0, owner), values.index_select(0, owner), layer)
+    return cache
 
 
 def cache_may_carry_gradients(model: Any) -> bool:

@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import DynamicCache, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
     Qwen3VLMoeTextTopKRouter,
     load_balancing_loss_func,
@@ -48,6 +48,7 @@ from prism.kv_prefix import (
     cache_kwarg,
     common_prefix_length,
     continuation_positions,
+    gathered_cache,
     image_token_types,
     output_cache,
 )
@@ -320,11 +321,7 @@ class Discriminator(nn.Module):
             bucket_width = max(lengths[row] for row in bucket)
             segment_ids = rows.segment_ids.index_select(0, index)[:, :bucket_width]
             segment_mask = rows.segment_mask.index_select(0, index)[:, :bucket_width]
-            cache = DynamicCache(config=self.backbone.config)
-            for layer, (keys, values) in enumerate(prefill.layers):
-                # index_select, not keys[owner]: its backward (index_add_) sums a prompt's rows in a fixed order,
-                # where advanced indexing's accumulates them with parallel atomic adds (other bits each run)
-                cache.update(keys.index_select(0, owner), values.index_select(0, owner), layer)
+            cache = gathered_cache(self.backbone.config, prefill.layers, owner)
             positions = prefill.start[owner][:, None] + torch.arange(bucket_width, device=owner.device)
             mask = torch.cat([prefill.prompt_mask[owner], segment_mask], dim=1)
             out = model(input_ids=segment_ids, attention_mask=mask, position_ids=positions[None].expand(3, -1, -1),

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicLayer
 from transformers.integrations.fsdp import is_fsdp_managed_module
 
 from prism.data.encoding import length_buckets
@@ -22,6 +22,7 @@ from prism.kv_prefix import (
     cache_kwarg,
     cache_may_carry_gradients,
     continuation_positions,
+    gathered_cache,
     image_token_types,
     output_cache,
 )
@@ -253,11 +254,8 @@ def response_logits_shared_prompt(model: Any, batch: RolloutBatch, device: torch
         width = resp_len - 1 if not split_by_length else max(lengths[row] for row in bucket)
         logits = first_logits.index_select(0, rows)
         if width:
-            # index_select, not [owner]: its backward sums a prompt's rows in a fixed order (prism.kv_prefix)
-            bucket_cache = DynamicCache(config=core.config)
             prompts = owner.index_select(0, rows)
-            for layer, entry in enumerate(cache.layers):
-                bucket_cache.update(entry.keys.index_select(0, prompts), entry.values.index_select(0, prompts), layer)
+            bucket_cache = gathered_cache(core.config, [(entry.keys, entry.values) for entry in cache.layers], prompts)
             positions = start.index_select(0, rows)[:, None] + torch.arange(width, device=device)
             attention_mask = torch.cat([prompt_mask.index_select(0, prompts),
                                         response_mask.index_select(0, rows)[:, :width]], dim=1)

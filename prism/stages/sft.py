@@ -87,6 +87,13 @@ def shared_prefix_length(batch: dict[str, torch.Tensor], image_token_id: int) ->
     return length if length >= MIN_SHARED_PREFIX else 0
 
 
+def images_in_all_or_none(parts: list[list[Encoded]]) -> bool:
+    """Whether every part holds an image or none does: a part without images would leave the vision tower out
+    of its backward, and DDP's synchronised backward waits for the vision tower's gradients."""
+    with_images = [any(sample.pixel_values is not None for sample in part) for part in parts]
+    return all(with_images) or not any(with_images)
+
+
 def prefix_groups(samples: list[Encoded], image_token_id: int) -> list[list[Encoded]]:
     """A micro-batch's samples as the forwards that run them: those whose first MIN_SHARED_PREFIX tokens are
     the most common such opening (text only: the prefix runs without images), then the rest, each in their
@@ -107,9 +114,7 @@ def prefix_groups(samples: list[Encoded], image_token_id: int) -> list[list[Enco
     rest = [sample for sample, o in zip(samples, openings) if o != common]
     if len(sharing) < 2 or not rest:
         return [samples]
-    # a group without images would leave the vision tower out of that backward (DDP waits for its gradients)
-    with_images = [any(sample.pixel_values is not None for sample in group) for group in (sharing, rest)]
-    return [sharing, rest] if all(with_images) or not any(with_images) else [samples]
+    return [sharing, rest] if images_in_all_or_none([sharing, rest]) else [samples]
 
 
 def length_groups(samples: list[Encoded]) -> list[list[Encoded]]:
@@ -118,8 +123,7 @@ def length_groups(samples: list[Encoded]) -> list[list[Encoded]]:
     split, a step runs about a sixth fewer tokens than one forward on the shared prefix. Kept whole where a part would
     run without images that another part has (DDP's synchronised backward needs the vision tower's gradients)."""
     parts = [[samples[i] for i in bucket] for bucket in length_buckets([len(s.input_ids) for s in samples])]
-    with_images = [any(sample.pixel_values is not None for sample in part) for part in parts]
-    return parts if all(with_images) or not any(with_images) else [samples]
+    return parts if images_in_all_or_none(parts) else [samples]
 
 
 def summed_token_loss(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> torch.Tensor:
