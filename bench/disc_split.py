@@ -1,6 +1,6 @@
 """Benchmark: one discriminator pass of the alignment stage (`prism.stages.align.discriminator_pass`: forward and
 backward of the published loss) with the rows continuing each prefill run as one forward, in at most two forwards
-by segment length, or in the default up to four (`prism.models.discriminator.length_buckets`), under transformers'
+by segment length, or in the default up to four (`prism.data.encoding.length_buckets`), under transformers'
 `grouped_mm` (its default) and `eager` experts backends, and the default under bf16 autocast (float32 weights).
 
 Work per pass: 8 prompts of the world's teacher parquet, 64 rollouts made of other records' teacher segments (so
