@@ -162,6 +162,11 @@ def length_buckets(lengths: Sequence[int], max_buckets: int = 4, forward_tokens:
     return buckets[::-1]
 
 
+def bucket_inverse(buckets: Sequence[Sequence[int]], device: torch.device | None = None) -> torch.Tensor:
+    """The index that puts rows concatenated bucket by bucket (`length_buckets`' order) back in their own order."""
+    return torch.argsort(torch.tensor([row for bucket in buckets for row in bucket], dtype=torch.long, device=device))
+
+
 def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
     """First-fit decreasing: sample indices per row, each row holding at most max_length tokens."""
     rows: list[list[int]] = []

@@ -41,7 +41,15 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
 )
 
 from prism.atomic_io import atomic_directory
-from prism.data.encoding import IGNORE, Encoded, chat_messages, collate, length_buckets, process_images
+from prism.data.encoding import (
+    IGNORE,
+    Encoded,
+    bucket_inverse,
+    chat_messages,
+    collate,
+    length_buckets,
+    process_images,
+)
 from prism.data.formats import IMAGE_TOKEN
 from prism.kv_prefix import (
     MIN_SHARED_PREFIX,
@@ -331,8 +339,7 @@ class Discriminator(nn.Module):
             if self.is_moe:  # per layer [rows, width, experts], padded to the widest bucket (masked in the aux)
                 router_parts.append([nn.functional.pad(s.view(len(bucket), bucket_width, -1),
                                                        (0, 0, 0, width - bucket_width)) for s in out.router_logits])
-        inverse = torch.argsort(torch.tensor([row for bucket in buckets for row in bucket], dtype=torch.long,
-                                             device=rows.owner.device))
+        inverse = bucket_inverse(buckets, rows.owner.device)
         hidden = torch.cat(hidden_parts).index_select(0, inverse)
         sizes = [hidden.shape[0]] if parts is None else list(parts)
         if sum(sizes) != hidden.shape[0]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.fsdp import is_fsdp_managed_module
 
-from prism.data.encoding import length_buckets
+from prism.data.encoding import bucket_inverse, length_buckets
 from prism.kv_prefix import (
     cache_kwarg,
     cache_may_carry_gradients,
@@ -248,6 +248,7 @@ def response_logits_shared_prompt(model: Any, batch: RolloutBatch, device: torch
     buckets = length_buckets(lengths) if split_by_length else [list(range(batch.num_rows))]
     response_ids, response_mask = batch.response_ids.to(device), batch.response_mask.to(device)
     owner = torch.arange(batch.num_rows, device=device) // batch.n
+    prompt_layers = [(entry.keys, entry.values) for entry in cache.layers]
     parts, wrapper_called = [], False
     for bucket in buckets:
         rows = torch.tensor(bucket, dtype=torch.long, device=device)
@@ -255,7 +256,7 @@ def response_logits_shared_prompt(model: Any, batch: RolloutBatch, device: torch
         logits = first_logits.index_select(0, rows)
         if width:
             prompts = owner.index_select(0, rows)
-            bucket_cache = gathered_cache(core.config, [(entry.keys, entry.values) for entry in cache.layers], prompts)
+            bucket_cache = gathered_cache(core.config, prompt_layers, prompts)
             positions = start.index_select(0, rows)[:, None] + torch.arange(width, device=device)
             attention_mask = torch.cat([prompt_mask.index_select(0, prompts),
                                         response_mask.index_select(0, rows)[:, :width]], dim=1)
@@ -270,8 +271,7 @@ def response_logits_shared_prompt(model: Any, batch: RolloutBatch, device: torch
         parts.append(F.pad(logits, (0, 0, 0, resp_len - 1 - width)) if width < resp_len - 1 else logits)
     if len(parts) == 1:  # one forward of the rows in order: no copy of the logits to reorder
         return parts[0]
-    inverse = torch.argsort(torch.tensor([row for bucket in buckets for row in bucket], device=device))
-    return torch.cat(parts).index_select(0, inverse)
+    return torch.cat(parts).index_select(0, bucket_inverse(buckets, device))
 
 
 class PreallocatedLayer(DynamicLayer):

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from prism.data.encoding import IGNORE, collate, encode_conversation, length_buckets, pack_rows
+from prism.data.encoding import IGNORE, bucket_inverse, collate, encode_conversation, length_buckets, pack_rows
 from prism.data.formats import Conversation, DataError, read_sharegpt
 from prism.models import load_processor
 
@@ -73,6 +73,13 @@ def test_length_buckets_minimise_padded_tokens_plus_a_cost_per_forward():
     assert length_buckets([40, 10, 30, 20], max_buckets=2, forward_tokens=0) == [[1, 3], [0, 2]]
     assert length_buckets([40, 10, 30, 20], max_buckets=1, forward_tokens=0) == [[0, 1, 2, 3]]
     assert length_buckets([7]) == [[0]] and length_buckets([]) == [[]]
+
+
+def test_bucket_inverse_puts_rows_run_bucket_by_bucket_back_in_order():
+    buckets = [[1], [3], [2], [0]]  # length_buckets([40, 10, 30, 20], forward_tokens=0)
+    run = torch.tensor([10, 20, 30, 40])  # each row's value, bucket by bucket: rows 1, 3, 2, 0
+    assert run.index_select(0, bucket_inverse(buckets)).tolist() == [40, 10, 30, 20]
+    assert bucket_inverse([[0, 1, 2]]).tolist() == [0, 1, 2]
 
 
 def test_length_buckets_cost_no_more_than_any_grouping_of_the_sorted_lengths():
