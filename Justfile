@@ -97,7 +97,7 @@ calibrate-world preset="embedded-s" *args: setup
 bench-align *args: setup
     .venv/bin/python bench/align_step.py {{args}}
 
-# One discriminator pass: one forward or split by length, two experts backends, bf16: `just bench-disc-split --threads 1`.
+# One discriminator pass by row grouping, experts forward and precision: `just bench-disc-split --threads 1`.
 bench-disc-split *args: setup
     .venv/bin/python bench/disc_split.py {{args}}
 

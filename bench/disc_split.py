@@ -1,7 +1,8 @@
 """Benchmark: one discriminator pass of the alignment stage (`prism.stages.align.discriminator_pass`: forward and
 backward of the published loss) with the rows continuing each prefill run as one forward, in at most two forwards
-by segment length, or in the default up to four (`prism.data.encoding.length_buckets`), under transformers'
-`grouped_mm` (its default) and `eager` experts backends, and the default under bf16 autocast (float32 weights).
+by segment length, or in the default up to four (`prism.data.encoding.length_buckets`), under the discriminator's
+experts forward (`prism.models.experts`, its default on CPU), transformers' `grouped_mm` (transformers' default) and
+`eager`, and the default under bf16 autocast (float32 weights).
 
 Work per pass: 8 prompts of the world's teacher parquet, 64 rollouts made of other records' teacher segments (so
 their lengths are the world's), the preset's model sparse-upcycled (4 experts, top-2, random init). The
@@ -27,6 +28,7 @@ from prism.atomic_io import atomic_write_text
 from prism.config import AlignConfig, load_config
 from prism.data.formats import read_rl_parquet
 from prism.models import build_model, load_model, load_processor, save_model
+from prism.models.experts import PER_EXPERT
 from prism.rollout.prompts import rollout_prompt
 from prism.stages.align import discriminator_pass
 
@@ -42,7 +44,9 @@ VARIANTS = {"grouped_mm_one_forward": ("grouped_mm", one_forward, "no"),
             "grouped_mm_two_buckets": ("grouped_mm", functools.partial(SPLIT, max_buckets=2), "no"),
             "grouped_mm_split_by_length": ("grouped_mm", SPLIT, "no"),
             "grouped_mm_split_by_length_bf16": ("grouped_mm", SPLIT, "bf16"),
-            "eager_one_forward": ("eager", one_forward, "no"), "eager_split_by_length": ("eager", SPLIT, "no")}
+            "eager_one_forward": ("eager", one_forward, "no"), "eager_split_by_length": ("eager", SPLIT, "no"),
+            "per_expert_split_by_length": (PER_EXPERT, SPLIT, "no"),
+            "per_expert_split_by_length_bf16": (PER_EXPERT, SPLIT, "bf16")}
 
 
 def measure(preset: str, world: Path, repeats: int) -> dict:

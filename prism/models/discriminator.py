@@ -60,6 +60,7 @@ from prism.kv_prefix import (
     image_token_types,
     output_cache,
 )
+from prism.models.experts import PER_EXPERT
 from prism.models.presets import DENSE, MOE, check_checkpoint_folder, load_model, save_model
 from prism.models.processor import ModelError
 
@@ -225,6 +226,8 @@ class Discriminator(nn.Module):
         if spec.variant == "dense" and self.is_moe:
             raise ModelError("discriminator variant 'dense' needs a dense backbone, got an MoE one")
         self.routers = _install_hard_routers(backbone) if spec.variant == "hard_routed" else []
+        if self.is_moe:
+            backbone.set_experts_implementation(PER_EXPERT)
 
     @property
     def device(self) -> torch.device:
