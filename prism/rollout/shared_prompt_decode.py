@@ -89,7 +89,7 @@ class SharedPromptDecoder:
         # rotary tables over every position a row can reach, looked up by position - low
         self.low = int(start.min())
         positions = torch.arange(self.low, int(start.max()) + max_new_tokens, device=device)
-        anchor = text.embed_tokens.weight[:1]
+        anchor = text.embed_tokens.weight[:1].detach()  # dtype and device only (a parameter view trips FlopCounterMode)
         cos, sin = text.rotary_emb(anchor, positions[None, None].expand(3, 1, -1))
         self.cos, self.sin = cos[0], sin[0]  # [positions, head_dim]
         self.padding_bias = torch.zeros(self.prompts, 1, 1, self.prompt_len, device=device).masked_fill(

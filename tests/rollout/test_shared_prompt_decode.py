@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from prism.models import PRESETS, build_model, build_processor, build_tokenizer
 from prism.rollout import HFRolloutBackend, RolloutPrompt, SamplingParams
@@ -89,6 +90,19 @@ def test_sampled_rollouts_equal_those_of_transformers_forward(processor):
     per_row = sample_responses(model, inputs, 4, sampling, [2], pad, True, shared_prompt_decode=False)
     assert torch.equal(shared[0], per_row[0])
     torch.testing.assert_close(shared[1], per_row[1], atol=1e-5, rtol=0)
+
+
+def test_rollouts_can_be_flop_counted_as_bench_throughput_does(processor):
+    """FlopCounterMode's module tracker hooks every module call; a parameter view passed to one (no grad_fn but
+    requires_grad) made it fail."""
+    model = build_model("embedded-s", processor.tokenizer, seed=0).eval()
+    inputs = _inputs(processor, model)
+    sampling = SamplingParams(max_new_tokens=4, temperature=1.0, seed=3)
+    pad = processor.tokenizer.pad_token_id
+    plain = sample_responses(model, inputs, 2, sampling, [2], pad, True, shared_prompt_decode=True)
+    with FlopCounterMode(display=False) as counter:
+        counted = sample_responses(model, inputs, 2, sampling, [2], pad, True, shared_prompt_decode=True)
+    assert torch.equal(counted[0], plain[0]) and counter.get_total_flops() > 0
 
 
 def test_it_steps_aside_for_adapters_hooks_and_other_models(processor):
