@@ -61,7 +61,7 @@ from prism.kv_prefix import (
     output_cache,
 )
 from prism.models.experts import PER_EXPERT
-from prism.models.presets import DENSE, MOE, check_checkpoint_folder, load_model, save_model
+from prism.models.presets import DENSE, MOE, check_checkpoint_folder, construct_model, load_model, save_model
 from prism.models.processor import ModelError
 
 Variant = Literal["moe", "dense", "text_only", "hard_routed", "whole_response"]
@@ -146,7 +146,7 @@ def upcycle(dense: nn.Module, num_experts: int, top_k: int, expert_noise_std: fl
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        moe = Qwen3VLMoeForConditionalGeneration(config).to(next(dense.parameters()).dtype)
+        moe = construct_model(Qwen3VLMoeForConditionalGeneration, config).to(next(dense.parameters()).dtype)
     dense_state = dense.state_dict()
     moe_state = moe.state_dict()
     for name, tensor in moe_state.items():

@@ -49,6 +49,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
+from transformers.core_model_loading import revert_weight_conversion
 
 from prism.rollout.base import (
     RolloutBatch,
@@ -130,7 +132,10 @@ def weight_chunks(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[list[t
                            "unsharded models, not FSDP1")
     named = ((hf_parameter_name(name), param) for name, param in model.named_parameters())
     for _, group in itertools.groupby(named, key=lambda item: module_key(item[0])):
-        yield [(name, full_tensor(param.detach().to(dtype))) for name, param in group]
+        chunk = {name: full_tensor(param.detach().to(dtype)) for name, param in group}
+        if isinstance(model, PreTrainedModel):  # the checkpoint's layout: a fused patch embedding as its Conv3d
+            chunk = revert_weight_conversion(model, chunk)
+        yield list(chunk.items())
 
 
 def _load_weights(weights: list[tuple[str, torch.Tensor]], model: Any) -> set[str]:

@@ -81,7 +81,7 @@ def test_upcycling_copies_the_dense_mlp_into_each_expert_plus_noise_and_draws_fr
     assert moe_mlp.gate.weight.std().item() == pytest.approx(router_std, rel=0.1)
     # everything outside the MLPs is copied exactly
     assert torch.equal(moe.model.language_model.embed_tokens.weight, dense.model.language_model.embed_tokens.weight)
-    assert torch.equal(moe.model.visual.patch_embed.proj.weight, dense.model.visual.patch_embed.proj.weight)
+    assert torch.equal(moe.model.visual.patch_embed.linear_proj.weight, dense.model.visual.patch_embed.linear_proj.weight)
     again = upcycle(dense, num_experts=4, top_k=2, expert_noise_std=noise, router_init_std=router_std, seed=3)
     assert torch.equal(again.model.language_model.layers[1].mlp.experts.down_proj, moe_mlp.experts.down_proj)
 
@@ -209,7 +209,7 @@ def test_rows_sharing_a_prompt_run_it_once_and_match_whole_rows_in_scores_aux_an
         scale = grad.abs().max()  # float sums in another order: tolerance relative to the tensor's scale
         assert (shared_grads[name] - grad).abs().max() <= 1e-3 * scale + 1e-7, name
     if uses_images:
-        assert whole_grads["backbone.model.visual.patch_embed.proj.weight"].abs().sum() > 0
+        assert whole_grads["backbone.model.visual.patch_embed.linear_proj.weight"].abs().sum() > 0
     # The prefix layout holds each prompt once, and cuts a long segment as the whole-row layout does
     distinct, owner = distinct_prompts(prompts)
     assert distinct == [first, second] and owner == [0, 1, 0, 0, 1]

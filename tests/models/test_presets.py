@@ -75,7 +75,8 @@ def test_build_is_deterministic_per_seed_and_leaves_the_global_rng_alone(model, 
     assert torch.equal(torch.rand(1), expected_next)
     weights, same_weights, other_weights = model.state_dict(), same.state_dict(), other.state_dict()
     assert all(torch.equal(weights[k], same_weights[k]) for k in weights)
-    assert not torch.equal(weights["model.visual.patch_embed.proj.weight"], other_weights["model.visual.patch_embed.proj.weight"])
+    embed = "model.visual.patch_embed.linear_proj.weight"
+    assert not torch.equal(weights[embed], other_weights[embed])
     assert not torch.equal(weights["lm_head.weight"], other_weights["lm_head.weight"])
 
 
@@ -119,6 +120,27 @@ def test_save_and_load_round_trip_gives_identical_logits(model, processor, input
     assert loaded.generation_config.eos_token_id == model.generation_config.eos_token_id
     # a path given to any preset loads it
     assert isinstance(resolve_model({"preset": "embedded-s", "path": str(directory)}), type(model))
+
+
+def test_the_patch_embedding_runs_as_its_linear_and_checkpoints_keep_the_conv3d_layout(model, processor, inputs,
+                                                                                     tmp_path):
+    from safetensors.torch import load_file
+
+    embed = model.model.visual.patch_embed
+    assert isinstance(embed.linear_proj, torch.nn.Linear) and not hasattr(embed, "proj")
+    conv = torch.nn.Conv3d(3, embed.embed_dim, kernel_size=(2, 16, 16), stride=(2, 16, 16))  # the module it replaces
+    with torch.no_grad():
+        conv.weight.copy_(embed.linear_proj.weight.view(conv.weight.shape))
+        conv.bias.copy_(embed.linear_proj.bias)
+        pixels = inputs["pixel_values"]
+        expected = conv(pixels.view(-1, 3, 2, 16, 16)).view(-1, embed.embed_dim)
+        torch.testing.assert_close(embed(pixels), expected, atol=1e-5, rtol=1e-5)
+    save_model(model, processor, tmp_path / "ckpt")
+    saved = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert torch.equal(saved["model.visual.patch_embed.proj.weight"], conv.weight)  # what other tools read
+    assert not any("linear_proj" in name for name in saved)
+    loaded = load_model(tmp_path / "ckpt").model.visual.patch_embed
+    assert torch.equal(loaded.linear_proj.weight, embed.linear_proj.weight)
 
 
 def test_loaded_models_never_use_hub_kernels(model, processor, tmp_path):

@@ -19,6 +19,7 @@ from fake_vllm import fake_vllm
 from PIL import Image
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from transformers.core_model_loading import revert_weight_conversion
 
 from prism.models import PRESETS, build_model, build_processor, build_tokenizer
 from prism.rollout import HFRolloutBackend, RolloutPrompt, SamplingParams, sequence_log_probs
@@ -64,9 +65,12 @@ def main(out: str) -> None:
     backend = VLLMRolloutBackend("unused/checkpoint", processor, dtype="bfloat16")
     backend.update_weights(model)  # a collective: both processes
     engine = backend.llm.model
-    expected = {name: p.detach().to(torch.bfloat16) for name, p in reference.named_parameters()}
-    before = {name: p.detach().to(torch.bfloat16) for name, p in build_model("embedded-s", processor.tokenizer,
-                                                                             seed=0).named_parameters()}
+    def checkpoint_layout(model):  # the fused patch embedding's Linear as the checkpoint's Conv3d
+        return revert_weight_conversion(model, {name: p.detach().to(torch.bfloat16)
+                                                for name, p in model.named_parameters()})
+
+    expected = checkpoint_layout(reference)
+    before = checkpoint_layout(build_model("embedded-s", processor.tokenizer, seed=0))
     result = {
         "names": [name for name, _ in engine.received],
         "reference_names": list(expected),

@@ -21,7 +21,7 @@ from prism.stages.align import run as run_align
 from prism.stages.sft import run as run_sft
 from tests.torchrun import torchrun
 
-from .conftest import discriminator_dir, model_tensors
+from .conftest import checkpoint_layout, discriminator_dir, model_tensors
 from .fsdp_stage_worker import scripted_generate
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")
@@ -78,13 +78,13 @@ def test_fsdp_resume_sft_checkpoints_shards_and_resumes_bit_identical(fsdp_sft, 
     a, b = sharded_state(latest_checkpoint(whole), tmp_path), sharded_state(latest_checkpoint(cut), tmp_path)
     assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert state_a.keys() == state_b.keys() == {k for k in ta if k in state_a} and len(state_a) > 0
+    assert state_a.keys() == state_b.keys() == {k for k in a["model"] if k in state_a} and len(state_a) > 0
     for name in state_a:
         assert state_a[name].keys() == {"step", "exp_avg", "exp_avg_sq"}
         assert all(torch.equal(state_a[name][k], state_b[name][k]) for k in state_a[name]), name
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     # the final model/ folder holds the checkpoint's weights, gathered
-    assert all(torch.equal(ta[k], a["model"][k]) for k in ta)
+    assert all(torch.equal(ta[k], checkpoint_layout(a["model"])[k]) for k in ta)
 
 
 def test_fsdp_resume_sft_step_equals_one_process_on_the_same_global_batch(fsdp_sft, world, policy_dir, tmp_path):
@@ -259,8 +259,9 @@ def test_fsdp_resume_align_checkpoints_both_models_in_one_and_resumes_bit_identi
     assert proxies[0] == proxies[1] and set(proxies[0]) == {"prompts", "teacher", "before", "after"}
     # the final folders hold the checkpoint's weights, gathered, in the layout of a plain run
     policy, discriminator = model_tensors(whole / "model"), model_tensors(whole / "discriminator")
-    assert all(torch.equal(policy[k], a["policy"]["model"][k]) for k in policy)
-    assert all(torch.equal(discriminator[k], a["discriminator"]["model"]["backbone." + k]) for k in discriminator)
+    trained_policy, trained_discriminator = (checkpoint_layout(a[part]["model"]) for part in ("policy", "discriminator"))
+    assert all(torch.equal(policy[k], trained_policy[k]) for k in policy)
+    assert all(torch.equal(discriminator[k], trained_discriminator["backbone." + k]) for k in discriminator)
     assert torch.equal(heads[0], a["discriminator"]["model"]["head.weight"])
     assert discriminator.keys() == model_tensors(disc).keys()
     assert json.loads((whole / "discriminator" / SPEC_FILE).read_text()) == json.loads((disc / SPEC_FILE).read_text())

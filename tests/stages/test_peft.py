@@ -23,7 +23,7 @@ from prism.stages.sft import run as run_sft
 from prism.workers import worker_env
 from tests.torchrun import torchrun
 
-from .conftest import interrupted_after, model_tensors
+from .conftest import checkpoint_layout, interrupted_after, model_tensors
 from .test_rlvr import rlvr_config, varied_reward  # noqa: F401  (fixture)
 from .test_sft import sft_config
 
@@ -62,7 +62,7 @@ def test_lora_sft_trains_only_the_adapters_and_saves_an_adapter_that_peft_loads(
 
     # every base weight, vision tower included, is what it was; every adapter moved (B starts at zero)
     first, last = checkpoint_state(out, 1), checkpoint_state(out, 3)
-    base = base_weights_of(last)
+    base = checkpoint_layout(base_weights_of(last))
     assert all(torch.equal(base[k], before[k]) for k in before)  # (base also holds lm_head, tied to the embedding)
     adapters = {k: v for k, v in last.items() if ".lora_" in k}
     assert len(adapters) == 2 * 2 * len(PROJECTIONS)  # A and B of 7 projections in each of 2 decoder layers
@@ -135,7 +135,7 @@ def test_lora_rlvr_trains_only_the_adapters(world, policy_dir, tmp_path, varied_
     out = run_rlvr(rlvr_config(world, policy_dir, tmp_path / "rlvr", "model.lora_r=4", "update.kl_coef=0.1"))
     before = model_tensors(policy_dir)
     state = checkpoint_state(out, 2)
-    base = base_weights_of(state)
+    base = checkpoint_layout(base_weights_of(state))
     assert all(torch.equal(base[k], before[k]) for k in before)
     assert all(v.abs().sum() > 0 for k, v in state.items() if ".lora_B." in k)
     config = json.loads((out / "model" / ADAPTER_DIR / "adapter_config.json").read_text())

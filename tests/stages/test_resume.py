@@ -115,7 +115,8 @@ def test_sft_preempted_with_sigterm_saves_the_current_step_and_resumes_bit_ident
 def test_sft_stopped_with_ctrl_c_says_so_in_one_line_and_resumes_bit_identical(world, policy_dir, tmp_path):
     """Ctrl-C (SIGINT) during `prism train sft` outside SLURM: exit 130 with one line saying how to resume, nothing
     half-written; run again, the stage continues from its last checkpoint and ends as an uninterrupted run."""
-    steps = ["max_steps=12", "per_device_batch_size=2", "gradient_accumulation_steps=1", "save_every_steps=2",
+    # 30 steps: the signal, sent after the third, must land before the last (steps take ~50 ms here)
+    steps = ["max_steps=30", "per_device_batch_size=2", "gradient_accumulation_steps=1", "save_every_steps=2",
              "log_every_steps=1"]
     whole = run_sft(sft_config(world, policy_dir, tmp_path / "whole", *steps))
 
