@@ -1,0 +1,69 @@
+"""Where presence answers go wrong: perception (the model's own caption) or reasoning (the chain from it).
+
+Reads the presence samples an embedded evaluation wrote (lmms-eval's `samples_prism_embedded_presence.jsonl` under an
+evaluation folder, `prism eval --suite embedded`) and counts, over its items:
+  - accuracy;
+  - caption decides right: the model's own caption bullets contain "<colour> <shape>" exactly when the answer is
+    yes, i.e. a reader of the bullets alone would answer right (perception of the colour-shape binding);
+  - answer follows caption: the model's answer is what its bullets say (reasoning from its own caption);
+  - chain names the asked object: its count line ("Red squares: 1.") and conclusion ("So a red square is ...")
+    both name the question's colour and shape, as the world's chains do.
+Writes outputs/bench/presence-chains.json.
+
+    .venv/bin/python bench/presence_chains.py outputs/evals/<hash> [outputs/evals/<hash> ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from prism.atomic_io import atomic_write_text
+
+QUESTION = re.compile(r"Is there an? (\w+) (\w+) in the image")
+
+
+def tag(text: str, name: str) -> str:
+    found = re.search(rf"<{name}>(.*?)</{name}>", text, re.S)
+    return found.group(1) if found else ""
+
+
+def chain_counts(samples: list[dict]) -> dict:
+    counts = {"items": len(samples), "accuracy": 0.0, "caption_decides_right": 0, "answer_follows_caption": 0,
+              "chain_names_asked_object": 0}
+    for sample in samples:
+        colour, shape = QUESTION.match(sample["input"]).groups()
+        response = sample["filtered_resps"]
+        caption_says = "yes" if re.search(rf"^- {colour} {shape}\b", tag(response, "caption"), re.M) else "no"
+        answer = tag(response, "answer").strip()
+        chain = tag(response, "think")
+        counts["accuracy"] += sample["accuracy"]
+        counts["caption_decides_right"] += caption_says == sample["target"]
+        counts["answer_follows_caption"] += caption_says == answer
+        counts["chain_names_asked_object"] += (f"{colour.capitalize()} {shape}" in chain
+                                               and f"So a {colour} {shape} is" in chain)
+    return {key: (value if key == "items" else round(100 * value / len(samples), 1)) for key, value in counts.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("evaluations", nargs="+", type=Path, help="evaluation folders (outputs/evals/<hash>)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench/presence-chains.json"))
+    args = parser.parse_args()
+    results = {}
+    for folder in args.evaluations:
+        files = sorted(folder.glob("**/*samples_prism_embedded_presence.jsonl"))
+        if not files:
+            raise SystemExit(f"{folder}: no samples_prism_embedded_presence.jsonl under it (an embedded evaluation?)")
+        checkpoint = json.loads((folder / "checkpoint.json").read_text())["paths"][0]
+        samples = [json.loads(line) for line in files[-1].read_text().splitlines() if line.strip()]
+        results[str(folder)] = {"checkpoint": checkpoint, **chain_counts(samples)}
+        print(folder, json.dumps(results[str(folder)]))
+    atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
