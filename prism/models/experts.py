@@ -41,9 +41,9 @@ def per_expert_forward(experts: torch.nn.Module, hidden_states: torch.Tensor, to
     outputs = [F.linear(experts.act_fn(F.linear(x, gate)) * F.linear(x, up), down)
                for x, gate, up, down, n in zip(rows, gate_weights.unbind(0), up_weights.unbind(0),
                                                experts.down_proj.unbind(0), counts) if n]
-    pair_weights = top_k_weights.reshape(-1)[order].unsqueeze(-1).to(hidden_states.dtype)
     if not outputs:  # no tokens
         return hidden_states.new_zeros(hidden_states.shape)
+    pair_weights = top_k_weights.reshape(-1)[order].unsqueeze(-1).to(hidden_states.dtype)
     weighted = torch.cat(outputs) * pair_weights
     return hidden_states.new_zeros(hidden_states.shape).index_add(0, token_of_pair, weighted)
 

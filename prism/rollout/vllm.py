@@ -130,12 +130,12 @@ def weight_chunks(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[list[t
     if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
         raise RolloutError("vLLM weight sync supports FSDP2 (fsdp_version: 2, as experiments/accelerate/*.yaml) and "
                            "unsharded models, not FSDP1")
+    # the checkpoint's layout (a fused patch embedding as its Conv3d), as the HF model inside any wrapper saves it
+    hf_model = next((module for module in model.modules() if isinstance(module, PreTrainedModel)), None)
     named = ((hf_parameter_name(name), param) for name, param in model.named_parameters())
     for _, group in itertools.groupby(named, key=lambda item: module_key(item[0])):
         chunk = {name: full_tensor(param.detach().to(dtype)) for name, param in group}
-        if isinstance(model, PreTrainedModel):  # the checkpoint's layout: a fused patch embedding as its Conv3d
-            chunk = revert_weight_conversion(model, chunk)
-        yield list(chunk.items())
+        yield list((revert_weight_conversion(hf_model, chunk) if hf_model is not None else chunk).items())
 
 
 def _load_weights(weights: list[tuple[str, torch.Tensor]], model: Any) -> set[str]:

@@ -87,6 +87,23 @@ def test_weight_sync_pushes_each_full_tensor_once_in_compute_dtype_one_module_at
     assert events[loads[-1] + 1:] == ["reset_prefix_cache", "reset_encoder_cache"]
 
 
+def test_weight_chunks_of_a_wrapped_model_carry_the_checkpoint_names_and_shapes(processor, tmp_path):
+    from safetensors.torch import load_file
+
+    model = build_model("embedded-s", processor.tokenizer, seed=0)
+    saved = load_file(str(save_model(model, processor, tmp_path / "model") / "model.safetensors"))
+
+    class Compiled(torch.nn.Module):  # what torch.compile's wrapper is to the names: `_orig_mod.` before each
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+
+    for wrapped in (model, Compiled(model)):
+        pushed = {name: tensor for chunk in vllm_module.weight_chunks(wrapped, torch.float32) for name, tensor in chunk}
+        assert pushed.keys() == saved.keys()
+        assert all(torch.equal(pushed[name], saved[name]) for name in saved)
+
+
 def test_weight_sync_wakes_the_weights_alone_and_generation_the_kv_cache(vllm, processor):
     backend = make_backend("vllm", None, processor, model_path="ckpt", compute_dtype="float32")
     backend.sleep()
