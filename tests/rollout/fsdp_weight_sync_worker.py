@@ -65,6 +65,7 @@ def main(out: str) -> None:
     backend = VLLMRolloutBackend("unused/checkpoint", processor, dtype="bfloat16")
     backend.update_weights(model)  # a collective: both processes
     engine = backend.llm.model
+
     def checkpoint_layout(model):  # the fused patch embedding's Linear as the checkpoint's Conv3d
         return revert_weight_conversion(model, {name: p.detach().to(torch.bfloat16)
                                                 for name, p in model.named_parameters()})
