@@ -10,13 +10,16 @@ Hugging Face folders: config.json + safetensors + tokenizer + processor files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from unittest import mock
 
 import torch
 from transformers import (
@@ -28,7 +31,6 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 from transformers.fusion_mapping import get_fusion_patch_mapping
-from transformers.monkey_patching import apply_patches
 
 from prism.atomic_io import atomic_directory
 from prism.models.processor import (
@@ -176,9 +178,15 @@ FUSION = {"patch_embeddings": True}
 
 
 def construct_model(model_class: type[PreTrainedModel], config) -> PreTrainedModel:
-    """`model_class(config)`, randomly initialised, with the module fusions `load_model` applies (`FUSION`)."""
+    """`model_class(config)`, randomly initialised, with the module fusions `load_model` applies (`FUSION`).
+
+    The fused classes replace the originals in the model's own module only, where its layers look them up:
+    transformers' `apply_patches` scans every imported transformers module (0.31 s a call here, 30x the build)."""
     config.fusion_config = dict(FUSION)
-    with apply_patches(get_fusion_patch_mapping(model_class, config, FUSION)):
+    module = sys.modules[model_class.__module__]
+    with contextlib.ExitStack() as patches:
+        for name, fused_class in get_fusion_patch_mapping(model_class, config, FUSION).items():
+            patches.enter_context(mock.patch.object(module, name, fused_class))
         return model_class(config)
 
 
