@@ -80,3 +80,18 @@ def authors_discriminator_folder(ours: Path, out: Path, shards: int = 1) -> Path
     config.update(text_config=text, vision_config=vision, dtype="bfloat16", transformers_version="4.57.0")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def checkpoint_layout(state: dict) -> dict:
+    """A model's state dict under a checkpoint folder's names and shapes: the patch embedding runs as a Linear
+    (prism.models.presets.FUSION), the folder holds it as the Conv3d it equals."""
+    from prism.models.processor import PATCH_SIZE, TEMPORAL_PATCH_SIZE
+
+    out = {}
+    for name, tensor in state.items():
+        if ".patch_embed.linear_proj." in name:
+            name = name.replace(".linear_proj.", ".proj.")
+            if name.endswith(".weight"):
+                tensor = tensor.view(tensor.shape[0], -1, TEMPORAL_PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)
+        out[name] = tensor
+    return out

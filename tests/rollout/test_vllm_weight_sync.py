@@ -15,6 +15,7 @@ import prism.rollout.vllm as vllm_module
 from prism.models import PRESETS, build_model, build_processor, build_tokenizer, save_model
 from prism.rollout import HFRolloutBackend, RolloutError, RolloutPrompt, SamplingParams, sequence_log_probs
 from prism.rollout.backends import make_backend
+from tests.models.fixtures import checkpoint_layout
 from tests.torchrun import torchrun
 
 from .fake_vllm import fake_vllm
@@ -67,10 +68,7 @@ def test_weight_sync_pushes_each_full_tensor_once_in_compute_dtype_one_module_at
     names = [name for name, _ in engine.received]
     assert len(names) == len(set(names))  # each name once
     assert set(names) == set(before)  # the checkpoint's names, which vLLM's Qwen3-VL loader maps itself
-    params = dict(model.named_parameters())
-    embed = "model.visual.patch_embed."  # its fused Linear goes out in the checkpoint's Conv3d layout
-    params[embed + "proj.weight"] = params.pop(embed + "linear_proj.weight").view(before[embed + "proj.weight"].shape)
-    params[embed + "proj.bias"] = params.pop(embed + "linear_proj.bias")
+    params = checkpoint_layout(dict(model.named_parameters()))  # the fused patch embedding goes out as its Conv3d
     for name, tensor in engine.received:
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, params[name].detach().to(torch.bfloat16))
     assert sum(not torch.equal(t, before[n].to(torch.bfloat16)) for n, t in engine.received) >= len(names) - 1

@@ -15,21 +15,6 @@ def model_tensors(folder: Path) -> dict:
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
-def checkpoint_layout(state: dict) -> dict:
-    """A model's state dict under a checkpoint folder's names and shapes: the patch embedding runs as a Linear
-    (prism.models.presets.FUSION), the folder holds it as the Conv3d it equals."""
-    from prism.models.processor import PATCH_SIZE, TEMPORAL_PATCH_SIZE
-
-    out = {}
-    for name, tensor in state.items():
-        if ".patch_embed.linear_proj." in name:
-            name = name.replace(".linear_proj.", ".proj.")
-            if name.endswith(".weight"):
-                tensor = tensor.view(tensor.shape[0], -1, TEMPORAL_PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)
-        out[name] = tensor
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------
 # Scripted rollouts: a random policy never writes the tagged format, so the discriminator stages would see
 # no valid rollout. These replace the sampled responses by known texts (real token ids, real prompts/images).

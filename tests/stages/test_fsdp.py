@@ -19,9 +19,10 @@ from prism.rollout import HFRolloutBackend
 from prism.runtime import SHARDED_DIR, STATE_FILE, latest_checkpoint, list_checkpoints
 from prism.stages.align import run as run_align
 from prism.stages.sft import run as run_sft
+from tests.models.fixtures import checkpoint_layout
 from tests.torchrun import torchrun
 
-from .conftest import checkpoint_layout, discriminator_dir, model_tensors
+from .conftest import discriminator_dir, model_tensors
 from .fsdp_stage_worker import scripted_generate
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")

@@ -21,9 +21,10 @@ from prism.stages import sft
 from prism.stages.rlvr import run as run_rlvr
 from prism.stages.sft import run as run_sft
 from prism.workers import worker_env
+from tests.models.fixtures import checkpoint_layout
 from tests.torchrun import torchrun
 
-from .conftest import checkpoint_layout, interrupted_after, model_tensors
+from .conftest import interrupted_after, model_tensors
 from .test_rlvr import rlvr_config, varied_reward  # noqa: F401  (fixture)
 from .test_sft import sft_config
 
