@@ -5,11 +5,12 @@ every SFT row of a micro-batch and every prompt the discriminator scores begin w
 Shared by the rollout backend (decode and re-scoring), the discriminator (segment scoring) and the SFT recipe.
 Gradients flow back through the cache, so a training forward that shares a prompt equals, up to float rounding,
 one forward per row. Also the two places where transformers' API moved between versions (the cache argument and
-output).
+output), and `head_on`, the output head run only at the positions a loss reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterable
 from typing import Any
@@ -25,6 +26,20 @@ def cache_kwarg(model: Any) -> str:
 
 def output_cache(out: Any) -> Any:
     return out.get("cache", None) or out.get("past_key_values", None)
+
+
+@contextlib.contextmanager
+def head_on(model: Any, positions: torch.Tensor):
+    """Within the block, the output head projects only the hidden states at `positions` ([rows, length] bools,
+    the shape of the hidden states it is given), flattened in row-major order: the logits come out [n, vocab]. The
+    head's GEMM and everything done to its logits (softmax, gathers and their gradients) then scale with the
+    positions read, not with rows x length x vocab (a forward pre-hook on the head of `model` or its `.module`)."""
+    head = getattr(model, "module", model).get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda module, args: (args[0][positions],))
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def gathered_cache(config: Any, layers: Iterable[tuple[torch.Tensor, torch.Tensor]],

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.fsdp import is_fsdp_managed_module
 
-from prism.data.encoding import bucket_inverse, length_buckets
+from prism.data.encoding import length_buckets
 from prism.kv_prefix import (
     cache_kwarg,
     cache_may_carry_gradients,
     continuation_positions,
     gathered_cache,
+    head_on,
     image_token_types,
     output_cache,
 )
@@ -66,7 +67,9 @@ def vision_token_ids(model: Any) -> list[int]:
 
 def scaled_log_softmax(logits: torch.Tensor, temperature: float, suppressed: list[int] = ()) -> torch.Tensor:
     """log softmax(logits / temperature) over the vocabulary, with `suppressed` ids at -inf; float32."""
-    scaled = logits.float() / temperature
+    scaled = logits.float()
+    if temperature != 1.0:  # x / 1.0 is x: skipping it saves a pass over the logits and one in the backward
+        scaled = scaled / temperature
     if suppressed:
         scaled = scaled.index_fill(-1, torch.tensor(list(suppressed), device=scaled.device), float("-inf"))
     return F.log_softmax(scaled, dim=-1)
@@ -175,25 +178,34 @@ def log_probs_and_entropy(
     (`response_logits_shared_prompt`); gradients flow back through the gather. Where a cache cannot carry
     gradients (gradient checkpointing recomputes layers and would append to it twice) or the model sits in a
     wrapper that must see every forward (FSDP1), every row runs whole (`response_logits_per_row`). Both give the
-    same log-probs up to float rounding."""
+    same log-probs up to float rounding. Either way the head and the softmax run only at the response tokens
+    (`response_mask`): padding never reaches the vocabulary-sized work."""
     temperature = batch.sampling.logprob_temperature if temperature is None else temperature
     if not temperature > 0:
         raise RolloutError(f"temperature for log-probs must be > 0, got {temperature!r}")
     core = getattr(model, "module", model)  # the HF model inside a DDP/FSDP wrapper
     device = next(core.parameters()).device
-    if shares_prompts(model, batch):
-        logits = response_logits_shared_prompt(model, batch, device)
-    else:
-        logits = response_logits_per_row(model, batch, device)
-    response_ids, response_mask = batch.response_ids.to(device), batch.response_mask.to(device)
-    logp = scaled_log_softmax(logits, temperature, vision_token_ids(core))  # once, for both results
-    log_probs = torch.gather(logp, -1, response_ids.unsqueeze(-1)).squeeze(-1) * response_mask
-    entropy = None
-    if with_entropy:  # a metric, never a loss term here: no graph
-        with torch.no_grad():
-            logp = logp.detach()
-            entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1) * response_mask
+    scores = response_logits_shared_prompt if shares_prompts(model, batch) else response_logits_per_row
+    response_ids = batch.response_ids.to(device).reshape(-1)
+    suppressed = vision_token_ids(core)
+    picked, entropies, places = [], [], []
+    for logits, place in scores(model, batch, device):  # the pieces' own order: no copy of their logits
+        logp = scaled_log_softmax(logits, temperature, suppressed)  # once, for both results
+        picked.append(torch.gather(logp, -1, response_ids.index_select(0, place).unsqueeze(-1)).squeeze(-1))
+        places.append(place)
+        if with_entropy:  # a metric, never a loss term here: no graph
+            with torch.no_grad():
+                logp = logp.detach()
+                entropies.append(-(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1))
+    shape, place = batch.response_mask.shape, torch.cat(places)
+    log_probs = spread(torch.cat(picked), place, shape)
+    entropy = spread(torch.cat(entropies), place, shape) if with_entropy else None
     return log_probs, entropy
+
+
+def spread(values: torch.Tensor, where: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """[n] values put at the row-major positions `where` of a zero matrix of `shape` (gradients flow back)."""
+    return values.new_zeros(shape.numel()).index_copy(0, where, values).view(shape)
 
 
 def shares_prompts(model: Any, batch: RolloutBatch) -> bool:
@@ -203,8 +215,10 @@ def shares_prompts(model: Any, batch: RolloutBatch) -> bool:
     return batch.n > 1 and batch.response_ids.shape[1] > 0 and cache_may_carry_gradients(model)
 
 
-def response_logits_per_row(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
-    """Logits [rows, R, V] predicting each response token, one whole forward per row (images once per row)."""
+def response_logits_per_row(model: Any, batch: RolloutBatch,
+                            device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(logits [n, V], place [n])]: the logits predicting each response token where `response_mask` is set, and
+    its row-major position in [rows, R] (one piece); one whole forward per row (images once per row)."""
     core = getattr(model, "module", model)
     input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     pixel_values, image_grid_thw = expand_vision_inputs(
@@ -214,24 +228,29 @@ def response_logits_per_row(model: Any, batch: RolloutBatch, device: torch.devic
     if pixel_values is not None:
         extra = {"pixel_values": pixel_values.to(device), "image_grid_thw": image_grid_thw.to(device)}
     resp_len = batch.response_ids.shape[1]
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        mm_token_type_ids=image_token_types(core.config.image_token_id, batch.prompt_ids.to(device), input_ids.shape[1]),
-        use_cache=False,
-        logits_to_keep=resp_len + 1,  # no logits for the prompt: the head's GEMM and memory scale with the vocabulary
-        **extra,
-    )
-    return out.logits[:, :-1]  # logits at t predict token t + 1: from the prompt's last position to the response's
+    # the last resp_len + 1 positions: from the prompt's last (predicting response token 0) to the response's last
+    valid = batch.response_mask.to(device).bool()
+    with head_on(core, F.pad(valid, (0, 1))):
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            mm_token_type_ids=image_token_types(core.config.image_token_id, batch.prompt_ids.to(device),
+                                                input_ids.shape[1]),
+            use_cache=False,
+            logits_to_keep=resp_len + 1,  # no hidden states of the prompt reach the head
+            **extra,
+        ).logits
+    return [(logits, valid.reshape(-1).nonzero().squeeze(-1))]
 
 
 def response_logits_shared_prompt(model: Any, batch: RolloutBatch, device: torch.device,
-                                  split_by_length: bool = True) -> torch.Tensor:
-    """Logits [rows, R, V] predicting each response token: one forward of the unique prompts (images once
-    per prompt), then the rows' responses on its key/value cache, gathered per row. `split_by_length`: the rows
-    run in up to four forwards by response length (`length_buckets`), each as wide as its longest response,
-    instead of one forward as wide as the batch's; rows never interact, so the logits at every response position
-    are one forward's to float rounding, and the padding positions (masked by every caller) get zeros."""
+                                  split_by_length: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(logits [k, V], place [k])] per forward: the logits predicting each response token where `response_mask`
+    is set, and its row-major position in [rows, R]. One forward of the unique prompts (images once per prompt;
+    it predicts each row's first token), then the rows' responses on its key/value cache, gathered per row.
+    `split_by_length`: the rows run in up to four forwards by response length (`length_buckets`), each as wide as
+    its longest response, instead of one forward as wide as the batch's; rows never interact, so the logits are one
+    forward's to float rounding."""
     core = getattr(model, "module", model)
     first_rows = torch.arange(0, batch.num_rows, batch.n)
     vision = {}
@@ -239,39 +258,37 @@ def response_logits_shared_prompt(model: Any, batch: RolloutBatch, device: torch
         vision = {"pixel_values": batch.pixel_values.to(device), "image_grid_thw": batch.image_grid_thw.to(device)}
     prompt_mask = batch.prompt_mask[first_rows].to(device)
     first_logits, cache, start = prefill_prompts(core, batch.prompt_ids[first_rows].to(device), prompt_mask, vision,
-                                                 batch.n, repeat_cache=False)
-    first_logits = first_logits[:, None]  # predicts response token 0
-    resp_len = batch.response_ids.shape[1]
-    if resp_len == 1:
-        return first_logits
-    lengths = [max(length - 1, 0) for length in batch.response_mask.sum(-1).tolist()]  # tokens each row runs
-    buckets = length_buckets(lengths) if split_by_length else [list(range(batch.num_rows))]
+                                                 batch.n, repeat_cache=False)  # [rows, V]: response token 0
     response_ids, response_mask = batch.response_ids.to(device), batch.response_mask.to(device)
+    valid = response_mask.bool()
+    place = torch.arange(valid.numel(), device=device).view(valid.shape)  # row-major positions in [rows, R]
+    pieces = [(first_logits[valid[:, 0]], place[:, 0][valid[:, 0]])]
+    lengths = [max(length - 1, 0) for length in response_mask.sum(-1).tolist()]  # tokens each row runs
+    buckets = length_buckets(lengths) if split_by_length else [list(range(batch.num_rows))]
     owner = torch.arange(batch.num_rows, device=device) // batch.n
     prompt_layers = [(entry.keys, entry.values) for entry in cache.layers]
-    parts, wrapper_called = [], False
+    wrapper_called = False
     for bucket in buckets:
+        width = max(lengths[row] for row in bucket) if split_by_length else response_ids.shape[1] - 1
+        if not width:
+            continue
         rows = torch.tensor(bucket, dtype=torch.long, device=device)
-        width = resp_len - 1 if not split_by_length else max(lengths[row] for row in bucket)
-        logits = first_logits.index_select(0, rows)
-        if width:
-            prompts = owner.index_select(0, rows)
-            bucket_cache = gathered_cache(core.config, prompt_layers, prompts)
-            positions = start.index_select(0, rows)[:, None] + torch.arange(width, device=device)
-            attention_mask = torch.cat([prompt_mask.index_select(0, prompts),
-                                        response_mask.index_select(0, rows)[:, :width]], dim=1)
-            # one call of the wrapper per process whatever the bucket count: a DDP forward is a collective
-            # (buffer broadcast), and DDP's gradient hooks sit on the parameters, so the inner module's forwards
-            # (the prompts' too) still synchronise
-            forward, wrapper_called = (core if wrapper_called else model), True
-            out = forward(input_ids=response_ids.index_select(0, rows)[:, :width], attention_mask=attention_mask,
-                        position_ids=positions[None].expand(3, -1, -1), use_cache=True,
-                        **{cache_kwarg(core): bucket_cache})
-            logits = torch.cat([logits, out.logits], dim=1)
-        parts.append(F.pad(logits, (0, 0, 0, resp_len - 1 - width)) if width < resp_len - 1 else logits)
-    if len(parts) == 1:  # one forward of the rows in order: no copy of the logits to reorder
-        return parts[0]
-    return torch.cat(parts).index_select(0, bucket_inverse(buckets, device))
+        prompts = owner.index_select(0, rows)
+        bucket_cache = gathered_cache(core.config, prompt_layers, prompts)
+        positions = start.index_select(0, rows)[:, None] + torch.arange(width, device=device)
+        attention_mask = torch.cat([prompt_mask.index_select(0, prompts),
+                                    response_mask.index_select(0, rows)[:, :width]], dim=1)
+        predicts = valid.index_select(0, rows)[:, 1 : width + 1]  # column t predicts response token t + 1
+        # one call of the wrapper per process whatever the bucket count: a DDP forward is a collective
+        # (buffer broadcast), and DDP's gradient hooks sit on the parameters, so the inner module's forwards
+        # (the prompts' too) still synchronise
+        forward, wrapper_called = (core if wrapper_called else model), True
+        with head_on(core, predicts):
+            logits = forward(input_ids=response_ids.index_select(0, rows)[:, :width], attention_mask=attention_mask,
+                             position_ids=positions[None].expand(3, -1, -1), use_cache=True,
+                             **{cache_kwarg(core): bucket_cache}).logits
+        pieces.append((logits, place.index_select(0, rows)[:, 1 : width + 1][predicts]))
+    return pieces
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -299,7 +316,12 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        """Keep rows `indices`: their written positions, in new buffers of the same capacity."""
+        for name in ("key", "value"):
+            buffer = getattr(self, f"{name}_buffer")
+            kept = buffer.new_empty(len(indices), *buffer.shape[1:])
+            kept[:, :, : self.length] = buffer[:, :, : self.length].index_select(0, indices)
+            setattr(self, f"{name}_buffer", kept)
         self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
 
 
@@ -408,7 +430,7 @@ def sample_responses(
             keep = (~finished).nonzero().squeeze(-1)
             active, next_tokens, finished = active[keep], next_tokens[keep], finished[keep]
             if shared:
-                decoder.keep(keep)
+                decoder.keep(keep, written=t)  # response positions 0 .. t - 1 are in its buffers
             else:
                 start, attention_mask = start[keep], attention_mask[keep]
                 cache.batch_select_indices(keep)

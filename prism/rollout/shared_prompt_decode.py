@@ -72,7 +72,7 @@ class SharedPromptDecoder:
     `cache` holds each prompt once (not repeated); `prompt_mask` [prompts, P] its padding; `start` [rows] each
     row's first response position (every M-RoPE axis alike for generated text). `step(tokens, active, t)` feeds
     response token t of the `active` rows (indices into all rows, ascending) and returns their next-token logits;
-    `keep(indices)` drops the other active rows from the response keys and values."""
+    `keep(indices, written)` drops the other active rows from the response keys and values."""
 
     @torch.no_grad()
     def __init__(self, model: Any, cache: Any, prompt_mask: torch.Tensor, n: int, max_new_tokens: int,
@@ -110,9 +110,14 @@ class SharedPromptDecoder:
             })
         self.intermediate = config.intermediate_size
 
-    def keep(self, indices: torch.Tensor) -> None:
+    def keep(self, indices: torch.Tensor, written: int) -> None:
+        """Keep the response keys and values of the active rows `indices`: their first `written` positions are
+        copied into new buffers of the same capacity (the positions not yet decoded hold nothing to copy)."""
         for layer in self.layers:
-            layer["keys"], layer["values"] = layer["keys"][indices], layer["values"][indices]
+            for name in ("keys", "values"):
+                old = layer[name]
+                layer[name] = old.new_empty(len(indices), *old.shape[1:])
+                layer[name][:, :, :written] = old[:, :, :written].index_select(0, indices)
 
     def per_prompt(self, x: torch.Tensor, right: torch.Tensor, active: torch.Tensor | None,
                    bias: torch.Tensor | None = None) -> torch.Tensor:

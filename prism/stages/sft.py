@@ -16,7 +16,6 @@ With `torch_compile: true` each decoder layer and vision block runs compiled (pr
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from prism.kv_prefix import (
     cache_kwarg,
     cache_may_carry_gradients,
     common_prefix_length,
+    head_on,
     output_cache,
 )
 from prism.models.peft import final_model_saver
@@ -153,18 +153,6 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], share_prefix: bool 
         with head_on(model, predicts_labelled):
             logits = model(**inputs, use_cache=False).logits
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-
-
-@contextlib.contextmanager
-def head_on(model, positions: torch.Tensor):
-    """Within the block, the output head projects only the hidden states at `positions` ([rows, length] bools),
-    flattened in row-major order (a pre-hook on its input)."""
-    head = getattr(model, "module", model).get_output_embeddings()
-    hook = head.register_forward_pre_hook(lambda module, args: (args[0][positions],))
-    try:
-        yield
-    finally:
-        hook.remove()
 
 
 def continue_on_shared_prefix(model, inputs: dict[str, torch.Tensor], prefix: int, keep: torch.Tensor) -> torch.Tensor:

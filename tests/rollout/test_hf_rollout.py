@@ -171,6 +171,35 @@ def test_behaviour_log_probs_match_recomputed(eos_backend, temperature, top_p):
         assert (unscaled - recomputed).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_log_probs_and_entropy_equal_a_whole_row_forward(eos_backend, temperature):
+    """The scores read the head only at response tokens; they equal every position's logits of one whole forward
+    per row, softmaxed with the vision ids suppressed, 0 outside the response (entropy included)."""
+    from prism.rollout import log_probs_and_entropy
+
+    model = eos_backend.model
+    batch = eos_backend.generate(_prompts(), n=3, sampling=SamplingParams(max_new_tokens=8, temperature=temperature,
+                                                                          seed=4))
+    assert batch.response_mask.min() == 0  # some responses stop early
+    pixels, grids = batch.row_vision_inputs()
+    with torch.no_grad():
+        log_probs, entropy = log_probs_and_entropy(model, batch)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels,
+                       image_grid_thw=grids, mm_token_type_ids=(batch.input_ids == model.config.image_token_id).long(),
+                       use_cache=False).logits
+    resp_len = batch.response_ids.shape[1]
+    scaled = logits[:, -resp_len - 1 : -1] / temperature
+    scaled[..., vision_token_ids(model)] = float("-inf")
+    logp = torch.log_softmax(scaled, -1)
+    mask = batch.response_mask.float()
+    expected = logp.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) * mask
+    probs = logp.exp()
+    expected_entropy = -(probs * torch.where(probs > 0, logp, 0.0)).sum(-1) * mask
+    torch.testing.assert_close(log_probs, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=0)
+    assert (log_probs[mask == 0] == 0).all() and (entropy[mask == 0] == 0).all()
+
+
 def test_sequence_log_probs_carry_gradients(backend):
     batch = backend.generate(_prompts()[:1], n=2, sampling=SamplingParams(max_new_tokens=4, seed=0))
     logp = sequence_log_probs(backend.model, batch)
@@ -251,11 +280,14 @@ def test_prompt_once_forward_equals_per_row_forward_with_gradients(processor, wi
 
     def loss_and_grads(logits_fn):
         model.zero_grad(set_to_none=True)
-        logits = logits_fn(model, batch, torch.device("cpu"))
-        picked = torch.gather(torch.log_softmax(logits, -1), -1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
-        loss = (picked * batch.response_mask).sum()
-        loss.backward()
-        return picked * batch.response_mask, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        pieces = logits_fn(model, batch, torch.device("cpu"))  # [(logits [k, V], row-major place [k])]
+        logits, place = torch.cat([logits for logits, _ in pieces]), torch.cat([place for _, place in pieces])
+        assert sorted(place.tolist()) == batch.response_mask.reshape(-1).nonzero().squeeze(-1).tolist()
+        tokens = batch.response_ids.reshape(-1)[place]
+        picked = torch.gather(torch.log_softmax(logits, -1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+        picked.sum().backward()
+        scores = torch.zeros(batch.response_mask.numel()).index_put((place,), picked.detach())
+        return scores, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     shared, shared_grads = loss_and_grads(shared_logits)
     assert (len(calls[0]) > 2) if split == "by length" else not calls
@@ -330,7 +362,8 @@ def test_stopped_rows_leave_the_batch_without_changing_any_row(eos_backend, monk
     owner = SharedPromptDecoder if shared else Cache  # where the rows that stopped leave
     method = "keep" if shared else "batch_select_indices"
     select = getattr(owner, method)
-    monkeypatch.setattr(owner, method, lambda self, keep: (batch_sizes.append(len(keep)), select(self, keep))[1])
+    monkeypatch.setattr(owner, method, lambda self, keep, **kwargs: (batch_sizes.append(len(keep)),
+                                                                     select(self, keep, **kwargs))[1])
     compact_ids, compact_logp = sample_responses(model, inputs, 8, sampling, [EOS_TOKEN_ID], pad, True,
                                                  shared_prompt_decode=shared)
     assert batch_sizes and batch_sizes == sorted(batch_sizes, reverse=True) and batch_sizes[-1] < 16

@@ -68,7 +68,7 @@ def test_step_logits_equal_transformers_forward_on_a_repeated_cache(processor, p
             keep = torch.tensor([i for i in range(len(active)) if i not in (1, 4, 7)])
             active, start, mask = active[keep], start[keep], mask[keep]
             cache.batch_select_indices(keep)
-            decoder.keep(keep)
+            decoder.keep(keep, written=t)  # positions 0 .. t - 1 hold keys and values
         step_tokens = tokens[active, t]
         expected = model(input_ids=step_tokens[:, None], attention_mask=mask[:, : prompt_ids.shape[1] + t + 1],
                          position_ids=(start + t)[None, :, None].expand(3, -1, -1), use_cache=True,
