@@ -32,6 +32,7 @@ from transformers import (
 )
 from transformers.fusion_mapping import get_fusion_patch_mapping
 
+import prism.models.attention  # noqa: F401  (registers the CPU grouped-query SDPA path under "sdpa")
 from prism.atomic_io import atomic_directory
 from prism.models.processor import (
     MERGE_SIZE,
