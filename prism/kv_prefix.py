@@ -35,7 +35,12 @@ def head_on(model: Any, positions: torch.Tensor):
     head's GEMM and everything done to its logits (softmax, gathers and their gradients) then scale with the
     positions read, not with rows x length x vocab (a forward pre-hook on the head of `model` or its `.module`)."""
     head = getattr(model, "module", model).get_output_embeddings()
-    hook = head.register_forward_pre_hook(lambda module, args: (args[0][positions],))
+    every = bool(positions.all())  # then a view: no gather forward, no scatter into zeros backward
+
+    def pick(module, args):
+        return (args[0].flatten(0, -2) if every else args[0][positions],)
+
+    hook = head.register_forward_pre_hook(pick)
     try:
         yield
     finally:

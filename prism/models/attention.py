@@ -5,7 +5,7 @@ key/value heads in the tiny presets), transformers' `sdpa_attention_forward` cop
 query head (`repeat_kv`), since CUDA's fused kernels fall back to the math kernel for a masked GQA call. torch's CPU
 flash kernel takes the grouped heads as they are (`enable_gqa=True`): the same outputs, no copies, and a backward
 that writes each key/value head's gradient once instead of summing per-query-head copies. On the tiny presets'
-shapes (one attention call forward and backward, 2 threads) that took 0.56-0.79x the time of `repeat_kv`.
+shapes (one attention call forward and backward, 2 threads) that took 0.6-0.85x the time of `repeat_kv`.
 
 `sdpa_native_gqa` runs that path for CPU calls of more than one query token (training forwards, prefills, the
 discriminator's continuations) and hands every other call to transformers' own function: CUDA, one-token decode

@@ -262,7 +262,8 @@ def response_logits_shared_prompt(model: Any, batch: RolloutBatch, device: torch
     response_ids, response_mask = batch.response_ids.to(device), batch.response_mask.to(device)
     valid = response_mask.bool()
     place = torch.arange(valid.numel(), device=device).view(valid.shape)  # row-major positions in [rows, R]
-    pieces = [(first_logits[valid[:, 0]], place[:, 0][valid[:, 0]])]
+    first = valid[:, 0]
+    pieces = [(first_logits, place[:, 0]) if first.all() else (first_logits[first], place[:, 0][first])]
     lengths = [max(length - 1, 0) for length in response_mask.sum(-1).tolist()]  # tokens each row runs
     buckets = length_buckets(lengths) if split_by_length else [list(range(batch.num_rows))]
     owner = torch.arange(batch.num_rows, device=device) // batch.n
