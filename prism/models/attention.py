@@ -23,13 +23,17 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
+NATIVE_GQA = torch.__version__ >= "2.5"  # SDPA's enable_gqa (pyproject allows torch 2.4)
+
+
 def sdpa_native_gqa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                     is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query [batch, heads, q, d], key and value [batch, kv_heads, k, d] -> ([batch, q, heads, d], None), as
     transformers' `sdpa_attention_forward` returns it."""
     q_length, groups = query.shape[2], getattr(module, "num_key_value_groups", 1)
-    if (query.device.type != "cpu" or q_length == 1 or groups == 1 or kwargs.get("position_bias") is not None
+    if (not NATIVE_GQA or query.device.type != "cpu" or q_length == 1 or groups == 1
+            or kwargs.get("position_bias") is not None
             or kwargs.get("softcap") is not None or kwargs.get("output_attentions", False)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
