@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-
 NATIVE_GQA = torch.__version__ >= "2.5"  # SDPA's enable_gqa (pyproject allows torch 2.4)
 
 
