@@ -318,11 +318,8 @@ class PreallocatedLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows `indices`: their written positions, in new buffers of the same capacity."""
-        for name in ("key", "value"):
-            buffer = getattr(self, f"{name}_buffer")
-            kept = buffer.new_empty(len(indices), *buffer.shape[1:])
-            kept[:, :, : self.length] = buffer[:, :, : self.length].index_select(0, indices)
-            setattr(self, f"{name}_buffer", kept)
+        self.key_buffer = shared_prompt.kept_rows(self.key_buffer, indices, self.length)
+        self.value_buffer = shared_prompt.kept_rows(self.value_buffer, indices, self.length)
         self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
 
 

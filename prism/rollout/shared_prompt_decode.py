@@ -66,6 +66,14 @@ def concatenated(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor 
                               for bias, linear in zip(biases, linears)])
 
 
+def kept_rows(buffer: torch.Tensor, indices: torch.Tensor, written: int) -> torch.Tensor:
+    """Rows `indices` of a [rows, heads, capacity, d] key/value buffer in a new buffer of the same capacity, only
+    their first `written` positions copied (the positions not yet decoded hold nothing)."""
+    kept = buffer.new_empty(len(indices), *buffer.shape[1:])
+    kept[:, :, :written] = buffer[:, :, :written].index_select(0, indices)
+    return kept
+
+
 class SharedPromptDecoder:
     """Decodes the rows of `n` rollouts per prompt, prompt-major (row p * n + i), on the prompts' prefill cache.
 
@@ -111,13 +119,9 @@ class SharedPromptDecoder:
         self.intermediate = config.intermediate_size
 
     def keep(self, indices: torch.Tensor, written: int) -> None:
-        """Keep the response keys and values of the active rows `indices`: their first `written` positions are
-        copied into new buffers of the same capacity (the positions not yet decoded hold nothing to copy)."""
+        """Keep the response keys and values of the active rows `indices` (`kept_rows`)."""
         for layer in self.layers:
-            for name in ("keys", "values"):
-                old = layer[name]
-                layer[name] = old.new_empty(len(indices), *old.shape[1:])
-                layer[name][:, :, :written] = old[:, :, :written].index_select(0, indices)
+            layer["keys"], layer["values"] = (kept_rows(layer[name], indices, written) for name in ("keys", "values"))
 
     def per_prompt(self, x: torch.Tensor, right: torch.Tensor, active: torch.Tensor | None,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
