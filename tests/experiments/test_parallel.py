@@ -66,7 +66,7 @@ def alive(pid: int) -> bool:
 
 def test_independent_nodes_run_at_once_with_the_cores_split(tmp_path):
     lines = []
-    timings = run_parallel(fake_plan(tmp_path, DIAMOND), jobs=2, log=lines.append, cores=4)
+    timings = run_parallel(fake_plan(tmp_path, DIAMOND), jobs=2, log=lines.append, cores=4, preload=())
     assert set(Path(k).name for k in timings) == {"a", "b", "c", "d"}
     seen = {e["node"]: e for e in events(tmp_path)}
     ends = {name: json.loads((tmp_path / name).read_text())["end"] for name in DIAMOND}
@@ -85,7 +85,7 @@ def test_a_node_that_never_runs_beside_another_gets_every_core(tmp_path):
     plan = fake_plan(tmp_path, DIAMOND)
     assert exclusive_nodes(plan.nodes) == {str(tmp_path / "a"), str(tmp_path / "d")}
     assert exclusive_nodes(fake_plan(tmp_path, {"a": [], "b": []}).nodes) == set()  # independent: neither
-    run_parallel(plan, jobs=2, log=lambda _: None, cores=4)
+    run_parallel(plan, jobs=2, log=lambda _: None, cores=4, preload=())
     assert {e["node"]: e["threads"] for e in events(tmp_path)} == {"a": "4", "b": "2", "c": "2", "d": "4"}
 
 
@@ -94,7 +94,7 @@ def test_the_longest_chain_starts_first(tmp_path):
     plan = fake_plan(tmp_path, {"d": [], "e": [], "a": [], "b": ["a"], "c": ["b"]}, seconds=0.3)
     chain = critical_path_seconds(plan.nodes, {})
     assert chain[str(tmp_path / "a")] == 3.0 and chain[str(tmp_path / "d")] == 1.0  # 1 s per node without estimates
-    run_parallel(plan, jobs=1, log=lambda _: None, cores=1)
+    run_parallel(plan, jobs=1, log=lambda _: None, cores=1, preload=())
     assert [e["node"] for e in events(tmp_path)][:2] == ["a", "b"]
 
 
@@ -112,7 +112,7 @@ def test_the_estimate_left_falls_while_a_long_node_runs():
 def test_a_failed_node_stops_the_run_and_names_its_log(tmp_path):
     plan = fake_plan(tmp_path, DIAMOND, fail="c")
     with pytest.raises(MatrixError, match=r"eval .*c failed \(exit 3\); see .*c\.log"):
-        run_parallel(plan, jobs=2, log=lambda _: None, cores=2)
+        run_parallel(plan, jobs=2, log=lambda _: None, cores=2, preload=())
     assert "d" not in {e["node"] for e in events(tmp_path)}  # nothing downstream of the failure started
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
@@ -126,7 +126,8 @@ def test_a_killed_launcher_takes_its_nodes_with_it_and_resumes(tmp_path):
         from test_parallel import DIAMOND, fake_plan
         from experiments.matrix import run_parallel
         from pathlib import Path
-        run_parallel(fake_plan(Path({str(tmp_path)!r}), DIAMOND, seconds=float(sys.argv[1])), jobs=2, cores=2)
+        run_parallel(fake_plan(Path({str(tmp_path)!r}), DIAMOND, seconds=float(sys.argv[1])), jobs=2, cores=2,
+                     preload=())
     """))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     process = subprocess.Popen([sys.executable, str(launcher), "3"], env=env, stdout=subprocess.DEVNULL)
