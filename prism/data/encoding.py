@@ -2,9 +2,9 @@
 right-padded and packed batches.
 
 - `chat_messages` turns sharegpt strings with `<image>` placeholders into chat-template parts.
-- `encode_conversation` renders a conversation with the chat template, labels each assistant turn (through its
-  `<|im_end|>`) and expands each `<|image_pad|>` to its number of merged patches: each image is processed once
-  here (`process_images`), so the processor's text pass is not needed.
+- `encode_conversation` renders a conversation with the chat template (`render_conversation`: ids, and labels
+  on each assistant turn through its `<|im_end|>`) and expands each `<|image_pad|>` to its number of merged
+  patches: each image is processed once here (`process_images`), so the processor's text pass is not needed.
 - `collate` pads rows on the right; `length_buckets` splits a batch's rows into a few forwards by length, each
   padded to its own longest row; `collate_packed` packs samples into rows of `max_length` tokens with positions
   restarting per sample (block-diagonal attention).
@@ -65,9 +65,10 @@ def process_images(processor, images: list) -> tuple[torch.Tensor, torch.Tensor,
     return vision["pixel_values"], vision["image_grid_thw"], (vision["image_grid_thw"].prod(-1) // merge).tolist()
 
 
-def encode_conversation(processor, conversation: Conversation, max_length: int, where: str = "record") -> Encoded:
-    """Render with the chat template, label each assistant turn (up to its `<|im_end|>`), expand images."""
-    tokenizer = processor.tokenizer
+def render_conversation(tokenizer, conversation: Conversation, where: str = "record") -> tuple[list[int], list[int]]:
+    """The chat template's ids and labels (each assistant turn up to its `<|im_end|>`), one `<|image_pad|>` per
+    image: what `encode_conversation` expands. Trainers keep it per record, since epochs after the first would
+    render the same text again (about half of a record's encoding)."""
     messages = chat_messages(conversation.messages)
     ids = _ids(tokenizer, messages, add_generation_prompt=False)
     labels = [IGNORE] * len(ids)
@@ -83,7 +84,15 @@ def encode_conversation(processor, conversation: Conversation, max_length: int, 
         turn_ids = ids[start:end]
         stop = max((i for i, t in enumerate(turn_ids) if t == eos), default=len(turn_ids) - 1)
         labels[start : start + stop + 1] = ids[start : start + stop + 1]
+    return ids, labels
 
+
+def encode_conversation(processor, conversation: Conversation, max_length: int, where: str = "record",
+                        rendered: tuple[list[int], list[int]] | None = None) -> Encoded:
+    """Render with the chat template (or take `render_conversation`'s `rendered`), label each assistant turn,
+    expand images."""
+    tokenizer = processor.tokenizer
+    ids, labels = rendered if rendered is not None else render_conversation(tokenizer, conversation, where)
     pixel_values = image_grid_thw = None
     image_token = processor.image_token_id if hasattr(processor, "image_token_id") else tokenizer.convert_tokens_to_ids("<|image_pad|>")
     if conversation.images:

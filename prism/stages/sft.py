@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from prism.config import BaseConfig, SFTConfig
-from prism.data.encoding import IGNORE, Encoded, collate, collate_packed, encode_conversation, length_buckets
+from prism.data.encoding import (
+    IGNORE,
+    Encoded,
+    collate,
+    collate_packed,
+    encode_conversation,
+    length_buckets,
+    render_conversation,
+)
 from prism.data.formats import Conversation, DataError, read_sharegpt
 from prism.data.order import step_records
 from prism.kv_prefix import (
@@ -243,11 +251,19 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
     progress = Progress(total_steps, desc=stage, initial=start) if accelerator.is_main_process else None
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
     share_prefix = not cfg.packing and prefix_sharing_applies(model)  # then base micro-batches split (prefix_groups)
+    rendered: dict[int, tuple[list[int], list[int]]] = {}  # record -> its chat template's ids and labels
+
+    def encoded(i: int) -> Encoded:
+        where = f"record [{i}]"
+        if i not in rendered:  # once per run: later epochs render the same text
+            rendered[i] = render_conversation(tokenizer, records[i], where)
+        return encode_conversation(processor, records[i], cfg.max_length, where=where, rendered=rendered[i])
+
     started, tokens_seen = time.perf_counter(), 0
     for step in range(start, total_steps):
         step_started = time.perf_counter()
         micro_samples = [
-            [encode_conversation(processor, records[i], cfg.max_length, where=f"record [{i}]") for i in idx]
+            [encoded(i) for i in idx]
             for idx in step_records(step, steps_per_epoch, global_batch, len(records), cfg.seed, rank, world,
                                     cfg.per_device_batch_size, cfg.gradient_accumulation_steps)
         ]

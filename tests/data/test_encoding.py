@@ -6,7 +6,15 @@ import random
 import pytest
 import torch
 
-from prism.data.encoding import IGNORE, bucket_inverse, collate, encode_conversation, length_buckets, pack_rows
+from prism.data.encoding import (
+    IGNORE,
+    bucket_inverse,
+    collate,
+    encode_conversation,
+    length_buckets,
+    pack_rows,
+    render_conversation,
+)
 from prism.data.formats import Conversation, DataError, read_sharegpt
 from prism.models import load_processor
 
@@ -33,6 +41,18 @@ def test_every_assistant_turn_is_labelled_and_no_user_turn(world, processor):
     encoded = encode_conversation(processor, Conversation(messages, image), max_length=512)
     labelled = processor.tokenizer.decode([t for t, l in zip(encoded.input_ids, encoded.labels) if l != IGNORE])
     assert labelled == "two<|im_end|>one<|im_end|>"
+
+
+def test_a_rendered_conversation_encodes_as_rendering_it_again(world, processor):
+    for conversation in read_sharegpt(world / "sft.json")[:3] + read_sharegpt(world / "base.json")[:3]:
+        rendered = render_conversation(processor.tokenizer, conversation)
+        kept = (list(rendered[0]), list(rendered[1]))
+        once, again = (encode_conversation(processor, conversation, 512, rendered=rendered),
+                       encode_conversation(processor, conversation, 512))
+        assert once.input_ids == again.input_ids and once.labels == again.labels
+        assert torch.equal(once.pixel_values, again.pixel_values)
+        assert len(once.input_ids) > len(rendered[0])  # the image expanded in a copy: the kept pair is untouched
+        assert rendered == kept
 
 
 def test_truncation_inside_an_image_names_the_record(world, processor):

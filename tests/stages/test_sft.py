@@ -56,6 +56,17 @@ def test_short_run_learns_and_writes_every_output(world, policy_dir, tmp_path):
     assert (out / "model" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_each_record_is_rendered_once_however_many_epochs(world, policy_dir, tmp_path, monkeypatch):
+    import prism.stages.sft as sft
+
+    rendered = []
+    render = sft.render_conversation
+    monkeypatch.setattr(sft, "render_conversation", lambda tokenizer, record, where: (
+        rendered.append(where), render(tokenizer, record, where))[1])
+    run(sft_config(world, policy_dir, tmp_path / "sft", "max_records=8", "max_steps=3"))  # 8 records a step: 3 epochs
+    assert sorted(rendered) == sorted(f"record [{i}]" for i in range(8))
+
+
 def test_a_different_config_never_reuses_a_run_directory(world, policy_dir, tmp_path):
     run(sft_config(world, policy_dir, tmp_path / "x", "max_steps=2"))
     with pytest.raises(FileExistsError, match="another SFTConfig"):
