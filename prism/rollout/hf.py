@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.fsdp import is_fsdp_managed_module
 
 from prism.data.encoding import length_buckets
@@ -321,6 +321,43 @@ class PreallocatedLayer(DynamicLayer):
         self.key_buffer = shared_prompt.kept_rows(self.key_buffer, indices, self.length)
         self.value_buffer = shared_prompt.kept_rows(self.value_buffer, indices, self.length)
         self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+
+class ReservingLayer(PreallocatedLayer):
+    """A PreallocatedLayer that sizes its buffer at its first update (the prompt), with room for `extra_tokens`
+    more: an empty cache of these handed to transformers' `generate` decodes without copying (`reserving_cache`).
+    Past the room it grows by copying, as a DynamicLayer does each step. The batch reshapes of beam search and
+    assisted decoding are not implemented for it."""
+
+    def __init__(self, extra_tokens: int):
+        super().__init__()
+        self.extra_tokens = extra_tokens
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.key_buffer, self.value_buffer, self.length = key_states[:, :, :0], value_states[:, :, :0], 0
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2]:
+            self.key_buffer, self.value_buffer = (
+                torch.cat([buffer[:, :, : self.length], buffer.new_empty(*new.shape[:2], new.shape[2] + self.extra_tokens,
+                                                                         new.shape[3])], dim=2)
+                for buffer, new in ((self.key_buffer, key_states), (self.value_buffer, value_states)))
+        return super().update(key_states, value_states)
+
+    def _not_implemented(self, *args, **kwargs):
+        raise NotImplementedError("ReservingLayer keeps sampled and greedy decoding only (no beam search, cropping "
+                                  "or repeated rows); use a DynamicCache for those")
+
+    batch_repeat_interleave = reorder_cache = crop = _not_implemented
+
+
+def reserving_cache(config: Any, extra_tokens: int) -> DynamicCache:
+    """An empty cache for `generate`: each full-attention layer a ReservingLayer with room for `extra_tokens`
+    beyond the prompt (sliding-window layers stay as transformers makes them)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [ReservingLayer(extra_tokens) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def reserve_cache(cache: Any, extra_tokens: int) -> None:

@@ -24,7 +24,8 @@ from prism.rollout import (
     response_mask_and_finish,
     sequence_log_probs,
 )
-from prism.rollout.hf import vision_token_ids
+from prism.kv_prefix import cache_kwarg
+from prism.rollout.hf import ReservingLayer, reserving_cache, vision_token_ids
 
 
 def _corpus(n=300, seed=0):
@@ -345,6 +346,27 @@ def test_greedy_rollouts_equal_transformers_generate(backend, processor):
                                       pad_token_id=processor.tokenizer.pad_token_id)
     batch = backend.generate(_prompts(), n=1, sampling=SamplingParams(max_new_tokens=6, temperature=0.0))
     assert torch.equal(batch.response_ids, expected[:, inputs["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("room", [12, 3])  # room for every token, and too little: it grows past it
+def test_generate_on_a_reserving_cache_samples_what_the_default_cache_does(eos_backend, processor, room):
+    model, (inputs, _) = eos_backend.model, eos_backend.encode(_prompts())
+    settings = dict(max_new_tokens=12, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                    pad_token_id=processor.tokenizer.pad_token_id)
+    torch.manual_seed(3)
+    expected = model.generate(**inputs, **settings)
+    cache = reserving_cache(model.config, room)
+    torch.manual_seed(3)
+    got = model.generate(**inputs, **settings, **{cache_kwarg(model): cache})
+    assert torch.equal(got, expected)
+    assert all(isinstance(layer, ReservingLayer) for layer in cache.layers)
+    prompt, written = inputs["input_ids"].shape[1], expected.shape[1] - 1  # the last token is never fed back
+    for layer in cache.layers:
+        assert layer.length == layer.keys.shape[2] == written
+        # sized once at the prompt with the room asked for, or grown past too little room
+        assert layer.key_buffer.shape[2] == prompt + room if room >= written - prompt else layer.key_buffer.shape[2] >= written
+    with pytest.raises(NotImplementedError, match="no beam search"):
+        cache.layers[0].reorder_cache(torch.tensor([0]))
 
 
 @pytest.mark.parametrize("shared", [True, False])
