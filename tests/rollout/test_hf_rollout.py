@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from prism.kv_prefix import cache_kwarg
 from prism.models import PRESETS, build_model, build_processor, build_tokenizer
 from prism.models.tokenizer import EOS_TOKEN_ID
 from prism.rollout import (
@@ -24,7 +25,6 @@ from prism.rollout import (
     response_mask_and_finish,
     sequence_log_probs,
 )
-from prism.kv_prefix import cache_kwarg
 from prism.rollout.hf import ReservingLayer, reserving_cache, vision_token_ids
 
 
