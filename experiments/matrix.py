@@ -824,7 +824,7 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None,
                 path.parent.mkdir(parents=True, exist_ok=True)
                 handle = open(path, "a")
                 env, threads = node_env(key)
-                if forks is not None and key not in alone and forkable(node.command):
+                if forks is not None and key not in alone and forkable(node.command) and forks.available():
                     process = forks.start(node.command, path)
                 else:
                     process = subprocess.Popen(node.command, env=env, stdout=handle, stderr=subprocess.STDOUT,

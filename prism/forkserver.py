@@ -10,9 +10,10 @@ theirs when the process starts and the library loads: every child inherits exact
 have read. It only imports; it never runs a torch operation, so no OpenMP or CUDA state exists to be forked (torch
 resets its thread pools in a forked child, as DataLoader workers rely on).
 
-Protocol, one JSON object a line: the driver writes {"id", "argv", "log"} to the server's stdin; the server answers
-{"id", "pid"} once it has forked and {"pid", "exit"} once the child is reaped (`exit` as Popen's returncode: the
-code, or minus the signal). The driver signals children itself (same user). Each child runs `argv` as
+Protocol, one JSON object a line: the server says {"ready"} once its imports are done (false with a CUDA or ROCm
+build of torch: it then exits, and nodes start afresh); the driver writes {"id", "argv", "log"} to the server's
+stdin; the server answers {"id", "pid"} once it has forked and {"pid", "exit"} once the child is reaped (`exit` as
+Popen's returncode: the code, or minus the signal). The driver signals children itself (same user). Each child runs `argv` as
 `python -m module ...` or `python script.py ...` would (runpy, as __main__), its stdout and stderr appended to
 `log`. A killed driver takes the server with it (PR_SET_PDEATHSIG), and the server its children.
 
@@ -57,13 +58,23 @@ class ForkServer:
             [sys.executable, "-m", "prism.forkserver", *preload], env=dict(env), stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, preexec_fn=die_with_parent if sys.platform == "linux" else None)
         self._ids = 0
+        self._ready: bool | None = None  # whether it forks: told once its imports are done
         self._pids: dict[int, int] = {}  # request id -> pid
         self._exits: dict[int, int] = {}  # pid -> returncode
         self._buffer = b""
 
+    def available(self) -> bool:
+        """Whether the server forks nodes (waits for its imports): not with a CUDA or ROCm build of torch, where a
+        device query at import would leave the children unable to use the GPU. Then nodes start afresh."""
+        while self._ready is None:
+            self._read(timeout=None)
+        return self._ready
+
     def start(self, argv: Sequence[str], log: Path) -> ForkedProcess:
         if not forkable(argv):
             raise ValueError(f"not a command the fork server runs: {argv}")
+        if not self.available():
+            raise RuntimeError("this fork server does not fork (a GPU build of torch); start the node afresh")
         self._ids += 1
         request = {"id": self._ids, "argv": list(argv), "log": str(log)}
         self._process.stdin.write((json.dumps(request) + "\n").encode())
@@ -90,7 +101,9 @@ class ForkServer:
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
             message = json.loads(line)
-            if "exit" in message:
+            if "ready" in message:
+                self._ready = message["ready"]
+            elif "exit" in message:
                 self._exits[message["pid"]] = message["exit"]
             else:
                 self._pids[message["id"]] = message["pid"]
@@ -159,6 +172,12 @@ def serve(preload: Sequence[str]) -> None:
     def send(message: dict) -> None:
         reply.write((json.dumps(message) + "\n").encode())
         reply.flush()
+
+    torch = sys.modules.get("torch")
+    ready = torch is None or (torch.version.cuda is None and getattr(torch.version, "hip", None) is None)
+    send({"ready": ready})
+    if not ready:
+        return
 
     def reap() -> None:
         while True:

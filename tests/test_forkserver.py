@@ -93,3 +93,15 @@ def test_only_this_interpreters_plain_commands_fork():
     assert not forkable([sys.executable, "-m"])
     with ForkServer(os.environ) as forks, pytest.raises(ValueError, match="not a command the fork server runs"):
         forks.start(["accelerate", "launch"], "log")
+
+
+def test_a_gpu_build_of_torch_does_not_fork(tmp_path):
+    """A device query at import would leave forked children without the GPU: the server declines."""
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("class version:\n    cuda = '12.4'\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    with ForkServer(env, preload=("torch",)) as forks:
+        assert forks.available() is False
+        with pytest.raises(RuntimeError, match="start the node afresh"):
+            forks.start([sys.executable, "-m", "json.tool", "--help"], tmp_path / "log")

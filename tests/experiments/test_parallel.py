@@ -27,7 +27,7 @@ NODE = textwrap.dedent("""
     import json, os, pathlib, sys, time
     key, seconds, code = pathlib.Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
     with open(key.parent / "events.jsonl", "a") as f:
-        f.write(json.dumps({"node": key.name, "start": time.time(), "pid": os.getpid(),
+        f.write(json.dumps({"node": key.name, "start": time.time(), "pid": os.getpid(), "parent": os.getppid(),
                             "threads": os.environ["OMP_NUM_THREADS"]}) + "\\n")
     print("working on", key.name, flush=True)
     time.sleep(seconds)
@@ -86,7 +86,22 @@ def test_a_node_that_never_runs_beside_another_gets_every_core(tmp_path):
     assert exclusive_nodes(plan.nodes) == {str(tmp_path / "a"), str(tmp_path / "d")}
     assert exclusive_nodes(fake_plan(tmp_path, {"a": [], "b": []}).nodes) == set()  # independent: neither
     run_parallel(plan, jobs=2, log=lambda _: None, cores=4, preload=())
-    assert {e["node"]: e["threads"] for e in events(tmp_path)} == {"a": "4", "b": "2", "c": "2", "d": "4"}
+    seen = {e["node"]: e for e in events(tmp_path)}
+    assert {name: e["threads"] for name, e in seen.items()} == {"a": "4", "b": "2", "c": "2", "d": "4"}
+    # the nodes alone start afresh (their own environment); the others fork from the server (the shared one)
+    assert seen["a"]["parent"] == seen["d"]["parent"] == os.getpid()
+    assert seen["b"]["parent"] == seen["c"]["parent"] != os.getpid()
+
+
+def test_without_a_forking_server_every_node_starts_afresh(tmp_path, monkeypatch):
+    fake = tmp_path / "fake" / "torch"  # a GPU build of torch: the server declines to fork
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("class version:\n    cuda = '12.4'\n")
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    run_parallel(fake_plan(tmp_path, DIAMOND), jobs=2, log=lambda _: None, cores=4, preload=("torch",))
+    seen = {e["node"]: e for e in events(tmp_path)}
+    assert {name: e["parent"] for name, e in seen.items()} == dict.fromkeys("abcd", os.getpid())
+    assert {name: e["threads"] for name, e in seen.items()} == {"a": "4", "b": "2", "c": "2", "d": "4"}
 
 
 def test_the_longest_chain_starts_first(tmp_path):
