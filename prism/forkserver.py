@@ -13,9 +13,9 @@ resets its thread pools in a forked child, as DataLoader workers rely on).
 Protocol, one JSON object a line: the server says {"ready"} once its imports are done (false with a CUDA or ROCm
 build of torch: it then exits, and nodes start afresh); the driver writes {"id", "argv", "log"} to the server's
 stdin; the server answers {"id", "pid"} once it has forked and {"pid", "exit"} once the child is reaped (`exit` as
-Popen's returncode: the code, or minus the signal). The driver signals children itself (same user). Each child runs `argv` as
-`python -m module ...` or `python script.py ...` would (runpy, as __main__), its stdout and stderr appended to
-`log`. A killed driver takes the server with it (PR_SET_PDEATHSIG), and the server its children.
+Popen's returncode: the code, or minus the signal). The driver signals children itself (same user). Each child
+runs `argv` as `python -m module ...` or `python script.py ...` would (runpy, as __main__), its stdout and stderr
+appended to `log`. A killed driver takes the server with it (PR_SET_PDEATHSIG), and the server its children.
 
     server = ForkServer(env, preload=("torch", "prism.stages.sft"))
     child = server.start([sys.executable, "-m", "prism.cli", "train", "sft", "--config", path], log_path)
@@ -190,9 +190,9 @@ def serve(preload: Sequence[str]) -> None:
             send({"pid": pid, "exit": os.waitstatus_to_exitcode(status)})
 
     while True:
-        ready = select.select([requests], [], [], 0.05)[0]
+        readable = select.select([requests], [], [], 0.05)[0]
         reap()
-        if not ready:
+        if not readable:
             continue
         chunk = os.read(requests, 65536)
         if not chunk:  # the driver closed us or is gone

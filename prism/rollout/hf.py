@@ -337,13 +337,15 @@ class ReservingLayer(PreallocatedLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.key_buffer, self.value_buffer, self.length = key_states[:, :, :0], value_states[:, :, :0], 0
-        end = self.length + key_states.shape[-2]
-        if end > self.key_buffer.shape[-2]:
-            self.key_buffer, self.value_buffer = (
-                torch.cat([buffer[:, :, : self.length], buffer.new_empty(*new.shape[:2], new.shape[2] + self.extra_tokens,
-                                                                         new.shape[3])], dim=2)
-                for buffer, new in ((self.key_buffer, key_states), (self.value_buffer, value_states)))
+        if self.length + key_states.shape[-2] > self.key_buffer.shape[-2]:  # the prompt, or past the room
+            self.key_buffer = self._grown(self.key_buffer, key_states)
+            self.value_buffer = self._grown(self.value_buffer, value_states)
         return super().update(key_states, value_states)
+
+    def _grown(self, buffer: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """The written positions, then room for `new` and `extra_tokens` more."""
+        room = buffer.new_empty(*new.shape[:2], new.shape[2] + self.extra_tokens, new.shape[3])
+        return torch.cat([buffer[:, :, : self.length], room], dim=2)
 
     def _not_implemented(self, *args, **kwargs):
         raise NotImplementedError("ReservingLayer keeps sampled and greedy decoding only (no beam search, cropping "
