@@ -27,6 +27,9 @@ from scipy import stats
 CONFIDENCE = 0.95
 RESAMPLES = 4000
 PERMUTATIONS = 9999
+# Sign flips drawn this many at a time: the same draws and p-value as all at once, ~3x faster here (the arrays of
+# 1,200 items x 10,000 flips at once overflow the caches)
+PERMUTATION_BATCH = 2000
 SEED = 0  # the bootstrap's own seed: equal scores give equal intervals
 
 
@@ -116,7 +119,8 @@ def paired_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], 
     else:
         result = stats.permutation_test(
             (d,), lambda flipped, axis=-1: np.sum(weights * flipped, axis=axis), permutation_type="samples",
-            vectorized=True, n_resamples=permutations, alternative="two-sided", random_state=seed)
+            vectorized=True, n_resamples=permutations, alternative="two-sided", random_state=seed,
+            batch=PERMUTATION_BATCH)
         p_value = float(result.pvalue)
     return _estimate(arrays, replicates, p_value)
 
