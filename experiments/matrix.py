@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -786,8 +785,9 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None,
 
     measured = measured_seconds_per_step()
     pending = {n.key: n for n in plan.nodes.values() if not n.done}
-    # started now, so that its imports overlap the first nodes
-    forks = ForkServer(worker_env(shared_threads, shares_cores=True), preload) if hasattr(os, "fork") and any(
+    # started now, so that its imports overlap the first nodes; Linux only (macOS's system libraries are not
+    # fork-safe once loaded, which is why Python spawns there)
+    forks = ForkServer(worker_env(shared_threads, shares_cores=True), preload) if sys.platform == "linux" and any(
         key not in alone and forkable(node.command) for key, node in pending.items()) else None
     chain = critical_path_seconds(pending, measured)
     left = {key: estimate_seconds(node, measured) or 0.0 for key, node in pending.items()}

@@ -5,6 +5,7 @@ A fresh Python process spends about 4.5 s of CPU importing torch, transformers a
 work; a table of 39 nodes paid that 39 times, ~7% of its CPU time on the 2-core machine. A forked child has the
 modules already and starts in ~0.1 s.
 
+Linux only (the matrix starts nodes afresh elsewhere: macOS's system libraries are not fork-safe once loaded).
 The server is started with the workers' environment (`prism.workers.worker_env`), because glibc and OpenMP read
 theirs when the process starts and the library loads: every child inherits exactly what a fresh worker would
 have read. It only imports; it never runs a torch operation, so no OpenMP or CUDA state exists to be forked (torch

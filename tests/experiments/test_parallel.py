@@ -88,9 +88,9 @@ def test_a_node_that_never_runs_beside_another_gets_every_core(tmp_path):
     run_parallel(plan, jobs=2, log=lambda _: None, cores=4, preload=())
     seen = {e["node"]: e for e in events(tmp_path)}
     assert {name: e["threads"] for name, e in seen.items()} == {"a": "4", "b": "2", "c": "2", "d": "4"}
-    # the nodes alone start afresh (their own environment); the others fork from the server (the shared one)
+    # the nodes alone start afresh (their own environment); on Linux the others fork from the server (the shared one)
     assert seen["a"]["parent"] == seen["d"]["parent"] == os.getpid()
-    assert seen["b"]["parent"] == seen["c"]["parent"] != os.getpid()
+    assert (seen["b"]["parent"] == seen["c"]["parent"] != os.getpid()) == (sys.platform == "linux")
 
 
 def test_without_a_forking_server_every_node_starts_afresh(tmp_path, monkeypatch):
