@@ -56,11 +56,12 @@ RL_ALGORITHMS = ("grpo", "dapo", "gspo")
 
 # Seconds per optimizer step on this 2-core CPU when no finished run says better (plan estimates only): the
 # embedded table1 preset's stages at one thread beside another node, as `--jobs 2` runs them.
+# Measured: the medians of the default table's run at 99d7800 (Intel Xeon with AMX, a fresh clone, idle).
 FALLBACK_SECONDS_PER_STEP = {
-    ("base", "embedded-s"): 0.25, ("sft", "embedded-s"): 0.39, ("disc_warmup", "embedded-s"): 2.0,
-    ("align", "embedded-s"): 2.3, ("rlvr", "embedded-s"): 2.6,
-    ("base", "embedded-m"): 0.46, ("sft", "embedded-m"): 0.86, ("disc_warmup", "embedded-m"): 2.0,
-    ("align", "embedded-m"): 4.2, ("rlvr", "embedded-m"): 5.1,
+    ("base", "embedded-s"): 0.16, ("sft", "embedded-s"): 0.27, ("disc_warmup", "embedded-s"): 0.8,
+    ("align", "embedded-s"): 1.0, ("rlvr", "embedded-s"): 1.0,
+    ("base", "embedded-m"): 0.32, ("sft", "embedded-m"): 0.53, ("disc_warmup", "embedded-m"): 0.8,
+    ("align", "embedded-m"): 1.6, ("rlvr", "embedded-m"): 2.2,
 }
 
 
@@ -566,12 +567,12 @@ def measured_seconds_per_step() -> dict[tuple, float]:
 
 def estimate_seconds(node: Node, measured: dict[tuple, float]) -> float | None:
     if node.kind == "world":
-        return 60.0
+        return 20.0  # the default world: 14-16 s
     if node.kind == "eval":  # model load + generation, measured on the embedded suite (S and M); none for paper
         if node.cfg is None or node.cfg["suite"] != "embedded":
             return None
-        # the table's 20 evaluations of 1,200 items at one thread each: 17-53 s, 27.5 s on average (18 min run)
-        return 5.0 + 0.02 * 6 * (node.cfg["limit"] or 200)
+        # the default table's 26 evaluations of 1,200 items at one thread each (99d7800): 7-24 s, 11.8 s on average
+        return 2.0 + 0.0125 * 6 * (node.cfg["limit"] or 200)
     per_step = measured.get(_work(node.kind, config_to_dict(node.cfg)), FALLBACK_SECONDS_PER_STEP.get((node.kind, node.preset)))
     if per_step is None or not node.steps:
         return None
