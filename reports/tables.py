@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 
 from evaluation.results import samples_files
+from prism.workers import available_cores
 from reports.stats import Estimate, format_estimate, interval, paired_difference
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference"
@@ -163,13 +165,14 @@ def cell_scores(cell: pd.DataFrame, columns: list[str]) -> dict[str, pd.DataFram
     return out
 
 
-def _estimates(scores: dict[str, pd.DataFrame] | None, columns: list[str]) -> dict[str, Estimate | None]:
+def cell_estimates(scores: dict[str, pd.DataFrame] | None, columns: list[str]) -> dict[str, Estimate | None]:
     """Per column, and Avg over the columns (each weighing the same), the cell's interval."""
     if scores is None:
         return dict.fromkeys(columns)
-    out = {column: interval({column: frame.to_numpy()}) for column, frame in scores.items()}
-    out["Avg"] = interval({column: frame.to_numpy() for column, frame in scores.items()})
-    return out
+    calls = [({column: frame.to_numpy() for column, frame in scores.items()},)]  # Avg first, as paired_estimates
+    calls += [({column: frame.to_numpy()},) for column, frame in scores.items()]
+    out = dict(zip(["Avg", *scores], on_cores(interval, calls)))
+    return {column: out[column] for column in [*scores, "Avg"]}
 
 
 def paired_estimates(a: dict[str, pd.DataFrame] | None, b: dict[str, pd.DataFrame] | None,
@@ -184,9 +187,23 @@ def paired_estimates(a: dict[str, pd.DataFrame] | None, b: dict[str, pd.DataFram
         if not len(seeds) or not len(items):
             return dict.fromkeys(columns)
         pairs[column] = (a[column].loc[seeds, items].to_numpy(), b[column].loc[seeds, items].to_numpy())
-    out = {c: paired_difference({c: x}, {c: y}) for c, (x, y) in pairs.items()}
-    out["Avg"] = paired_difference({c: x for c, (x, _) in pairs.items()}, {c: y for c, (_, y) in pairs.items()})
-    return out
+    # Avg first: it holds all the items, as many as the other columns together, so with two threads it runs
+    # beside them
+    calls = [({c: x for c, (x, _) in pairs.items()}, {c: y for c, (_, y) in pairs.items()})]
+    calls += [({c: x}, {c: y}) for c, (x, y) in pairs.items()]
+    out = dict(zip(["Avg", *pairs], on_cores(paired_difference, calls)))
+    return {column: out[column] for column in [*pairs, "Avg"]}
+
+
+def on_cores(function, calls: list[tuple]) -> list:
+    """[function(*args) for args in calls], the calls taken in order by a thread per core. The bootstraps and
+    permutation tests are numpy array work, which runs without the GIL, and each call seeds its own generator, so
+    the results equal a loop's."""
+    workers = min(available_cores(), len(calls))
+    if workers < 2:
+        return [function(*args) for args in calls]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(function, *zip(*calls)))
 
 
 def _cell_text(estimate: Estimate | None, values: pd.Series) -> str:
@@ -244,7 +261,7 @@ def table1(frame: pd.DataFrame, sizes: list[str]) -> dict[str, pd.DataFrame]:
         for pipeline, rl in ROW_ORDER:
             cell = part[(part["pipeline"] == pipeline) & (part["rl"] == rl)] if len(part) else part
             scores[pipeline, rl] = cell_scores(cell, columns)
-            estimates = _estimates(scores[pipeline, rl], columns)
+            estimates = cell_estimates(scores[pipeline, rl], columns)
             row = {"size": size, "pipeline": pipeline, "rl": rl, "seeds": len(cell),
                    "items": estimates["Avg"].items if estimates["Avg"] is not None else 0}
             for column in columns:
@@ -297,7 +314,7 @@ def ablation_table(frame: pd.DataFrame, settings: list) -> dict[str, pd.DataFram
     for setting in settings:
         cell = frame[frame["setting"] == setting.name] if len(frame) else frame
         scores[setting.name] = cell_scores(cell, columns)
-        estimates = _estimates(scores[setting.name], columns)
+        estimates = cell_estimates(scores[setting.name], columns)
         row = {"group": setting.group, "setting": setting.name,
                "warm-up pairs": cell["warm-up pairs"].iloc[0] if "warm-up pairs" in cell and len(cell) else "-",
                "seeds": len(cell), "items": estimates["Avg"].items if estimates["Avg"] is not None else 0}

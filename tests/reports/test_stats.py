@@ -57,6 +57,22 @@ def test_a_known_paired_effect_is_recovered_and_marked():
     assert none.mean == 0 and none.p_value == 1.0 and not none.excludes_zero
 
 
+def test_the_one_seed_p_value_flips_only_the_items_that_differ():
+    """Items with equal scores add 0 under either sign: the test flips the others. Three items differ, all for b,
+    among 200: the 2^3 sign patterns are enumerated (exact), and only all-positive or all-negative reach the
+    observed sum, so p = 2 / 8."""
+    a = np.zeros((1, 200))
+    b = a.copy()
+    b[0, [5, 70, 150]] = 1.0
+    assert paired_difference({"x": a}, {"x": b}).p_value == pytest.approx(0.25)
+    # Two columns of unequal size: each item weighs 1 / (2 x its column's items). One item differs in each, so the
+    # sums of the 4 sign patterns are +-1/20 +-1/200: only the observed one and its negation reach |observed|.
+    small, large = np.zeros((1, 10)), np.zeros((1, 100))
+    small_b, large_b = small.copy(), large.copy()
+    small_b[0, 3], large_b[0, 40] = 1.0, 1.0
+    assert paired_difference({"s": small, "l": large}, {"s": small_b, "l": large_b}).p_value == pytest.approx(0.5)
+
+
 def test_pairing_narrows_the_interval_on_correlated_scores():
     """Two checkpoints that agree on most items: the paired interval is much narrower than the unpaired one."""
     rng = np.random.default_rng(5)

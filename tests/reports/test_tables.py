@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from reports import tables
+from reports.stats import interval, paired_difference
 from reports.tables import FAMILIES, table1
 
 
@@ -106,3 +107,22 @@ def test_sft_against_instruct_and_the_larger_size_against_the_smaller_are_paired
     assert size_gain["delta Avg (paper)"] == pytest.approx(58.1 - 56.8)  # 8B minus 4B after SFT
     assert by_name.loc[("m - s", "M - S (sft+prism)")]["delta Avg (ours)"] == "-"  # no such cells were run
     assert by_name.loc[("m", "SFT - instruct")]["delta Avg (ours)"] == "-"
+
+
+def test_a_cells_columns_computed_on_the_cores_equal_one_by_one(monkeypatch):
+    """The columns' bootstraps and permutation tests run on a thread per core: each is seeded, so the estimates
+    equal a loop's, keyed in the columns' order with Avg last."""
+    rng = np.random.default_rng(4)
+    a = {f: pd.DataFrame(rng.binomial(1, 0.5, size=(1, 60)) * 100.0) for f in FAMILIES}
+    b = {f: pd.DataFrame(rng.binomial(1, 0.6, size=(1, 60)) * 100.0) for f in FAMILIES}
+    monkeypatch.setattr(tables, "available_cores", lambda: 2)
+    threaded = tables.paired_estimates(a, b, [*FAMILIES, "Avg"])
+    assert list(threaded) == [*FAMILIES, "Avg"]
+    for family in FAMILIES:
+        assert threaded[family] == paired_difference({family: a[family].to_numpy()}, {family: b[family].to_numpy()})
+    assert threaded["Avg"] == paired_difference({f: x.to_numpy() for f, x in a.items()},
+                                                {f: x.to_numpy() for f, x in b.items()})
+    intervals = tables.cell_estimates(a, [*FAMILIES, "Avg"])
+    assert list(intervals) == [*FAMILIES, "Avg"]
+    assert intervals["chart"] == interval({"chart": a["chart"].to_numpy()})
+    assert intervals["Avg"] == interval({f: x.to_numpy() for f, x in a.items()})
