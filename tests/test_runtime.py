@@ -494,6 +494,15 @@ def test_check_finite_names_loss_and_parameter():
     model[1].bias.grad[0] = float("inf")
     with pytest.raises(NonFiniteError, match=r"step 9 in parameter '1\.bias'"):
         check_finite(torch.tensor(1.0), model, step=9)
+    model[1].bias.grad[0] = 0.0
+    model[0].weight.grad[1, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"parameter '0\.weight'"):
+        check_finite(torch.tensor(1.0), model, step=10)
+    # finite gradients whose norms overflow float32 when summed (the one check for all): still no error
+    for param in model.parameters():
+        param.grad.fill_(0.0)
+    model[0].bias.grad[0], model[1].bias.grad[0] = 3e38, 3e38
+    check_finite(torch.tensor(1.0), model, step=11)
 
 
 @pytest.fixture

@@ -2,9 +2,10 @@
 right-padded and packed batches.
 
 - `chat_messages` turns sharegpt strings with `<image>` placeholders into chat-template parts.
-- `encode_conversation` renders a conversation with the chat template (`render_conversation`: ids, and labels
-  on each assistant turn through its `<|im_end|>`) and expands each `<|image_pad|>` to its number of merged
-  patches: each image is processed once here (`process_images`), so the processor's text pass is not needed.
+- `encode_conversation` (`encode_conversations` for several, their images in one processor call) renders a
+  conversation with the chat template (`render_conversation`: ids, and labels on each assistant turn through its
+  `<|im_end|>`) and expands each `<|image_pad|>` to its number of merged patches: each image is processed once
+  here (`process_images`), so the processor's text pass is not needed.
 - `collate` pads rows on the right; `length_buckets` splits a batch's rows into a few forwards by length, each
   padded to its own longest row; `collate_packed` packs samples into rows of `max_length` tokens with positions
   restarting per sample (block-diagonal attention).
@@ -91,32 +92,53 @@ def encode_conversation(processor, conversation: Conversation, max_length: int, 
                         rendered: tuple[list[int], list[int]] | None = None) -> Encoded:
     """Render with the chat template (or take `render_conversation`'s `rendered`), label each assistant turn,
     expand images."""
+    return encode_conversations(processor, [conversation], max_length, [where], [rendered])[0]
+
+
+def encode_conversations(processor, conversations: Sequence[Conversation], max_length: int,
+                         wheres: Sequence[str] | None = None,
+                         rendered: Sequence[tuple[list[int], list[int]] | None] | None = None) -> list[Encoded]:
+    """`encode_conversation` of each conversation, their images in one image-processor call: the call's fixed cost
+    is most of a small image's processing (embedded-s's 96 px images: 0.35 ms an image alone, 0.25 ms in a call
+    of 32), and each image's pixels are the same either way (the processor resizes and normalises image by
+    image)."""
     tokenizer = processor.tokenizer
-    ids, labels = rendered if rendered is not None else render_conversation(tokenizer, conversation, where)
-    pixel_values = image_grid_thw = None
+    wheres = wheres or [f"record [{i}]" for i in range(len(conversations))]
+    rendered = rendered or [None] * len(conversations)
     image_token = processor.image_token_id if hasattr(processor, "image_token_id") else tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    if conversation.images:
-        images = []
+    images = []
+    for conversation in conversations:
         for path in conversation.images:
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
+    if images:
         pixel_values, image_grid_thw, tokens_per_image = process_images(processor, images)
-        counts = iter(tokens_per_image)
-        expanded_ids, expanded_labels = [], []
-        for token, label in zip(ids, labels):
-            repeat = next(counts) if token == image_token else 1
-            expanded_ids.extend([token] * repeat)
-            expanded_labels.extend([label] * repeat)
-        if next(counts, None) is not None:
-            raise DataError(f"{where}: fewer image tokens in the rendered text than images")
-        ids, labels = expanded_ids, expanded_labels
-    if len(ids) > max_length:
-        if image_token in ids[max_length:]:
-            raise DataError(f"{where}: {len(ids)} tokens exceed max_length={max_length} inside an image; raise max_length")
-        ids, labels = ids[:max_length], labels[:max_length]
-    if all(label == IGNORE for label in labels):
-        raise DataError(f"{where}: no assistant token left to train on (max_length={max_length})")
-    return Encoded(ids, labels, pixel_values, image_grid_thw)
+        first_row = [0, *np.cumsum(image_grid_thw.prod(-1).tolist()).tolist()]  # of each image in pixel_values
+    out, first = [], 0  # first: the conversation's first image
+    for conversation, where, text in zip(conversations, wheres, rendered):
+        ids, labels = text if text is not None else render_conversation(tokenizer, conversation, where)
+        pixels = grid = None
+        if conversation.images:
+            end = first + len(conversation.images)
+            pixels, grid = pixel_values[first_row[first]:first_row[end]], image_grid_thw[first:end]
+            counts = iter(tokens_per_image[first:end])
+            first = end
+            expanded_ids, expanded_labels = [], []
+            for token, label in zip(ids, labels):
+                repeat = next(counts) if token == image_token else 1
+                expanded_ids.extend([token] * repeat)
+                expanded_labels.extend([label] * repeat)
+            if next(counts, None) is not None:
+                raise DataError(f"{where}: fewer image tokens in the rendered text than images")
+            ids, labels = expanded_ids, expanded_labels
+        if len(ids) > max_length:
+            if image_token in ids[max_length:]:
+                raise DataError(f"{where}: {len(ids)} tokens exceed max_length={max_length} inside an image; raise max_length")
+            ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE for label in labels):
+            raise DataError(f"{where}: no assistant token left to train on (max_length={max_length})")
+        out.append(Encoded(ids, labels, pixels, grid))
+    return out
 
 
 def collate(encoded: list[Encoded], pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:

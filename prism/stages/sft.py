@@ -30,7 +30,7 @@ from prism.data.encoding import (
     Encoded,
     collate,
     collate_packed,
-    encode_conversation,
+    encode_conversations,
     length_buckets,
     render_conversation,
 )
@@ -253,17 +253,19 @@ def run(cfg: BaseConfig | SFTConfig, stage: str = "sft") -> Path:
     share_prefix = not cfg.packing and prefix_sharing_applies(model)  # then base micro-batches split (prefix_groups)
     rendered: dict[int, tuple[list[int], list[int]]] = {}  # record -> its chat template's ids and labels
 
-    def encoded(i: int) -> Encoded:
-        where = f"record [{i}]"
-        if i not in rendered:  # once per run: later epochs render the same text
-            rendered[i] = render_conversation(tokenizer, records[i], where)
-        return encode_conversation(processor, records[i], cfg.max_length, where=where, rendered=rendered[i])
+    def encoded(indices: list[int]) -> list[Encoded]:  # a micro-batch's records, their images in one call
+        wheres = [f"record [{i}]" for i in indices]
+        for i, where in zip(indices, wheres):
+            if i not in rendered:  # once per run: later epochs render the same text
+                rendered[i] = render_conversation(tokenizer, records[i], where)
+        return encode_conversations(processor, [records[i] for i in indices], cfg.max_length, wheres,
+                                    [rendered[i] for i in indices])
 
     started, tokens_seen = time.perf_counter(), 0
     for step in range(start, total_steps):
         step_started = time.perf_counter()
         micro_samples = [
-            [encoded(i) for i in idx]
+            encoded(idx)
             for idx in step_records(step, steps_per_epoch, global_batch, len(records), cfg.seed, rank, world,
                                     cfg.per_device_batch_size, cfg.gradient_accumulation_steps)
         ]

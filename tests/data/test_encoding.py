@@ -11,6 +11,7 @@ from prism.data.encoding import (
     bucket_inverse,
     collate,
     encode_conversation,
+    encode_conversations,
     length_buckets,
     pack_rows,
     render_conversation,
@@ -53,6 +54,32 @@ def test_a_rendered_conversation_encodes_as_rendering_it_again(world, processor)
         assert torch.equal(once.pixel_values, again.pixel_values)
         assert len(once.input_ids) > len(rendered[0])  # the image expanded in a copy: the kept pair is untouched
         assert rendered == kept
+
+
+def test_conversations_encoded_together_equal_each_alone(world, processor, tmp_path):
+    """One image-processor call for a micro-batch's images gives each record the pixels, grid and ids it gets
+    alone: records of two sizes of image, one with two images, one without."""
+    from PIL import Image
+
+    records = read_sharegpt(world / "sft.json")[:3]
+    small, large = tmp_path / "small.png", tmp_path / "large.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(small)
+    Image.new("RGB", (128, 96), (20, 30, 230)).save(large)
+    two = Conversation([{"role": "user", "content": "<image><image>Which is red?"},
+                        {"role": "assistant", "content": "the first"}], [str(small), str(large)])
+    text_only = Conversation([{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}], [])
+    conversations = [records[0], two, text_only, records[1], records[2]]
+    together = encode_conversations(processor, conversations, 512)
+    for conversation, batched in zip(conversations, together):
+        alone = encode_conversation(processor, conversation, 512)
+        assert batched.input_ids == alone.input_ids and batched.labels == alone.labels
+        if alone.pixel_values is None:
+            assert batched.pixel_values is None and batched.image_grid_thw is None
+        else:
+            assert torch.equal(batched.pixel_values, alone.pixel_values)
+            assert torch.equal(batched.image_grid_thw, alone.image_grid_thw)
+    assert together[1].image_grid_thw.shape == (2, 3) and together[1].image_grid_thw[0].tolist() != \
+        together[1].image_grid_thw[1].tolist()
 
 
 def test_truncation_inside_an_image_names_the_record(world, processor):
