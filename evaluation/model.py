@@ -181,8 +181,10 @@ class PrismHF(_PrismLMM):
         return out
 
     def _generate(self, items: list[tuple[dict, list[dict], str, Any]]) -> list:
+        from transformers import LogitsProcessorList
+
         from prism.kv_prefix import cache_kwarg
-        from prism.rollout.hf import reserving_cache
+        from prism.rollout.hf import NucleusWarper, reserving_cache
 
         torch = self._torch
         gen_kwargs, _, task, _ = items[0]
@@ -196,7 +198,10 @@ class PrismHF(_PrismLMM):
         sample = temperature > 0 and _as_bool(gen_kwargs.get("do_sample", True))
         settings: dict[str, Any] = {"max_new_tokens": int(gen_kwargs.get("max_new_tokens", 256)), "do_sample": sample}
         if sample:
-            settings.update(temperature=temperature, top_p=float(gen_kwargs.get("top_p", 1.0)), top_k=0)
+            settings.update(temperature=temperature, top_p=1.0, top_k=0)
+            top_p = float(gen_kwargs.get("top_p", 1.0))
+            if top_p < 1.0:  # transformers' top-p, sorted by numpy on CPU (NucleusWarper): the same tokens
+                settings["logits_processor"] = LogitsProcessorList([NucleusWarper(top_p)])
         seed = derive_seed(self.seed, task, [doc_id for *_, doc_id in items])
         devices = [] if self.device_name == "cpu" else [torch.device(self.device_name)]
         with torch.random.fork_rng(devices=devices), torch.inference_mode():

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.generation import TopPLogitsWarper
 from transformers.integrations.fsdp import is_fsdp_managed_module
 
 from prism.data.encoding import length_buckets
@@ -494,10 +496,33 @@ def draw_tokens(scores: torch.Tensor, generator: torch.Generator | None = None,
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(scores.shape[-1] - 1)
 
 
+def sort_ascending(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.sort(scores)` along the last dimension, ascending: (values, indices). On CPU numpy's argsort (a
+    vectorised quicksort) is about 5x faster at a tiny model's vocabulary (200 rows x 512: 0.66 against 3.3-3.5 ms
+    at one thread, 13% of an evaluation's decode at top_p 0.7). The sorted values are the same; only equal values
+    may come in another order."""
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        order = torch.from_numpy(np.argsort(scores.detach().numpy(), axis=-1))
+        return scores.gather(-1, order), order
+    return torch.sort(scores, descending=False)
+
+
 def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of highest-probability tokens whose probability reaches top_p (always >= 1)."""
-    sorted_scores, order = torch.sort(scores, descending=False)
+    """Keep the smallest set of highest-probability tokens whose probability reaches top_p (always >= 1): what
+    transformers' TopPLogitsWarper keeps, op for op."""
+    sorted_scores, order = sort_ascending(scores)
     cumulative = sorted_scores.softmax(-1).cumsum(-1)
     drop_sorted = cumulative <= (1 - top_p)
     drop_sorted[..., -1] = False
     return scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+
+
+class NucleusWarper(TopPLogitsWarper):
+    """transformers' top-p warper for `generate`, its sort on `sort_ascending`: the same kept tokens (unless two
+    tokens of equal logit straddle the nucleus's edge). Passed as a logits processor with `top_p=1.0` in the
+    generation settings, so it runs where transformers would run its own: after the temperature."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.min_tokens_to_keep != 1 or self.filter_value != -float("inf"):
+            return super().__call__(input_ids, scores)
+        return top_p_filter(scores, self.top_p)

@@ -339,6 +339,39 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept(1e-6) == [True, False, False, False]  # at least one token survives
 
 
+@pytest.mark.parametrize("top_p", [0.7, 0.95, 0.05])
+def test_the_nucleus_warper_keeps_what_transformers_top_p_keeps(top_p):
+    """numpy's sort in place of torch's: the same scores out, -inf entries (suppressed tokens) and a temperature's
+    scaling included."""
+    from transformers.generation import TopPLogitsWarper
+
+    from prism.rollout.hf import NucleusWarper, sort_ascending
+
+    scores = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 3
+    scores[:, :5] = -float("inf")
+    for rows in (scores, scores / 0.7):
+        values, order = sort_ascending(rows)
+        expected_values, _ = torch.sort(rows)
+        assert torch.equal(values, expected_values) and torch.equal(rows.gather(-1, order), values)
+        ids = torch.zeros(64, 1, dtype=torch.long)
+        assert torch.equal(NucleusWarper(top_p)(ids, rows), TopPLogitsWarper(top_p)(ids, rows))
+
+
+def test_generate_with_the_nucleus_warper_samples_what_transformers_top_p_does(eos_backend, processor):
+    from transformers import LogitsProcessorList
+
+    from prism.rollout.hf import NucleusWarper
+
+    model, (inputs, _) = eos_backend.model, eos_backend.encode(_prompts())
+    settings = dict(max_new_tokens=12, do_sample=True, temperature=0.8, top_k=0,
+                    pad_token_id=processor.tokenizer.pad_token_id)
+    torch.manual_seed(5)
+    expected = model.generate(**inputs, **settings, top_p=0.7)
+    torch.manual_seed(5)
+    got = model.generate(**inputs, **settings, top_p=1.0, logits_processor=LogitsProcessorList([NucleusWarper(0.7)]))
+    assert torch.equal(got, expected)
+
+
 def test_greedy_rollouts_equal_transformers_generate(backend, processor):
     inputs, _ = backend.encode(_prompts())
     expected = backend.model.generate(**inputs, max_new_tokens=6, do_sample=False, temperature=None, top_p=None,
