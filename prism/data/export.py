@@ -13,11 +13,13 @@ Layout of an exported world folder:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -37,6 +39,7 @@ from prism.data.formats import (
 )
 from prism.data.world import Sample, WorldConfig, iter_split, make_sample
 from prism.response_format import SYSTEM_PROMPT, count_caption_bullets, count_reasoning_steps, split_segments
+from prism.workers import available_cores
 
 # 2: tokenizer/ also holds the image processor; 3: warmup_pairs.jsonl; 4: base corpus answers the questions;
 # 5: the RL parquet files carry a row's choices in extra_info too (for verl reward functions); 6: multiple-choice
@@ -72,21 +75,48 @@ def _warmup_pairs(samples: list[Sample], folder: Path, names: list[str]) -> Iter
                          teacher.reasoning, public.reasoning)
 
 
-def _save_images(samples: list[Sample], folder: Path) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for sample in samples:
-        name = f"images/{sample.split}/{sample.id}.png"
-        sample.image.save(folder.parent.parent / name)
-        names.append(name)
-    return names
+def image_name(sample: Sample) -> str:
+    return f"images/{sample.split}/{sample.id}.png"
 
 
-def corpus_texts(cfg: WorldConfig, per_split: int = TOKENIZER_CORPUS_PER_SPLIT) -> Iterable[str]:
-    """The text a tokenizer for this world should know: prompts, both demonstration kinds, base text."""
+def _make_and_save(cfg: WorldConfig, split: str, start: int, stop: int, out: Path) -> list[Sample]:
+    """Samples [start, stop) of a split, each image written under `out` and then dropped from the sample (the
+    records only name the file): a worker's share of a split."""
+    samples = []
+    for sample in iter_split(cfg, split, start, stop):
+        sample.image.save(out / image_name(sample))
+        samples.append(dataclasses.replace(sample, image=None))
+    return samples
+
+
+def _made_and_saved(cfg: WorldConfig, split: str, out: Path, report: Callable[[str, int, int], None]) -> list[Sample]:
+    """A split's samples with their images written: generating and writing a default world's 22,400 images is most
+    of its export (13 s on one core), so the split runs in a process per core, in contiguous shares; each
+    sample depends only on (world, split, index), so the files are those one process writes."""
+    total = cfg.split_size(split)
+    workers = max(1, min(available_cores(), total // 1000))  # small worlds: a pool costs more than it saves
+    bounds = [total * k // workers for k in range(workers + 1)]
+    report(split, 0, total)
+    if workers == 1:
+        samples = _make_and_save(cfg, split, 0, total, out)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            parts = pool.map(_make_and_save, [cfg] * workers, [split] * workers, bounds[:-1], bounds[1:],
+                             [out] * workers)
+            samples = [sample for part in parts for sample in part]
+    report(split, total, total)
+    return samples
+
+
+def corpus_texts(cfg: WorldConfig, per_split: int = TOKENIZER_CORPUS_PER_SPLIT,
+                 made: dict[str, list[Sample]] | None = None) -> Iterable[str]:
+    """The text a tokenizer for this world should know: prompts, both demonstration kinds, base text. `made`:
+    samples of a split already generated (its first `per_split` are used rather than generated again)."""
+    made = made or {}
     yield SYSTEM_PROMPT
     for split in ("base", "sft", "teacher", "rl"):
-        for sample in iter_split(cfg, split, stop=per_split):
+        samples = made[split][:per_split] if split in made else iter_split(cfg, split, stop=per_split)
+        for sample in samples:
             yield sample.question
             yield sample.teacher.text
             yield sample.public.text
@@ -153,16 +183,26 @@ def export_world(cfg: WorldConfig, out: Path, progress: Callable[[str, int, int]
         counts[split] = total
         return samples
 
+    made: dict[str, list[Sample]] = {}
     for split, source in (("base", None), ("sft", "public"), ("teacher", "teacher")):
-        samples = collect(split)
         shutil.rmtree(out / "images" / split, ignore_errors=True)
-        names = _save_images(samples, out / "images" / split)
+        (out / "images" / split).mkdir(parents=True)
+        if split == "teacher":  # its parquet embeds the images
+            samples = collect(split)
+            for sample in samples:
+                sample.image.save(out / image_name(sample))
+        else:
+            samples = _made_and_saved(cfg, split, out, report)
+            counts[split] = len(samples)
+        made[split] = samples
+        names = [image_name(sample) for sample in samples]
         records = [(s.base_messages() if source is None else s.messages(source), [n]) for s, n in zip(samples, names)]
         write_sharegpt(out / f"{split}.json", records)
         if split == "teacher":
             write_rl_parquet(out / "teacher.parquet", (_rl_record(s) for s in samples), split="teacher")
             write_warmup_pairs(out / "warmup_pairs.jsonl", _warmup_pairs(samples, out / "images" / split, names))
-    write_rl_parquet(out / "rl.parquet", (_rl_record(s) for s in collect("rl")), split="rl")
+    made["rl"] = collect("rl")
+    write_rl_parquet(out / "rl.parquet", (_rl_record(s) for s in made["rl"]), split="rl")
     bench = collect("bench")
     by_family: dict[str, list[Sample]] = defaultdict(list)
     for sample in bench:
@@ -174,7 +214,7 @@ def export_world(cfg: WorldConfig, out: Path, progress: Callable[[str, int, int]
     from prism.models import build_processor, build_tokenizer, save_processor
 
     # The whole processor (tokenizer, image processor, chat template): stages building a tiny model load it.
-    tokenizer = build_tokenizer(corpus_texts(cfg))
+    tokenizer = build_tokenizer(corpus_texts(cfg, made=made))
     shutil.rmtree(out / "tokenizer", ignore_errors=True)
     save_processor(build_processor(tokenizer, cfg.image_size), out / "tokenizer")
 

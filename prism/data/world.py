@@ -174,7 +174,7 @@ class Sample:
     id: str
     split: str
     family: str
-    image: Image.Image
+    image: Image.Image | None  # None in the samples an export returns once it wrote the image (`image_name`)
     question: str  # the user's text, options included for multiple choice
     answer: str  # ground truth as the reward reads it
     answer_type: Literal["integer", "number", "yes_no", "letter"]

@@ -230,3 +230,18 @@ def test_export_writes_every_format_that_the_readers_load_back(tmp_path):
     assert export_world(cfg, root) == manifest and (root / "sft.json").stat().st_mtime_ns == stamp
     with pytest.raises(FileExistsError, match=MANIFEST):
         export_world(WorldConfig(base_size=12, sft_size=25, teacher_size=12, rl_size=12, bench_size=4), root)
+
+
+def test_a_split_made_across_processes_writes_the_files_one_process_writes(tmp_path, monkeypatch):
+    """2,000 base samples in two processes' shares: the same records, images and tokenizer as one process."""
+    from prism.data import export
+
+    cfg = WorldConfig(base_size=2000, sft_size=12, teacher_size=12, rl_size=12, bench_size=2)
+    trees = {}
+    for cores in (1, 2):
+        monkeypatch.setattr(export, "available_cores", lambda: cores)
+        root = tmp_path / f"cores{cores}"
+        export_world(cfg, root)
+        trees[cores] = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                        if p.is_file() and p.name != MANIFEST}
+    assert len(trees[2]) > 2000 and trees[1] == trees[2]
