@@ -778,17 +778,18 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None,
     cores = cores or available_cores()
     alone = exclusive_nodes(plan.nodes) if jobs > 1 else set()
     shared_threads = max(1, cores // jobs)
+    shared_env = worker_env(shared_threads, shares_cores=True)  # the fork server's too: its children inherit it
 
     def node_env(key: str) -> tuple[dict[str, str], int]:
         if key in alone:
             return worker_env(cores, shares_cores=False), cores
-        return worker_env(shared_threads, shares_cores=True), shared_threads
+        return shared_env, shared_threads
 
     measured = measured_seconds_per_step()
     pending = {n.key: n for n in plan.nodes.values() if not n.done}
     # started now, so that its imports overlap the first nodes; Linux only (macOS's system libraries are not
     # fork-safe once loaded, which is why Python spawns there)
-    forks = ForkServer(worker_env(shared_threads, shares_cores=True), preload) if sys.platform == "linux" and any(
+    forks = ForkServer(shared_env, preload) if sys.platform == "linux" and any(
         key not in alone and forkable(node.command) for key, node in pending.items()) else None
     chain = critical_path_seconds(pending, measured)
     left = {key: estimate_seconds(node, measured) or 0.0 for key, node in pending.items()}
