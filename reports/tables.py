@@ -169,10 +169,8 @@ def cell_estimates(scores: dict[str, pd.DataFrame] | None, columns: list[str]) -
     """Per column, and Avg over the columns (each weighing the same), the cell's interval."""
     if scores is None:
         return dict.fromkeys(columns)
-    calls = [({column: frame.to_numpy() for column, frame in scores.items()},)]  # Avg first, as paired_estimates
-    calls += [({column: frame.to_numpy()},) for column, frame in scores.items()]
-    out = dict(zip(["Avg", *scores], on_cores(interval, calls)))
-    return {column: out[column] for column in [*scores, "Avg"]}
+    arrays = {column: frame.to_numpy() for column, frame in scores.items()}
+    return columns_and_avg(interval, {column: ({column: x},) for column, x in arrays.items()}, (arrays,))
 
 
 def paired_estimates(a: dict[str, pd.DataFrame] | None, b: dict[str, pd.DataFrame] | None,
@@ -187,23 +185,23 @@ def paired_estimates(a: dict[str, pd.DataFrame] | None, b: dict[str, pd.DataFram
         if not len(seeds) or not len(items):
             return dict.fromkeys(columns)
         pairs[column] = (a[column].loc[seeds, items].to_numpy(), b[column].loc[seeds, items].to_numpy())
-    # Avg first: it holds all the items, as many as the other columns together, so with two threads it runs
-    # beside them
-    calls = [({c: x for c, (x, _) in pairs.items()}, {c: y for c, (_, y) in pairs.items()})]
-    calls += [({c: x}, {c: y}) for c, (x, y) in pairs.items()]
-    out = dict(zip(["Avg", *pairs], on_cores(paired_difference, calls)))
-    return {column: out[column] for column in [*pairs, "Avg"]}
+    return columns_and_avg(paired_difference, {c: ({c: x}, {c: y}) for c, (x, y) in pairs.items()},
+                           ({c: x for c, (x, _) in pairs.items()}, {c: y for c, (_, y) in pairs.items()}))
 
 
-def on_cores(function, calls: list[tuple]) -> list:
-    """[function(*args) for args in calls], the calls taken in order by a thread per core. The bootstraps and
-    permutation tests are numpy array work, which runs without the GIL, and each call seeds its own generator, so
-    the results equal a loop's."""
+def columns_and_avg(function, per_column: dict[str, tuple], avg: tuple) -> dict[str, Estimate]:
+    """{column: function(*per_column[column]), ..., "Avg": function(*avg)}, the calls taken in order by a thread per
+    core. The bootstraps and permutation tests are numpy array work, which runs without the GIL, and each call seeds
+    its own generator, so the results equal a loop's. Avg goes first: it holds as many items as the other columns
+    together, so with two threads it runs beside them."""
+    calls = [avg, *per_column.values()]
     workers = min(available_cores(), len(calls))
     if workers < 2:
-        return [function(*args) for args in calls]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(function, *zip(*calls)))
+        results = [function(*args) for args in calls]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(function, *zip(*calls)))
+    return {**dict(zip(per_column, results[1:])), "Avg": results[0]}
 
 
 def _cell_text(estimate: Estimate | None, values: pd.Series) -> str:
