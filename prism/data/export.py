@@ -79,17 +79,18 @@ def image_name(sample: Sample) -> str:
     return f"images/{sample.split}/{sample.id}.png"
 
 
-def _make_and_save(cfg: WorldConfig, split: str, start: int, stop: int, out: Path) -> list[Sample]:
-    """Samples [start, stop) of a split, each image written under `out` and then dropped from the sample (the
-    records only name the file): a worker's share of a split."""
+def _make_and_save(cfg: WorldConfig, split: str, start: int, stop: int, out: Path, keep_images: bool) -> list[Sample]:
+    """Samples [start, stop) of a split, each image written under `out` and then, unless `keep_images`, dropped from
+    the sample (the records only name the file): a worker's share of a split."""
     samples = []
     for sample in iter_split(cfg, split, start, stop):
         sample.image.save(out / image_name(sample))
-        samples.append(dataclasses.replace(sample, image=None))
+        samples.append(sample if keep_images else dataclasses.replace(sample, image=None))
     return samples
 
 
-def _made_and_saved(cfg: WorldConfig, split: str, out: Path, report: Callable[[str, int, int], None]) -> list[Sample]:
+def _made_and_saved(cfg: WorldConfig, split: str, out: Path, report: Callable[[str, int, int], None],
+                    keep_images: bool = False) -> list[Sample]:
     """A split's samples with their images written: generating and writing a default world's 22,400 images is most
     of its export (13 s on one core), so the split runs in a process per core, in contiguous shares; each
     sample depends only on (world, split, index), so the files are those one process writes."""
@@ -98,11 +99,11 @@ def _made_and_saved(cfg: WorldConfig, split: str, out: Path, report: Callable[[s
     bounds = [total * k // workers for k in range(workers + 1)]
     report(split, 0, total)
     if workers == 1:
-        samples = _make_and_save(cfg, split, 0, total, out)
+        samples = _make_and_save(cfg, split, 0, total, out, keep_images)
     else:
         with ProcessPoolExecutor(workers) as pool:
             parts = pool.map(_make_and_save, [cfg] * workers, [split] * workers, bounds[:-1], bounds[1:],
-                             [out] * workers)
+                             [out] * workers, [keep_images] * workers)
             samples = [sample for part in parts for sample in part]
     report(split, total, total)
     return samples
@@ -187,14 +188,9 @@ def export_world(cfg: WorldConfig, out: Path, progress: Callable[[str, int, int]
     for split, source in (("base", None), ("sft", "public"), ("teacher", "teacher")):
         shutil.rmtree(out / "images" / split, ignore_errors=True)
         (out / "images" / split).mkdir(parents=True)
-        if split == "teacher":  # its parquet embeds the images
-            samples = collect(split)
-            for sample in samples:
-                sample.image.save(out / image_name(sample))
-        else:
-            samples = _made_and_saved(cfg, split, out, report)
-            counts[split] = len(samples)
-        made[split] = samples
+        # the teacher's parquet embeds its images, so its samples keep them
+        samples = made[split] = _made_and_saved(cfg, split, out, report, keep_images=split == "teacher")
+        counts[split] = len(samples)
         names = [image_name(sample) for sample in samples]
         records = [(s.base_messages() if source is None else s.messages(source), [n]) for s, n in zip(samples, names)]
         write_sharegpt(out / f"{split}.json", records)
