@@ -66,6 +66,22 @@ def process_images(processor, images: list) -> tuple[torch.Tensor, torch.Tensor,
     return vision["pixel_values"], vision["image_grid_thw"], (vision["image_grid_thw"].prod(-1) // merge).tolist()
 
 
+def expand_image_tokens(ids: list[int], image_token: int, tokens_per_image: Sequence[int], where: str,
+                        labels: list[int] | None = None) -> tuple[list[int], list[int] | None]:
+    """`ids` with the k-th `image_token` repeated `tokens_per_image[k]` times (its image's tokens after merging),
+    and `labels` (if given) repeated alike. `where` names the record in the error when the counts disagree."""
+    placeholders = ids.count(image_token)
+    if placeholders != len(tokens_per_image):
+        raise DataError(f"{where}: {placeholders} image placeholders in the rendered text for "
+                        f"{len(tokens_per_image)} images")
+    counts = iter(tokens_per_image)
+    repeats = [next(counts) if token == image_token else 1 for token in ids]
+    expanded_ids = [token for token, repeat in zip(ids, repeats) for _ in range(repeat)]
+    if labels is None:
+        return expanded_ids, None
+    return expanded_ids, [label for label, repeat in zip(labels, repeats) for _ in range(repeat)]
+
+
 def render_conversation(tokenizer, conversation: Conversation, where: str = "record") -> tuple[list[int], list[int]]:
     """The chat template's ids and labels (each assistant turn up to its `<|im_end|>`), one `<|image_pad|>` per
     image: what `encode_conversation` expands. Trainers keep it per record, since epochs after the first would
@@ -121,16 +137,8 @@ def encode_conversations(processor, conversations: Sequence[Conversation], max_l
         if conversation.images:
             end = first + len(conversation.images)
             pixels, grid = pixel_values[first_row[first]:first_row[end]], image_grid_thw[first:end]
-            counts = iter(tokens_per_image[first:end])
+            ids, labels = expand_image_tokens(ids, image_token, tokens_per_image[first:end], where, labels)
             first = end
-            expanded_ids, expanded_labels = [], []
-            for token, label in zip(ids, labels):
-                repeat = next(counts) if token == image_token else 1
-                expanded_ids.extend([token] * repeat)
-                expanded_labels.extend([label] * repeat)
-            if next(counts, None) is not None:
-                raise DataError(f"{where}: fewer image tokens in the rendered text than images")
-            ids, labels = expanded_ids, expanded_labels
         if len(ids) > max_length:
             if image_token in ids[max_length:]:
                 raise DataError(f"{where}: {len(ids)} tokens exceed max_length={max_length} inside an image; raise max_length")

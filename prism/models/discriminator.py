@@ -47,6 +47,7 @@ from prism.data.encoding import (
     bucket_inverse,
     chat_messages,
     collate,
+    expand_image_tokens,
     length_buckets,
     process_images,
 )
@@ -569,11 +570,8 @@ def encode_prompt(processor, messages: list[dict[str, str]], images: Sequence, u
     if not images:
         return EncodedPrompt(ids, None, None)
     pixel_values, image_grid_thw, tokens_per_image = process_images(processor, list(images))
-    counts = iter(tokens_per_image)
-    image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    expanded = []
-    for token in ids:
-        expanded.extend([token] * (next(counts) if token == image_token else 1))
+    expanded, _ = expand_image_tokens(ids, tokenizer.convert_tokens_to_ids("<|image_pad|>"), tokens_per_image,
+                                      "the discriminator's prompt")
     return EncodedPrompt(expanded, pixel_values, image_grid_thw)
 
 

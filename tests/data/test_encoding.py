@@ -12,6 +12,7 @@ from prism.data.encoding import (
     collate,
     encode_conversation,
     encode_conversations,
+    expand_image_tokens,
     length_buckets,
     pack_rows,
     render_conversation,
@@ -86,6 +87,19 @@ def test_truncation_inside_an_image_names_the_record(world, processor):
     conversation = read_sharegpt(world / "sft.json")[0]
     with pytest.raises(DataError, match=r"record \[7\].*max_length=5"):
         encode_conversation(processor, conversation, max_length=5, where="record [7]")
+
+
+def test_each_image_placeholder_becomes_its_own_images_tokens_and_labels_follow():
+    ids, labels = expand_image_tokens([5, 9, 6, 9, 7], 9, [2, 3], "record [0]", labels=[-1, -1, 1, -1, 2])
+    assert ids == [5, 9, 9, 6, 9, 9, 9, 7]
+    assert labels == [-1, -1, -1, 1, -1, -1, -1, 2]
+    assert expand_image_tokens([5, 9], 9, [4], "prompt") == ([5, 9, 9, 9, 9], None)
+
+
+@pytest.mark.parametrize("placeholders, images", [(1, 2), (2, 1)])
+def test_placeholders_and_images_that_disagree_name_the_record(placeholders, images):
+    with pytest.raises(DataError, match=rf"record \[3\]: {placeholders} image placeholders .* for {images} images"):
+        expand_image_tokens([5] + [9] * placeholders, 9, [4] * images, "record [3]")
 
 
 def test_collate_pads_right_and_marks_image_tokens(world, processor):
