@@ -5,7 +5,8 @@ right-padded and packed batches.
 - `encode_conversation` (`encode_conversations` for several, their images in one processor call) renders a
   conversation with the chat template (`render_conversation`: ids, and labels on each assistant turn through its
   `<|im_end|>`) and expands each `<|image_pad|>` to its number of merged patches: each image is processed once
-  here (`process_images`), so the processor's text pass is not needed.
+  here (`process_images`; images of one size that the processor would not resample, a batch at once:
+  `patches_as_processed`), so the processor's text pass is not needed.
 - `collate` pads rows on the right; `length_buckets` splits a batch's rows into a few forwards by length, each
   padded to its own longest row; `collate_packed` packs samples into rows of `max_length` tokens with positions
   restarting per sample (block-diagonal attention).
@@ -60,10 +61,81 @@ def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[i
 
 def process_images(processor, images: list) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(pixel_values, image_grid_thw, image tokens per image after merging): each image processed once, so the
-    caller expands each `<|image_pad|>` itself and skips the processor's text pass."""
-    vision = processor.image_processor(images=images, return_tensors="pt")
-    merge = processor.image_processor.merge_size ** 2
+    caller expands each `<|image_pad|>` itself and skips the processor's text pass. Images the processor would not
+    resample go through `patches_as_processed` (the same values, a batch at a time)."""
+    image_processor = processor.image_processor
+    merge = image_processor.merge_size ** 2
+    patched = patches_as_processed(image_processor, images)
+    if patched is not None:
+        return *patched, [int(patched[1][0].prod()) // merge] * len(images)
+    vision = image_processor(images=images, return_tensors="pt")
     return vision["pixel_values"], vision["image_grid_thw"], (vision["image_grid_thw"].prod(-1) // merge).tolist()
+
+
+def patches_as_processed(image_processor, images: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(pixel_values, image_grid_thw) equal to Qwen2-VL's PIL image processor's for RGB images of one size that
+    its resize keeps as they are, computed for the whole batch at once; None where that does not hold (another
+    processor, sizes or modes, a resize that resamples, or a probe image that came out different).
+
+    The processor works image by image in numpy (resize, rescale in float64, normalise, cut into patches): 11.5 ms
+    for a base or SFT micro-batch of 32 images of 96 px at one thread, 4.0 ms here, where the same steps run on the
+    stacked uint8 pixels in torch. Before a size is first used, an image of that size holding every uint8 level in
+    every channel goes through both, and only equal results let the batch path be used: the pixels are uint8, so
+    every input value and every patch position has been compared."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+    except ImportError:  # an older transformers: its processor, as it is
+        return None
+    ip = image_processor
+    if (type(ip) is not Qwen2VLImageProcessorPil or not images
+            or not all(isinstance(image, Image.Image) and image.mode == "RGB" for image in images)):
+        return None
+    width, height = images[0].size
+    factor = ip.patch_size * ip.merge_size
+    if (any(image.size != (width, height) for image in images) or height % factor or width % factor
+            or (ip.do_resize and smart_resize(height, width, factor=factor, min_pixels=ip.size.shortest_edge,
+                                              max_pixels=ip.size.longest_edge) != (height, width))):
+        return None
+    return batch_patches(ip, images) if probe_agrees(ip, width, height) else None
+
+
+def probe_agrees(ip, width: int, height: int) -> bool:
+    """Whether `batch_patches` gives the processor's values on an image of this size holding every uint8 level in
+    every channel (asked once per processor configuration and size)."""
+    key = (ip.to_json_string(), width, height)
+    if key not in PROBE_VERDICTS:
+        rng, levels = np.random.default_rng(0), np.arange(height * width) % 256  # h * w >= factor^2 > 256
+        probe = np.stack([rng.permutation(levels) for _ in range(3)], axis=-1).astype(np.uint8)
+        probe = [Image.fromarray(probe.reshape(height, width, 3))]
+        processed, ours = ip(images=probe, return_tensors="pt"), batch_patches(ip, probe)
+        PROBE_VERDICTS[key] = (torch.equal(processed["pixel_values"], ours[0])
+                               and torch.equal(processed["image_grid_thw"], ours[1]))
+    return PROBE_VERDICTS[key]
+
+
+PROBE_VERDICTS: dict[tuple, bool] = {}  # (processor configuration, width, height) -> `probe_agrees`
+
+
+def batch_patches(ip, images: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The processor's steps for same-size RGB images it does not resample, on the batch at once."""
+    count, channels, patch, merge, temporal = len(images), 3, ip.patch_size, ip.merge_size, ip.temporal_patch_size
+    width, height = images[0].size
+    grid_h, grid_w = height // patch, width // patch
+    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images]))  # [N, H, W, C] uint8
+    # the processor's patch order: (block row, block column, row in block, column in block, C, ph, pw)
+    pixels = pixels.reshape(count, grid_h // merge, merge, patch, grid_w // merge, merge, patch, channels)
+    values = pixels.permute(0, 1, 4, 2, 5, 7, 3, 6).contiguous()
+    if ip.do_rescale:  # in float64, then float32, as the processor rescales (float32 alone differs in the last bit)
+        values = (values.double() * ip.rescale_factor).float()
+    else:
+        values = values.float()
+    if ip.do_normalize:
+        shape = (1, 1, 1, 1, 1, channels, 1, 1)
+        values = (values - torch.tensor(ip.image_mean, dtype=torch.float32).view(shape)) / torch.tensor(
+            ip.image_std, dtype=torch.float32).view(shape)
+    values = values.unsqueeze(6).expand(*values.shape[:6], temporal, patch, patch)  # each frame twice, as processed
+    return (values.reshape(count * grid_h * grid_w, channels * temporal * patch * patch),
+            torch.tensor([[1, grid_h, grid_w]] * count))
 
 
 def expand_image_tokens(ids: list[int], image_token: int, tokens_per_image: Sequence[int], where: str,

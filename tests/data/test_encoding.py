@@ -15,6 +15,8 @@ from prism.data.encoding import (
     expand_image_tokens,
     length_buckets,
     pack_rows,
+    patches_as_processed,
+    process_images,
     render_conversation,
 )
 from prism.data.formats import Conversation, DataError, read_sharegpt
@@ -81,6 +83,49 @@ def test_conversations_encoded_together_equal_each_alone(world, processor, tmp_p
             assert torch.equal(batched.image_grid_thw, alone.image_grid_thw)
     assert together[1].image_grid_thw.shape == (2, 3) and together[1].image_grid_thw[0].tolist() != \
         together[1].image_grid_thw[1].tolist()
+
+
+def _processed(processor, images):
+    vision = processor.image_processor(images=images, return_tensors="pt")
+    return vision["pixel_values"], vision["image_grid_thw"]
+
+
+def test_a_batch_of_one_size_is_patched_as_the_processor_patches_each_image(world, processor):
+    from PIL import Image
+
+    images = []
+    for conversation in read_sharegpt(world / "base.json")[:24]:
+        with Image.open(conversation.images[0]) as image:
+            images.append(image.convert("RGB"))
+    batched = patches_as_processed(processor.image_processor, images)
+    assert batched is not None  # 96 px RGB images: the batch path applies
+    pixel_values, grid = _processed(processor, images)
+    assert torch.equal(batched[0], pixel_values) and torch.equal(batched[1], grid)
+    assert process_images(processor, images)[2] == [9] * 24  # 6 x 6 patches, merged 2 x 2
+
+
+def test_images_the_processor_would_resample_or_mix_go_through_the_processor(processor):
+    from PIL import Image
+
+    odd = [Image.new("RGB", (100, 90), (10, 200, 30))]  # resized to a multiple of 32 by the processor
+    mixed = [Image.new("RGB", (96, 96), (1, 2, 3)), Image.new("RGB", (64, 64), (4, 5, 6))]
+    grey = [Image.new("L", (96, 96), 128)]
+    for images in (odd, mixed, grey):
+        assert patches_as_processed(processor.image_processor, images) is None
+        pixel_values, grid, _ = process_images(processor, images)
+        assert torch.equal(pixel_values, _processed(processor, images)[0])
+
+
+def test_a_probe_that_differs_from_the_processor_keeps_the_processor(processor, monkeypatch):
+    from PIL import Image
+
+    from prism.data import encoding
+
+    real = encoding.batch_patches
+    monkeypatch.setattr(encoding, "PROBE_VERDICTS", {})
+    monkeypatch.setattr(encoding, "batch_patches", lambda ip, images: (real(ip, images)[0] + 1e-6,
+                                                                       real(ip, images)[1]))
+    assert patches_as_processed(processor.image_processor, [Image.new("RGB", (96, 96), (9, 9, 9))]) is None
 
 
 def test_truncation_inside_an_image_names_the_record(world, processor):
