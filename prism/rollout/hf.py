@@ -28,6 +28,7 @@ from prism.kv_prefix import (
     head_on,
     image_token_types,
     output_cache,
+    prefix_first,
 )
 from prism.rollout import shared_prompt_decode as shared_prompt
 from prism.rollout.base import (
@@ -259,8 +260,8 @@ def response_logits_shared_prompt(model: Any, batch: RolloutBatch, device: torch
     if batch.pixel_values is not None:
         vision = {"pixel_values": batch.pixel_values.to(device), "image_grid_thw": batch.image_grid_thw.to(device)}
     prompt_mask = batch.prompt_mask[first_rows].to(device)
-    first_logits, cache, start = prefill_prompts(core, batch.prompt_ids[first_rows].to(device), prompt_mask, vision,
-                                                 batch.n, repeat_cache=False)  # [rows, V]: response token 0
+    first_logits, cache, start, prompt_mask = prefill_prompts(  # first_logits [rows, V]: response token 0
+        core, batch.prompt_ids[first_rows].to(device), prompt_mask, vision, batch.n, repeat_cache=False)
     response_ids, response_mask = batch.response_ids.to(device), batch.response_mask.to(device)
     valid = response_mask.bool()
     place = torch.arange(valid.numel(), device=device).view(valid.shape)  # row-major positions in [rows, R]
@@ -390,20 +391,47 @@ def reserve_cache(cache: Any, extra_tokens: int) -> None:
 
 def prefill_prompts(
     core: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vision: dict[str, torch.Tensor], n: int,
-    repeat_cache: bool = True,
-) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    repeat_cache: bool = True, share_prefix: bool = True,
+) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
     """One forward of the unique prompts (and their images), its cache repeated for n rows each (or left one
-    per prompt): the logits [rows, V] predicting each row's first response token, the cache, and each row's
-    first response position."""
-    mm_token_type_ids = image_token_types(core.config.image_token_id, prompt_ids, prompt_ids.shape[1])
-    out = core(input_ids=prompt_ids, attention_mask=prompt_mask, mm_token_type_ids=mm_token_type_ids,
-               use_cache=True, logits_to_keep=1, **vision)
+    per prompt): the logits [rows, V] predicting each row's first response token, the cache, each row's first
+    response position, and the prompts' mask [prompts, P] in the columns the cache holds them.
+
+    Where the prompts carry images and open alike (the system prompt: about 100 of an embedded prompt's ~150
+    tokens), the opening runs once and the prompts continue on its cache repeated for them, at the positions a
+    whole forward gives them (M-RoPE numbers only unmasked tokens there): `prism.kv_prefix.prefix_first` moves it
+    ahead of each row's left padding, so the cache and the returned mask hold the prompts in that column order.
+    Gradients flow back through the repeat, as in SFT; logits and cache equal one forward's to float rounding.
+    Not for a sharded model, whose processes must run the same forwards whatever their prompts, nor with
+    `share_prefix=False`."""
+    image_token_id = core.config.image_token_id
+    mm_token_type_ids = image_token_types(image_token_id, prompt_ids, prompt_ids.shape[1])
+    prefix, deltas = 0, None
+    if (share_prefix and vision.get("image_grid_thw") is not None and prompt_ids.shape[0] > 1
+            and not is_sharded_module(core)):
+        order, prefix = prefix_first(prompt_ids, prompt_mask, image_token_id)
+    if prefix:
+        prompt_ids, prompt_mask, mm_token_type_ids = (t.gather(1, order)
+                                                      for t in (prompt_ids, prompt_mask, mm_token_type_ids))
+        positions, deltas = core.model.get_rope_index(input_ids=prompt_ids, mm_token_type_ids=mm_token_type_ids,
+                                                      image_grid_thw=vision["image_grid_thw"],
+                                                      attention_mask=prompt_mask)
+        opening = core(input_ids=prompt_ids[:1, :prefix], position_ids=positions[:, :1, :prefix], use_cache=True,
+                       logits_to_keep=1)
+        cache = output_cache(opening)
+        cache.batch_repeat_interleave(prompt_ids.shape[0])
+        out = core(input_ids=prompt_ids[:, prefix:], attention_mask=prompt_mask, position_ids=positions[:, :, prefix:],
+                   mm_token_type_ids=mm_token_type_ids[:, prefix:], use_cache=True, logits_to_keep=1,
+                   **{cache_kwarg(core): cache}, **vision)
+    else:
+        out = core(input_ids=prompt_ids, attention_mask=prompt_mask, mm_token_type_ids=mm_token_type_ids,
+                   use_cache=True, logits_to_keep=1, **vision)
     cache = output_cache(out)
     if repeat_cache:
         cache.batch_repeat_interleave(n)
     start = continuation_positions(core.model, prompt_ids, prompt_mask, mm_token_type_ids,
-                                   vision.get("image_grid_thw"))
-    return out.logits[:, -1].repeat_interleave(n, dim=0), cache, start.repeat_interleave(n)
+                                   vision.get("image_grid_thw"), deltas)
+    return out.logits[:, -1].repeat_interleave(n, dim=0), cache, start.repeat_interleave(n), prompt_mask
 
 
 @torch.no_grad()
@@ -432,7 +460,8 @@ def sample_responses(
     prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
     vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if inputs.get(k) is not None}
     shared = shared_prompt_decode and not is_sharded_module(model) and shared_prompt.applies(model)
-    logits, cache, start = prefill_prompts(model, prompt_ids, prompt_mask, vision, n, repeat_cache=not shared)
+    logits, cache, start, prompt_mask = prefill_prompts(model, prompt_ids, prompt_mask, vision, n,
+                                                        repeat_cache=not shared)
     rows, max_new = logits.shape[0], sampling.max_new_tokens
     if shared:
         decoder = shared_prompt.SharedPromptDecoder(model, cache, prompt_mask, n, max_new, start)

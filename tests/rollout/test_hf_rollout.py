@@ -417,33 +417,39 @@ def sharp_model(processor):
     return model
 
 
+@pytest.mark.parametrize("with_images", [True, False])
 @pytest.mark.parametrize("do_sample", [True, False])
-def test_generate_from_the_shared_prefix_cache_samples_what_a_whole_prefill_does(sharp_model, processor, do_sample):
+def test_generate_from_the_shared_prefix_cache_samples_what_a_whole_prefill_does(sharp_model, processor, do_sample,
+                                                                                 with_images):
     """Evaluation's layout: the prompts' common opening moved to the front of every left-padded row and computed
-    once; `generate` runs the rest and samples the same tokens."""
+    once; `generate` runs the rest and samples the same tokens (text-only prompts too: there `generate` numbers
+    positions from the mask alone)."""
     model = sharp_model
-    inputs, _ = HFRolloutBackend(model, processor).encode(_prompts() + _prompts()[:1])
+    prompts = _prompts() + _prompts()[:1]
+    if not with_images:
+        prompts = [dataclasses.replace(prompt, images=[]) for prompt in prompts]
+    inputs, _ = HFRolloutBackend(model, processor).encode(prompts)
     settings = dict(max_new_tokens=12, do_sample=do_sample, top_p=1.0, top_k=0,
                     pad_token_id=processor.tokenizer.pad_token_id, **({"temperature": 1.0} if do_sample else {}))
     torch.manual_seed(3)
     expected = model.generate(**inputs, **settings, **{cache_kwarg(model): reserving_cache(model.config, 12)})
     order, prefix = prefix_first(inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id)
-    assert prefix > 50  # the system prompt and the template's opening, up to the image
+    assert prefix > 50  # the system prompt and the template's opening (up to the image, where there is one)
     moved = {k: v.gather(1, order) if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
              for k, v in inputs.items()}
     width = inputs["input_ids"].shape[1]
 
-    def from_prefix(**inputs):
+    def from_prefix(prefix_ids):
         torch.manual_seed(3)
         with torch.inference_mode():
-            cache = prefix_cache(model, moved["input_ids"][:1, :prefix], 3, width - prefix + 12)
-            return model.generate(**inputs, **settings, **{cache_kwarg(model): cache}), cache
+            cache = prefix_cache(model, prefix_ids, 3, width - prefix + 12)
+            return model.generate(**moved, **settings, **{cache_kwarg(model): cache}), cache
 
-    got, cache = from_prefix(**moved)
+    got, cache = from_prefix(moved["input_ids"][:1, :prefix])
     assert torch.equal(got[:, width:], expected[:, width:])
     assert cache.layers[0].key_buffer.shape[2] == width + 12  # room for the rest and the responses: no copy
-    # the model reads the layout: the moved rows under the unmoved mask sample other tokens
-    wrong, _ = from_prefix(**{**moved, "attention_mask": inputs["attention_mask"]})
+    # the tokens come from the cache: another prefix's cache samples other tokens
+    wrong, _ = from_prefix(moved["input_ids"][:1, 1 : prefix + 1])
     assert not torch.equal(wrong[:, width:], expected[:, width:])
 
 

@@ -56,11 +56,12 @@ def test_step_logits_equal_transformers_forward_on_a_repeated_cache(processor, p
     vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if inputs.get(k) is not None}
     tokens = torch.randint(10, 200, (prompt_ids.shape[0] * n, steps))
 
-    _, cache, start = prefill_prompts(model, prompt_ids, prompt_mask, vision, n)
+    _, cache, start, cache_mask = prefill_prompts(model, prompt_ids, prompt_mask, vision, n)
     reserve_cache(cache, steps)
-    mask = torch.cat([prompt_mask.repeat_interleave(n, 0), torch.ones(len(tokens), steps, dtype=torch.long)], 1)
-    first, shared_cache, shared_start = prefill_prompts(model, prompt_ids, prompt_mask, vision, n, repeat_cache=False)
-    decoder = SharedPromptDecoder(model, shared_cache, prompt_mask, n, steps, shared_start)
+    mask = torch.cat([cache_mask.repeat_interleave(n, 0), torch.ones(len(tokens), steps, dtype=torch.long)], 1)
+    first, shared_cache, shared_start, cache_mask = prefill_prompts(model, prompt_ids, prompt_mask, vision, n,
+                                                                    repeat_cache=False)
+    decoder = SharedPromptDecoder(model, shared_cache, cache_mask, n, steps, shared_start)
     active = torch.arange(len(tokens))
     worst = 0.0
     for t in range(steps):
@@ -78,6 +79,44 @@ def test_step_logits_equal_transformers_forward_on_a_repeated_cache(processor, p
         worst = max(worst, float((got - expected).abs().max()))
         assert got.shape == (len(active), model.config.text_config.vocab_size)
     assert worst < 1e-5 and expected.abs().max() > 0.1  # logits that carry something, matched to rounding
+
+
+@pytest.mark.parametrize("preset", ["embedded-s", "embedded-m"])
+def test_prompts_that_open_alike_run_the_opening_once_with_the_same_logits_and_gradients(processor, preset):
+    """The system prompt once, the prompts continuing on its cache (the columns moved ahead of the padding), then
+    two response tokens a row on the prompts' cache: logits and every parameter's gradient equal the whole
+    prompts' forward to float rounding."""
+    model = build_model(preset, processor.tokenizer, seed=0)
+    with torch.no_grad():  # larger weights: logits and gradients that depend on the context
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(4.0)
+    inputs = _inputs(processor, model)
+    prompt_ids, prompt_mask, n = inputs["input_ids"], inputs["attention_mask"], 2
+    vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw")}
+    tokens = torch.randint(10, 200, (prompt_ids.shape[0] * n, 2), generator=torch.Generator().manual_seed(0))
+
+    def run(share_prefix):
+        model.zero_grad()
+        first, cache, start, cache_mask = prefill_prompts(model, prompt_ids, prompt_mask, vision, n,
+                                                          share_prefix=share_prefix)
+        mask = torch.cat([cache_mask.repeat_interleave(n, 0), torch.ones_like(tokens)], 1)
+        logits = model(input_ids=tokens, attention_mask=mask, position_ids=(start[:, None] + torch.arange(2))[None]
+                       .expand(3, -1, -1), use_cache=True, cache=cache).logits
+        (first.square().mean() + logits.square().mean()).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return first.detach(), logits.detach(), start, cache_mask, grads
+
+    first, logits, start, moved_mask, grads = run(True)
+    first_whole, logits_whole, start_whole, mask_whole, grads_whole = run(False)
+    assert torch.equal(mask_whole, prompt_mask) and not torch.equal(moved_mask, prompt_mask)  # the opening moved
+    assert torch.equal(start, start_whole)
+    torch.testing.assert_close(first, first_whole, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits, logits_whole, atol=1e-5, rtol=1e-4)
+    assert logits_whole.std() > 0.5  # logits that carry something
+    assert grads.keys() == grads_whole.keys() and len(grads) > 20
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_whole[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_sampled_rollouts_equal_those_of_transformers_forward(processor):
@@ -123,7 +162,7 @@ def test_it_steps_aside_for_adapters_hooks_and_other_models(processor):
     assert not applies(model)
     inputs = _inputs(processor, model)
     sample_responses(model, inputs, 2, SamplingParams(max_new_tokens=3, seed=0), [2], 0, False)
-    assert len(calls) == 3  # the prefill and two decode steps all went through transformers' forward
+    assert len(calls) == 4  # the prefill (the shared opening, then the prompts), two decode steps: transformers'
     handle.remove()
     assert applies(model)
 
