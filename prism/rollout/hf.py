@@ -1,7 +1,8 @@
 """Rollouts with a Hugging Face model (CPU tests and small runs), and re-scoring under any HF model.
 
 One processor call per batch: each prompt's images are processed once. `sample_responses` is a KV-cached
-decode loop that prefills each prompt once and, for a plain Qwen3-VL, decodes on that cache held once per prompt
+decode loop that prefills each prompt once (the prompts' common opening, the system prompt, once for all:
+`prefill_prompts`) and, for a plain Qwen3-VL, decodes on that cache held once per prompt
 (prism.rollout.shared_prompt_decode), else repeats it for the n rows (HF `generate` would prefill n copies);
 sampling is pure temperature + top_p (no top_k), with `generate`'s processors. Behaviour log-probs are log
 softmax(logits / temperature) of the raw logits, as described in prism.rollout.base. Re-scoring
