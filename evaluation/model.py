@@ -201,7 +201,8 @@ class PrismHF(_PrismLMM):
         batch = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt").to(self.device_name)
         # the prompts' common opening (the system prompt, ~100 tokens of the embedded prompts' ~150) moved to the
         # front of every row, its cache computed once for the batch (`prefix_cache`); the same tokens come out
-        order, prefix = prefix_first(batch["input_ids"], batch["attention_mask"], self.model.config.image_token_id)
+        order, prefix = prefix_first(batch["input_ids"], batch["attention_mask"],
+                                     getattr(self.model.config, "image_token_id", -1))
         for key in PER_TOKEN_INPUTS:
             if prefix and key in batch:
                 batch[key] = batch[key].gather(1, order)

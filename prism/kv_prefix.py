@@ -91,9 +91,12 @@ def prefix_first(ids: torch.Tensor, mask: torch.Tensor, image_token_id: int) -> 
     with, up to the first image placeholder and short of each row's last token (rows keep at least one token past
     the prefix). Each row's tokens keep their order, and the padding is masked wherever it sits, so a forward
     (positions included, which count unmasked tokens) sees each row as before, while the prefix now sits in the same
-    columns for all rows: computed once, its cache serves them all. 0 (and the identity order) where there is none."""
+    columns for all rows: computed once, its cache serves them all. 0 (and the identity order) where there is none,
+    or where the batch is not left-padded (a row ending in padding)."""
     rows, width = ids.shape
     columns = torch.arange(width, device=ids.device)
+    if not bool(mask[:, -1].all()):
+        return columns.expand(rows, width), 0
     starts = width - mask.sum(1, keepdim=True)  # each row's first token
     right = ids.gather(1, (columns + starts).clamp_max(width - 1))  # the rows left-aligned (tails: filler)
     length = common_prefix_length(right, (columns < width - starts).long(), image_token_id)

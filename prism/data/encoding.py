@@ -92,9 +92,10 @@ def patches_as_processed(image_processor, images: list) -> tuple[torch.Tensor, t
         return None
     width, height = images[0].size
     factor = ip.patch_size * ip.merge_size
+    low, high = getattr(ip.size, "shortest_edge", None), getattr(ip.size, "longest_edge", None)
     if (any(image.size != (width, height) for image in images) or height % factor or width % factor
-            or (ip.do_resize and smart_resize(height, width, factor=factor, min_pixels=ip.size.shortest_edge,
-                                              max_pixels=ip.size.longest_edge) != (height, width))):
+            or (ip.do_resize and (low is None or high is None or smart_resize(
+                height, width, factor=factor, min_pixels=low, max_pixels=high) != (height, width)))):
         return None
     return batch_patches(ip, images) if probe_agrees(ip, width, height) else None
 

@@ -375,8 +375,9 @@ def prefix_cache(model: Any, prefix_ids: torch.Tensor, rows: int, extra_tokens: 
     cache = output_cache(out)
     cache.batch_repeat_interleave(rows)
     reserve_cache(cache, extra_tokens)
-    if hasattr(model.model, "rope_deltas"):  # left by this forward (batch 1): not the rows'
-        model.model.rope_deltas = None
+    base = getattr(model, "model", None)
+    if hasattr(base, "rope_deltas"):  # left by this forward (batch 1): not the rows'
+        base.rope_deltas = None
     return cache
 
 

@@ -468,6 +468,8 @@ def test_prefix_first_moves_the_common_opening_before_the_padding():
     assert prefix_first(torch.tensor([[5, 6], [5, 6]]), torch.ones(2, 2, dtype=torch.long), image)[1] == 1
     none, length = prefix_first(torch.tensor([[5, 6], [7, 6]]), torch.ones(2, 2, dtype=torch.long), image)
     assert length == 0 and none.tolist() == [[0, 1], [0, 1]]
+    right_padded = torch.tensor([[5, 6, 7], [5, 6, pad]])
+    assert prefix_first(right_padded, (right_padded != pad).long(), image)[1] == 0  # not left-padded: left alone
 
 
 @pytest.mark.parametrize("shared", [True, False])
