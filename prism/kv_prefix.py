@@ -47,6 +47,17 @@ def head_on(model: Any, positions: torch.Tensor):
         hook.remove()
 
 
+def opening_cache(model: Any, opening_ids: torch.Tensor, rows: int, **kwargs) -> tuple[Any, Any]:
+    """One forward of `opening_ids` [1, P], the opening every row of a batch holds alike (a system prompt), and its
+    key/value cache repeated for `rows` rows: the cache they continue on, gradients flowing back through the repeat.
+    `kwargs` go to the forward (the opening's mask and M-RoPE positions, logits_to_keep, router logits). Returns
+    (the forward's output, the cache)."""
+    out = model(input_ids=opening_ids, use_cache=True, **kwargs)
+    cache = output_cache(out)
+    cache.batch_repeat_interleave(rows)
+    return out, cache
+
+
 def gathered_cache(config: Any, layers: Iterable[tuple[torch.Tensor, torch.Tensor]],
                    owner: torch.Tensor) -> DynamicCache:
     """A cache for rows continuing prompts: each layer's (keys, values) of the prompts [prompts, ...] gathered to

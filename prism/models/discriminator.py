@@ -59,6 +59,7 @@ from prism.kv_prefix import (
     continuation_positions,
     gathered_cache,
     image_token_types,
+    opening_cache,
     output_cache,
 )
 from prism.models.experts import PER_EXPERT
@@ -289,10 +290,8 @@ class Discriminator(nn.Module):
         if rows > 1 and shared >= MIN_SHARED_PREFIX:
             positions, deltas = model.get_rope_index(input_ids=ids, mm_token_type_ids=types, attention_mask=mask,
                                                    image_grid_thw=prefix.vision.get("image_grid_thw"))
-            head = model(input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared],
-                         position_ids=positions[:, :1, :shared], use_cache=True, **routing)
-            cache = output_cache(head)
-            cache.batch_repeat_interleave(rows)
+            head, cache = opening_cache(model, ids[:1, :shared], rows, attention_mask=mask[:1, :shared],
+                                        position_ids=positions[:, :1, :shared], **routing)
             out = model(input_ids=ids[:, shared:], attention_mask=mask, position_ids=positions[:, :, shared:],
                         mm_token_type_ids=types[:, shared:], use_cache=True, **{cache_kwarg(model): cache},
                         **prefix.vision, **routing)

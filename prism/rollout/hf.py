@@ -28,6 +28,7 @@ from prism.kv_prefix import (
     gathered_cache,
     head_on,
     image_token_types,
+    opening_cache,
     output_cache,
     prefix_first,
 )
@@ -371,9 +372,7 @@ def prefix_cache(model: Any, prefix_ids: torch.Tensor, rows: int, extra_tokens: 
     `rows` rows, each layer with room for `extra_tokens` more: hand it to `generate` with the rows' full prompts
     (their prefix first, `prism.kv_prefix.prefix_first`), which then runs only the rest. The model's stored
     `rope_deltas` are cleared, so `generate` numbers the rows' positions itself."""
-    out = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1)
-    cache = output_cache(out)
-    cache.batch_repeat_interleave(rows)
+    _, cache = opening_cache(model, prefix_ids, rows, logits_to_keep=1)
     reserve_cache(cache, extra_tokens)
     base = getattr(model, "model", None)
     if hasattr(base, "rope_deltas"):  # left by this forward (batch 1): not the rows'
@@ -418,10 +417,8 @@ def prefill_prompts(
         positions, deltas = core.model.get_rope_index(input_ids=prompt_ids, mm_token_type_ids=mm_token_type_ids,
                                                       image_grid_thw=vision["image_grid_thw"],
                                                       attention_mask=prompt_mask)
-        opening = core(input_ids=prompt_ids[:1, :prefix], position_ids=positions[:, :1, :prefix], use_cache=True,
-                       logits_to_keep=1)
-        cache = output_cache(opening)
-        cache.batch_repeat_interleave(prompt_ids.shape[0])
+        _, cache = opening_cache(core, prompt_ids[:1, :prefix], prompt_ids.shape[0],
+                                 position_ids=positions[:, :1, :prefix], logits_to_keep=1)
         out = core(input_ids=prompt_ids[:, prefix:], attention_mask=prompt_mask, position_ids=positions[:, :, prefix:],
                    mm_token_type_ids=mm_token_type_ids[:, prefix:], use_cache=True, logits_to_keep=1,
                    **{cache_kwarg(core): cache}, **vision)

@@ -42,7 +42,7 @@ from prism.kv_prefix import (
     cache_may_carry_gradients,
     common_prefix_length,
     head_on,
-    output_cache,
+    opening_cache,
 )
 from prism.models.peft import final_model_saver
 from prism.runtime import MetricsLogger, Progress, autocast, check_finite, seed_everything
@@ -172,10 +172,8 @@ def continue_on_shared_prefix(model, inputs: dict[str, torch.Tensor], prefix: in
     positions = core.model.get_rope_index(input_ids=ids, mm_token_type_ids=inputs["mm_token_type_ids"],
                                           image_grid_thw=inputs.get("image_grid_thw"), attention_mask=mask)[0]
     with head_on(core, torch.zeros(1, prefix, dtype=torch.bool, device=ids.device)):  # its logits feed no loss
-        shared = core(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix],
-                      position_ids=positions[:, :1, :prefix], use_cache=True)
-    cache = output_cache(shared)
-    cache.batch_repeat_interleave(ids.shape[0])
+        _, cache = opening_cache(core, ids[:1, :prefix], ids.shape[0], attention_mask=mask[:1, :prefix],
+                                 position_ids=positions[:, :1, :prefix])
     vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
     with head_on(model, keep):
         return model(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions[:, :, prefix:],
