@@ -81,14 +81,19 @@ def build_report(name: str, preset: str, seeds: int | None = None) -> Path:
                     "column's). `X (paper)`: the published value of benchmark X, beside the embedded family that "
                     "mirrors it (first size ↔ Qwen3-VL-4B, second ↔ 8B). Deltas: paired on the same items and "
                     "seeds, with a 95% bootstrap interval and a p-value (one seed: paired permutation test; several: "
-                    "the same bootstrap); * marks an interval that excludes 0.")
+                    "the same bootstrap); * marks an interval that excludes 0. Majority: each family's accuracy minus the "
+                    "share of its items that one constant answer, the one they most often expect, gets right (shares "
+                    "and answers in the first row), with its interval and p-value (one seed: exact binomial test); "
+                    "an interval above 0: the family was learned beyond that guess.")
         else:
             tables = ablation_table(frame, matrix.settings)
             note = ("Ours: accuracy (%), mean [95% interval] over seeds and items. `X (paper)`: the published 4B GRPO "
                     "ablation value. Deltas: each setting minus the first, paired on the same items and seeds; * "
-                    "marks an interval that excludes 0.")
-        for key in ("cells", "deltas_by_column"):  # numbers in long form, for other tools
-            tables.pop(key).to_csv(tmp / f"{key}.csv", index=False)
+                    "marks an interval that excludes 0. Majority: each family's accuracy minus the share of its items "
+                    "that the answer they most often expect gets right (first row), with its interval and p-value.")
+        for key in ("cells", "deltas_by_column", "majority_by_column"):  # numbers in long form, for other tools
+            if key in tables:
+                tables.pop(key).to_csv(tmp / f"{key}.csv", index=False)
         shown = {}
         for key, data in tables.items():
             data.to_csv(tmp / f"{key}.csv", index=False)  # every number; the printed tables show each once

@@ -13,6 +13,8 @@ seed's evaluation, items in doc-id order. Two cells pair when they hold the same
   several, twice the bootstrap's smaller tail at 0. The p-value then carries the seed-to-seed variation as the
   interval does: a permutation test over seed-averaged items would treat the seeds as fixed and could call a
   difference significant that one training run made.
+- `above_level`: one column's mean minus a fixed level (the share a constant answer gets right), its interval and a
+  p-value (an exact binomial test for one seed's right/wrong items).
 """
 
 from __future__ import annotations
@@ -127,6 +129,26 @@ def paired_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], 
             batch=PERMUTATION_BATCH)
         p_value = float(result.pvalue)
     return _estimate(arrays, replicates, p_value)
+
+
+def above_level(scores: Mapping[str, np.ndarray], level: float, resamples: int = RESAMPLES,
+                seed: int = SEED) -> Estimate:
+    """One column's mean minus a fixed `level` (a baseline that does not move with the items drawn: the share of a
+    suite's items one constant answer gets right), with `interval`'s bootstrap interval shifted by it, and a
+    two-sided p-value for H0 "mean = level": with one seed and scores of 0 or 100 per item, the exact binomial
+    test (scipy.stats.binomtest); else twice the bootstrap's smaller tail at the level. Scores and level in %."""
+    arrays = _check(scores)
+    if len(arrays) != 1:
+        raise ValueError(f"above_level: one column expected, got {sorted(scores)}")
+    (array,) = arrays
+    replicates = bootstrap_means(scores, resamples, seed)
+    if array.shape[0] == 1 and np.isin(array, (0.0, 100.0)).all():
+        p_value = stats.binomtest(int((array == 100.0).sum()), array.shape[1], level / 100.0).pvalue
+    else:
+        p_value = min(1.0, 2 * min(np.mean(replicates <= level), np.mean(replicates >= level)))
+    estimate = _estimate(arrays, replicates, float(p_value))
+    return Estimate(estimate.mean - level, estimate.low - level, estimate.high - level, estimate.seeds,
+                    estimate.items, estimate.p_value)
 
 
 def format_estimate(estimate: Estimate | None, digits: int = 1, signed: bool = False) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pandas as pd
 
 from evaluation.results import samples_files
 from prism.workers import available_cores
-from reports.stats import Estimate, format_estimate, interval, paired_difference
+from reports.stats import Estimate, above_level, format_estimate, interval, paired_difference
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference"
 EVAL_ROOT = Path("outputs/evals")
@@ -125,8 +126,31 @@ def sample_scores(record_path: str | Path, eval_root: Path | None = None) -> dic
 
 def row_scores(rows: list[dict], eval_root: Path | None = None) -> dict[str, dict[int, float]] | None:
     """`sample_scores` of an evaluation's rows (`run_eval(...).rows`, what a record holds)."""
-    eval_root = EVAL_ROOT if eval_root is None else eval_root
+    samples = column_samples(rows, eval_root)
+    if samples is None:
+        return None
     out: dict[str, dict[int, float]] = {}
+    for column, (metric, lines) in samples.items():
+        if any(not isinstance(sample.get(metric), (int, float)) for sample in lines):
+            return None  # e.g. a judged metric logged another way
+        out[column] = {int(sample["doc_id"]): float(sample[metric]) for sample in lines}
+    return out
+
+
+def row_targets(rows: list[dict], eval_root: Path | None = None) -> dict[str, dict[int, str]] | None:
+    """Per table column, each item's reference answer {doc_id: target} from the same samples files as
+    `row_scores`; None when a file is missing or a sample carries no target."""
+    samples = column_samples(rows, eval_root)
+    if samples is None or any("target" not in sample for _, lines in samples.values() for sample in lines):
+        return None
+    return {column: {int(sample["doc_id"]): str(sample["target"]) for sample in lines}
+            for column, (_, lines) in samples.items()}
+
+
+def column_samples(rows: list[dict], eval_root: Path | None = None) -> dict[str, tuple[str, list[dict]]] | None:
+    """Per table column, (its metric, the samples lmms-eval logged for it); None when a samples file is missing."""
+    eval_root = EVAL_ROOT if eval_root is None else eval_root
+    out: dict[str, tuple[str, list[dict]]] = {}
     for row in rows:
         column = _column(row) if row["metric"] == "accuracy" else None
         if column is None:
@@ -135,15 +159,8 @@ def row_scores(rows: list[dict], eval_root: Path | None = None) -> dict[str, dic
         path = samples_files(entry[-1]).get(row["task"]) if entry else None
         if path is None or not path.is_file():
             return None
-        scores = {}
-        for line in path.read_text(encoding="utf-8").splitlines():
-            sample = json.loads(line) if line.strip() else None
-            if sample is None:
-                continue
-            if not isinstance(sample.get(row["metric"]), (int, float)):  # e.g. a judged metric logged another way
-                return None
-            scores[int(sample["doc_id"])] = float(sample[row["metric"]])
-        out[column] = scores
+        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        out[column] = (row["metric"], lines)
     return out
 
 
@@ -163,6 +180,15 @@ def cell_scores(cell: pd.DataFrame, columns: list[str]) -> dict[str, pd.DataFram
         frame = 100.0 * pd.DataFrame([scores[column] for scores in per_seed], index=seeds)
         out[column] = frame.dropna(axis=1).sort_index().sort_index(axis=1)
     return out
+
+
+def cell_targets(cell: pd.DataFrame) -> dict[str, dict[int, str]] | None:
+    """Per column, each item's reference answer, from the cell's first evaluation (every seed holds the same items);
+    None without targets."""
+    if not len(cell) or "record" not in cell:
+        return None
+    record = read_record(Path(cell["record"].iloc[0]))
+    return None if record is None else row_targets(record["rows"])
 
 
 def cell_estimates(scores: dict[str, pd.DataFrame] | None, columns: list[str]) -> dict[str, Estimate | None]:
@@ -189,18 +215,49 @@ def paired_estimates(a: dict[str, pd.DataFrame] | None, b: dict[str, pd.DataFram
                            ({c: x for c, (x, _) in pairs.items()}, {c: y for c, (_, y) in pairs.items()}))
 
 
-def columns_and_avg(function, per_column: dict[str, tuple], avg: tuple) -> dict[str, Estimate]:
-    """{column: function(*per_column[column]), ..., "Avg": function(*avg)}, the calls taken in order by a thread per
-    core. The bootstraps and permutation tests are numpy array work, which runs without the GIL, and each call seeds
-    its own generator, so the results equal a loop's. Avg goes first: it holds as many items as the other columns
-    together, so with two threads it runs beside them."""
-    calls = [avg, *per_column.values()]
+def majority_answers(scores: dict[str, pd.DataFrame] | None,
+                     targets: dict[str, dict[int, str]] | None) -> dict[str, tuple[str, float]] | None:
+    """Per column, the answer the cell's items most often expect and its share of them (%): what a model that
+    ignores its input gets right at best on these items. Ties go to the answer of the lowest doc_id. None without
+    per-sample scores or targets."""
+    if scores is None or targets is None or any(column not in targets for column in scores):
+        return None
+    answers = {}
+    for column, frame in scores.items():
+        expected = [targets[column].get(int(doc)) for doc in frame.columns]
+        if None in expected:
+            return None
+        answer, count = Counter(expected).most_common(1)[0]
+        answers[column] = (answer, 100.0 * count / len(expected))
+    return answers
+
+
+def against_majority(scores: dict[str, pd.DataFrame] | None, targets: dict[str, dict[int, str]] | None,
+                     columns: list[str]) -> tuple[dict[str, Estimate | None], dict[str, tuple[str, float]]]:
+    """Per column (no Avg), the cell's accuracy minus its items' majority-answer share (`majority_answers`,
+    `reports.stats.above_level`), and each column's (answer, share %); None estimates without scores or targets."""
+    answers = majority_answers(scores, targets)
+    family_columns = [c for c in columns if c != "Avg"]
+    if answers is None:
+        return dict.fromkeys(family_columns), {}
+    per_column = {c: ({c: scores[c].to_numpy()}, answers[c][1]) for c in family_columns}
+    return columns_and_avg(above_level, per_column, None), answers
+
+
+def columns_and_avg(function, per_column: dict[str, tuple], avg: tuple | None) -> dict[str, Estimate]:
+    """{column: function(*per_column[column]), ..., "Avg": function(*avg)} (no Avg where `avg` is None), the calls
+    taken in order by a thread per core. The bootstraps and permutation tests are numpy array work, which runs
+    without the GIL, and each call seeds its own generator, so the results equal a loop's. Avg goes first: it holds
+    as many items as the other columns together, so with two threads it runs beside them."""
+    calls = [*([avg] if avg is not None else []), *per_column.values()]
     workers = min(available_cores(), len(calls))
     if workers < 2:
         results = [function(*args) for args in calls]
     else:
         with ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(function, *zip(*calls)))
+    if avg is None:  # the columns alone
+        return dict(zip(per_column, results))
     return {**dict(zip(per_column, results[1:])), "Avg": results[0]}
 
 
@@ -241,16 +298,19 @@ def _long_rows(labels: dict, estimates: dict[str, Estimate | None]) -> list[dict
 
 
 def table1(frame: pd.DataFrame, sizes: list[str]) -> dict[str, pd.DataFrame]:
-    """{"table", "deltas", "cells", "deltas_by_column"}.
+    """{"table", "deltas", "majority", "cells", "deltas_by_column", "majority_by_column"}.
 
     table: one row per (size, pipeline, rl), cells `mean [low, high]` (%), the paper's value in an `X (paper)`
     column beside each. deltas: per size, SFT minus the instruct model, PRISM minus SFT for each RL algorithm (and
     without RL), and each RL run minus its start (SFT or SFT -> PRISM); then the second size minus the first after
     SFT and after SFT -> PRISM (the same items and seed numbers); on Avg: the paired difference, its interval and
-    p-value, beside the paper's. cells and deltas_by_column: the same numbers per column, in long form."""
+    p-value, beside the paper's. majority: per size, each family of every cell minus the share of its items that the
+    answer they most often expect gets right (`against_majority`), under a row of those shares and answers: a family
+    whose interval stays above 0 was learned beyond a constant guess. cells, deltas_by_column and majority_by_column:
+    the same numbers per column, in long form."""
     paper = _paper_table1()
     columns = benchmark_columns(frame)
-    table_rows, delta_rows, cell_rows, delta_long = [], [], [], []
+    table_rows, delta_rows, cell_rows, delta_long, majority_rows, majority_long = [], [], [], [], [], []
     scores_by_size: dict[str, dict] = {}
     for index, size in enumerate(sizes):
         model = PAPER_MODELS[index] if index < len(PAPER_MODELS) else None
@@ -277,6 +337,18 @@ def table1(frame: pd.DataFrame, sizes: list[str]) -> dict[str, pd.DataFrame]:
             return _paper_value(paper, {"model": model, "pipeline": pipeline, "rl_algorithm": rl}, "Avg")
 
         scores_by_size[size] = scores
+        shares_shown = False
+        for pipeline, rl in ROW_ORDER:  # each family against the answer its items most often expect
+            cell = part[(part["pipeline"] == pipeline) & (part["rl"] == rl)] if len(part) else part
+            estimates, answers = against_majority(scores[pipeline, rl], cell_targets(cell), columns)
+            if answers and not shares_shown:
+                majority_rows.append({"size": size, "pipeline": "majority answer", "rl": "share % (answer)",
+                                      **{c: f"{share:.1f} ({answer})" for c, (answer, share) in answers.items()}})
+                shares_shown = True
+            majority_rows.append({"size": size, "pipeline": pipeline, "rl": rl,
+                                  **{c: format_estimate(e, signed=True) for c, e in estimates.items()}})
+            majority_long += [{**row, "answer": answers[row["column"]][0], "share": answers[row["column"]][1]}
+                              for row in _long_rows({"size": size, "pipeline": pipeline, "rl": rl}, estimates)]
         comparisons = [("SFT - instruct", ("instruct", "none"), ("sft", "none"))]
         comparisons += [(f"PRISM - SFT ({rl})", ("sft", rl), ("sft+prism", rl))
                         for rl in ("none", "grpo", "dapo", "gspo")]
@@ -299,19 +371,29 @@ def table1(frame: pd.DataFrame, sizes: list[str]) -> dict[str, pd.DataFrame]:
             delta_rows.append(_delta_row(labels, estimates, paper_avgs[1] - paper_avgs[0]))
             delta_long += _long_rows(labels, estimates)
     return {"table": pd.DataFrame(table_rows), "deltas": pd.DataFrame(delta_rows),
-            "cells": pd.DataFrame(cell_rows), "deltas_by_column": pd.DataFrame(delta_long)}
+            "majority": pd.DataFrame(majority_rows), "cells": pd.DataFrame(cell_rows),
+            "deltas_by_column": pd.DataFrame(delta_long), "majority_by_column": pd.DataFrame(majority_long)}
 
 
 def ablation_table(frame: pd.DataFrame, settings: list) -> dict[str, pd.DataFrame]:
-    """{"table", "deltas", "cells", "deltas_by_column"}: each setting's cells with intervals beside the paper's,
-    and each setting minus the reference setting (the first; `full`), paired, beside the paper's delta."""
+    """{"table", "deltas", "majority", "cells", "deltas_by_column", "majority_by_column"}: each setting's cells with
+    intervals beside the paper's, each setting minus the reference setting (the first; `full`), paired, beside the
+    paper's delta, and each setting's families against their majority answer (as `table1`'s)."""
     paper = pd.read_csv(REFERENCE_DIR / "paper_ablations.csv")
     columns = benchmark_columns(frame)
-    rows, cell_rows, delta_rows, delta_long = [], [], [], []
+    rows, cell_rows, delta_rows, delta_long, majority_rows, majority_long = [], [], [], [], [], []
     scores = {}
     for setting in settings:
         cell = frame[frame["setting"] == setting.name] if len(frame) else frame
         scores[setting.name] = cell_scores(cell, columns)
+        against, answers = against_majority(scores[setting.name], cell_targets(cell), columns)
+        if answers and not majority_rows:
+            majority_rows.append({"setting": "majority answer: share % (answer)",
+                                  **{c: f"{share:.1f} ({answer})" for c, (answer, share) in answers.items()}})
+        majority_rows.append({"setting": setting.name,
+                              **{c: format_estimate(e, signed=True) for c, e in against.items()}})
+        majority_long += [{**row, "answer": answers[row["column"]][0], "share": answers[row["column"]][1]}
+                          for row in _long_rows({"setting": setting.name}, against)]
         estimates = cell_estimates(scores[setting.name], columns)
         row = {"group": setting.group, "setting": setting.name,
                "warm-up pairs": cell["warm-up pairs"].iloc[0] if "warm-up pairs" in cell and len(cell) else "-",
@@ -331,8 +413,9 @@ def ablation_table(frame: pd.DataFrame, settings: list) -> dict[str, pd.DataFram
                        - _paper_value(paper, {"setting": reference}, "Avg"))
         delta_rows.append(_delta_row(labels, estimates, paper_delta))
         delta_long += _long_rows(labels, estimates)
-    return {"table": pd.DataFrame(rows), "deltas": pd.DataFrame(delta_rows), "cells": pd.DataFrame(cell_rows),
-            "deltas_by_column": pd.DataFrame(delta_long)}
+    return {"table": pd.DataFrame(rows), "deltas": pd.DataFrame(delta_rows), "majority": pd.DataFrame(majority_rows),
+            "cells": pd.DataFrame(cell_rows), "deltas_by_column": pd.DataFrame(delta_long),
+            "majority_by_column": pd.DataFrame(majority_long)}
 
 
 def to_markdown(table: pd.DataFrame) -> str:

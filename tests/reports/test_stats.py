@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from reports.stats import format_estimate, interval, paired_difference
+from reports.stats import above_level, format_estimate, interval, paired_difference
 
 
 def test_one_seed_interval_is_scipys_percentile_bootstrap_of_the_mean():
@@ -105,3 +105,26 @@ def test_with_seeds_the_p_value_carries_the_seed_variation_as_the_interval_does(
     delta = paired_difference({"x": base}, {"x": other})
     assert delta.mean < -0.1 and not delta.excludes_zero
     assert delta.p_value > 0.05  # consistent with the interval
+
+
+def test_above_a_level_one_seed_uses_the_exact_binomial_test():
+    # 9 of 10 items right against a level of 50%: two-sided P(X >= 9) + P(X <= 1) under Binomial(10, 0.5)
+    scores = {"presence": np.array([[100.0] * 9 + [0.0]])}
+    estimate = above_level(scores, 50.0)
+    assert estimate.mean == pytest.approx(40.0)
+    assert estimate.p_value == pytest.approx(2 * (10 + 1) / 2**10)
+    plain = interval(scores)
+    assert (estimate.low, estimate.high) == pytest.approx((plain.low - 50.0, plain.high - 50.0))
+    at_level = above_level({"presence": np.array([[100.0] * 5 + [0.0] * 5])}, 50.0)
+    assert at_level.mean == 0.0 and at_level.p_value == pytest.approx(1.0) and not at_level.excludes_zero
+
+
+def test_above_a_level_with_seeds_takes_the_bootstrap_tails():
+    rng = np.random.default_rng(7)
+    high = {"counting": 100.0 * rng.binomial(1, 0.8, size=(3, 200))}
+    clear = above_level(high, 40.0)
+    assert clear.seeds == 3 and clear.low > 30.0 and clear.p_value == 0.0 and clear.excludes_zero
+    near = above_level(high, float(high["counting"].mean()))
+    assert abs(near.mean) < 1e-9 and near.p_value > 0.5 and not near.excludes_zero
+    with pytest.raises(ValueError, match="one column"):
+        above_level({"a": high["counting"], "b": high["counting"]}, 40.0)

@@ -11,15 +11,18 @@ from reports.stats import interval, paired_difference
 from reports.tables import FAMILIES, table1
 
 
-def _record(tmp_path, name, scores_by_family):
-    """An eval record and lmms-eval samples files for one checkpoint: {family: [0/1 per doc_id]}."""
+def _record(tmp_path, name, scores_by_family, targets_by_family=None):
+    """An eval record and lmms-eval samples files for one checkpoint: {family: [0/1 per doc_id]}, and each item's
+    reference answer where `targets_by_family` gives them ({family: [target per doc_id]})."""
     digest, key, date = f"hash-{name}", f"key{name}", "20261201T000000"
     entry = tmp_path / "evals" / digest / f"prism_embedded-{key}"
     entry.mkdir(parents=True)
     rows = []
     for family, scores in scores_by_family.items():
         task = f"prism_embedded_{family}"
-        lines = [json.dumps({"doc_id": i, "accuracy": float(s)}) for i, s in enumerate(scores)]
+        targets = (targets_by_family or {}).get(family)
+        lines = [json.dumps({"doc_id": i, "accuracy": float(s), **({"target": targets[i]} if targets else {})})
+                 for i, s in enumerate(scores)]
         (entry / f"{date}_samples_{task}.jsonl").write_text("\n".join(lines) + "\n")
         rows.append({"benchmark": "embedded", "task": task, "metric": "accuracy", "value": float(np.mean(scores)),
                      "checkpoint_hash": digest, "eval_key": key, "date": date})
@@ -126,3 +129,55 @@ def test_a_cells_columns_computed_on_the_cores_equal_one_by_one(monkeypatch):
     assert list(intervals) == [*FAMILIES, "Avg"]
     assert intervals["chart"] == interval({"chart": a["chart"].to_numpy()})
     assert intervals["Avg"] == interval({f: x.to_numpy() for f, x in a.items()})
+
+
+def test_each_family_is_set_against_the_answer_its_items_most_often_expect(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "EVAL_ROOT", tmp_path / "evals")
+    targets = ["a"] * 16 + ["b"] * 12 + ["c"] * 12  # "a" is right on 40% of the items
+    majority_only = np.array([t == "a" for t in targets], dtype=int)  # answers "a" whatever it sees
+    learned = np.ones(40, dtype=int)
+    scores = {f: (learned if f == "presence" else majority_only) for f in FAMILIES}
+    rows = []
+    for pipeline, with_targets in (("sft", True), ("sft+prism", False)):
+        record = _record(tmp_path, pipeline.replace("+", "_"), scores,
+                         dict.fromkeys(FAMILIES, targets) if with_targets else None)
+        rows.append({"size": "s", "pipeline": pipeline, "rl": "none", "seed": 0, "checkpoint": pipeline,
+                     "record": record, **{f: 100 * float(np.mean(s)) for f, s in scores.items()}})
+    out = table1(pd.DataFrame(rows), ["s"])
+    majority = out["majority"].set_index(["pipeline", "rl"])
+    assert majority.loc[("majority answer", "share % (answer)")]["chart"] == "40.0 (a)"
+    sft = majority.loc[("sft", "none")]
+    assert sft["chart"].startswith("+0.0 [") and sft["chart"].endswith("p=1")  # no better than the guess
+    assert sft["presence"].startswith("+60.0 [") and sft["presence"].endswith("*")  # all 40 right: learned
+    assert majority.loc[("sft+prism", "none")]["presence"] == "-"  # its samples carry no targets
+    long = out["majority_by_column"].set_index(["pipeline", "column"])
+    presence = long.loc[("sft", "presence")]
+    assert presence["answer"] == "a" and presence["share"] == pytest.approx(40.0) and presence["items"] == 40
+    # 40 of 40 against p = 0.4: P(X = 40); no outcome of the lower tail is as unlikely (P(X = 0) = 0.6^40)
+    assert presence["p"] == pytest.approx(0.4**40, rel=1e-6, abs=0)
+
+
+def test_the_majority_answer_ties_go_to_the_lowest_doc_id():
+    scores = {"counting": pd.DataFrame([[100.0, 0.0, 0.0, 100.0]], columns=[0, 1, 2, 3])}
+    answers = tables.majority_answers(scores, {"counting": {0: "2", 1: "1", 2: "1", 3: "2"}})
+    assert answers == {"counting": ("2", 50.0)}
+    assert tables.majority_answers(scores, {"counting": {0: "2", 1: "1"}}) is None  # an item without its answer
+
+
+def test_ablation_settings_are_set_against_the_majority_answer_too(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(tables, "EVAL_ROOT", tmp_path / "evals")
+    targets = ["yes"] * 20 + ["no"] * 20
+    guess_yes = np.array([t == "yes" for t in targets], dtype=int)  # 50%: the share of "yes"
+    settings = [SimpleNamespace(name="full", group="reference"), SimpleNamespace(name="no_sft", group="stages")]
+    rows = []
+    for setting, scores in (("full", np.ones(40, dtype=int)), ("no_sft", guess_yes)):
+        family_scores = dict.fromkeys(FAMILIES, scores)
+        record = _record(tmp_path, setting, family_scores, dict.fromkeys(FAMILIES, targets))
+        rows.append({"setting": setting, "seed": 0, "checkpoint": setting, "record": record,
+                     **{f: 100 * float(np.mean(s)) for f, s in family_scores.items()}})
+    majority = tables.ablation_table(pd.DataFrame(rows), settings)["majority"].set_index("setting")
+    assert majority.loc["majority answer: share % (answer)"]["presence"] == "50.0 (yes)"
+    assert majority.loc["full"]["presence"].startswith("+50.0 [") and majority.loc["full"]["presence"].endswith("*")
+    assert majority.loc["no_sft"]["presence"].startswith("+0.0 [") and not majority.loc["no_sft"]["presence"].endswith("*")
