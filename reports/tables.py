@@ -297,6 +297,18 @@ def _long_rows(labels: dict, estimates: dict[str, Estimate | None]) -> list[dict
              "seeds": e.seeds, "items": e.items} for column, e in estimates.items() if e is not None]
 
 
+def _majority_rows(labels: dict, estimates: dict[str, Estimate | None], answers: dict[str, tuple[str, float]],
+                   shares_labels: dict | None) -> tuple[list[dict], list[dict]]:
+    """A cell's printed row of the majority table, after a row of the answers and their shares (labelled
+    `shares_labels`) where that is given and they are known; and its long rows with each column's answer and share."""
+    shares = [{**shares_labels, **{c: f"{share:.1f} ({answer})" for c, (answer, share) in answers.items()}}
+              ] if shares_labels is not None and answers else []
+    printed = {**labels, **{c: format_estimate(e, signed=True) for c, e in estimates.items()}}
+    long = [{**row, "answer": answers[row["column"]][0], "share": answers[row["column"]][1]}
+            for row in _long_rows(labels, estimates)]
+    return [*shares, printed], long
+
+
 def table1(frame: pd.DataFrame, sizes: list[str]) -> dict[str, pd.DataFrame]:
     """{"table", "deltas", "majority", "cells", "deltas_by_column", "majority_by_column"}.
 
@@ -341,14 +353,11 @@ def table1(frame: pd.DataFrame, sizes: list[str]) -> dict[str, pd.DataFrame]:
         for pipeline, rl in ROW_ORDER:  # each family against the answer its items most often expect
             cell = part[(part["pipeline"] == pipeline) & (part["rl"] == rl)] if len(part) else part
             estimates, answers = against_majority(scores[pipeline, rl], cell_targets(cell), columns)
-            if answers and not shares_shown:
-                majority_rows.append({"size": size, "pipeline": "majority answer", "rl": "share % (answer)",
-                                      **{c: f"{share:.1f} ({answer})" for c, (answer, share) in answers.items()}})
-                shares_shown = True
-            majority_rows.append({"size": size, "pipeline": pipeline, "rl": rl,
-                                  **{c: format_estimate(e, signed=True) for c, e in estimates.items()}})
-            majority_long += [{**row, "answer": answers[row["column"]][0], "share": answers[row["column"]][1]}
-                              for row in _long_rows({"size": size, "pipeline": pipeline, "rl": rl}, estimates)]
+            shares = None if shares_shown else {"size": size, "pipeline": "majority answer", "rl": "share % (answer)"}
+            printed, long = _majority_rows({"size": size, "pipeline": pipeline, "rl": rl}, estimates, answers, shares)
+            shares_shown = shares_shown or bool(answers)
+            majority_rows += printed
+            majority_long += long
         comparisons = [("SFT - instruct", ("instruct", "none"), ("sft", "none"))]
         comparisons += [(f"PRISM - SFT ({rl})", ("sft", rl), ("sft+prism", rl))
                         for rl in ("none", "grpo", "dapo", "gspo")]
@@ -387,13 +396,11 @@ def ablation_table(frame: pd.DataFrame, settings: list) -> dict[str, pd.DataFram
         cell = frame[frame["setting"] == setting.name] if len(frame) else frame
         scores[setting.name] = cell_scores(cell, columns)
         against, answers = against_majority(scores[setting.name], cell_targets(cell), columns)
-        if answers and not majority_rows:
-            majority_rows.append({"setting": "majority answer: share % (answer)",
-                                  **{c: f"{share:.1f} ({answer})" for c, (answer, share) in answers.items()}})
-        majority_rows.append({"setting": setting.name,
-                              **{c: format_estimate(e, signed=True) for c, e in against.items()}})
-        majority_long += [{**row, "answer": answers[row["column"]][0], "share": answers[row["column"]][1]}
-                          for row in _long_rows({"setting": setting.name}, against)]
+        shown = any(row["setting"] == "majority answer" for row in majority_rows)
+        printed, long = _majority_rows({"setting": setting.name}, against, answers,
+                                       None if shown else {"setting": "majority answer"})
+        majority_rows += printed
+        majority_long += long
         estimates = cell_estimates(scores[setting.name], columns)
         row = {"group": setting.group, "setting": setting.name,
                "warm-up pairs": cell["warm-up pairs"].iloc[0] if "warm-up pairs" in cell and len(cell) else "-",

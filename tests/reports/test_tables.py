@@ -178,6 +178,6 @@ def test_ablation_settings_are_set_against_the_majority_answer_too(tmp_path, mon
         rows.append({"setting": setting, "seed": 0, "checkpoint": setting, "record": record,
                      **{f: 100 * float(np.mean(s)) for f, s in family_scores.items()}})
     majority = tables.ablation_table(pd.DataFrame(rows), settings)["majority"].set_index("setting")
-    assert majority.loc["majority answer: share % (answer)"]["presence"] == "50.0 (yes)"
+    assert majority.loc["majority answer"]["presence"] == "50.0 (yes)"
     assert majority.loc["full"]["presence"].startswith("+50.0 [") and majority.loc["full"]["presence"].endswith("*")
     assert majority.loc["no_sft"]["presence"].startswith("+0.0 [") and not majority.loc["no_sft"]["presence"].endswith("*")
