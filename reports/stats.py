@@ -9,7 +9,9 @@ seed's evaluation, items in doc-id order. Two cells pair when they hold the same
   it is scipy.stats.bootstrap's percentile interval of the mean (tests/reports/test_stats.py checks the two agree).
 - `paired_difference`: the mean of b - a over the same seeds and items, its interval from the same two-level
   bootstrap applied to both cells at once (the same resampled seeds and items), and a two-sided p-value: with one
-  seed, a paired permutation test (scipy.stats.permutation_test: each item's two scores swapped at random); with
+  seed, a paired permutation test (scipy.stats.permutation_test: each item's two scores swapped at random; where
+  every differing item moves the mean alike, as right/wrong items in columns of one size do, its exact form, the
+  sign test on those items, scipy.stats.binomtest); with
   several, twice the bootstrap's smaller tail at 0. The p-value then carries the seed-to-seed variation as the
   interval does: a permutation test over seed-averaged items would treat the seeds as fixed and could call a
   difference significant that one training run made.
@@ -122,6 +124,11 @@ def paired_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], 
     d, weights = d[differ], weights[differ]
     if not d.size:
         p_value = 1.0
+    elif np.unique(np.abs(d * weights)).size == 1:
+        # Every differing item moves the sum by the same amount (right/wrong scores, columns of one size): the sign
+        # flips' distribution of the sum is then a binomial's, and the exact sign test (McNemar's exact test on the
+        # items the two cells score differently) is the permutation test enumerated, without resampling.
+        p_value = float(stats.binomtest(int((d > 0).sum()), d.size, 0.5).pvalue)
     else:
         result = stats.permutation_test(
             (d,), lambda flipped, axis=-1: np.sum(weights * flipped, axis=axis), permutation_type="samples",

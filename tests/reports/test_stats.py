@@ -128,3 +128,19 @@ def test_above_a_level_with_seeds_takes_the_bootstrap_tails():
     assert abs(near.mean) < 1e-9 and near.p_value > 0.5 and not near.excludes_zero
     with pytest.raises(ValueError, match="one column"):
         above_level({"a": high["counting"], "b": high["counting"]}, 40.0)
+
+
+def test_where_every_differing_item_counts_alike_the_permutation_test_is_the_exact_sign_test():
+    """Right/wrong items in columns of one size: each differing item adds +-w, so the sign flips' sum is w times
+    (2 x Binomial(m, 1/2) - m). 12 items differ (2^12 = 4,096 sign patterns: scipy enumerates them), 10 for b."""
+    a = np.zeros((2, 1, 100))
+    b = a.copy()
+    b[0, 0, :10] = 1.0  # column x: 10 items right only in b
+    b[1, 0, 10:12] = 0.0
+    a[1, 0, 10:12] = 1.0  # column y: 2 items right only in a
+    delta = paired_difference({"x": a[0], "y": a[1]}, {"x": b[0], "y": b[1]})
+    assert delta.p_value == pytest.approx(2 * (1 + 12 + 66) / 2**12)  # P(X <= 2) + P(X >= 10), X ~ Bin(12, 1/2)
+    d = np.r_[np.ones(10), -np.ones(2)]
+    enumerated = scipy_stats.permutation_test((d,), np.sum, permutation_type="samples", n_resamples=9999,
+                                              alternative="two-sided")
+    assert delta.p_value == pytest.approx(enumerated.pvalue)
