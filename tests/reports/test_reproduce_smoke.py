@@ -37,6 +37,13 @@ def test_the_report_holds_every_cell_beside_the_paper(smoke):
     deltas = pd.read_csv(report / "deltas.csv")
     assert deltas[(deltas["size"] == "s") & (deltas["rl"] == "grpo")]["delta Avg (paper)"].iloc[0] == pytest.approx(4.4)
     assert r"\begin{tabular}" in (report / "table.tex").read_text() and r"$\pm$" not in (report / "table.tex").read_text()
+    # every family of every cell against its items' majority answer, read from lmms-eval's logged targets
+    majority = pd.read_csv(report / "majority_by_column.csv")
+    assert len(majority) == 18 * 6 and set(majority["column"]) == {"chart", "geometry", "composite", "multichoice",
+                                                                    "presence", "counting"}
+    presence = majority[majority["column"] == "presence"]
+    assert set(presence["answer"]) <= {"yes", "no"} and (presence["share"] >= 50.0).all()
+    assert "majority answer" in set(pd.read_csv(report / "majority.csv")["pipeline"])
 
 
 def test_every_number_comes_from_a_recorded_evaluation(smoke):
