@@ -126,25 +126,7 @@ def sample_scores(record_path: str | Path, eval_root: Path | None = None) -> dic
 
 def row_scores(rows: list[dict], eval_root: Path | None = None) -> dict[str, dict[int, float]] | None:
     """`sample_scores` of an evaluation's rows (`run_eval(...).rows`, what a record holds)."""
-    samples = column_samples(rows, eval_root)
-    if samples is None:
-        return None
-    out: dict[str, dict[int, float]] = {}
-    for column, (metric, lines) in samples.items():
-        if any(not isinstance(sample.get(metric), (int, float)) for sample in lines):
-            return None  # e.g. a judged metric logged another way
-        out[column] = {int(sample["doc_id"]): float(sample[metric]) for sample in lines}
-    return out
-
-
-def row_targets(rows: list[dict], eval_root: Path | None = None) -> dict[str, dict[int, str]] | None:
-    """Per table column, each item's reference answer {doc_id: target} from the same samples files as
-    `row_scores`; None when a file is missing or a sample carries no target."""
-    samples = column_samples(rows, eval_root)
-    if samples is None or any("target" not in sample for _, lines in samples.values() for sample in lines):
-        return None
-    return {column: {int(sample["doc_id"]): str(sample["target"]) for sample in lines}
-            for column, (_, lines) in samples.items()}
+    return scores_of(column_samples(rows, eval_root))
 
 
 def column_samples(rows: list[dict], eval_root: Path | None = None) -> dict[str, tuple[str, list[dict]]] | None:
@@ -164,31 +146,49 @@ def column_samples(rows: list[dict], eval_root: Path | None = None) -> dict[str,
     return out
 
 
-def cell_scores(cell: pd.DataFrame, columns: list[str]) -> dict[str, pd.DataFrame] | None:
-    """A cell's per-item scores in %: per column a frame [seed x doc_id], the items every seed evaluated;
-    None without per-sample scores."""
-    if not len(cell) or "record" not in cell:
+def scores_of(samples: dict[str, tuple[str, list[dict]]] | None) -> dict[str, dict[int, float]] | None:
+    """Per column, each item's score {doc_id: metric} from `column_samples`; None without samples or where a sample's
+    metric is not a number."""
+    if samples is None:
         return None
-    seeds = cell["seed"].tolist() if "seed" in cell else list(range(len(cell)))
-    per_seed = [sample_scores(record) for record in cell["record"]]
-    if any(scores is None for scores in per_seed):
-        return None
-    out = {}
-    for column in (c for c in columns if c != "Avg"):
-        if any(column not in scores for scores in per_seed):
-            return None
-        frame = 100.0 * pd.DataFrame([scores[column] for scores in per_seed], index=seeds)
-        out[column] = frame.dropna(axis=1).sort_index().sort_index(axis=1)
+    out: dict[str, dict[int, float]] = {}
+    for column, (metric, lines) in samples.items():
+        if any(not isinstance(sample.get(metric), (int, float)) for sample in lines):
+            return None  # e.g. a judged metric logged another way
+        out[column] = {int(sample["doc_id"]): float(sample[metric]) for sample in lines}
     return out
 
 
-def cell_targets(cell: pd.DataFrame) -> dict[str, dict[int, str]] | None:
-    """Per column, each item's reference answer, from the cell's first evaluation (every seed holds the same items);
-    None without targets."""
-    if not len(cell) or "record" not in cell:
+def targets_of(samples: dict[str, tuple[str, list[dict]]] | None) -> dict[str, dict[int, str]] | None:
+    """Per column, each item's reference answer {doc_id: target} from `column_samples`; None without samples or
+    where a sample carries no target."""
+    if samples is None or any("target" not in sample for _, lines in samples.values() for sample in lines):
         return None
-    record = read_record(Path(cell["record"].iloc[0]))
-    return None if record is None else row_targets(record["rows"])
+    return {column: {int(sample["doc_id"]): str(sample["target"]) for sample in lines}
+            for column, (_, lines) in samples.items()}
+
+
+def cell_items(cell: pd.DataFrame, columns: list[str]) -> tuple[dict[str, pd.DataFrame] | None,
+                                                                 dict[str, dict[int, str]] | None]:
+    """A cell's per-item scores in %: per column a frame [seed x doc_id], the items every seed evaluated (None
+    without per-sample scores); and per column each item's reference answer, from its first evaluation (every seed
+    holds the same items; None without targets). Each samples file is read once."""
+    if not len(cell) or "record" not in cell:
+        return None, None
+    seeds = cell["seed"].tolist() if "seed" in cell else list(range(len(cell)))
+    records = [read_record(Path(record)) for record in cell["record"]]
+    samples = [None if record is None else column_samples(record["rows"]) for record in records]
+    targets = targets_of(samples[0])
+    per_seed = [scores_of(seed_samples) for seed_samples in samples]
+    if any(scores is None for scores in per_seed):
+        return None, targets
+    out = {}
+    for column in (c for c in columns if c != "Avg"):
+        if any(column not in scores for scores in per_seed):
+            return None, targets
+        frame = 100.0 * pd.DataFrame([scores[column] for scores in per_seed], index=seeds)
+        out[column] = frame.dropna(axis=1).sort_index().sort_index(axis=1)
+    return out, targets
 
 
 def cell_estimates(scores: dict[str, pd.DataFrame] | None, columns: list[str]) -> dict[str, Estimate | None]:
@@ -327,10 +327,10 @@ def table1(frame: pd.DataFrame, sizes: list[str]) -> dict[str, pd.DataFrame]:
     for index, size in enumerate(sizes):
         model = PAPER_MODELS[index] if index < len(PAPER_MODELS) else None
         part = frame[frame["size"] == size] if len(frame) else frame
-        scores = {}
+        scores, targets = {}, {}
         for pipeline, rl in ROW_ORDER:
             cell = part[(part["pipeline"] == pipeline) & (part["rl"] == rl)] if len(part) else part
-            scores[pipeline, rl] = cell_scores(cell, columns)
+            scores[pipeline, rl], targets[pipeline, rl] = cell_items(cell, columns)
             estimates = cell_estimates(scores[pipeline, rl], columns)
             row = {"size": size, "pipeline": pipeline, "rl": rl, "seeds": len(cell),
                    "items": estimates["Avg"].items if estimates["Avg"] is not None else 0}
@@ -351,8 +351,7 @@ def table1(frame: pd.DataFrame, sizes: list[str]) -> dict[str, pd.DataFrame]:
         scores_by_size[size] = scores
         shares_shown = False
         for pipeline, rl in ROW_ORDER:  # each family against the answer its items most often expect
-            cell = part[(part["pipeline"] == pipeline) & (part["rl"] == rl)] if len(part) else part
-            estimates, answers = against_majority(scores[pipeline, rl], cell_targets(cell), columns)
+            estimates, answers = against_majority(scores[pipeline, rl], targets[pipeline, rl], columns)
             shares = None if shares_shown else {"size": size, "pipeline": "majority answer", "rl": "share % (answer)"}
             printed, long = _majority_rows({"size": size, "pipeline": pipeline, "rl": rl}, estimates, answers, shares)
             shares_shown = shares_shown or bool(answers)
@@ -391,14 +390,14 @@ def ablation_table(frame: pd.DataFrame, settings: list) -> dict[str, pd.DataFram
     paper = pd.read_csv(REFERENCE_DIR / "paper_ablations.csv")
     columns = benchmark_columns(frame)
     rows, cell_rows, delta_rows, delta_long, majority_rows, majority_long = [], [], [], [], [], []
-    scores = {}
+    scores, shares_shown = {}, False
     for setting in settings:
         cell = frame[frame["setting"] == setting.name] if len(frame) else frame
-        scores[setting.name] = cell_scores(cell, columns)
-        against, answers = against_majority(scores[setting.name], cell_targets(cell), columns)
-        shown = any(row["setting"] == "majority answer" for row in majority_rows)
+        scores[setting.name], targets = cell_items(cell, columns)
+        against, answers = against_majority(scores[setting.name], targets, columns)
         printed, long = _majority_rows({"setting": setting.name}, against, answers,
-                                       None if shown else {"setting": "majority answer"})
+                                       None if shares_shown else {"setting": "majority answer"})
+        shares_shown = shares_shown or bool(answers)
         majority_rows += printed
         majority_long += long
         estimates = cell_estimates(scores[setting.name], columns)
