@@ -7,7 +7,10 @@ evaluation folder, `prism eval --suite embedded`) and counts, over its items:
     yes, i.e. a reader of the bullets alone would answer right (perception of the colour-shape binding);
   - answer follows caption: the model's answer is what its bullets say (reasoning from its own caption);
   - chain names the asked object: its count line ("Red squares: 1.") and conclusion ("So a red square is ...")
-    both name the question's colour and shape, as the world's chains do.
+    both name the question's colour and shape, as the world's chains do;
+  - count follows list, over the chains whose first two lines are the world's list ("Red shapes: circle at top,
+    square at center.") and count ("Red squares: 1."): the count is how many listed shapes are the asked one, i.e.
+    the last lookup is right whatever the list got wrong.
 Writes outputs/bench/presence-chains.json.
 
     .venv/bin/python bench/presence_chains.py outputs/evals/<hash> [outputs/evals/<hash> ...]
@@ -23,6 +26,7 @@ from pathlib import Path
 from prism.atomic_io import atomic_write_text
 
 QUESTION = re.compile(r"Is there an? (\w+) (\w+) in the image")
+LIST_THEN_COUNT = re.compile(r"^\w+ shapes: (.*?)\.\n\w+ \w+: (\d+)\.$", re.M)
 
 
 def tag(text: str, name: str) -> str:
@@ -33,6 +37,7 @@ def tag(text: str, name: str) -> str:
 def chain_counts(samples: list[dict]) -> dict:
     counts = {"items": len(samples), "accuracy": 0.0, "caption_decides_right": 0, "answer_follows_caption": 0,
               "chain_names_asked_object": 0}
+    listed_chains = count_follows_list = 0
     for sample in samples:
         colour, shape = QUESTION.match(sample["input"]).groups()
         response = sample["filtered_resps"]
@@ -44,7 +49,14 @@ def chain_counts(samples: list[dict]) -> dict:
         counts["answer_follows_caption"] += caption_says == answer
         counts["chain_names_asked_object"] += (f"{colour.capitalize()} {shape}" in chain
                                                and f"So a {colour} {shape} is" in chain)
-    return {key: (value if key == "items" else round(100 * value / len(samples), 1)) for key, value in counts.items()}
+        lines = LIST_THEN_COUNT.search(chain.strip())
+        if lines:
+            listed = [] if lines.group(1) == "none" else [item.split(" at ")[0] for item in lines.group(1).split(", ")]
+            listed_chains += 1
+            count_follows_list += listed.count(shape) == int(lines.group(2))
+    shares = {key: (value if key == "items" else round(100 * value / len(samples), 1)) for key, value in counts.items()}
+    return {**shares, "chains_with_list_and_count": listed_chains,
+            "count_follows_list": round(100 * count_follows_list / listed_chains, 1) if listed_chains else None}
 
 
 def main() -> None:
