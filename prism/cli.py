@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce = commands.add_parser("reproduce", help="run a paper table's matrix, then write its report")
     reproduce.add_argument("name", help="table1 or ablations")
     reproduce.add_argument("--preset", default="embedded", help="a preset of the matrix file: embedded (default), "
-                           "embedded-long (table1: longer schedules), smoke")
+                           "embedded-short (table1: 700 SFT steps, not 1,600), smoke")
     reproduce.add_argument("--jobs", type=positive_int, default=None,
                            help="nodes run at once (default: the cores available; 1 = one after another)")
     reproduce.add_argument("--isolate", action="store_true", help="with --jobs 1: run each node in its own process")

@@ -39,10 +39,11 @@ def test_table1_cells_share_their_common_stages():
     assert prism_grpo.cfg.algorithm == "grpo" and prism_grpo.cfg.data_files[0].endswith("/rl.parquet")
 
 
-def test_the_size_axis_probe_trains_table1s_embedded_base_and_sft_on_another_world():
+def test_the_size_axis_probe_trains_table1s_embedded_short_base_and_sft_on_another_world():
     """experiments/configs/size_axis.yaml chose table1's base schedule on a validation world: it must train what
-    table1's embedded preset trains (every base and SFT setting but the paths), on a world of another seed."""
-    table = build_plan(load_matrix("table1"), "embedded")
+    table1's embedded-short preset trains (every base and SFT setting but the paths; the default then), on a world
+    of another seed."""
+    table = build_plan(load_matrix("table1"), "embedded-short")
     probe = build_plan(load_matrix("experiments/configs/size_axis.yaml"), "validation")
 
     def stages(plan, kind):  # preset -> the resolved config, less what names the world, the folders and the matrix
@@ -64,9 +65,9 @@ def test_the_size_axis_probe_trains_table1s_embedded_base_and_sft_on_another_wor
 
 def test_both_embedded_presets_give_both_sizes_one_schedule_on_the_embedded_world_and_items():
     """M above S must come from the model, not from more steps: each embedded preset trains S and M for the same
-    base and SFT steps; embedded-long's SFT is longer, the RL schedule the same; both use the same world export
-    and held-out items, so the two presets' cells pair item for item."""
-    short, long = (build_plan(load_matrix("table1"), preset) for preset in ("embedded", "embedded-long"))
+    base and SFT steps; the default's SFT is longer than embedded-short's, the RL schedule the same; both use the
+    same world export and held-out items, so the two presets' cells pair item for item."""
+    short, long = (build_plan(load_matrix("table1"), preset) for preset in ("embedded-short", "embedded"))
 
     def steps(plan, kind):
         return {node.preset: node.cfg.max_steps for node in plan.nodes.values() if node.kind == kind}
@@ -80,7 +81,7 @@ def test_both_embedded_presets_give_both_sizes_one_schedule_on_the_embedded_worl
     assert rl[0] == rl[1] == {(24, 5e-5)}
     worlds = [[key for key, node in plan.nodes.items() if node.kind == "world"] for plan in (short, long)]
     assert worlds[0] == worlds[1] and len(worlds[0]) == 1
-    assert short.matrix.presets["embedded"].eval == long.matrix.presets["embedded-long"].eval
+    assert short.matrix.presets["embedded-short"].eval == long.matrix.presets["embedded"].eval
 
 
 def test_the_embedded_ablations_full_row_is_table1s_s_sft_prism_grpo_cell():
