@@ -92,8 +92,7 @@ def build_report(name: str, preset: str, seeds: int | None = None) -> Path:
                     "marks an interval that excludes 0. Majority: each family's accuracy minus the share of its items "
                     "that the answer they most often expect gets right (first row), with its interval and p-value.")
         for key in ("cells", "deltas_by_column", "majority_by_column"):  # numbers in long form, for other tools
-            if key in tables:
-                tables.pop(key).to_csv(tmp / f"{key}.csv", index=False)
+            tables.pop(key).to_csv(tmp / f"{key}.csv", index=False)
         shown = {}
         for key, data in tables.items():
             data.to_csv(tmp / f"{key}.csv", index=False)  # every number; the printed tables show each once
