@@ -84,6 +84,29 @@ def test_both_embedded_presets_give_both_sizes_one_schedule_on_the_embedded_worl
     assert short.matrix.presets["embedded-short"].eval == long.matrix.presets["embedded"].eval
 
 
+def test_embedded_short_is_the_default_with_its_sft_steps_and_an_inherited_mistake_names_the_defaults_line(tmp_path):
+    """embedded-short merges the default (`<<: *embedded`, each size's overrides `<<: *embedded_s` / `*embedded_m`):
+    everything but the SFT overrides is the default's, and a mistake in an inherited override stops its plan at
+    the line of the default's that holds it."""
+    matrix = load_matrix("table1")
+    short, default = matrix.presets["embedded-short"], matrix.presets["embedded"]
+    for field in (f.name for f in dataclasses.fields(short) if f.name != "sizes"):
+        assert getattr(short, field) == getattr(default, field), field
+    for size in ("s", "m"):
+        mine, theirs = short.sizes[size].overrides, default.sizes[size].overrides
+        assert {k: v for k, v in mine.items() if k != "sft"} == {k: v for k, v in theirs.items() if k != "sft"}
+        assert mine["sft"] != theirs["sft"] and "max_steps=700" in mine["sft"]
+
+    text = (mx.CONFIG_DIR / "table1.yaml").read_text()
+    path = tmp_path / "table1.yaml"
+    path.write_text(text.replace("align: [model.preset=embedded-m]", "align: [model.preset=embedded-q]", 1))
+    line = next(number for number, row in enumerate(path.read_text().splitlines(), 1) if "embedded-q" in row)
+    assert line < next(number for number, row in enumerate(text.splitlines(), 1) if row.startswith("  embedded-short:"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:{line}: matrix table1, preset embedded-short, "
+                                          r"size m, stage align: unknown model preset 'embedded-q'"):
+        build_plan(load_matrix(path), "embedded-short")
+
+
 def test_the_embedded_ablations_full_row_is_table1s_s_sft_prism_grpo_cell():
     """Ablation deltas are read against `full`: on the embedded preset it is the very run behind table1's S SFT ->
     PRISM -> GRPO cell (the same stage directories), so the two reports agree where they overlap."""
