@@ -66,6 +66,14 @@ class WorldConfig:
 
     # --- difficulty ---
     families: list[str] = field(default_factory=lambda: list(FAMILIES), metadata={"help": "Task families to generate."})
+    sft_family_weights: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "How many times each family comes up in the SFT split's cycle of families (name -> count, "
+                          "unnamed families 1; the other training splits cycle them evenly). The embedded presets "
+                          "give presence 4: its yes/no is read off by looking the asked shape up in the chain's own "
+                          "list, which the tiny presets learned only from several times the presence chains an even "
+                          "SFT mix holds (README, \"Which families the tiny presets learn\")."},
+    )
     image_size: int = field(default=96, metadata={"help": "Image side in px, a multiple of 32 (grid = image_size / 32 cells)."})
     num_colours: int = field(default=4, metadata={"help": "Colours in use, taken in order from the palette (2-6)."})
     num_shapes: int = field(default=3, metadata={"help": "Shapes in use, taken in order from circle, square, triangle, diamond (2-4)."})
@@ -107,6 +115,12 @@ class WorldConfig:
             raise FieldError("families", f"a non-empty list from {list(FAMILIES)}", self.families)
         if len(set(self.families)) != len(self.families):
             raise FieldError("families", "a list without repeats", self.families)
+        for family, count in self.sft_family_weights.items():
+            if family not in self.families:
+                raise FieldError(f"sft_family_weights.{family}", f"a family of `families` ({', '.join(self.families)})",
+                                 family)
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise FieldError(f"sft_family_weights.{family}", "an integer >= 1", count)
         if self.image_size % CELL_PX or not 64 <= self.image_size <= 256:
             raise FieldError("image_size", "a multiple of 32 between 64 and 256", self.image_size)
         if not 2 <= self.num_colours <= len(PALETTE):
@@ -135,6 +149,12 @@ class WorldConfig:
     @property
     def shapes(self) -> list[str]:
         return list(SHAPES)[: self.num_shapes]
+
+    def family_cycle(self, split: str) -> list[str]:
+        """The families a training split cycles through, one entry per question pair: `families` in order, each
+        repeated as `sft_family_weights` says on the SFT split."""
+        weights = self.sft_family_weights if split == "sft" else {}
+        return [family for family in self.families for _ in range(weights.get(family, 1))]
 
     def split_size(self, split: str) -> int:
         """Samples in a split; the benchmark split holds `bench_size` per family."""
@@ -527,11 +547,13 @@ def _rng(cfg: WorldConfig, split: str, index: int) -> np.random.Generator:
 
 
 def family_of(cfg: WorldConfig, split: str, index: int) -> str:
-    """Training splits cycle through the families; the benchmark holds `bench_size` per family."""
+    """Training splits cycle through the families (`WorldConfig.family_cycle`); the benchmark holds `bench_size` per
+    family."""
     if split == "bench":
         return cfg.families[index // cfg.bench_size]
     # Pairs of consecutive indices share a family so presence questions come in yes/no pairs.
-    return cfg.families[(index // 2) % len(cfg.families)]
+    cycle = cfg.family_cycle(split)
+    return cycle[(index // 2) % len(cycle)]
 
 
 def make_sample(cfg: WorldConfig, split: str, index: int) -> Sample:
