@@ -20,6 +20,7 @@ from prism.config.loader import (
     write_config_yaml,
 )
 from prism.config.sections import (
+    HASH_IF_SET,
     ModelConfig,
     OptimConfig,
     PolicyUpdateConfig,
@@ -37,7 +38,7 @@ from prism.config.stages import (
 )
 
 __all__ = [
-    "ConfigError", "FieldError", "YamlMapping", "check", "check_choice", "check_nonempty", "check_range",
+    "HASH_IF_SET", "ConfigError", "FieldError", "YamlMapping", "check", "check_choice", "check_nonempty", "check_range",
     "check_types", "config_hash", "config_to_dict", "deep_merge", "describe_fields", "load_config", "parse_override", "read_yaml",
     "write_config_yaml", "ModelConfig", "OptimConfig", "PolicyUpdateConfig", "RolloutConfig", "StageConfig",
     "RLVR_ALGORITHM_PRESETS", "AlignConfig", "BaseConfig", "DiscWarmupConfig", "RLVRConfig", "SFTConfig",

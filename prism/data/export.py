@@ -165,7 +165,9 @@ def export_world(cfg: WorldConfig, out: Path, progress: Callable[[str, int, int]
     resolved = config_to_dict(cfg)
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("config") == resolved and manifest.get("format_version") == WORLD_FORMAT_VERSION:
+        # a field added since the export was written (`sft_family_weights`) reads as its default
+        recorded = {**config_to_dict(WorldConfig()), **manifest.get("config", {})}
+        if recorded == resolved and manifest.get("format_version") == WORLD_FORMAT_VERSION:
             return manifest
         raise FileExistsError(f"{out} holds a different world export ({MANIFEST} differs); choose another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)

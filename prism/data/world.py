@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
-from prism.config import FieldError
+from prism.config import HASH_IF_SET, FieldError
 from prism.data.families import FAMILIES
 from prism.response_format import SYSTEM_PROMPT, render_response
 
@@ -68,11 +68,11 @@ class WorldConfig:
     families: list[str] = field(default_factory=lambda: list(FAMILIES), metadata={"help": "Task families to generate."})
     sft_family_weights: dict[str, int] = field(
         default_factory=dict,
-        metadata={"help": "How many times each family comes up in the SFT split's cycle of families (name -> count, "
-                          "unnamed families 1; the other training splits cycle them evenly). The embedded presets "
-                          "give presence 4: its yes/no is read off by looking the asked shape up in the chain's own "
-                          "list, which the tiny presets learned only from several times the presence chains an even "
-                          "SFT mix holds (README, \"Which families the tiny presets learn\")."},
+        metadata={**HASH_IF_SET,
+                  "help": "How many times each family comes up in the SFT split's cycle of families (name -> count, "
+                          "unnamed families 1; the other training splits cycle them evenly). Presence's lookup was "
+                          "learned by embedded-m from several times the presence chains an even mix holds, but not "
+                          "reliably at the table's 1,600 SFT steps (README, \"Presence, learned?\"); no preset sets it."},
     )
     image_size: int = field(default=96, metadata={"help": "Image side in px, a multiple of 32 (grid = image_size / 32 cells)."})
     num_colours: int = field(default=4, metadata={"help": "Colours in use, taken in order from the palette (2-6)."})

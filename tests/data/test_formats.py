@@ -1,5 +1,6 @@
 """Published data formats: round trips, and malformed records named by file, record and field."""
 
+import dataclasses
 import io
 import json
 
@@ -230,6 +231,13 @@ def test_export_writes_every_format_that_the_readers_load_back(tmp_path):
     assert export_world(cfg, root) == manifest and (root / "sft.json").stat().st_mtime_ns == stamp
     with pytest.raises(FileExistsError, match=MANIFEST):
         export_world(WorldConfig(base_size=12, sft_size=25, teacher_size=12, rl_size=12, bench_size=4), root)
+    # an export written before a field existed (its manifest lacks it) is the same world while the field is default
+    written = json.loads((root / MANIFEST).read_text())
+    del written["config"]["sft_family_weights"]
+    (root / MANIFEST).write_text(json.dumps(written))
+    assert export_world(cfg, root) == written
+    with pytest.raises(FileExistsError, match=MANIFEST):
+        export_world(dataclasses.replace(cfg, sft_family_weights={"presence": 2}), root)
 
 
 def test_a_split_made_across_processes_writes_the_files_one_process_writes(tmp_path, monkeypatch):
