@@ -38,9 +38,9 @@ from prism.config.stages import (
 )
 
 __all__ = [
-    "HASH_IF_SET", "ConfigError", "FieldError", "YamlMapping", "check", "check_choice", "check_nonempty", "check_range",
-    "check_types", "config_hash", "config_to_dict", "deep_merge", "describe_fields", "load_config", "parse_override", "read_yaml",
-    "write_config_yaml", "ModelConfig", "OptimConfig", "PolicyUpdateConfig", "RolloutConfig", "StageConfig",
-    "RLVR_ALGORITHM_PRESETS", "AlignConfig", "BaseConfig", "DiscWarmupConfig", "RLVRConfig", "SFTConfig",
-    "apply_rlvr_preset",
+    "HASH_IF_SET", "ConfigError", "FieldError", "YamlMapping", "check", "check_choice", "check_nonempty",
+    "check_range", "check_types", "config_hash", "config_to_dict", "deep_merge", "describe_fields", "load_config",
+    "parse_override", "read_yaml", "write_config_yaml", "ModelConfig", "OptimConfig", "PolicyUpdateConfig",
+    "RolloutConfig", "StageConfig", "RLVR_ALGORITHM_PRESETS", "AlignConfig", "BaseConfig", "DiscWarmupConfig",
+    "RLVRConfig", "SFTConfig", "apply_rlvr_preset",
 ]
