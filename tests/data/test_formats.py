@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from prism.data.export import MANIFEST, export_world
+from prism.data.export import MANIFEST, corpus_texts, export_world
 from prism.data.formats import (
     DataError,
     RLRecord,
@@ -19,7 +19,7 @@ from prism.data.formats import (
     write_sharegpt,
     write_warmup_pairs,
 )
-from prism.data.world import FAMILIES, WorldConfig
+from prism.data.world import FAMILIES, WorldConfig, iter_split
 
 
 def _png() -> bytes:
@@ -238,6 +238,16 @@ def test_export_writes_every_format_that_the_readers_load_back(tmp_path):
     assert export_world(cfg, root) == written
     with pytest.raises(FileExistsError, match=MANIFEST):
         export_world(dataclasses.replace(cfg, sft_family_weights={"presence": 2}), root)
+
+
+def test_the_tokenizer_corpus_is_the_even_mix_whatever_the_sft_family_weights():
+    """A weighted SFT split holds other samples, but the tokenizer's text (hence the bases) is the even mix's."""
+    even, weighted = WorldConfig(), WorldConfig(sft_family_weights={"presence": 4})
+    made = {"sft": list(iter_split(weighted, "sft", stop=24))}
+    assert [s.family for s in made["sft"]] != [s.family for s in iter_split(even, "sft", stop=24)]
+    expected = list(corpus_texts(even, per_split=24))
+    assert list(corpus_texts(weighted, per_split=24)) == expected
+    assert list(corpus_texts(weighted, per_split=24, made=made)) == expected
 
 
 def test_a_split_made_across_processes_writes_the_files_one_process_writes(tmp_path, monkeypatch):
