@@ -117,9 +117,9 @@ def corpus_texts(cfg: WorldConfig, per_split: int = TOKENIZER_CORPUS_PER_SPLIT,
     models) that moved with the SFT mix would make a mix's SFT start from other bases than the even mix's, so the
     two could not be compared on the same bases."""
     made = made or {}
-    if cfg.sft_family_weights:
+    if cfg.sft_family_repeats:
         made = {split: samples for split, samples in made.items() if split != "sft"}
-        cfg = dataclasses.replace(cfg, sft_family_weights={})
+        cfg = dataclasses.replace(cfg, sft_family_repeats={})
     yield SYSTEM_PROMPT
     for split in ("base", "sft", "teacher", "rl"):
         samples = made[split][:per_split] if split in made else iter_split(cfg, split, stop=per_split)
@@ -171,7 +171,7 @@ def export_world(cfg: WorldConfig, out: Path, progress: Callable[[str, int, int]
     resolved = config_to_dict(cfg)
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        # a field added since the export was written (`sft_family_weights`) reads as its default
+        # a field added since the export was written (`sft_family_repeats`) reads as its default
         recorded = {**config_to_dict(WorldConfig()), **manifest.get("config", {})}
         if recorded == resolved and manifest.get("format_version") == WORLD_FORMAT_VERSION:
             return manifest

@@ -66,7 +66,7 @@ class WorldConfig:
 
     # --- difficulty ---
     families: list[str] = field(default_factory=lambda: list(FAMILIES), metadata={"help": "Task families to generate."})
-    sft_family_weights: dict[str, int] = field(
+    sft_family_repeats: dict[str, int] = field(
         default_factory=dict,
         metadata={**HASH_IF_SET,
                   "help": "How many times each family comes up in the SFT split's cycle of families (name -> count, "
@@ -115,12 +115,12 @@ class WorldConfig:
             raise FieldError("families", f"a non-empty list from {list(FAMILIES)}", self.families)
         if len(set(self.families)) != len(self.families):
             raise FieldError("families", "a list without repeats", self.families)
-        for family, count in self.sft_family_weights.items():
+        for family, count in self.sft_family_repeats.items():
             if family not in self.families:
-                raise FieldError(f"sft_family_weights.{family}", f"a family of `families` ({', '.join(self.families)})",
+                raise FieldError(f"sft_family_repeats.{family}", f"a family of `families` ({', '.join(self.families)})",
                                  family)
             if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-                raise FieldError(f"sft_family_weights.{family}", "an integer >= 1", count)
+                raise FieldError(f"sft_family_repeats.{family}", "an integer >= 1", count)
         if self.image_size % CELL_PX or not 64 <= self.image_size <= 256:
             raise FieldError("image_size", "a multiple of 32 between 64 and 256", self.image_size)
         if not 2 <= self.num_colours <= len(PALETTE):
@@ -152,9 +152,9 @@ class WorldConfig:
 
     def family_cycle(self, split: str) -> list[str]:
         """The families a training split cycles through, one entry per question pair: `families` in order, each
-        repeated as `sft_family_weights` says on the SFT split."""
-        weights = self.sft_family_weights if split == "sft" else {}
-        return [family for family in self.families for _ in range(weights.get(family, 1))]
+        repeated as `sft_family_repeats` says on the SFT split."""
+        repeats = self.sft_family_repeats if split == "sft" else {}
+        return [family for family in self.families for _ in range(repeats.get(family, 1))]
 
     def split_size(self, split: str) -> int:
         """Samples in a split; the benchmark split holds `bench_size` per family."""

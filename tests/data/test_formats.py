@@ -233,16 +233,16 @@ def test_export_writes_every_format_that_the_readers_load_back(tmp_path):
         export_world(WorldConfig(base_size=12, sft_size=25, teacher_size=12, rl_size=12, bench_size=4), root)
     # an export written before a field existed (its manifest lacks it) is the same world while the field is default
     written = json.loads((root / MANIFEST).read_text())
-    del written["config"]["sft_family_weights"]
+    del written["config"]["sft_family_repeats"]
     (root / MANIFEST).write_text(json.dumps(written))
     assert export_world(cfg, root) == written
     with pytest.raises(FileExistsError, match=MANIFEST):
-        export_world(dataclasses.replace(cfg, sft_family_weights={"presence": 2}), root)
+        export_world(dataclasses.replace(cfg, sft_family_repeats={"presence": 2}), root)
 
 
-def test_the_tokenizer_corpus_is_the_even_mix_whatever_the_sft_family_weights():
+def test_the_tokenizer_corpus_is_the_even_mix_whatever_the_sft_family_repeats():
     """A weighted SFT split holds other samples, but the tokenizer's text (hence the bases) is the even mix's."""
-    even, weighted = WorldConfig(), WorldConfig(sft_family_weights={"presence": 4})
+    even, weighted = WorldConfig(), WorldConfig(sft_family_repeats={"presence": 4})
     made = {"sft": list(iter_split(weighted, "sft", stop=24))}
     assert [s.family for s in made["sft"]] != [s.family for s in iter_split(even, "sft", stop=24)]
     expected = list(corpus_texts(even, per_split=24))

@@ -36,8 +36,8 @@ def test_every_family_appears_and_training_splits_cycle_them_in_pairs():
     assert {f: bench.count(f) for f in FAMILIES} == {f: cfg.bench_size for f in FAMILIES}
 
 
-def test_sft_family_weights_repeat_a_family_in_the_sft_cycle_alone_and_keep_presence_pairs():
-    even, weighted = WorldConfig(), WorldConfig(sft_family_weights={"presence": 4})
+def test_sft_family_repeats_repeat_a_family_in_the_sft_cycle_alone_and_keep_presence_pairs():
+    even, weighted = WorldConfig(), WorldConfig(sft_family_repeats={"presence": 4})
     counts = Counter(family_of(weighted, "sft", i) for i in range(1800))
     assert counts["presence"] == 4 * counts["counting"] == 800 and len(counts) == len(FAMILIES)
     for split in ("base", "teacher", "rl", "bench"):  # the other splits: the same families at the same indices
@@ -51,11 +51,11 @@ def test_sft_family_weights_repeat_a_family_in_the_sft_cycle_alone_and_keep_pres
 
 @pytest.mark.parametrize(
     ("weights", "field"),
-    [({"presense": 2}, "sft_family_weights.presense"), ({"presence": 0}, "sft_family_weights.presence")],
+    [({"presense": 2}, "sft_family_repeats.presense"), ({"presence": 0}, "sft_family_repeats.presence")],
 )
-def test_sft_family_weights_name_a_family_and_a_count_of_at_least_one(weights, field):
+def test_sft_family_repeats_name_a_family_and_a_count_of_at_least_one(weights, field):
     with pytest.raises(FieldError, match=re.escape(f"field '{field}'")):
-        WorldConfig(sft_family_weights=weights)
+        WorldConfig(sft_family_repeats=weights)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
