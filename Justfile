@@ -89,6 +89,10 @@ bench-rlvr *args: setup
 rlvr-gains *args: setup
     .venv/bin/python bench/rlvr_gains.py {{args}}
 
+# Two runs of a matrix (folders where `just reproduce` ran), paired cell by cell on the same items and seeds.
+paired-runs run_a run_b *args: setup
+    .venv/bin/python bench/paired_runs.py {{run_a}} {{run_b}} {{args}}
+
 # Calibrate the embedded world: base + SFT of a preset, held-out accuracy per family (S ~12 min, M ~25 min).
 calibrate-world preset="embedded-s" *args: setup
     .venv/bin/python bench/calibrate_world.py --preset {{preset}} {{args}}

@@ -70,9 +70,9 @@ class WorldConfig:
         default_factory=dict,
         metadata={**HASH_IF_SET,
                   "help": "How many times each family comes up in the SFT split's cycle of families (name -> count, "
-                          "unnamed families 1; the other training splits cycle them evenly). Presence's lookup was "
-                          "learned by embedded-m from several times the presence chains an even mix holds, but not "
-                          "reliably at the table's 1,600 SFT steps (README, \"Presence, learned?\"); no preset sets it."},
+                          "unnamed families 1; the other training splits cycle them evenly; the tokenizer is the even "
+                          "mix's). table1's embedded default repeats presence 4 times: its lookup needs several times "
+                          "the presence chains an even mix holds (README, \"Presence, learned?\")."},
     )
     image_size: int = field(default=96, metadata={"help": "Image side in px, a multiple of 32 (grid = image_size / 32 cells)."})
     num_colours: int = field(default=4, metadata={"help": "Colours in use, taken in order from the palette (2-6)."})

@@ -66,7 +66,8 @@ def test_the_size_axis_probe_trains_table1s_embedded_short_base_and_sft_on_anoth
 def test_both_embedded_presets_give_both_sizes_one_schedule_on_the_embedded_world_and_items():
     """M above S must come from the model, not from more steps: each embedded preset trains S and M for the same
     base and SFT steps; the default's SFT is longer than embedded-short's, the RL schedule the same; both use the
-    same world export and held-out items, so the two presets' cells pair item for item."""
+    same held-out items and bases (the worlds differ in their SFT split alone: the default's repeats presence), so
+    the two presets' cells pair item for item."""
     short, long = (build_plan(load_matrix("table1"), preset) for preset in ("embedded-short", "embedded"))
 
     def steps(plan, kind):
@@ -79,19 +80,24 @@ def test_both_embedded_presets_give_both_sizes_one_schedule_on_the_embedded_worl
     rl = [{(node.cfg.steps, node.cfg.optim.lr) for node in plan.nodes.values() if node.kind == "rlvr"}
           for plan in (short, long)]
     assert rl[0] == rl[1] == {(24, 5e-5)}
-    worlds = [[key for key, node in plan.nodes.items() if node.kind == "world"] for plan in (short, long)]
-    assert worlds[0] == worlds[1] and len(worlds[0]) == 1
+    (even,), (repeated,) = ([node.cfg for node in plan.nodes.values() if node.kind == "world"]
+                            for plan in (short, long))
+    assert repeated.sft_family_repeats == {"presence": 4} and repeated.sft_size > even.sft_size
+    # what the other splits, the held-out items and the tokenizer are made from (tests/data: test_world, test_formats)
+    assert dataclasses.replace(repeated, sft_size=even.sft_size, sft_family_repeats={}) == even
     assert short.matrix.presets["embedded-short"].eval == long.matrix.presets["embedded"].eval
 
 
 def test_embedded_short_is_the_default_with_its_sft_steps_and_an_inherited_mistake_names_the_defaults_line(tmp_path):
     """embedded-short merges the default (`<<: *embedded`, each size's overrides `<<: *embedded_s` / `*embedded_m`):
-    everything but the SFT overrides is the default's, and a mistake in an inherited override stops its plan at
-    the line of the default's that holds it."""
+    everything but the SFT overrides and the SFT mix is the default's, and a mistake in an inherited override stops
+    its plan at the line of the default's that holds it."""
     matrix = load_matrix("table1")
     short, default = matrix.presets["embedded-short"], matrix.presets["embedded"]
-    for field in (f.name for f in dataclasses.fields(short) if f.name != "sizes"):
+    for field in (f.name for f in dataclasses.fields(short) if f.name not in ("sizes", "world")):
         assert getattr(short, field) == getattr(default, field), field
+    assert set(short.world) ^ set(default.world) == {"sft_size=10000", "sft_size=15000",
+                                                     "sft_family_repeats={presence: 4}"}
     for size in ("s", "m"):
         mine, theirs = short.sizes[size].overrides, default.sizes[size].overrides
         assert {k: v for k, v in mine.items() if k != "sft"} == {k: v for k, v in theirs.items() if k != "sft"}
