@@ -113,9 +113,9 @@ def corpus_texts(cfg: WorldConfig, per_split: int = TOKENIZER_CORPUS_PER_SPLIT,
                  made: dict[str, list[Sample]] | None = None) -> Iterable[str]:
     """The text a tokenizer for this world should know: prompts, both demonstration kinds, base text. `made`:
     samples of a split already generated (its first `per_split` are used rather than generated again). The SFT
-    split's text is always the even mix's: weighting its families adds no word, and a tokenizer (hence the base
-    models) that moved with the SFT mix would make a mix's SFT start from other bases than the even mix's, so the
-    two could not be compared on the same bases."""
+    split's text is always the even mix's: repeating a family adds no word, and a tokenizer (hence the base models)
+    that moved with the SFT mix would make a mix's SFT start from other bases than the even mix's, so the two could
+    not be compared on the same bases."""
     made = made or {}
     if cfg.sft_family_repeats:
         made = {split: samples for split, samples in made.items() if split != "sft"}

@@ -241,13 +241,14 @@ def test_export_writes_every_format_that_the_readers_load_back(tmp_path):
 
 
 def test_the_tokenizer_corpus_is_the_even_mix_whatever_the_sft_family_repeats():
-    """A weighted SFT split holds other samples, but the tokenizer's text (hence the bases) is the even mix's."""
-    even, weighted = WorldConfig(), WorldConfig(sft_family_repeats={"presence": 4})
-    made = {"sft": list(iter_split(weighted, "sft", stop=24))}
+    """An SFT split that repeats a family holds other samples, but the tokenizer's text (hence the bases) is the even
+    mix's."""
+    even, repeated = WorldConfig(), WorldConfig(sft_family_repeats={"presence": 4})
+    made = {"sft": list(iter_split(repeated, "sft", stop=24))}
     assert [s.family for s in made["sft"]] != [s.family for s in iter_split(even, "sft", stop=24)]
     expected = list(corpus_texts(even, per_split=24))
-    assert list(corpus_texts(weighted, per_split=24)) == expected
-    assert list(corpus_texts(weighted, per_split=24, made=made)) == expected
+    assert list(corpus_texts(repeated, per_split=24)) == expected
+    assert list(corpus_texts(repeated, per_split=24, made=made)) == expected
 
 
 def test_a_split_made_across_processes_writes_the_files_one_process_writes(tmp_path, monkeypatch):

@@ -37,25 +37,25 @@ def test_every_family_appears_and_training_splits_cycle_them_in_pairs():
 
 
 def test_sft_family_repeats_repeat_a_family_in_the_sft_cycle_alone_and_keep_presence_pairs():
-    even, weighted = WorldConfig(), WorldConfig(sft_family_repeats={"presence": 4})
-    counts = Counter(family_of(weighted, "sft", i) for i in range(1800))
+    even, repeated = WorldConfig(), WorldConfig(sft_family_repeats={"presence": 4})
+    counts = Counter(family_of(repeated, "sft", i) for i in range(1800))
     assert counts["presence"] == 4 * counts["counting"] == 800 and len(counts) == len(FAMILIES)
     for split in ("base", "teacher", "rl", "bench"):  # the other splits: the same families at the same indices
-        size = weighted.split_size(split)
-        assert [family_of(weighted, split, i) for i in range(size)] == [family_of(even, split, i) for i in range(size)]
-    presence = [i for i in range(40) if family_of(weighted, "sft", i) == "presence"]
-    pairs = [make_sample(weighted, "sft", i) for i in presence]
+        size = repeated.split_size(split)
+        assert [family_of(repeated, split, i) for i in range(size)] == [family_of(even, split, i) for i in range(size)]
+    presence = [i for i in range(40) if family_of(repeated, "sft", i) == "presence"]
+    pairs = [make_sample(repeated, "sft", i) for i in presence]
     assert [s.answer for s in pairs] == ["yes", "no"] * (len(pairs) // 2)  # yes/no pairs on one scene each
     assert all(a.pair_id == b.pair_id and a.image_png() == b.image_png() for a, b in zip(pairs[0::2], pairs[1::2]))
 
 
 @pytest.mark.parametrize(
-    ("weights", "field"),
+    ("repeats", "field"),
     [({"presense": 2}, "sft_family_repeats.presense"), ({"presence": 0}, "sft_family_repeats.presence")],
 )
-def test_sft_family_repeats_name_a_family_and_a_count_of_at_least_one(weights, field):
+def test_sft_family_repeats_name_a_family_and_a_count_of_at_least_one(repeats, field):
     with pytest.raises(FieldError, match=re.escape(f"field '{field}'")):
-        WorldConfig(sft_family_repeats=weights)
+        WorldConfig(sft_family_repeats=repeats)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
