@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -34,17 +33,6 @@ def as_json(estimate) -> dict | None:
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in dataclasses.asdict(estimate).items()}
 
 
-@contextlib.contextmanager
-def inside(folder: Path):
-    """Records and evaluation folders are named relative to the run's folder, as the report reads them."""
-    here = Path.cwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(here)
-
-
 def run_cells(run: Path, report: str) -> tuple[dict[tuple, dict], list[str]]:
     """Per cell (its labels), per column a frame [seed x doc_id] of item scores in %, from the run's report."""
     results = run / "outputs" / "reports" / report / "results.csv"
@@ -54,7 +42,7 @@ def run_cells(run: Path, report: str) -> tuple[dict[tuple, dict], list[str]]:
     columns = benchmark_columns(frame)
     labels = [label for label in LABELS if label in frame]
     cells = {}
-    with inside(run):
+    with contextlib.chdir(run):  # records and evaluation folders are named relative to the run's folder
         for key, cell in frame.groupby(labels, sort=False):
             scores, _ = cell_items(cell, columns)
             if scores is None:
