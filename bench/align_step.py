@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -180,8 +179,9 @@ def main() -> None:
         sys.exit(f"bench/align_step.py: discriminator {args.discriminator} not found; run disc_warmup first")
     import torch
 
-    result = {"host": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                       "torch_threads": torch.get_num_threads(),
+    from prism.runtime import host_info
+
+    result = {"host": {**host_info(), "torch_threads": torch.get_num_threads(),
                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")},
               "discriminator": args.discriminator, "runs": {}, "teacher_layouts": {}}
     for preset, path in policies.items():

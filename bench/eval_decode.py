@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -34,6 +33,7 @@ from prism.atomic_io import atomic_write_text
 from prism.config import load_config
 from prism.rollout import SamplingParams
 from prism.rollout.hf import sample_responses
+from prism.runtime import host_info
 
 BENCH = Path("outputs/bench")
 
@@ -113,8 +113,7 @@ def main() -> None:
     parser.add_argument("--greedy-limit", type=int, default=40, help="items per family for the greedy comparison")
     args = parser.parse_args()
     greedy = load_config(EvalConfig, overrides=["embedded.temperature=0"])
-    result = {"host": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                       "torch_threads": torch.get_num_threads(),
+    result = {"host": {**host_info(), "torch_threads": torch.get_num_threads(),
                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}, "checkpoints": {}}
     for checkpoint in args.checkpoints:
         _, _, ours = evaluate(checkpoint, args.world, "decode_loop", greedy, args.greedy_limit)

@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -288,8 +287,9 @@ def main() -> None:
         sys.exit(f"bench/throughput.py: no world at {args.world}; run `prism world export --out {args.world}` first")
     import torch
 
-    result = {"host": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                       "torch_threads": torch.get_num_threads(),
+    from prism.runtime import host_info
+
+    result = {"host": {**host_info(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}, "presets": {}}
     for preset in args.presets.split(","):
         command = [sys.executable, __file__, "--worker", "--preset", preset, "--world", str(args.world),

@@ -506,6 +506,25 @@ def git_info(path: str | Path | None = None) -> dict[str, Any]:
     return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what platform knows). Two hosts of one VM type can
+    differ here, and with them a CPU run's float bits (its kernels) and timings."""
+    try:
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_info() -> dict[str, Any]:
+    """Where a run ran: what a manifest, a reproduce record and a benchmark record name as their host."""
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu_model": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.is_available()}
+
+
 def write_manifest(run_dir: str | Path, *, config: Any, seed: int, upstream: Mapping[str, str] | None = None,
                    checkpoint_dir: str | Path | None = None, extra: Mapping[str, Any] | None = None) -> Path:
     """Write run_dir/manifest.json atomically: what ran, from what, with which code and inputs."""
@@ -524,8 +543,7 @@ def write_manifest(run_dir: str | Path, *, config: Any, seed: int, upstream: Map
         "git": git_info(),
         "upstream": dict(upstream or {}),
         "checkpoint": checkpoint,
-        "host": {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-                 "cuda": torch.cuda.is_available()},
+        "host": host_info(),
         "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "extra": redact(dict(extra or {})),
     }

@@ -6,13 +6,12 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
-import os
-import platform
 from pathlib import Path
 
 from experiments.matrix import MatrixError, Plan, build_plan, load_matrix
 from prism.atomic_io import atomic_directory, atomic_write_text
 from prism.data.formats import read_rl_parquet
+from prism.runtime import host_info
 from reports import figures
 from reports.tables import (
     ablation_table,
@@ -135,7 +134,7 @@ def record_reproduce_time(plan: Plan, timings: dict[str, float], wall_seconds: f
         "nodes_total": len(plan.nodes), "nodes_run": len(timings),
         "seconds_by_kind": {k: round(v, 1) for k, v in sorted(by_kind.items())},
         "seconds_by_node": {Path(k).name: round(v, 1) for k, v in timings.items()},
-        "host": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "host": host_info(),
     }
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")  # the latest run
     with open(out.with_name(out.stem + "-history.jsonl"), "a", encoding="utf-8") as history:  # every run

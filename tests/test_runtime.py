@@ -228,6 +228,7 @@ def test_manifest_contents_and_redaction(tmp_path):
     assert m["checkpoint"]["step"] == 4
     assert m["checkpoint"]["sha256"]["model.safetensors"] == runtime.sha256_file(ckpt / "model.safetensors")
     assert m["host"]["cpu_count"] >= 1 and m["host"]["platform"]
+    assert m["host"]["cpu_model"] == runtime.cpu_model() and m["host"]["cpu_capability"]
     assert m["created_utc"].endswith("+00:00")
     commit = m["git"]["commit"]
     assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
@@ -578,3 +579,12 @@ def test_a_sharded_checkpoint_holds_several_named_models_with_their_optimizers(t
     with pytest.raises(TypeError, match="model and optimizer, or parts"):
         runtime.save_sharded_checkpoint(tmp_path / "run", 2, model=parts["policy"][0], optimizer=parts["policy"][1],
                                         parts=parts)
+
+
+def test_cpu_model_reads_the_model_name_from_cpuinfo_and_falls_back_without_it(tmp_path):
+    """A CPU run's float bits and timings follow its kernels, and they follow the CPU (this VM has come up on Intel
+    Xeon and AMD EPYC hosts): the CPU model goes into every manifest and reproduce record."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu\n")
+    assert runtime.cpu_model(cpuinfo) == "AMD EPYC 9B14"
+    assert runtime.cpu_model(tmp_path / "absent")  # platform's name for it, never empty

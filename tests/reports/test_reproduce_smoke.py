@@ -64,6 +64,7 @@ def test_a_second_run_recomputes_nothing(smoke):
     first = json.loads((smoke / "outputs/bench/reproduce-table1-smoke.json").read_text())
     assert first["nodes_run"] == first["nodes_total"] == 39
     assert first["jobs"] == 1 and first["cpu_seconds"] > 0 and first["cpu_percent"] > 0
+    assert first["host"]["cpu_model"] and first["host"]["cpu_count"] >= 1  # timings are the host's
     with chdir(smoke):
         assert main(["reproduce", "table1", "--preset", "smoke", "--jobs", "1"]) == 0
     second = json.loads((smoke / "outputs/bench/reproduce-table1-smoke.json").read_text())
