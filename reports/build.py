@@ -11,7 +11,6 @@ from pathlib import Path
 from experiments.matrix import MatrixError, Plan, build_plan, load_matrix
 from prism.atomic_io import atomic_directory, atomic_write_text
 from prism.data.formats import read_rl_parquet
-from prism.runtime import host_info
 from reports import figures
 from reports.tables import (
     ablation_table,
@@ -120,7 +119,9 @@ def build_report(name: str, preset: str, seeds: int | None = None) -> Path:
 def record_reproduce_time(plan: Plan, timings: dict[str, float], wall_seconds: float, cpu_seconds: float | None = None,
                           jobs: int = 1) -> Path:
     """outputs/bench/reproduce-<matrix>-<preset>.json: the wall time, the CPU time of the launcher and every node
-    (and so the cores used: cpu_percent), and what ran (0 nodes = all cached)."""
+    (and so the cores used: cpu_percent), what ran (0 nodes = all cached), and on which host."""
+    from prism.runtime import host_info  # torch: imported here, so that `prism report` alone does without it
+
     by_kind: dict[str, float] = {}
     for key, seconds in timings.items():
         kind = plan.nodes[key].kind
