@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -255,10 +254,11 @@ def main() -> None:
     import transformers
     import trl
 
+    from prism.runtime import host_info
+
     world = ensure_world(args.world)
     result: dict = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "machine": {**host_info(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                     "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "work": {"prompts": PROMPTS, "rollouts_per_prompt": ROLLOUTS, "new_tokens": NEW_TOKENS, "steps": args.steps,
                  "world": str(world)},

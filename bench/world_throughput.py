@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import shutil
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 from prism.atomic_io import atomic_write_text
 from prism.data.export import export_world
 from prism.data.world import WorldConfig, iter_split
+from prism.runtime import host_info
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = WorldConfig()
-    result: dict = {"config": "embedded default", "machine": platform.processor() or platform.machine()}
+    result: dict = {"config": "embedded default", "host": host_info()}
     for split in ("sft", "bench"):
         started = time.perf_counter()
         n = 0
