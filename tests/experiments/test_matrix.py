@@ -39,12 +39,14 @@ def test_table1_cells_share_their_common_stages():
     assert prism_grpo.cfg.algorithm == "grpo" and prism_grpo.cfg.data_files[0].endswith("/rl.parquet")
 
 
-def test_the_size_axis_probe_trains_table1s_embedded_short_base_and_sft_on_another_world():
-    """experiments/configs/size_axis.yaml chose table1's base schedule on a validation world: it must train what
-    table1's embedded-short preset trains (every base and SFT setting but the paths; the default then), on a world
-    of another seed."""
-    table = build_plan(load_matrix("table1"), "embedded-short")
-    probe = build_plan(load_matrix("experiments/configs/size_axis.yaml"), "validation")
+@pytest.mark.parametrize(("table_preset", "probe_preset", "sft_steps"),
+                         [("embedded-short", "validation", 700), ("embedded", "validation-default", 1600)])
+def test_the_size_axis_probe_trains_table1s_base_and_sft_on_another_world(table_preset, probe_preset, sft_steps):
+    """experiments/configs/size_axis.yaml chooses table1's base and SFT schedules on a validation world: each of its
+    presets must train what its table1 preset trains (every base and SFT setting but the paths), on a world that
+    differs from the table's in its seed alone."""
+    table = build_plan(load_matrix("table1"), table_preset)
+    probe = build_plan(load_matrix("experiments/configs/size_axis.yaml"), probe_preset)
 
     def stages(plan, kind):  # preset -> the resolved config, less what names the world, the folders and the matrix
         out = {}
@@ -56,11 +58,13 @@ def test_the_size_axis_probe_trains_table1s_embedded_short_base_and_sft_on_anoth
             out[node.preset] = cfg
         return out
 
-    for kind in ("base", "sft"):
+    for kind, steps in (("base", 1200), ("sft", sft_steps)):
         assert stages(table, kind) == stages(probe, kind), kind
-        assert {n.cfg.max_steps for n in probe.nodes.values() if n.kind == kind} == ({1200} if kind == "base" else {700})
-    table_world, probe_world = ([n for n in plan.nodes.values() if n.kind == "world"] for plan in (table, probe))
-    assert table_world[0].key != probe_world[0].key
+        assert {n.cfg.max_steps for n in probe.nodes.values() if n.kind == kind} == {steps}, kind
+    (table_world,), (probe_world,) = ([n.cfg for n in plan.nodes.values() if n.kind == "world"]
+                                      for plan in (table, probe))
+    assert probe_world.seed != table_world.seed
+    assert dataclasses.replace(probe_world, seed=table_world.seed) == table_world
 
 
 def test_both_embedded_presets_give_both_sizes_one_schedule_on_the_embedded_world_and_items():
