@@ -2,6 +2,7 @@
 read back from wandb's own run files (the transaction log `wandb sync` uploads)."""
 
 import json
+import time
 from pathlib import Path
 
 WANDB_USER_SETTINGS = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_PROJECT", "WANDB_ENTITY",
@@ -25,29 +26,52 @@ def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def offline_runs(stage_dir: Path) -> list[dict]:
-    """Per offline session under stage_dir/wandb/, oldest first: its folder name, the run record (id, name,
-    group, project, config), the logged history rows and the summary updates."""
+def _read_session(log: Path) -> tuple[dict, bool]:
+    """One offline session's transaction log: its run record, history and summary, and whether its exit record
+    (the last one wandb writes) is there yet."""
     from wandb.proto import wandb_internal_pb2 as pb
     from wandb.sdk.internal import datastore
 
+    store = datastore.DataStore()
+    store.open_for_scan(str(log))
+    found, finished = {"history": [], "summary": {}}, False
+    while (data := store.scan_data()) is not None:
+        record = pb.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            found.update(id=run.run_id, name=run.display_name, group=run.run_group, project=run.project,
+                         config={_key(i): json.loads(i.value_json) for i in run.config.update if i.key != "_wandb"})
+        elif kind == "history":
+            found["history"].append({_key(i): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "summary":
+            found["summary"].update({_key(u): json.loads(u.value_json) for u in record.summary.update})
+        elif kind == "exit":
+            finished = True
+    return found, finished
+
+
+def offline_runs(stage_dir: Path, timeout_s: float = 60.0) -> list[dict]:
+    """Per offline session under stage_dir/wandb/, oldest first: its folder name, the run record (id, name,
+    group, project, config), the logged history rows and the summary updates.
+
+    wandb's service process writes the transaction log behind `run.finish()` (0.25: the file can still hold only
+    its 7-byte header when finish returns, and is whole a moment later), so each log is read again until its exit
+    record is there, for up to `timeout_s`."""
     runs = []
     for folder in sorted(Path(stage_dir, "wandb").glob("offline-run-*")):
         (log,) = folder.glob("run-*.wandb")
-        store = datastore.DataStore()
-        store.open_for_scan(str(log))
-        found = {"folder": folder.name, "history": [], "summary": {}}
-        while (data := store.scan_data()) is not None:
-            record = pb.Record()
-            record.ParseFromString(data)
-            kind = record.WhichOneof("record_type")
-            if kind == "run":
-                run = record.run
-                found.update(id=run.run_id, name=run.display_name, group=run.run_group, project=run.project,
-                             config={_key(i): json.loads(i.value_json) for i in run.config.update if i.key != "_wandb"})
-            elif kind == "history":
-                found["history"].append({_key(i): json.loads(i.value_json) for i in record.history.item})
-            elif kind == "summary":
-                found["summary"].update({_key(u): json.loads(u.value_json) for u in record.summary.update})
-        runs.append(found)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                found, finished = _read_session(log)
+            except Exception:  # a record caught half-written: read again, unless time is up
+                if time.monotonic() > deadline:
+                    raise
+                found, finished = {}, False
+            if finished or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        runs.append({"folder": folder.name, **found})
     return runs
