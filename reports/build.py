@@ -77,15 +77,14 @@ def build_report(name: str, preset: str, seeds: int | None = None) -> Path:
             tables = table1(frame, list(matrix.presets[preset].sizes))
             note = ("Ours: accuracy (%), mean [95% interval] (bootstrap over seeds and items; `items` counts every "
                     "column's). `X (paper)`: the published value of benchmark X, beside the embedded family that "
-                    "mirrors it (first size ↔ Qwen3-VL-4B, second ↔ 8B). Deltas: paired on the same items and "
-                    "seeds, with a 95% bootstrap interval and a p-value (one seed: paired permutation test, exact "
-                    "(McNemar's) where every item the cells score differently moves the mean by as much; several: "
-                    "the same bootstrap); * marks an interval that excludes 0 (interval and p-value are computed apart, so at "
+                    "mirrors it (first size ↔ Qwen3-VL-4B, second ↔ 8B). Deltas: paired on the same items and seeds, "
+                    "with a 95% bootstrap interval and a p-value (one seed: paired permutation test, exact (McNemar's) "
+                    "where every item the cells score differently moves the mean by as much; several: the same "
+                    "bootstrap); * marks an interval that excludes 0 (interval and p-value are computed apart, so at "
                     "the margin an interval just clear of 0 can sit beside a p just above 0.05). Majority: each "
-                    "family's accuracy minus the "
-                    "share of its items that one constant answer, the one they most often expect, gets right (shares "
-                    "and answers in the first row), with its interval and p-value (one seed: exact binomial test); "
-                    "an interval above 0: the family was learned beyond that guess.")
+                    "family's accuracy minus the share of its items that one constant answer, the one they most often "
+                    "expect, gets right (shares and answers in the first row), with its interval and p-value (one "
+                    "seed: exact binomial test); an interval above 0: the family was learned beyond that guess.")
         else:
             tables = ablation_table(frame, matrix.settings)
             note = ("Ours: accuracy (%), mean [95% interval] over seeds and items. `X (paper)`: the published 4B GRPO "
