@@ -69,9 +69,9 @@ def offline_runs(stage_dir: Path, timeout_s: float = 60.0) -> list[dict]:
             except Exception:  # a record caught half-written: read again, unless time is up
                 if time.monotonic() > deadline:
                     raise
-                found, finished = {}, False
-            if finished or time.monotonic() > deadline:
-                break
+            else:
+                if finished or time.monotonic() > deadline:
+                    break
             time.sleep(0.05)
         runs.append({"folder": folder.name, **found})
     return runs
