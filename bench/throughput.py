@@ -13,7 +13,8 @@ Per preset, in a fresh process each (strictly one after another), on the embedde
 Each is timed (median of R repeats after one warm-up), its FLOPs counted once with
 torch.utils.flop_counter.FlopCounterMode (matmuls and attention; elementwise work is not counted), and set beside
 the fp32 and bf16 GEMM peaks measured in the same process on the model's own shapes (tokens x hidden x
-intermediate and back). `--profile` adds the top operators of each kind by self CPU time (torch.profiler).
+intermediate and back; also with a new row count at every call, where bf16 pays oneDNN's per-shape kernel build:
+README, "bf16 autocast again"). `--profile` adds the top operators of each kind by self CPU time (torch.profiler).
 Writes outputs/bench/throughput.json. Run it on an otherwise idle machine.
 
     just bench-throughput                                     # embedded-s and embedded-m
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import resource
@@ -83,11 +85,18 @@ def top_operators(fn, count: int = 8) -> list[dict]:
              "share": round(e.self_cpu_time_total / total, 3)} for e in rows]
 
 
+UNSEEN_ROWS = itertools.count(1)  # row counts below `tokens` that no matmul of this process has had yet
+
+
 def gemm_peaks(config, tokens: int, repeats: int) -> dict:
     """GFLOP/s of fp32 and bf16 matmuls of the model's MLP shapes, [tokens, hidden] x [hidden, intermediate] and
     [tokens, intermediate] x [intermediate, hidden]: the fastest call of the faster shape. On a shared machine the
     rate of one shape varies between runs (50-108 GFLOP/s fp32 on embedded-s's, measured here), so the bench
-    measures the peaks again after the workloads (`gemm_peaks_after`) and each ratio uses the higher."""
+    measures the peaks again after the workloads (`gemm_peaks_after`) and each ratio uses the higher.
+
+    `{fp32,bf16}_gflops_new_shapes`: the same matmuls with a row count not seen before at every call, as the
+    recipes' batches come (their rows and widths change every step), over all calls. torch runs a CPU bf16 matmul
+    through oneDNN, which builds a kernel for each new shape; float32 goes to MKL, which builds none."""
     import torch
 
     hidden, intermediate = config.hidden_size, config.intermediate_size
@@ -99,6 +108,16 @@ def gemm_peaks(config, tokens: int, repeats: int) -> dict:
             seconds = best_seconds(lambda: torch.mm(a, b), max(repeats, 20))
             best = max(best, 2 * tokens * k * n / seconds / 1e9)
         out[f"{name}_gflops"] = round(best, 1)
+        flops = seconds = 0.0
+        for _ in range(max(repeats, 20)):
+            for k, n in ((hidden, intermediate), (intermediate, hidden)):
+                rows = tokens - next(UNSEEN_ROWS)
+                a, b = torch.randn(rows, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+                started = time.perf_counter()
+                torch.mm(a, b)
+                seconds += time.perf_counter() - started
+                flops += 2 * rows * k * n
+        out[f"{name}_gflops_new_shapes"] = round(flops / seconds / 1e9, 1)
     out["shapes"] = {"tokens": tokens, "hidden": hidden, "intermediate": intermediate}
     return out
 

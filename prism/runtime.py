@@ -36,6 +36,7 @@ import torch
 
 from prism.atomic_io import atomic_write_text, full_disk_named
 from prism.config import config_hash, config_to_dict
+from prism.hardware import native_bf16
 
 
 class RuntimeConfigError(ValueError):
@@ -522,7 +523,7 @@ def host_info() -> dict[str, Any]:
     """Where a run ran: what a manifest, a reproduce record and a benchmark record name as their host."""
     return {"platform": platform.platform(), "machine": platform.machine(), "cpu_model": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
-            "cuda": torch.cuda.is_available()}
+            "cuda": torch.cuda.is_available(), "native_bf16": native_bf16()}
 
 
 def write_manifest(run_dir: str | Path, *, config: Any, seed: int, upstream: Mapping[str, str] | None = None,

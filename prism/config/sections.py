@@ -76,12 +76,14 @@ class ModelConfig:
                           "bfloat16 with mixed_precision no is pure bf16, an explicit choice: an update much smaller "
                           "than a weight's bf16 spacing (at lr 1e-6 almost all of them) rounds away."},
     )
-    mixed_precision: Literal["bf16", "no"] = field(
+    mixed_precision: Literal["bf16", "no", "auto"] = field(
         default="bf16",
         metadata={"help": "Compute dtype of the forwards (training, scoring, HF rollouts): bf16 runs them under "
-                          "torch.autocast to bfloat16 over the float32 weights; no computes in dtype. vLLM "
-                          "rollouts run in the compute dtype. No fp16: it needs loss scaling. The embedded "
-                          "configs say no with float32 (bf16 matmuls are slow on CPUs without AMX)."},
+                          "torch.autocast to bfloat16 over the float32 weights (on CPU attention itself computes in "
+                          "float32: prism.models.attention); no computes in dtype; auto is bf16 where the device "
+                          "computes bf16 in hardware (a GPU that supports it; a CPU with AMX or AVX-512 BF16: "
+                          "prism.hardware) and no elsewhere, where bf16 is emulated and slow. vLLM rollouts run in "
+                          "the compute dtype. No fp16: it needs loss scaling."},
     )
     processor_path: str | None = field(
         default=None,
@@ -146,9 +148,18 @@ class ModelConfig:
               "parameters are chosen by dtype with mixed_precision: no)", self.mixed_precision, related=("dtype",))
 
     @property
+    def precision(self) -> Literal["bf16", "no"]:
+        """`mixed_precision` with auto resolved on this machine (prism.hardware.native_bf16)."""
+        if self.mixed_precision != "auto":
+            return self.mixed_precision
+        from prism.hardware import native_bf16
+
+        return "bf16" if native_bf16() else "no"
+
+    @property
     def autocast_dtype(self) -> str | None:
         """The dtype forwards autocast to (bfloat16), or None: they compute in `dtype`."""
-        return "bfloat16" if self.mixed_precision == "bf16" else None
+        return "bfloat16" if self.precision == "bf16" else None
 
     @property
     def compute_dtype(self) -> str:

@@ -13,6 +13,12 @@ steps (where transformers packs the query heads instead, faster there), position
 transformers' own name on import, so every model keeps `attn_implementation="sdpa"` and every check transformers
 makes for that name still holds. Same outputs as transformers' function; gradients to float summation order
 (tests/models/test_attention.py).
+
+Under CPU autocast (`mixed_precision: bf16`) every CPU call computes attention in float32 and returns bf16, as
+autocast's kernel would: torch's CPU flash kernel in bf16 ran its backward about 6x slower than in float32 on the
+discriminator's continuations, while the GEMMs around attention are what AMX speeds up (README, "bf16 where AMX
+pays"). The rotary embedding has already promoted queries and keys to float32 there, and autocast would have cast
+all three down again.
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ def sdpa_native_gqa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query [batch, heads, q, d], key and value [batch, kv_heads, k, d] -> ([batch, q, heads, d], None), as
     transformers' `sdpa_attention_forward` returns it."""
+    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+        with torch.autocast("cpu", enabled=False):
+            out, weights = sdpa_native_gqa(module, query.float(), key.float(), value.float(), attention_mask,
+                                           dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        return out.to(torch.get_autocast_dtype("cpu")), weights
     q_length, groups = query.shape[2], getattr(module, "num_key_value_groups", 1)
     if (not NATIVE_GQA or query.device.type != "cpu" or q_length == 1 or groups == 1
             or kwargs.get("position_bias") is not None

@@ -18,8 +18,9 @@ it hands over to transformers' `grouped_mm`, whose grouped kernel is the fast pa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+
+from prism.models.gemm_grid import grid_linear
 
 PER_EXPERT = "prism_per_expert"
 
@@ -38,7 +39,7 @@ def per_expert_forward(experts: torch.nn.Module, hidden_states: torch.Tensor, to
     token_of_pair = order // top_k
     rows = hidden_states.index_select(0, token_of_pair).split(counts)
     gate_weights, up_weights = experts.gate_up_proj.split(experts.intermediate_dim, dim=1)
-    outputs = [F.linear(experts.act_fn(F.linear(x, gate)) * F.linear(x, up), down)
+    outputs = [grid_linear(experts.act_fn(grid_linear(x, gate)) * grid_linear(x, up), down)
                for x, gate, up, down, n in zip(rows, gate_weights.unbind(0), up_weights.unbind(0),
                                                experts.down_proj.unbind(0), counts) if n]
     if not outputs:  # no tokens

@@ -34,6 +34,7 @@ from transformers.fusion_mapping import get_fusion_patch_mapping
 
 import prism.models.attention  # noqa: F401  (registers the CPU grouped-query SDPA path under "sdpa")
 from prism.atomic_io import atomic_directory
+from prism.models.gemm_grid import use_grid_linears
 from prism.models.processor import (
     MERGE_SIZE,
     PATCH_SIZE,
@@ -188,7 +189,7 @@ def construct_model(model_class: type[PreTrainedModel], config) -> PreTrainedMod
     with contextlib.ExitStack() as patches:
         for name, fused_class in get_fusion_patch_mapping(model_class, config, FUSION).items():
             patches.enter_context(mock.patch.object(module, name, fused_class))
-        return model_class(config)
+        return use_grid_linears(model_class(config))
 
 
 def build_model(preset_name: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> Qwen3VLForConditionalGeneration:
@@ -287,7 +288,7 @@ def load_model(
         if "Unrecognized configuration class" in str(error):
             raise ModelError(f"{path}: {str(error).splitlines()[0]}: expected a Qwen3-VL checkpoint") from None
         raise
-    return model.eval()
+    return use_grid_linears(model).eval()
 
 
 def save_model(model: PreTrainedModel, processor: Qwen3VLImageTextProcessor, directory: str | os.PathLike,
