@@ -14,7 +14,7 @@ Each is timed (median of R repeats after one warm-up), its FLOPs counted once wi
 torch.utils.flop_counter.FlopCounterMode (matmuls and attention; elementwise work is not counted), and set beside
 the fp32 and bf16 GEMM peaks measured in the same process on the model's own shapes (tokens x hidden x
 intermediate and back; also with a new row count at every call, where bf16 pays oneDNN's per-shape kernel build:
-README, "bf16 autocast again"). `--profile` adds the top operators of each kind by self CPU time (torch.profiler).
+README, "bf16 where AMX pays"). `--profile` adds the top operators of each kind by self CPU time (torch.profiler).
 Writes outputs/bench/throughput.json. Run it on an otherwise idle machine.
 
     just bench-throughput                                     # embedded-s and embedded-m

@@ -4,6 +4,7 @@ session); tests/evaluation has its own world."""
 from pathlib import Path
 
 import pytest
+import torch
 
 from prism.config import load_config
 from prism.data.export import export_world
@@ -27,3 +28,12 @@ def policy_dir(world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("policy") / "model"
     save_model(build_model("embedded-s", processor.tokenizer, seed=0), processor, out)
     return out
+
+
+@pytest.fixture(autouse=True)
+def ieee_denormals():
+    """A bf16 stage on CPU flushes denormals for its process (prism.stages.common.make_accelerator); each test
+    starts with IEEE arithmetic whatever ran before it."""
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(False)

@@ -3,6 +3,7 @@ hands back to transformers."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations import sdpa_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -72,3 +73,20 @@ def test_models_run_it_under_transformers_sdpa_name():
     finally:
         AttentionInterface.register("sdpa", sdpa_native_gqa)
     assert seen
+
+
+def test_under_cpu_autocast_attention_computes_in_float32_and_returns_bf16(monkeypatch):
+    """After the rotary embedding queries and keys are float32 and values bf16; autocast would run the kernel in
+    bf16 (slow on CPU). The kernel sees float32 inputs, and the output is the float32 attention rounded to bf16."""
+    q, k, v = (t.detach() for t in _qkv())
+    v = v.to(torch.bfloat16)
+    keep = torch.ones(3, 1, 7, 11, dtype=torch.bool).tril(4)
+    dtypes, kernel = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: dtypes.append({a.dtype for a in args[:3]}) or kernel(*args, **kwargs))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = sdpa_native_gqa(Attention(), q, k, v, keep, scaling=0.3)
+    reference, _ = sdpa_native_gqa(Attention(), q, k, v.float(), keep, scaling=0.3)
+    assert dtypes[0] == {torch.float32}
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, reference.to(torch.bfloat16))

@@ -14,6 +14,7 @@ from prism.stages.common import (
     compile_repeated_blocks,
     load_policy,
     lr_multiplier,
+    make_accelerator,
     stage_dir,
 )
 
@@ -154,3 +155,15 @@ def test_start_stage_writes_nothing_and_record_config_writes_the_config_on_the_m
     record_config(run_dir, cfg, SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: waits.append(1)))
     assert config_hash(load_config(SFTConfig, run_dir / "config.yaml")) == config_hash(cfg) and waits == [1, 1]
     assert start_stage("sft", cfg)[:2] == (run_dir, False)  # the same config resumes there
+
+
+def test_bf16_compute_on_cpu_flushes_denormals_and_float32_keeps_them():
+    denormal = torch.tensor([1e-39])  # below float32's smallest normal, 1.2e-38
+    try:
+        make_accelerator(ModelConfig(mixed_precision="no"))
+        assert float(denormal * 2) == pytest.approx(2e-39)
+        make_accelerator(ModelConfig(mixed_precision="bf16"))
+        assert float(denormal * 2) == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+    assert float(denormal * 2) == pytest.approx(2e-39)
