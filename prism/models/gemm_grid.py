@@ -27,6 +27,7 @@ def grid_rows(rows: int) -> int:
 
 
 def bf16_autocast_on_cpu(x: torch.Tensor) -> bool:
+    """Whether a matmul of `x` here would run in bf16 through oneDNN."""
     return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
@@ -45,7 +46,11 @@ def grid_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 class GridLinear(torch.nn.Linear):
-    """nn.Linear through `grid_linear`: the same parameters, state dict and float32 forward."""
+    """nn.Linear through `grid_linear`: the same parameters, state dict and function (the padding changes no
+    result). `linear_function` says so to code that computes a linear layer from its weights itself
+    (prism.rollout.shared_prompt_decode), which takes only bare linears otherwise."""
+
+    linear_function = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return grid_linear(x, self.weight, self.bias)

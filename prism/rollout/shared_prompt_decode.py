@@ -9,9 +9,10 @@ prompt's keys and values once per rollout. `SharedPromptDecoder` computes the sa
 - the q/k/v and gate/up projections each as one GEMM, over weights concatenated once per generate call;
 - the rotary tables and the prompts' padding bias computed once per call.
 
-It applies to a plain Qwen3-VL text decoder (`applies`): every projection a bare `nn.Linear`, SiLU, no forward
-hooks inside the decoder (an adapter, an offloading hook or a sharded module would be skipped). Elsewhere the
-rollout loop runs transformers' forward. Logits agree with that forward to float rounding (tests/rollout).
+It applies to a plain Qwen3-VL text decoder (`applies`): every projection a bare `nn.Linear` (or one that declares
+`linear_function`, prism.models.gemm_grid's), SiLU, no forward hooks inside the decoder (an adapter, an offloading
+hook or a sharded module would be skipped). Elsewhere the rollout loop runs transformers' forward. Logits agree with
+that forward to float rounding (tests/rollout).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def applies(model: Any) -> bool:
     for layer in text.layers:
         attn, mlp = layer.self_attn, layer.mlp
         projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if any(type(p) is not torch.nn.Linear for p in projections):
+        if any(type(p) is not torch.nn.Linear and not getattr(type(p), "linear_function", False) for p in projections):
             return False
     return not any(m._forward_hooks or m._forward_pre_hooks for m in text.modules())
 
