@@ -163,7 +163,8 @@ def test_model_precision_defaults_to_fp32_master_weights_with_bf16_compute(tmp_p
     assert _error(AlignConfig, overrides=["discriminator.dtype=float16"]).startswith(
         "override 'discriminator.dtype=float16': field 'discriminator.mixed_precision': expected 'no' with dtype float16")
     assert _error(SFTConfig, overrides=["model.mixed_precision=fp16"]).startswith(  # fp16 needs loss scaling: none
-        "override 'model.mixed_precision=fp16': field 'model.mixed_precision': expected one of 'bf16', 'no', got 'fp16'")
+        "override 'model.mixed_precision=fp16': field 'model.mixed_precision': expected one of 'bf16', 'no', 'auto', "
+        "got 'fp16'")
 
 
 def test_duplicate_keys_are_errors_naming_both_lines(tmp_path):
