@@ -12,15 +12,23 @@ from pathlib import Path
 CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The first processor's feature flags (Linux: /proc/cpuinfo's `flags` line); empty where there is none."""
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpuinfo_field(name: str, cpuinfo: Path = CPUINFO) -> str | None:
+    """The first processor's `name` field in /proc/cpuinfo (Linux), stripped; None where there is none."""
     try:
         for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    """The first processor's feature flags (cpuinfo's `flags` line); empty where there is none."""
+    return frozenset((cpuinfo_field("flags", cpuinfo) or "").split())
 
 
 @functools.cache

@@ -36,7 +36,7 @@ import torch
 
 from prism.atomic_io import atomic_write_text, full_disk_named
 from prism.config import config_hash, config_to_dict
-from prism.hardware import native_bf16
+from prism.hardware import CPUINFO, cpuinfo_field, native_bf16
 
 
 class RuntimeConfigError(ValueError):
@@ -507,16 +507,11 @@ def git_info(path: str | Path | None = None) -> dict[str, Any]:
     return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
 
 
-def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+def cpu_model(cpuinfo: Path = CPUINFO) -> str:
     """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what platform knows). Two hosts of one VM type can
     differ here, and with them a CPU run's float bits (its kernels) and timings."""
-    try:
-        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    model = cpuinfo_field("model name", cpuinfo)
+    return model if model is not None else platform.processor() or platform.machine()
 
 
 def host_info() -> dict[str, Any]:
