@@ -4,7 +4,8 @@ Per preset, in a fresh process each (strictly one after another), on the embedde
   - sft_step: one SFT optimizer step, 32 conversations of the world's SFT file (forward, backward, AdamW), as the
     recipe runs it (the rows' shared prefix once); sft_step_whole_rows the same step with every row whole;
     sft_step_compiled the same step with the repeated blocks compiled (`torch_compile: true`), its first call
-    (the compilation) timed apart;
+    (the compilation) timed apart; sft_step_bf16 the recipe's step under bf16 autocast, where the CPU computes bf16
+    natively (`mixed_precision: auto`, as embedded-m's SFT runs);
   - rollout: the HF backend's decode loop, 8 prompts x 8 rollouts x exactly 128 new tokens;
   - rlvr_update: the shared policy update on those rollouts (re-scoring forward, PPO-clip, backward, AdamW);
   - disc_pass: the alignment stage's discriminator pass on them (the published loss, forward and backward) and
@@ -129,6 +130,7 @@ def worker(args) -> dict:
     from prism.config import AlignConfig, ModelConfig, OptimConfig, PolicyUpdateConfig, load_config
     from prism.data.encoding import IGNORE, collate, encode_conversation
     from prism.data.formats import read_rl_parquet, read_sharegpt
+    from prism.hardware import native_bf16
     from prism.models import build_model, load_model, load_processor, save_model
     from prism.models.discriminator import DiscriminatorSpec, build_discriminator, encode_prompt
     from prism.rollout import SamplingParams
@@ -212,6 +214,23 @@ def worker(args) -> dict:
                                    "speedup": round(result["sft_step"]["seconds"] / seconds, 3)}
     print(f"  {args.preset} sft_step_compiled: {json.dumps(result['sft_step_compiled'])}", file=sys.stderr, flush=True)
 
+    # the recipe's step under bf16 autocast, as `mixed_precision: auto` runs it where the CPU computes bf16 natively
+    # (embedded-m's SFT): GridLinear's padded rows, attention in float32, denormals flushed (README, "bf16 where
+    # AMX pays"). The same FLOPs as the float32 step; the flush is undone after, for the float32 work below.
+    if native_bf16():
+        def bf16_sft_step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = summed_token_loss(model, batch) / labelled
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        torch.set_flush_denormal(True)
+        measure("sft_step_bf16", bf16_sft_step, work, after=lambda s: {
+            "tokens_per_s": round(tokens / s, 1), "model_gflops_per_s": round(whole["gflop"] / s, 1),
+            "speedup_over_fp32": round(result["sft_step"]["seconds"] / s, 3)})
+        torch.set_flush_denormal(False)
+
     # ---- rollout ----
     records = read_rl_parquet(world / "teacher.parquet")[:PROMPTS]
     backend = make_backend("hf", model, processor, model_path=None, compute_dtype="float32")
@@ -279,10 +298,15 @@ def worker(args) -> dict:
 
     result["gemm_peaks_after"] = gemm_peaks(text, tokens=batch["input_ids"].numel(), repeats=repeats)
     peak = max(peak, result["gemm_peaks_after"]["fp32_gflops"])
-    for name in ("sft_step_whole_rows", "sft_step", "sft_step_compiled", "rollout", "rlvr_update", "disc_pass"):
+    for name in ("sft_step_whole_rows", "sft_step", "sft_step_compiled", "sft_step_bf16", "rollout", "rlvr_update",
+                 "disc_pass"):
+        if name not in result:  # sft_step_bf16 where the CPU has no native bf16
+            continue
         result[name]["of_fp32_peak"] = round(result[name]["gflops_per_s"] / peak, 3)
         result[name]["of_bf16_peak"] = round(result[name]["gflops_per_s"] / result["gemm_peaks"]["bf16_gflops"], 3)
-    result["sft_step"]["model_flops_of_fp32_peak"] = round(result["sft_step"]["model_gflops_per_s"] / peak, 3)
+    for name in ("sft_step", "sft_step_bf16"):
+        if name in result:
+            result[name]["model_flops_of_fp32_peak"] = round(result[name]["model_gflops_per_s"] / peak, 3)
     if profiles:
         result["profile"] = profiles
     result["peak_rss_mb"] = peak_rss_mb()
@@ -325,12 +349,19 @@ def main() -> None:
         after = r["gemm_peaks_after"]
         print(f"{preset}: fp32 GEMM {peaks['fp32_gflops']} / {after['fp32_gflops']} GFLOP/s (before / after the work), "
               f"bf16 {peaks['bf16_gflops']} / {after['bf16_gflops']}")
-        for name in ("sft_step_whole_rows", "sft_step", "sft_step_compiled", "rollout", "rlvr_update", "disc_pass"):
+        for name in ("sft_step_whole_rows", "sft_step", "sft_step_compiled", "sft_step_bf16", "rollout",
+                     "rlvr_update", "disc_pass"):
+            if name not in r:
+                continue
             print(f"  {name:19s} {r[name]['seconds']:7.3f} s  {r[name]['gflops_per_s']:7.1f} GFLOP/s "
                   f"({100 * r[name]['of_fp32_peak']:.0f}% of fp32 peak)")
         print(f"  sft_step counting the whole rows' FLOPs: {r['sft_step']['model_gflops_per_s']} GFLOP/s "
               f"({100 * r['sft_step']['model_flops_of_fp32_peak']:.0f}% of fp32 peak), "
               f"{r['sft_step']['speedup_over_whole_rows']}x the whole-row step")
+        if "sft_step_bf16" in r:
+            print(f"  sft_step_bf16 counting the whole rows' FLOPs: {r['sft_step_bf16']['model_gflops_per_s']} GFLOP/s "
+                  f"({100 * r['sft_step_bf16']['model_flops_of_fp32_peak']:.0f}% of fp32 peak), "
+                  f"{r['sft_step_bf16']['speedup_over_fp32']}x the float32 step")
         print(f"  disc_update       {r['disc_update']['seconds']:7.3f} s;  eval {r['eval']['samples_per_s']} samples/s")
     print(f"wrote {args.out}")
 
