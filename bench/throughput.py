@@ -216,7 +216,8 @@ def worker(args) -> dict:
 
     # the recipe's step under bf16 autocast, as `mixed_precision: auto` runs it where the CPU computes bf16 natively
     # (embedded-m's SFT): GridLinear's padded rows, attention in float32, denormals flushed (README, "bf16 where
-    # AMX pays"). The same FLOPs as the float32 step; the flush is undone after, for the float32 work below.
+    # AMX pays"). The float32 step's work; its counted FLOPs include the grid's padded rows (about 1% more). The
+    # flush is undone after, for the float32 work below.
     if native_bf16():
         def bf16_sft_step() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16):
