@@ -40,6 +40,9 @@ from pathlib import Path
 BENCH = Path("outputs/bench")
 TRAINED = {"embedded-s": "outputs/stages/s/sft/model", "embedded-m": "outputs/stages/m/sft/model"}
 SFT_BATCH, PROMPTS, ROLLOUTS, NEW_TOKENS, EVAL_LIMIT = 32, 8, 8, 128, 20
+# the kinds set beside the GEMM peaks (sft_step_bf16 only where the CPU computes bf16 natively)
+TIMED_KINDS = ("sft_step_whole_rows", "sft_step", "sft_step_compiled", "sft_step_bf16", "rollout", "rlvr_update",
+               "disc_pass")
 
 
 def peak_rss_mb() -> float:
@@ -136,6 +139,7 @@ def worker(args) -> dict:
     from prism.rollout import SamplingParams
     from prism.rollout.backends import make_backend
     from prism.rollout.prompts import rollout_prompt
+    from prism.runtime import autocast
     from prism.stages.align import discriminator_pass
     from prism.stages.common import build_optimizer, compile_repeated_blocks, make_accelerator
     from prism.stages.policy_update import Group, policy_update
@@ -173,8 +177,9 @@ def worker(args) -> dict:
     labelled = int((batch["labels"][:, 1:] != IGNORE).sum())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
-    def sft_step(share_prefix: bool = True) -> None:
-        loss = summed_token_loss(model, batch, share_prefix=share_prefix) / labelled
+    def sft_step(share_prefix: bool = True, autocast_dtype: str | None = None) -> None:
+        with autocast("cpu", autocast_dtype):  # as the recipe wraps its forward
+            loss = summed_token_loss(model, batch, share_prefix=share_prefix) / labelled
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -219,15 +224,8 @@ def worker(args) -> dict:
     # AMX pays"). The float32 step's work; its counted FLOPs include the grid's padded rows (about 1% more). The
     # flush is undone after, for the float32 work below.
     if native_bf16():
-        def bf16_sft_step() -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = summed_token_loss(model, batch) / labelled
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
         torch.set_flush_denormal(True)
-        measure("sft_step_bf16", bf16_sft_step, work, after=lambda s: {
+        measure("sft_step_bf16", lambda: sft_step(autocast_dtype="bfloat16"), work, after=lambda s: {
             "tokens_per_s": round(tokens / s, 1), "model_gflops_per_s": round(whole["gflop"] / s, 1),
             "speedup_over_fp32": round(result["sft_step"]["seconds"] / s, 3)})
         torch.set_flush_denormal(False)
@@ -299,10 +297,7 @@ def worker(args) -> dict:
 
     result["gemm_peaks_after"] = gemm_peaks(text, tokens=batch["input_ids"].numel(), repeats=repeats)
     peak = max(peak, result["gemm_peaks_after"]["fp32_gflops"])
-    for name in ("sft_step_whole_rows", "sft_step", "sft_step_compiled", "sft_step_bf16", "rollout", "rlvr_update",
-                 "disc_pass"):
-        if name not in result:  # sft_step_bf16 where the CPU has no native bf16
-            continue
+    for name in (kind for kind in TIMED_KINDS if kind in result):
         result[name]["of_fp32_peak"] = round(result[name]["gflops_per_s"] / peak, 3)
         result[name]["of_bf16_peak"] = round(result[name]["gflops_per_s"] / result["gemm_peaks"]["bf16_gflops"], 3)
     for name in ("sft_step", "sft_step_bf16"):
@@ -350,10 +345,7 @@ def main() -> None:
         after = r["gemm_peaks_after"]
         print(f"{preset}: fp32 GEMM {peaks['fp32_gflops']} / {after['fp32_gflops']} GFLOP/s (before / after the work), "
               f"bf16 {peaks['bf16_gflops']} / {after['bf16_gflops']}")
-        for name in ("sft_step_whole_rows", "sft_step", "sft_step_compiled", "sft_step_bf16", "rollout",
-                     "rlvr_update", "disc_pass"):
-            if name not in r:
-                continue
+        for name in (kind for kind in TIMED_KINDS if kind in r):
             print(f"  {name:19s} {r[name]['seconds']:7.3f} s  {r[name]['gflops_per_s']:7.1f} GFLOP/s "
                   f"({100 * r[name]['of_fp32_peak']:.0f}% of fp32 peak)")
         print(f"  sft_step counting the whole rows' FLOPs: {r['sft_step']['model_gflops_per_s']} GFLOP/s "
