@@ -28,7 +28,7 @@ import pickle
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -284,36 +284,38 @@ class Discriminator(nn.Module):
         ids, mask = prefix.prompt_ids, prefix.prompt_mask
         rows, width = ids.shape
         types = image_token_types(self.backbone.config.image_token_id, ids, width)
-        routing = {"output_router_logits": True} if self.is_moe else {}
+        routing_kwargs = {"output_router_logits": True} if self.is_moe else {}
         shared = min(common_prefix_length(ids, mask, self.backbone.config.image_token_id), width - 1)
         deltas = None
+        top_k = self.backbone.config.text_config.num_experts_per_tok if self.is_moe else 0
+        routing = None
         if rows > 1 and shared >= MIN_SHARED_PREFIX:
             positions, deltas = model.get_rope_index(input_ids=ids, mm_token_type_ids=types, attention_mask=mask,
                                                    image_grid_thw=prefix.vision.get("image_grid_thw"))
             head, cache = opening_cache(model, ids[:1, :shared], rows, attention_mask=mask[:1, :shared],
-                                        position_ids=positions[:, :1, :shared], **routing)
+                                        position_ids=positions[:, :1, :shared], **routing_kwargs)
             out = model(input_ids=ids[:, shared:], attention_mask=mask, position_ids=positions[:, :, shared:],
                         mm_token_type_ids=types[:, shared:], use_cache=True, **{cache_kwarg(model): cache},
-                        **prefix.vision, **routing)
-            router_logits = None
-            if self.is_moe:  # per layer [rows * width, experts], as one forward of the whole prompts gives them
-                router_logits = tuple(
-                    torch.cat([h.view(1, shared, -1).expand(rows, -1, -1), t.view(rows, width - shared, -1)], 1)
-                    .flatten(0, 1) for h, t in zip(head.router_logits, out.router_logits))
+                        **prefix.vision, **routing_kwargs)
+            if self.is_moe:  # the opening's sums counted once for each prompt that holds it, as whole prompts would
+                opening = routing_sums(head.router_logits, mask[:, :shared], top_k)
+                tail = routing_sums(out.router_logits, mask[:, shared:], top_k)
+                routing = RoutingSums(*(a + b for a, b in zip(opening, tail)))
         else:
             out = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, use_cache=True, **prefix.vision,
-                        **routing)
-            router_logits = out.router_logits if self.is_moe else None
+                        **routing_kwargs)
+            if self.is_moe:
+                routing = routing_sums(out.router_logits, mask, top_k)
         layers = [(layer.keys, layer.values) for layer in output_cache(out).layers]
         start = continuation_positions(model, ids, mask, types, prefix.vision.get("image_grid_thw"), deltas)
-        return Prefill(layers, router_logits, start, mask)
+        return Prefill(layers, routing, start, mask)
 
     def continue_hidden(self, prefill: Prefill, rows: SegmentRows, kind: str | None = None,
                         parts: Sequence[int] | None = None,
                         split_by_length: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """`last_hidden` of rows [prompt + segment] from their prompts' prefill: each row's prompt cache is
         gathered (gradients flow back into the one prompt forward) and only its segment runs. The aux loss is
-        that of the whole rows: each prompt's router logits are repeated for its rows. `parts`: the sizes of
+        that of the whole rows: each prompt's routing sums are added to each of its rows'. `parts`: the sizes of
         consecutive groups of rows (a step's teacher and student segments, say) that share this one forward but
         each take the aux loss over their own rows, returned as a [groups] tensor (padding is masked out of it).
         `split_by_length`: run the rows in up to four forwards by length, each at its own width, where that saves
@@ -321,11 +323,11 @@ class Discriminator(nn.Module):
         one forward, to float rounding."""
         self._route(kind)
         model = self.backbone.model
-        routing = {"output_router_logits": True} if self.is_moe else {}
+        routing_kwargs = {"output_router_logits": True} if self.is_moe else {}
+        top_k = self.backbone.config.text_config.num_experts_per_tok if self.is_moe else 0
         lengths = rows.segment_mask.sum(-1).tolist()
         buckets = length_buckets(lengths) if split_by_length else [list(range(len(lengths)))]
-        width = rows.segment_ids.shape[1]
-        hidden_parts, router_parts = [], []
+        hidden_parts, routing_parts = [], []
         for bucket in buckets:
             index = torch.tensor(bucket, dtype=torch.long, device=rows.owner.device)
             owner = rows.owner.index_select(0, index)
@@ -336,12 +338,11 @@ class Discriminator(nn.Module):
             positions = prefill.start[owner][:, None] + torch.arange(bucket_width, device=owner.device)
             mask = torch.cat([prefill.prompt_mask[owner], segment_mask], dim=1)
             out = model(input_ids=segment_ids, attention_mask=mask, position_ids=positions[None].expand(3, -1, -1),
-                        use_cache=True, **{cache_kwarg(model): cache}, **routing)
+                        use_cache=True, **{cache_kwarg(model): cache}, **routing_kwargs)
             last = segment_mask.sum(-1) - 1
             hidden_parts.append(out.last_hidden_state[torch.arange(len(bucket), device=last.device), last])
-            if self.is_moe:  # per layer [rows, width, experts], padded to the widest bucket (masked in the aux)
-                router_parts.append([nn.functional.pad(s.view(len(bucket), bucket_width, -1),
-                                                       (0, 0, 0, width - bucket_width)) for s in out.router_logits])
+            if self.is_moe:
+                routing_parts.append(routing_sums(out.router_logits, segment_mask, top_k))
         inverse = bucket_inverse(buckets, rows.owner.device)
         hidden = torch.cat(hidden_parts).index_select(0, inverse)
         sizes = [hidden.shape[0]] if parts is None else list(parts)
@@ -349,15 +350,11 @@ class Discriminator(nn.Module):
             raise ValueError(f"parts {sizes} do not add up to the {hidden.shape[0]} rows")
         groups = [slice(end - size, end) for size, end in zip(sizes, itertools.accumulate(sizes))]
         aux = torch.zeros(len(groups), device=hidden.device)
-        if self.is_moe:
-            text = self.backbone.config.text_config
-            prompts, length = prefill.prompt_mask.shape
-            mask = torch.cat([prefill.prompt_mask[rows.owner], rows.segment_mask], dim=1)
-            segments = [torch.cat(layer).index_select(0, inverse) for layer in zip(*router_parts)]
-            whole = [torch.cat([p.view(prompts, length, -1).index_select(0, rows.owner), s], 1)
-                     for p, s in zip(prefill.router_logits, segments)]  # per layer [rows, tokens, experts]
-            aux = torch.stack([load_balancing_loss_func(tuple(w[group].flatten(0, 1) for w in whole), text.num_experts,
-                                                        text.num_experts_per_tok, mask[group]).float()
+        if self.is_moe:  # each row's sums: its prompt's (a prompt counted once per row that holds it) + its segment's
+            per_row = [torch.cat(segment).index_select(0, inverse) + prompt.index_select(0, rows.owner)
+                       for segment, prompt in zip(zip(*routing_parts), prefill.routing)]
+            num_experts = self.backbone.config.text_config.num_experts
+            aux = torch.stack([balancing_loss(RoutingSums(*(sums[group].sum(0) for sums in per_row)), num_experts)
                                for group in groups])
         return hidden, (aux[0] if parts is None else aux)
 
@@ -631,13 +628,43 @@ class SegmentRows:
         return SegmentRows(self.owner.to(device), self.segment_ids.to(device), self.segment_mask.to(device))
 
 
+class RoutingSums(NamedTuple):
+    """What transformers' `load_balancing_loss_func` sums over tokens and layers, per row (or summed over rows):
+    top-k assignments per expert, router probabilities per expert (differentiable) and attended tokens x layers.
+    Sums add, so a prompt's are computed once and added to each row that continues it."""
+
+    assignments: torch.Tensor  # [rows, experts]
+    probabilities: torch.Tensor  # [rows, experts]
+    tokens: torch.Tensor  # [rows]
+
+
+def routing_sums(router_logits: Sequence[torch.Tensor], mask: torch.Tensor, top_k: int) -> RoutingSums:
+    """Per row of `mask` [rows, tokens], the sums of its attended tokens over the layers' `router_logits` (each
+    [rows' * tokens, experts], rows' = rows, or 1 for tokens every row holds alike), as the load-balancing loss
+    takes them: softmax, top-k of the probabilities, in float32."""
+    weight = mask.unsqueeze(-1).float()
+    assignments = probabilities = 0.0
+    for logits in router_logits:
+        probs = nn.functional.softmax(logits.float(), dim=-1).view(-1, mask.shape[1], logits.shape[-1])
+        chosen = torch.zeros_like(probs).scatter_(-1, probs.topk(top_k, dim=-1).indices, 1.0)
+        assignments = assignments + (chosen * weight).sum(1)
+        probabilities = probabilities + (probs * weight).sum(1)
+    return RoutingSums(assignments, probabilities, weight.sum((1, 2)) * len(router_logits))
+
+
+def balancing_loss(sums: RoutingSums, num_experts: int) -> torch.Tensor:
+    """transformers' `load_balancing_loss_func` of the tokens whose sums (over rows) are `sums`:
+    E * sum_e (share of assignments to e) * (mean probability of e)."""
+    return num_experts * torch.sum(sums.assignments / sums.tokens * (sums.probabilities / sums.tokens))
+
+
 @dataclass
 class Prefill:
-    """A `PromptPrefix` run through the backbone: per layer its keys and values, its router logits (MoE), the
-    position after each prompt, and the prompts' mask."""
+    """A `PromptPrefix` run through the backbone: per layer its keys and values, each prompt's routing sums (MoE),
+    the position after each prompt, and the prompts' mask."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
-    router_logits: tuple[torch.Tensor, ...] | None
+    routing: RoutingSums | None
     start: torch.Tensor
     prompt_mask: torch.Tensor
 

@@ -126,6 +126,37 @@ def test_hard_routed_perception_scores_ignore_the_reasoning_experts(processor, d
         disc(**batch, kind="response")
 
 
+def test_routing_sums_give_transformers_load_balancing_loss_and_its_gradient():
+    """Per-row sums, a shared opening's counted once per row that holds it, give transformers' loss of the whole
+    rows, padding masked, and the same gradient; on one token by hand: E * sum_e share_e * mean probability_e."""
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
+
+    from prism.models.discriminator import RoutingSums, balancing_loss, routing_sums
+
+    # one token, 4 experts, top-2: probabilities 0.4 / 0.3 / 0.2 / 0.1 -> assignments 1 / 1 / 0 / 0
+    one = routing_sums([torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()], torch.ones(1, 1), top_k=2)
+    assert one.assignments.tolist() == [[1.0, 1.0, 0.0, 0.0]] and one.tokens.tolist() == [1.0]
+    assert balancing_loss(one, 4).item() == pytest.approx(4 * (0.4 + 0.3))
+
+    torch.manual_seed(0)
+    rows, opening, tail, experts, layers = 3, 4, 5, 4, 2
+    opening_logits = [torch.randn(opening, experts, requires_grad=True) for _ in range(layers)]
+    tail_logits = [torch.randn(rows * tail, experts, requires_grad=True) for _ in range(layers)]
+    mask = torch.ones(rows, opening + tail)
+    mask[1, -4:], mask[2, -3:] = 0, 0  # padding
+    whole = tuple(torch.cat([o.expand(rows, -1, -1), t.view(rows, tail, -1)], 1).flatten(0, 1)
+                  for o, t in zip(opening_logits, tail_logits))
+    expected = load_balancing_loss_func(whole, experts, 2, mask)
+    first, second = routing_sums(opening_logits, mask[:, :opening], 2), routing_sums(tail_logits, mask[:, opening:], 2)
+    got = balancing_loss(RoutingSums(*(a.sum(0) + b.sum(0) for a, b in zip(first, second))), experts)
+    torch.testing.assert_close(got, expected)
+    assert abs(got - load_balancing_loss_func(whole, experts, 2)) > 1e-3  # the padding's mask matters here
+    grads = torch.autograd.grad(got, opening_logits + tail_logits)
+    for grad, want in zip(grads, torch.autograd.grad(expected, opening_logits + tail_logits)):
+        torch.testing.assert_close(grad, want)
+    assert grads[-1].view(rows, tail, -1)[1, -4:].abs().sum() == 0  # padding gets no gradient
+
+
 def test_free_routing_uses_every_expert_and_reports_the_aux_loss(processor, dense):
     disc = build_discriminator(dense, DiscriminatorSpec("moe", head_dropout=0.0), **_kwargs()).eval()
     batch = _batch(processor, [split_segments(TEACHER).perception, split_segments(TEACHER).reasoning])
