@@ -62,6 +62,10 @@ FALLBACK_SECONDS_PER_STEP = {
     ("align", "embedded-s"): 1.0, ("rlvr", "embedded-s"): 1.0,
     ("base", "embedded-m"): 0.32, ("sft", "embedded-m"): 0.53, ("disc_warmup", "embedded-m"): 0.8,
     ("align", "embedded-m"): 1.6, ("rlvr", "embedded-m"): 2.2,
+    # embedded-l's base and SFT: the medians of the size-axis probe that chose it (two nodes at one thread each, the
+    # Xeon host); its alignment and RL are M's scaled by 1.25, not measured
+    ("base", "embedded-l"): 0.35, ("sft", "embedded-l"): 0.56, ("disc_warmup", "embedded-l"): 0.8,
+    ("align", "embedded-l"): 2.0, ("rlvr", "embedded-l"): 2.75,
 }
 
 

@@ -70,16 +70,18 @@ def test_the_size_axis_probe_trains_table1s_base_and_sft_on_another_world(table_
 def test_both_embedded_presets_give_both_sizes_one_schedule_on_the_embedded_world_and_items():
     """M above S must come from the model, not from more steps: each embedded preset trains S and M for the same
     base and SFT steps; the default's SFT is longer than embedded-short's, the RL schedule the same; both use the
-    same held-out items and bases (the worlds differ in their SFT split alone: the default's repeats presence), so
-    the two presets' cells pair item for item."""
+    same held-out items and S base (the worlds differ in their SFT split alone: the default's repeats presence), so
+    the two presets' S cells pair item for item. The default's M is embedded-l, embedded-short's embedded-m."""
     short, long = (build_plan(load_matrix("table1"), preset) for preset in ("embedded-short", "embedded"))
 
     def steps(plan, kind):
         return {node.preset: node.cfg.max_steps for node in plan.nodes.values() if node.kind == kind}
 
+    assert set(steps(long, "sft")) == {"embedded-s", "embedded-l"}
+    assert set(steps(short, "sft")) == {"embedded-s", "embedded-m"}
     for kind in ("base", "sft"):
         assert len(set(steps(long, kind).values())) == 1 and len(set(steps(short, kind).values())) == 1, kind
-        assert all(steps(long, kind)[p] >= steps(short, kind)[p] for p in ("embedded-s", "embedded-m")), kind
+        assert min(steps(long, kind).values()) >= max(steps(short, kind).values()), kind
     assert steps(long, "sft")["embedded-s"] > steps(short, "sft")["embedded-s"]
     rl = [{(node.cfg.steps, node.cfg.optim.lr) for node in plan.nodes.values() if node.kind == "rlvr"}
           for plan in (short, long)]
@@ -93,27 +95,29 @@ def test_both_embedded_presets_give_both_sizes_one_schedule_on_the_embedded_worl
 
 
 def test_embedded_short_is_the_default_with_its_sft_steps_and_an_inherited_mistake_names_the_defaults_line(tmp_path):
-    """embedded-short merges the default (`<<: *embedded`, each size's overrides `<<: *embedded_s` / `*embedded_m`):
-    everything but the SFT overrides and the SFT mix is the default's, and a mistake in an inherited override stops
-    its plan at the line of the default's that holds it."""
+    """embedded-short merges the default (`<<: *embedded`, S's overrides `<<: *embedded_s`): everything but the SFT
+    overrides, the SFT mix and M (embedded-m, the default's embedded-l) is the default's, and a mistake in an
+    inherited override stops its plan at the line of the default's that holds it."""
     matrix = load_matrix("table1")
     short, default = matrix.presets["embedded-short"], matrix.presets["embedded"]
     for field in (f.name for f in dataclasses.fields(short) if f.name not in ("sizes", "world")):
         assert getattr(short, field) == getattr(default, field), field
     assert set(short.world) ^ set(default.world) == {"sft_size=10000", "sft_size=15000",
                                                      "sft_family_repeats={presence: 4}"}
-    for size in ("s", "m"):
+    for size, preset in (("s", "embedded-s"), ("m", "embedded-m")):
         mine, theirs = short.sizes[size].overrides, default.sizes[size].overrides
-        assert {k: v for k, v in mine.items() if k != "sft"} == {k: v for k, v in theirs.items() if k != "sft"}
+        assert all(f"model.preset={preset}" in mine[kind] for kind in ("base", "sft", "align", "rlvr"))
         assert mine["sft"] != theirs["sft"] and "max_steps=700" in mine["sft"]
+    s_mine, s_theirs = short.sizes["s"].overrides, default.sizes["s"].overrides
+    assert {k: v for k, v in s_mine.items() if k != "sft"} == {k: v for k, v in s_theirs.items() if k != "sft"}
 
     text = (mx.CONFIG_DIR / "table1.yaml").read_text()
     path = tmp_path / "table1.yaml"
-    path.write_text(text.replace("align: [model.preset=embedded-m]", "align: [model.preset=embedded-q]", 1))
+    path.write_text(text.replace("align: [model.preset=embedded-s]", "align: [model.preset=embedded-q]", 1))
     line = next(number for number, row in enumerate(path.read_text().splitlines(), 1) if "embedded-q" in row)
     assert line < next(number for number, row in enumerate(text.splitlines(), 1) if row.startswith("  embedded-short:"))
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:{line}: matrix table1, preset embedded-short, "
-                                          r"size m, stage align: unknown model preset 'embedded-q'"):
+                                          r"size s, stage align: unknown model preset 'embedded-q'"):
         build_plan(load_matrix(path), "embedded-short")
 
 
@@ -327,7 +331,7 @@ def test_embedded_presets_compute_in_float32_but_m_sft_and_the_full_preset_in_bf
                   for role in ("model", "policy", "discriminator") if hasattr(node.cfg, role)]
         assert models and {m.dtype for _, m in models} == {"float32"}, preset
         for kind, model in models:
-            m_sft = kind == "sft" and model.preset == "embedded-m"
+            m_sft = kind == "sft" and model.preset in ("embedded-m", "embedded-l")
             expected = "bf16" if preset == "full" else "auto" if m_sft else "no"
             assert model.mixed_precision == expected, (preset, kind, model.preset)
 

@@ -65,6 +65,7 @@ def test_mrope_section_splits_half_the_head_dim_like_qwen3_vl():
 def test_parameter_counts_of_embedded_presets(tokenizer):
     assert 0.7e6 < count_parameters(build_model("embedded-s", tokenizer, seed=0)) < 0.9e6
     assert 1.9e6 < count_parameters(build_model("embedded-m", tokenizer, seed=0)) < 2.4e6
+    assert 3.3e6 < count_parameters(build_model("embedded-l", tokenizer, seed=0)) < 3.8e6
 
 
 def test_build_is_deterministic_per_seed_and_leaves_the_global_rng_alone(model, tokenizer):
