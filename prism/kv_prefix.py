@@ -62,7 +62,8 @@ class _GatherRows(torch.autograd.Function):
     """`source.index_select(0, index)` whose backward sums each source row's copies as one GEMM, a one-hot
     [sources, rows] matrix times the gradient: deterministic, as index_select's own backward (index_add_) is and
     advanced indexing's (parallel atomic adds) is not, and at the discriminator's cache shapes (8 prompts, 60 rows
-    of [2, 137, 32]) about 0.05 ms against index_add_'s 0.8 ms."""
+    of [2, 137, 32], the gradient a slice of the concatenated cache) 0.32 ms against index_add_'s 0.74 ms at one
+    thread."""
 
     @staticmethod
     def forward(ctx, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
