@@ -322,18 +322,17 @@ def test_seeds_run_every_stage_per_seed_after_one_shared_world_and_keep_seed_zer
 
 @pytest.mark.parametrize("matrix", ["table1", "ablations"])
 def test_embedded_presets_compute_in_float32_but_m_sft_and_the_full_preset_in_bf16_over_float32_weights(matrix):
-    """Every model keeps float32 master weights. The embedded and smoke presets compute in float32 but for M's SFT
-    and embedded-l's base, `auto`: bf16 on cores that compute it natively (a step 1.29x and 1.32x there), float32
-    elsewhere, where bf16 matmuls are slow; the full preset keeps the default bf16 autocast."""
+    """Every model keeps float32 master weights. The embedded and smoke presets compute in float32 but for M's SFT,
+    `auto`: bf16 on cores that compute it natively (its step 1.29x there), float32 elsewhere, where bf16 matmuls
+    are slow; the full preset keeps the default bf16 autocast."""
     for preset in ("embedded", "smoke", "full"):
         plan = build_plan(load_matrix(matrix), preset)
         models = [(node.kind, getattr(node.cfg, role)) for node in plan.nodes.values() if node.kind in mx.STAGES
                   for role in ("model", "policy", "discriminator") if hasattr(node.cfg, role)]
         assert models and {m.dtype for _, m in models} == {"float32"}, preset
         for kind, model in models:
-            bf16_pays = (kind == "sft" and model.preset in ("embedded-m", "embedded-l")
-                         or kind == "base" and model.preset == "embedded-l")
-            expected = "bf16" if preset == "full" else "auto" if bf16_pays else "no"
+            m_sft = kind == "sft" and model.preset in ("embedded-m", "embedded-l")
+            expected = "bf16" if preset == "full" else "auto" if m_sft else "no"
             assert model.mixed_precision == expected, (preset, kind, model.preset)
 
 
