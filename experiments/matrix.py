@@ -63,9 +63,10 @@ FALLBACK_SECONDS_PER_STEP = {
     ("base", "embedded-m"): 0.32, ("sft", "embedded-m"): 0.53, ("disc_warmup", "embedded-m"): 0.8,
     ("align", "embedded-m"): 1.6, ("rlvr", "embedded-m"): 2.2,
     # embedded-l's base and SFT: the medians of the size-axis probe that chose it (two nodes at one thread each, the
-    # Xeon host); its alignment and RL are M's scaled by 1.25, not measured
+    # Xeon host); alignment and RL: the one-seed default at c48aff3, node seconds over steps (27 s / 12, the median
+    # RL node 70.5 s / 24)
     ("base", "embedded-l"): 0.35, ("sft", "embedded-l"): 0.56, ("disc_warmup", "embedded-l"): 0.8,
-    ("align", "embedded-l"): 2.0, ("rlvr", "embedded-l"): 2.75,
+    ("align", "embedded-l"): 2.25, ("rlvr", "embedded-l"): 2.9,
 }
 
 
