@@ -590,8 +590,8 @@ def _short(key: str) -> str:
 
 def describe_plan(plan: Plan, jobs: int = 1) -> str:
     """One line per node (cached, resume or run, with its estimate), then the estimate of the whole run: the node
-    time, and with `jobs` > 1 the wall time `run_parallel` starts from (the work spread over the jobs, or the
-    longest chain of nodes, whichever is longer)."""
+    time, and with `jobs` > 1 the wall time `run_parallel` starts from (its schedule replayed on the estimates,
+    `seconds_left`) and the longest chain of nodes."""
     measured = measured_seconds_per_step()
     lines = [f"matrix {plan.matrix.name}, preset {plan.preset_name}: {len(plan.cells)} cells, {len(plan.nodes)} nodes"]
     estimates: dict[str, float | None] = {}  # per node still to run
@@ -612,7 +612,8 @@ def describe_plan(plan: Plan, jobs: int = 1) -> str:
             f" (+ {unknown} without an estimate)" if unknown else "")
         if jobs > 1:
             chain = critical_path_seconds({key: plan.nodes[key] for key in estimates}, measured)
-            wall = seconds_left({key: seconds or 0.0 for key, seconds in estimates.items()}, chain, {}, jobs)
+            wall = seconds_left({key: seconds or 0.0 for key, seconds in estimates.items()}, chain, {}, jobs,
+                                {key: plan.nodes[key].deps for key in estimates})
             estimate += (f", about {wall / 60:.1f} min of wall time at --jobs {jobs} "
                          f"(longest chain {max(chain.values(), default=0.0) / 60:.1f} min)")
     lines.append(f"{to_run} of {len(plan.nodes)} nodes to run, {estimate}")
@@ -743,13 +744,28 @@ def critical_path_seconds(pending: dict[str, Node], measured: dict[tuple, float]
     return chain
 
 
-def seconds_left(estimates: dict[str, float], chain: dict[str, float], ran: dict[str, float], jobs: int) -> float:
-    """What is left of a run: the larger of the unfinished work spread over the jobs and the longest unfinished
-    chain. `estimates` and `chain` hold the unfinished nodes; a running node counts its estimate less the `ran`
-    seconds it has run (not below 0), so the estimate falls while one long node runs alone."""
+def seconds_left(estimates: dict[str, float], chain: dict[str, float], ran: dict[str, float], jobs: int,
+                 deps: dict[str, Sequence[str]] | None = None) -> float:
+    """What is left of a run: `run_parallel`'s schedule replayed on the estimates. Ready nodes start longest chain
+    first, `jobs` at a time, once their `deps` among the unfinished nodes are done; a running node (in `ran`) keeps
+    its slot for its estimate less the seconds it has run (not below 0), so the estimate falls while it runs. A
+    replay, not the larger of the work over the jobs and the longest chain: after one long node, the side work that
+    waited on it queues for the slots (the default table's RL runs and evaluations after M's SFT)."""
+    deps = deps or {}
     remaining = {key: max(0.0, seconds - ran.get(key, 0.0)) for key, seconds in estimates.items()}
-    longest = max((chain[key] - (estimates[key] - remaining[key]) for key in remaining), default=0.0)
-    return max(sum(remaining.values()) / jobs, longest)
+    ends = {key: remaining[key] for key in ran if key in remaining}  # running: when each ends
+    waiting, done, now = [key for key in estimates if key not in ends], set(), 0.0
+    while waiting or ends:
+        ready = [key for key in waiting if all(dep in done or dep not in estimates for dep in deps.get(key, ()))]
+        for key in sorted(ready, key=lambda k: -chain[k])[: max(0, jobs - len(ends))]:
+            ends[key] = now + remaining[key]
+            waiting.remove(key)
+        if not ends:  # cannot happen: every node's unfinished deps are in `estimates`
+            raise MatrixError("no node can start: a dependency is missing from the plan")
+        key = min(ends, key=ends.__getitem__)
+        now = ends.pop(key)
+        done.add(key)
+    return now
 
 
 def exclusive_nodes(nodes: dict[str, Node]) -> set[str]:
@@ -808,7 +824,8 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None,
         unfinished = [key for key in pending if key not in finished]
         ran = {key: now - started for key, (_, started, _, _) in running.items()}
         return _format_duration(seconds_left({key: left[key] for key in unfinished},
-                                             {key: chain[key] for key in unfinished}, ran, jobs))
+                                             {key: chain[key] for key in unfinished}, ran, jobs,
+                                             {key: pending[key].deps for key in unfinished}))
 
     def stop_all() -> None:
         for process, _, _, _ in running.values():

@@ -158,11 +158,12 @@ def test_finished_stages_are_cached_and_estimates_add_up(tmp_path, monkeypatch):
     assert f"cached world       {Path(world.key).name}" in text
     assert f"resume base        {Path(base.key).name}" in text
     assert f"{len(plan.nodes) - 1} of {len(plan.nodes)} nodes to run" in text
-    # at --jobs 2 the wall time is the node time spread over two, or the longest chain where that is longer
+    # at --jobs 2 the wall time is run_parallel's schedule replayed: at least the node time spread over two and the
+    # longest chain, at most the node time
     found = re.search(r"estimated ([\d.]+) min of node time on this machine, about ([\d.]+) min of wall time "
                       r"at --jobs 2 \(longest chain ([\d.]+) min\)", describe_plan(plan, jobs=2))
     node_time, wall, chain = map(float, found.groups())
-    assert wall == pytest.approx(max(node_time / 2, chain), abs=0.11) and chain < node_time
+    assert max(node_time / 2, chain) - 0.11 <= wall <= node_time + 0.11 and chain < node_time
 
 
 def test_unknown_matrix_key_names_the_file_and_field(tmp_path):

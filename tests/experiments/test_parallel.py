@@ -114,14 +114,23 @@ def test_the_longest_chain_starts_first(tmp_path):
 
 
 def test_the_estimate_left_falls_while_a_long_node_runs():
-    # a (100 s) -> c (30 s), and b (50 s) beside them, two jobs: chain a->c 130 s, work 180 s / 2 = 90 s
-    estimates, chain = {"a": 100.0, "b": 50.0, "c": 30.0}, {"a": 130.0, "b": 50.0, "c": 30.0}
-    assert seconds_left(estimates, chain, {}, jobs=2) == 130.0
-    assert seconds_left(estimates, chain, {"a": 40.0, "b": 40.0}, jobs=2) == 90.0  # chain 130 - 40; work 100 / 2
-    # a ran past its estimate: it counts 0 and its chain c's 30 s; b's 50 s (not started) is now the longest chain,
-    # above the work (0 + 50 + 30) / 2 = 40 s
-    assert seconds_left(estimates, chain, {"a": 150.0}, jobs=2) == 50.0
-    assert seconds_left({}, {}, {}, jobs=2) == 0.0
+    # a (100 s) -> c (30 s), and b (50 s) beside them, two jobs: a and b start, c after a, at 100 s
+    estimates, chain, deps = {"a": 100.0, "b": 50.0, "c": 30.0}, {"a": 130.0, "b": 50.0, "c": 30.0}, {"c": ["a"]}
+    assert seconds_left(estimates, chain, {}, 2, deps) == 130.0
+    assert seconds_left(estimates, chain, {"a": 40.0, "b": 40.0}, 2, deps) == 90.0  # a's 60 s left, then c's 30
+    # a ran past its estimate: it counts 0, c starts now beside b, whose 50 s (not started) end last
+    assert seconds_left(estimates, chain, {"a": 150.0}, 2, deps) == 50.0
+    assert seconds_left({}, {}, {}, 2) == 0.0
+
+
+def test_the_estimate_queues_the_side_work_that_waits_on_a_long_node():
+    # a (100 s), then four 30 s nodes that wait on it, two jobs: the chain is 130 s and the work 220 / 2 = 110 s,
+    # but the four queue for the two slots after a: 100 + 2 x 30 = 160 s, as run_parallel runs them
+    estimates = {"a": 100.0, **{key: 30.0 for key in "bcde"}}
+    chain = {"a": 130.0, **{key: 30.0 for key in "bcde"}}
+    assert seconds_left(estimates, chain, {}, 2, {key: ["a"] for key in "bcde"}) == 160.0
+    assert seconds_left(estimates, chain, {}, 2) == 120.0  # without the dependencies: one beside a after another
+    assert seconds_left(estimates, chain, {}, 1, {key: ["a"] for key in "bcde"}) == 220.0  # one job: all the work
 
 
 def test_a_failed_node_stops_the_run_and_names_its_log(tmp_path):
