@@ -760,7 +760,7 @@ def seconds_left(estimates: dict[str, float], chain: dict[str, float], ran: dict
         for key in sorted(ready, key=lambda k: -chain[k])[: max(0, jobs - len(ends))]:
             ends[key] = now + remaining[key]
             waiting.remove(key)
-        if not ends:  # cannot happen: every node's unfinished deps are in `estimates`
+        if not ends:  # cannot happen: a plan is acyclic, so some waiting node is ready once the running ones end
             raise MatrixError("no node can start: a dependency is missing from the plan")
         key = min(ends, key=ends.__getitem__)
         now = ends.pop(key)
