@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -744,20 +744,28 @@ def critical_path_seconds(pending: dict[str, Node], measured: dict[tuple, float]
     return chain
 
 
+def nodes_to_start(waiting: Sequence[str], deps: Mapping[str, Sequence[str]], done: set[str],
+                   unfinished: Container[str], chain: Mapping[str, float], slots: int) -> list[str]:
+    """`run_parallel`'s rule, which `seconds_left` replays: of the `waiting` nodes, those whose `deps` among the
+    `unfinished` nodes are all `done`, longest chain first, at most `slots` of them."""
+    ready = [key for key in waiting if all(dep in done or dep not in unfinished for dep in deps.get(key, ()))]
+    return sorted(ready, key=lambda k: -chain[k])[: max(0, slots)]
+
+
 def seconds_left(estimates: dict[str, float], chain: dict[str, float], ran: dict[str, float], jobs: int,
-                 deps: dict[str, Sequence[str]] | None = None) -> float:
-    """What is left of a run: `run_parallel`'s schedule replayed on the estimates. Ready nodes start longest chain
-    first, `jobs` at a time, once their `deps` among the unfinished nodes are done; a running node (in `ran`) keeps
-    its slot for its estimate less the seconds it has run (not below 0), so the estimate falls while it runs. A
-    replay, not the larger of the work over the jobs and the longest chain: after one long node, the side work that
-    waited on it queues for the slots (the default table's RL runs and evaluations after M's SFT)."""
+                 deps: Mapping[str, Sequence[str]] | None = None) -> float:
+    """What is left of a run: `run_parallel`'s schedule replayed on the estimates. Ready nodes start by its rule
+    (`nodes_to_start`: longest chain first, `jobs` at a time, once their `deps` among the unfinished nodes are
+    done); a running node (in `ran`) keeps its slot for its estimate less the seconds it has run (not below 0), so
+    the estimate falls while it runs. A replay, not the larger of the work over the jobs and the longest chain:
+    after one long node, the side work that waited on it queues for the slots (the default table's RL runs and
+    evaluations after M's SFT)."""
     deps = deps or {}
     remaining = {key: max(0.0, seconds - ran.get(key, 0.0)) for key, seconds in estimates.items()}
     ends = {key: remaining[key] for key in ran if key in remaining}  # running: when each ends
     waiting, done, now = [key for key in estimates if key not in ends], set(), 0.0
     while waiting or ends:
-        ready = [key for key in waiting if all(dep in done or dep not in estimates for dep in deps.get(key, ()))]
-        for key in sorted(ready, key=lambda k: -chain[k])[: max(0, jobs - len(ends))]:
+        for key in nodes_to_start(waiting, deps, done, estimates, chain, jobs - len(ends)):
             ends[key] = now + remaining[key]
             waiting.remove(key)
         if not ends:  # cannot happen: a plan is acyclic, so some waiting node is ready once the running ones end
@@ -813,6 +821,7 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None,
     forks = ForkServer(shared_env, preload) if sys.platform == "linux" and any(
         key not in alone and forkable(node.command) for key, node in pending.items()) else None
     chain = critical_path_seconds(pending, measured)
+    deps = {key: node.deps for key, node in pending.items()}
     left = {key: estimate_seconds(node, measured) or 0.0 for key, node in pending.items()}
     finished: set[str] = set()
     running: dict[str, tuple[subprocess.Popen | ForkedProcess, float, Any, Any]] = {}
@@ -824,8 +833,7 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None,
         unfinished = [key for key in pending if key not in finished]
         ran = {key: now - started for key, (_, started, _, _) in running.items()}
         return _format_duration(seconds_left({key: left[key] for key in unfinished},
-                                             {key: chain[key] for key in unfinished}, ran, jobs,
-                                             {key: pending[key].deps for key in unfinished}))
+                                             {key: chain[key] for key in unfinished}, ran, jobs, deps))
 
     def stop_all() -> None:
         for process, _, _, _ in running.values():
@@ -838,9 +846,8 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None,
 
     try:
         while len(finished) < len(pending):
-            ready = [key for key, node in pending.items() if key not in finished and key not in running
-                     and all(dep in finished or dep not in pending for dep in node.deps)]
-            for key in sorted(ready, key=lambda k: -chain[k])[: jobs - len(running)]:
+            waiting = [key for key in pending if key not in finished and key not in running]
+            for key in nodes_to_start(waiting, deps, finished, pending, chain, jobs - len(running)):
                 node = pending[key]
                 lock = node_lock(key)
                 lock.__enter__()
