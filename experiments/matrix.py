@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -68,6 +68,9 @@ FALLBACK_SECONDS_PER_STEP = {
     ("base", "embedded-l"): 0.35, ("sft", "embedded-l"): 0.56, ("disc_warmup", "embedded-l"): 0.8,
     ("align", "embedded-l"): 2.25, ("rlvr", "embedded-l"): 2.9,
 }
+# The same for the nodes a size runs alone on both cores (`SizeSpec.run_alone`): embedded-l's float32 base at two
+# threads, 0.259 s a step against 0.396 at one (30 steps of the table's base config, each alone, the Xeon host).
+FALLBACK_ALONE_SECONDS_PER_STEP = {("base", "embedded-l"): 0.26}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -99,11 +102,20 @@ class SizeSpec:
     overrides: dict[str, list[str]] = field(
         default_factory=dict, metadata={"help": "Stage name -> dotted overrides for this size."},
     )
+    run_alone: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Stages of this size that run by themselves on every core under `--jobs` > 1 (each "
+                          "seed's), rather than at cores // jobs threads beside another node: for a node at the head "
+                          "of the longest chain whose step scales with threads. Its thread count is part of how it "
+                          "computes (float sums), so it is the plan's, never the timing's."},
+    )
 
     def __post_init__(self) -> None:
         check_types(self)
         for stage in self.overrides:
             check(stage in STAGES, f"overrides.{stage}", f"one of {', '.join(STAGES)}", stage)
+        for index, stage in enumerate(self.run_alone):
+            check(stage in STAGES, f"run_alone[{index}]", f"one of {', '.join(STAGES)}", stage)
 
 
 @dataclass
@@ -309,6 +321,7 @@ class Node:
     steps: int = 0
     preset: str = ""  # model preset (for estimates)
     done_marker: Path | None = None
+    run_alone: bool = False  # by itself on every core under --jobs > 1 (SizeSpec.run_alone)
 
     @property
     def done(self) -> bool:
@@ -399,7 +412,8 @@ class PlanBuilder:
         config_file = MATRIX_ROOT / "configs" / f"{out.name}.yaml"
         command = [sys.executable, "-m", "prism.cli", "train", stage, "--config", str(config_file)]
         node = Node(stage, str(out), command, deps, cfg=cfg, steps=_steps(stage, cfg),
-                    preset=getattr(getattr(cfg, "model", None), "preset", ""), done_marker=out / "DONE")
+                    preset=getattr(getattr(cfg, "model", None), "preset", ""), done_marker=out / "DONE",
+                    run_alone=stage in size_spec.run_alone)
         return self._add(node)
 
     def line_of(self, stage: str, size: str, extra_origin: str | None, error: str) -> str:
@@ -553,7 +567,8 @@ def _work(stage: str, config: dict) -> tuple:
 
 
 def measured_seconds_per_step() -> dict[tuple, float]:
-    """Median seconds per step of finished stage runs under outputs/stages, by the work a step does."""
+    """Median seconds per step of finished stage runs under outputs/stages, by the work a step does and the threads
+    it ran on (None for a manifest that does not say)."""
     found: dict[tuple, list[float]] = {}
     for manifest in STAGE_ROOT.glob("*/manifest.json"):
         run_dir = manifest.parent
@@ -561,16 +576,19 @@ def measured_seconds_per_step() -> dict[tuple, float]:
         metrics = run_dir / "metrics.jsonl"
         if stage not in STAGES or not metrics.is_file():
             continue
-        config = json.loads(manifest.read_text(encoding="utf-8"))["config"]
+        recorded = json.loads(manifest.read_text(encoding="utf-8"))
+        config, threads = recorded["config"], recorded.get("host", {}).get("threads")
         rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
         values = [r.get("seconds_step", r.get("seconds")) for r in rows[1:]]
         values = [v for v in values if isinstance(v, (int, float))]
         if values:
-            found.setdefault(_work(stage, config), []).append(statistics.median(values))
+            found.setdefault((*_work(stage, config), threads), []).append(statistics.median(values))
     return {key: statistics.median(values) for key, values in found.items()}
 
 
-def estimate_seconds(node: Node, measured: dict[tuple, float]) -> float | None:
+def estimate_seconds(node: Node, measured: dict[tuple, float], threads: int = 1) -> float | None:
+    """A node's seconds at `threads` threads: its finished runs' median step at that count (else at an unrecorded
+    count) times its steps, else the fallback tables'."""
     if node.kind == "world":
         return 20.0  # the default world: 14-16 s
     if node.kind == "eval":  # model load + generation, measured on the embedded suite (S and M); none for paper
@@ -578,7 +596,12 @@ def estimate_seconds(node: Node, measured: dict[tuple, float]) -> float | None:
             return None
         # the default table's 26 evaluations of 1,200 items at one thread each (99d7800): 7-24 s, 11.8 s on average
         return 2.0 + 0.0125 * 6 * (node.cfg["limit"] or 200)
-    per_step = measured.get(_work(node.kind, config_to_dict(node.cfg)), FALLBACK_SECONDS_PER_STEP.get((node.kind, node.preset)))
+    work = _work(node.kind, config_to_dict(node.cfg))
+    per_step = measured.get((*work, threads), measured.get((*work, None)))
+    if per_step is None and node.run_alone and threads > 1:
+        per_step = FALLBACK_ALONE_SECONDS_PER_STEP.get((node.kind, node.preset))
+    if per_step is None:
+        per_step = FALLBACK_SECONDS_PER_STEP.get((node.kind, node.preset))
     if per_step is None or not node.steps:
         return None
     return per_step * node.steps
@@ -593,12 +616,13 @@ def describe_plan(plan: Plan, jobs: int = 1) -> str:
     time, and with `jobs` > 1 the wall time `run_parallel` starts from (its schedule replayed on the estimates,
     `seconds_left`) and the longest chain of nodes."""
     measured = measured_seconds_per_step()
+    threads = node_threads(plan.nodes, jobs, available_cores())
     lines = [f"matrix {plan.matrix.name}, preset {plan.preset_name}: {len(plan.cells)} cells, {len(plan.nodes)} nodes"]
     estimates: dict[str, float | None] = {}  # per node still to run
     for index, node in enumerate(plan.nodes.values(), start=1):
         status = "cached" if node.done else ("resume" if node.started else "run")
         if not node.done:
-            estimates[node.key] = estimate_seconds(node, measured)
+            estimates[node.key] = estimate_seconds(node, measured, threads[node.key])
         seconds = estimates.get(node.key)
         deps = ", ".join(_short(d) for d in node.deps) or "-"
         estimate = "" if node.done else (f"~{seconds / 60:.1f} min" if seconds is not None else "~? min")
@@ -611,9 +635,9 @@ def describe_plan(plan: Plan, jobs: int = 1) -> str:
         estimate = f"estimated {total / 60:.1f} min{' of node time' if jobs > 1 else ''} on this machine" + (
             f" (+ {unknown} without an estimate)" if unknown else "")
         if jobs > 1:
-            chain = critical_path_seconds({key: plan.nodes[key] for key in estimates}, measured)
+            chain = critical_path_seconds({key: plan.nodes[key] for key in estimates}, measured, threads)
             wall = seconds_left({key: seconds or 0.0 for key, seconds in estimates.items()}, chain, {}, jobs,
-                                {key: plan.nodes[key].deps for key in estimates})
+                                {key: plan.nodes[key].deps for key in estimates}, alone_nodes(plan.nodes, jobs))
             estimate += (f", about {wall / 60:.1f} min of wall time at --jobs {jobs} "
                          f"(longest chain {max(chain.values(), default=0.0) / 60:.1f} min)")
     lines.append(f"{to_run} of {len(plan.nodes)} nodes to run, {estimate}")
@@ -689,12 +713,13 @@ def run_local(plan: Plan, log=print, isolate: bool = False, jobs: int = 1) -> di
         return run_parallel(plan, jobs, log)
     measured = measured_seconds_per_step()
     pending = [n for n in plan.nodes.values() if not n.done]
-    remaining = sum(estimate_seconds(n, measured) or 0.0 for n in pending)
+    cores = available_cores()
+    remaining = sum(estimate_seconds(n, measured, cores) or 0.0 for n in pending)
     timings: dict[str, float] = {}
     started_all = time.perf_counter()
-    env = worker_env(available_cores(), shares_cores=False)  # one node at a time: each has the cores to itself
+    env = worker_env(cores, shares_cores=False)  # one node at a time: each has the cores to itself
     for index, node in enumerate(pending, start=1):
-        estimate = estimate_seconds(node, measured) or 0.0
+        estimate = estimate_seconds(node, measured, cores) or 0.0
         log(f"[{index}/{len(pending)}] {node.kind} {_short(node.key)}: "
             f"{'resuming' if node.started else 'running'} (elapsed {_format_duration(time.perf_counter() - started_all)}, "
             f"~{_format_duration(remaining)} left)")
@@ -729,9 +754,11 @@ def node_log(node: Node) -> Path:
     return Path(node.key) / "log.txt" if node.kind in STAGES else Path(f"{node.key}.log")
 
 
-def critical_path_seconds(pending: dict[str, Node], measured: dict[tuple, float]) -> dict[str, float]:
-    """Per pending node: its estimate plus the longest estimated chain of pending nodes that waits on it. Ready
-    nodes start longest-chain first, so the critical path never waits behind short side work."""
+def critical_path_seconds(pending: dict[str, Node], measured: dict[tuple, float],
+                          threads: Mapping[str, int] | None = None) -> dict[str, float]:
+    """Per pending node: its estimate (at its `threads`, default 1) plus the longest estimated chain of pending
+    nodes that waits on it. Ready nodes start longest-chain first, so the critical path never waits behind short
+    side work."""
     children: dict[str, list[str]] = {key: [] for key in pending}
     for key, node in pending.items():
         for dep in node.deps:
@@ -739,24 +766,36 @@ def critical_path_seconds(pending: dict[str, Node], measured: dict[tuple, float]
                 children[dep].append(key)
     chain: dict[str, float] = {}
     for key in reversed(list(pending)):  # plan order is topological: children are done first
-        own = estimate_seconds(pending[key], measured) or 1.0
+        own = estimate_seconds(pending[key], measured, (threads or {}).get(key, 1)) or 1.0
         chain[key] = own + max((chain[child] for child in children[key]), default=0.0)
     return chain
 
 
 def nodes_to_start(waiting: Sequence[str], deps: Mapping[str, Sequence[str]], done: set[str],
-                   unfinished: Container[str], chain: Mapping[str, float], slots: int) -> list[str]:
+                   unfinished: Container[str], chain: Mapping[str, float], running: Collection[str], jobs: int,
+                   alone: Container[str] = ()) -> list[str]:
     """`run_parallel`'s rule, which `seconds_left` replays: of the `waiting` nodes, those whose `deps` among the
-    `unfinished` nodes are all `done`, longest chain first, at most `slots` of them."""
+    `unfinished` nodes are all `done`, longest chain first, while fewer than `jobs` run. A node in `alone` runs by
+    itself: it starts only when nothing runs, nothing starts beside it, and no node behind it in the order
+    overtakes it while it waits for the running ones to end."""
+    if any(key in alone for key in running):
+        return []
     ready = [key for key in waiting if all(dep in done or dep not in unfinished for dep in deps.get(key, ()))]
-    return sorted(ready, key=lambda k: -chain[k])[: max(0, slots)]
+    chosen: list[str] = []
+    for key in sorted(ready, key=lambda k: -chain[k]):
+        if len(running) + len(chosen) >= jobs:
+            break
+        if key in alone:
+            return chosen if running or chosen else [key]
+        chosen.append(key)
+    return chosen
 
 
 def seconds_left(estimates: dict[str, float], chain: dict[str, float], ran: dict[str, float], jobs: int,
-                 deps: Mapping[str, Sequence[str]] | None = None) -> float:
+                 deps: Mapping[str, Sequence[str]] | None = None, alone: Container[str] = ()) -> float:
     """What is left of a run: `run_parallel`'s schedule replayed on the estimates. Ready nodes start by its rule
     (`nodes_to_start`: longest chain first, `jobs` at a time, once their `deps` among the unfinished nodes are
-    done); a running node (in `ran`) keeps its slot for its estimate less the seconds it has run (not below 0), so
+    done, the `alone` ones by themselves); a running node (in `ran`) keeps its slot for its estimate less the seconds it has run (not below 0), so
     the estimate falls while it runs. A replay, not the larger of the work over the jobs and the longest chain:
     after one long node, the side work that waited on it queues for the slots (the default table's RL runs and
     evaluations after M's SFT)."""
@@ -765,7 +804,7 @@ def seconds_left(estimates: dict[str, float], chain: dict[str, float], ran: dict
     ends = {key: remaining[key] for key in ran if key in remaining}  # running: when each ends
     waiting, done, now = [key for key in estimates if key not in ends], set(), 0.0
     while waiting or ends:
-        for key in nodes_to_start(waiting, deps, done, estimates, chain, jobs - len(ends)):
+        for key in nodes_to_start(waiting, deps, done, estimates, chain, list(ends), jobs, alone):
             ends[key] = now + remaining[key]
             waiting.remove(key)
         if not ends:  # cannot happen: a plan is acyclic, so some waiting node is ready once the running ones end
@@ -793,26 +832,42 @@ def exclusive_nodes(nodes: dict[str, Node]) -> set[str]:
     return {key for key in nodes if len(upstream[key]) + downstream[key] == len(nodes) - 1}
 
 
+def alone_nodes(nodes: dict[str, Node], jobs: int) -> set[str]:
+    """The nodes that run by themselves on every core under `jobs` > 1: those that never run beside another
+    (`exclusive_nodes`) and those their size names (`SizeSpec.run_alone`)."""
+    if jobs <= 1:
+        return set()
+    return exclusive_nodes(nodes) | {key for key, node in nodes.items() if node.run_alone}
+
+
+def node_threads(nodes: dict[str, Node], jobs: int, cores: int) -> dict[str, int]:
+    """Each node's thread count, from the plan alone: every core for a node alone (or for all at `jobs` 1),
+    cores // jobs for the others."""
+    alone = alone_nodes(nodes, jobs)
+    return {key: cores if jobs <= 1 or key in alone else max(1, cores // jobs) for key in nodes}
+
+
 def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None,
                  preload: Sequence[str] = NODE_PRELOAD) -> dict[str, float]:
     """Run the unfinished nodes `jobs` at a time, each node in its own process with `cores // jobs` threads
     (`worker_env`: OMP_NUM_THREADS, which torch reads at start, idle OpenMP threads that sleep, and the allocator
     settings), or all the cores, spinning, for a node that never runs beside another (`exclusive_nodes`), and its
-    output in `node_log(node)`. A node's thread count follows from the plan alone,
-    not from timing, so a rerun computes it alike. The nodes that share the cores fork from one process that
+    output in `node_log(node)`; a node its size names in `run_alone` also runs by itself on every core
+    (`nodes_to_start`). A node's thread count follows from the plan alone, not from timing, so a rerun computes it
+    alike. The nodes that share the cores fork from one process that
     imported `preload` once (`prism.forkserver`, started with their environment); a node alone starts afresh.
     One line per start and finish, with the running estimate of what
     is left. A node that fails stops the run: the others are stopped too (they resume from their last checkpoints
     next time), and MatrixError names the node and its log."""
     cores = cores or available_cores()
-    alone = exclusive_nodes(plan.nodes) if jobs > 1 else set()
-    shared_threads = max(1, cores // jobs)
-    shared_env = worker_env(shared_threads, shares_cores=True)  # the fork server's too: its children inherit it
+    alone = alone_nodes(plan.nodes, jobs)
+    threads_of = node_threads(plan.nodes, jobs, cores)
+    shared_env = worker_env(max(1, cores // jobs), shares_cores=True)  # the fork server's too: its children inherit it
 
     def node_env(key: str) -> tuple[dict[str, str], int]:
         if key in alone:
             return worker_env(cores, shares_cores=False), cores
-        return shared_env, shared_threads
+        return shared_env, threads_of[key]
 
     measured = measured_seconds_per_step()
     pending = {n.key: n for n in plan.nodes.values() if not n.done}
@@ -820,9 +875,9 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None,
     # fork-safe once loaded, which is why Python spawns there)
     forks = ForkServer(shared_env, preload) if sys.platform == "linux" and any(
         key not in alone and forkable(node.command) for key, node in pending.items()) else None
-    chain = critical_path_seconds(pending, measured)
+    chain = critical_path_seconds(pending, measured, threads_of)
     deps = {key: node.deps for key, node in pending.items()}
-    left = {key: estimate_seconds(node, measured) or 0.0 for key, node in pending.items()}
+    left = {key: estimate_seconds(node, measured, threads_of[key]) or 0.0 for key, node in pending.items()}
     finished: set[str] = set()
     running: dict[str, tuple[subprocess.Popen | ForkedProcess, float, Any, Any]] = {}
     timings: dict[str, float] = {}
@@ -833,7 +888,7 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None,
         unfinished = [key for key in pending if key not in finished]
         ran = {key: now - started for key, (_, started, _, _) in running.items()}
         return _format_duration(seconds_left({key: left[key] for key in unfinished},
-                                             {key: chain[key] for key in unfinished}, ran, jobs, deps))
+                                             {key: chain[key] for key in unfinished}, ran, jobs, deps, alone))
 
     def stop_all() -> None:
         for process, _, _, _ in running.values():
@@ -847,7 +902,7 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None,
     try:
         while len(finished) < len(pending):
             waiting = [key for key in pending if key not in finished and key not in running]
-            for key in nodes_to_start(waiting, deps, finished, pending, chain, jobs - len(running)):
+            for key in nodes_to_start(waiting, deps, finished, pending, chain, running, jobs, alone):
                 node = pending[key]
                 lock = node_lock(key)
                 lock.__enter__()

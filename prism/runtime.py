@@ -515,10 +515,11 @@ def cpu_model(cpuinfo: Path = CPUINFO) -> str:
 
 
 def host_info() -> dict[str, Any]:
-    """Where a run ran: what a manifest, a reproduce record and a benchmark record name as their host."""
+    """Where a run ran: what a manifest, a reproduce record and a benchmark record name as their host. `threads`:
+    torch's intra-op threads in the writing process, which set a CPU run's float sums and its speed."""
     return {"platform": platform.platform(), "machine": platform.machine(), "cpu_model": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
-            "cuda": torch.cuda.is_available(), "native_bf16": native_bf16()}
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "native_bf16": native_bf16()}
 
 
 def write_manifest(run_dir: str | Path, *, config: Any, seed: int, upstream: Mapping[str, str] | None = None,
