@@ -68,9 +68,10 @@ FALLBACK_SECONDS_PER_STEP = {
     ("base", "embedded-l"): 0.35, ("sft", "embedded-l"): 0.56, ("disc_warmup", "embedded-l"): 0.8,
     ("align", "embedded-l"): 2.25, ("rlvr", "embedded-l"): 2.9,
 }
-# The same for the nodes a size runs alone on both cores (`SizeSpec.run_alone`): embedded-l's float32 base at two
-# threads, 0.259 s a step against 0.396 at one (30 steps of the table's base config, each alone, the Xeon host).
-FALLBACK_ALONE_SECONDS_PER_STEP = {("base", "embedded-l"): 0.26}
+# The same at two threads, alone (a node its size runs alone, `SizeSpec.run_alone`, or any at --jobs 1): embedded-l's
+# float32 base 0.259 s a step against 0.396 at one thread (30 steps of the table's base config, each alone, the Xeon
+# host). Where this has no entry, the one-thread figure stands.
+FALLBACK_TWO_THREADS_SECONDS_PER_STEP = {("base", "embedded-l"): 0.26}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -598,8 +599,8 @@ def estimate_seconds(node: Node, measured: dict[tuple, float], threads: int = 1)
         return 2.0 + 0.0125 * 6 * (node.cfg["limit"] or 200)
     work = _work(node.kind, config_to_dict(node.cfg))
     per_step = measured.get((*work, threads), measured.get((*work, None)))
-    if per_step is None and node.run_alone and threads > 1:
-        per_step = FALLBACK_ALONE_SECONDS_PER_STEP.get((node.kind, node.preset))
+    if per_step is None and threads > 1:
+        per_step = FALLBACK_TWO_THREADS_SECONDS_PER_STEP.get((node.kind, node.preset))
     if per_step is None:
         per_step = FALLBACK_SECONDS_PER_STEP.get((node.kind, node.preset))
     if per_step is None or not node.steps:
@@ -795,8 +796,8 @@ def seconds_left(estimates: dict[str, float], chain: dict[str, float], ran: dict
                  deps: Mapping[str, Sequence[str]] | None = None, alone: Container[str] = ()) -> float:
     """What is left of a run: `run_parallel`'s schedule replayed on the estimates. Ready nodes start by its rule
     (`nodes_to_start`: longest chain first, `jobs` at a time, once their `deps` among the unfinished nodes are
-    done, the `alone` ones by themselves); a running node (in `ran`) keeps its slot for its estimate less the seconds it has run (not below 0), so
-    the estimate falls while it runs. A replay, not the larger of the work over the jobs and the longest chain:
+    done, the `alone` ones by themselves); a running node (in `ran`) keeps its slot for its estimate less the
+    seconds it has run (not below 0), so the estimate falls while it runs. A replay, not the larger of the work over the jobs and the longest chain:
     after one long node, the side work that waited on it queues for the slots (the default table's RL runs and
     evaluations after M's SFT)."""
     deps = deps or {}
@@ -854,10 +855,9 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None,
     settings), or all the cores, spinning, for a node that never runs beside another (`exclusive_nodes`), and its
     output in `node_log(node)`; a node its size names in `run_alone` also runs by itself on every core
     (`nodes_to_start`). A node's thread count follows from the plan alone, not from timing, so a rerun computes it
-    alike. The nodes that share the cores fork from one process that
-    imported `preload` once (`prism.forkserver`, started with their environment); a node alone starts afresh.
-    One line per start and finish, with the running estimate of what
-    is left. A node that fails stops the run: the others are stopped too (they resume from their last checkpoints
+    alike. The nodes that share the cores fork from one process that imported `preload` once (`prism.forkserver`,
+    started with their environment); a node alone starts afresh. One line per start and finish, with the running
+    estimate of what is left. A node that fails stops the run: the others are stopped too (they resume from their last checkpoints
     next time), and MatrixError names the node and its log."""
     cores = cores or available_cores()
     alone = alone_nodes(plan.nodes, jobs)

@@ -228,6 +228,7 @@ def test_manifest_contents_and_redaction(tmp_path):
     assert m["checkpoint"]["step"] == 4
     assert m["checkpoint"]["sha256"]["model.safetensors"] == runtime.sha256_file(ckpt / "model.safetensors")
     assert m["host"]["cpu_count"] >= 1 and m["host"]["platform"]
+    assert m["host"]["threads"] == torch.get_num_threads()  # a CPU run's float sums depend on it
     assert m["host"]["cpu_model"] == runtime.cpu_model() and m["host"]["cpu_capability"]
     assert m["created_utc"].endswith("+00:00")
     commit = m["git"]["commit"]

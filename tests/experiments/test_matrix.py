@@ -60,6 +60,8 @@ def test_the_size_axis_probe_trains_table1s_base_and_sft_on_another_world(table_
 
     for kind, steps in (("base", 1200), ("sft", sft_steps)):
         assert stages(table, kind) == stages(probe, kind), kind
+        assert ({n.preset for n in table.nodes.values() if n.kind == kind and n.run_alone}
+                == {n.preset for n in probe.nodes.values() if n.kind == kind and n.run_alone}), kind  # same threads
         assert {n.cfg.max_steps for n in probe.nodes.values() if n.kind == kind} == {steps}, kind
     (table_world,), (probe_world,) = ([n.cfg for n in plan.nodes.values() if n.kind == "world"]
                                       for plan in (table, probe))
@@ -164,6 +166,33 @@ def test_finished_stages_are_cached_and_estimates_add_up(tmp_path, monkeypatch):
                       r"at --jobs 2 \(longest chain ([\d.]+) min\)", describe_plan(plan, jobs=2))
     node_time, wall, chain = map(float, found.groups())
     assert max(node_time / 2, chain) - 0.11 <= wall <= node_time + 0.11 and chain < node_time
+
+
+def test_the_defaults_m_base_runs_alone_on_every_core_and_its_estimate_says_so(tmp_path, monkeypatch):
+    """Of the default's nodes only M's base (every seed's) is named to run alone; embedded-short keeps all its
+    nodes at one thread beside another. An alone node's estimate is its step at the cores' thread count: from a
+    finished run at that count, else the fallback measured alone."""
+    monkeypatch.chdir(tmp_path)  # no finished runs: the fallback tables
+    plan = build_plan(load_matrix("table1", "embedded", seeds=2), "embedded")
+    alone = [n for n in plan.nodes.values() if n.run_alone]
+    assert [(n.kind, n.preset, n.cfg.seed) for n in alone] == [("base", "embedded-l", 0), ("base", "embedded-l", 1)]
+    assert not any(n.run_alone for n in build_plan(load_matrix("table1"), "embedded-short").nodes.values())
+    base = alone[0]
+    assert mx.estimate_seconds(base, {}, threads=2) == pytest.approx(0.26 * 1200)  # measured at two threads, alone
+    assert mx.estimate_seconds(base, {}, threads=1) == pytest.approx(0.35 * 1200)
+    work = mx._work("base", mx.config_to_dict(base.cfg))
+    measured = {(*work, 2): 0.2, (*work, None): 0.5}
+    assert mx.estimate_seconds(base, measured, threads=2) == pytest.approx(0.2 * 1200)
+    assert mx.estimate_seconds(base, measured, threads=1) == pytest.approx(0.5 * 1200)  # a run that did not say
+
+
+def test_a_stage_named_to_run_alone_must_be_a_stage(tmp_path):
+    text = (mx.CONFIG_DIR / "table1.yaml").read_text()
+    path = tmp_path / "table1.yaml"
+    path.write_text(text.replace("run_alone: [base]", "run_alone: [bass]", 1))
+    line = next(number for number, row in enumerate(path.read_text().splitlines(), 1) if "[bass]" in row)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}:{line}.*run_alone\[0\].*one of base, sft.*'bass'"):
+        load_matrix(path)
 
 
 def test_unknown_matrix_key_names_the_file_and_field(tmp_path):

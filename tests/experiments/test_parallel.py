@@ -18,6 +18,7 @@ from experiments.matrix import (
     Plan,
     critical_path_seconds,
     exclusive_nodes,
+    nodes_to_start,
     run_parallel,
     seconds_left,
 )
@@ -37,14 +38,16 @@ NODE = textwrap.dedent("""
 """)
 
 
-def fake_plan(root: Path, edges: dict[str, list[str]], seconds: float = 0.6, fail: str | None = None) -> Plan:
+def fake_plan(root: Path, edges: dict[str, list[str]], seconds: float = 0.6, fail: str | None = None,
+              alone: tuple[str, ...] = ()) -> Plan:
     script = root / "node.py"
     script.write_text(NODE)
     nodes = {}
     for name, deps in edges.items():  # insertion order is topological
         key = str(root / name)
         command = [sys.executable, str(script), key, str(seconds), "3" if name == fail else "0"]
-        nodes[key] = Node("eval", key, command, [str(root / d) for d in deps], done_marker=Path(key))
+        nodes[key] = Node("eval", key, command, [str(root / d) for d in deps], done_marker=Path(key),
+                          run_alone=name in alone)
     return Plan(matrix=None, preset_name="test", nodes=nodes, cells=[])
 
 
@@ -91,6 +94,42 @@ def test_a_node_that_never_runs_beside_another_gets_every_core(tmp_path):
     # the nodes alone start afresh (their own environment); on Linux the others fork from the server (the shared one)
     assert seen["a"]["parent"] == seen["d"]["parent"] == os.getpid()
     assert (seen["b"]["parent"] == seen["c"]["parent"] != os.getpid()) == (sys.platform == "linux")
+
+
+def test_a_node_named_to_run_alone_gets_every_core_and_nothing_runs_beside_it(tmp_path):
+    """a (named alone, the longest chain) and b are ready at once: a runs by itself on the 4 cores, then b and c
+    (which waits on a) share them."""
+    plan = fake_plan(tmp_path, {"a": [], "b": [], "c": ["a"]}, alone=("a",))
+    assert exclusive_nodes(plan.nodes) == set()  # b could run beside a: only the name makes it alone
+    run_parallel(plan, jobs=2, log=lambda _: None, cores=4, preload=())
+    seen = {e["node"]: e for e in events(tmp_path)}
+    end_a = json.loads((tmp_path / "a").read_text())["end"]
+    assert seen["b"]["start"] >= end_a and seen["c"]["start"] >= end_a
+    assert {name: e["threads"] for name, e in seen.items()} == {"a": "4", "b": "2", "c": "2"}
+    assert seen["a"]["parent"] == os.getpid()  # alone: started afresh with its own environment
+
+
+def test_a_node_to_run_alone_waits_for_the_cores_and_nothing_overtakes_it():
+    deps = {"c": ["a"]}
+    chain = {"a": 150.0, "b": 120.0, "c": 100.0, "x": 10.0}
+    ready = ["a", "b", "x"]
+    assert nodes_to_start(ready, deps, set(), set(), chain, [], 2, alone={"a"}) == ["a"]  # the head: by itself
+    assert nodes_to_start(ready, deps, set(), set(), chain, ["y"], 2, alone={"a"}) == []  # waits; x does not overtake
+    assert nodes_to_start(["b", "x"], deps, set(), set(), chain, ["a"], 2, alone={"a"}) == []  # a runs: nothing beside
+    assert nodes_to_start(["a", "b", "x"], deps, set(), set(), {**chain, "b": 200.0}, [], 2, alone={"a"}) == ["b"]
+    assert nodes_to_start(ready, deps, set(), set(), chain, [], 2) == ["a", "b"]  # without the name: two at once
+
+
+def test_the_estimate_replays_a_node_alone():
+    # a (alone, 50 s) -> c (100 s); b (60 s) -> d (60 s); two jobs. a alone to 50 s, then b and c: b ends at 110,
+    # d runs to 170, c to 150. Without the name a and b start together: c 50-150, d 60-120, so 150.
+    estimates = {"a": 50.0, "b": 60.0, "c": 100.0, "d": 60.0}
+    chain = {"a": 150.0, "b": 120.0, "c": 100.0, "d": 60.0}
+    deps = {"c": ["a"], "d": ["b"]}
+    assert seconds_left(estimates, chain, {}, 2, deps, alone={"a"}) == 170.0
+    assert seconds_left(estimates, chain, {}, 2, deps) == 150.0
+    # a ran 20 s: its 30 s left, then b and c, then d after b: 30 + 60 + 60
+    assert seconds_left(estimates, chain, {"a": 20.0}, 2, deps, alone={"a"}) == 150.0
 
 
 def test_without_a_forking_server_every_node_starts_afresh(tmp_path, monkeypatch):
@@ -142,6 +181,37 @@ def test_a_failed_node_stops_the_run_and_names_its_log(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_node_that_runs_alone_resumes_on_every_core(tmp_path):
+    """Killed while its node named alone runs, a resumed launcher gives that node every core again (its thread
+    count is the plan's, so its float sums are the first run's) and does not rerun what finished."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_parallel import fake_plan
+        from experiments.matrix import run_parallel
+        from pathlib import Path
+        plan = fake_plan(Path({str(tmp_path)!r}), {{"w": [], "a": ["w"], "b": ["w"], "c": ["a"]}},
+                         seconds=float(sys.argv[1]), alone=("a",))
+        run_parallel(plan, jobs=2, cores=2, preload=())
+    """))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    process = subprocess.Popen([sys.executable, str(launcher), "3"], env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while "a" not in {e["node"] for e in events(tmp_path)}:  # w done, a running alone
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    time.sleep(0.5)
+    assert not any(alive(event["pid"]) for event in events(tmp_path))
+    assert (tmp_path / "w").exists() and not (tmp_path / "a").exists() and "b" not in {e["node"] for e in events(tmp_path)}
+    subprocess.run([sys.executable, str(launcher), "0.2"], env=env, check=True, stdout=subprocess.DEVNULL)
+    runs = [(e["node"], e["threads"]) for e in events(tmp_path)]
+    assert runs == [("w", "2"), ("a", "2"), ("a", "2"), ("b", "1"), ("c", "1")] or \
+        runs == [("w", "2"), ("a", "2"), ("a", "2"), ("c", "1"), ("b", "1")]
+
+
 def test_a_killed_launcher_takes_its_nodes_with_it_and_resumes(tmp_path):
     launcher = tmp_path / "launch.py"
     launcher.write_text(textwrap.dedent(f"""
