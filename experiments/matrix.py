@@ -797,9 +797,9 @@ def seconds_left(estimates: dict[str, float], chain: dict[str, float], ran: dict
     """What is left of a run: `run_parallel`'s schedule replayed on the estimates. Ready nodes start by its rule
     (`nodes_to_start`: longest chain first, `jobs` at a time, once their `deps` among the unfinished nodes are
     done, the `alone` ones by themselves); a running node (in `ran`) keeps its slot for its estimate less the
-    seconds it has run (not below 0), so the estimate falls while it runs. A replay, not the larger of the work over the jobs and the longest chain:
-    after one long node, the side work that waited on it queues for the slots (the default table's RL runs and
-    evaluations after M's SFT)."""
+    seconds it has run (not below 0), so the estimate falls while it runs. A replay, not the larger of the work
+    over the jobs and the longest chain: after one long node, the side work that waited on it queues for the slots
+    (the default table's RL runs and evaluations after M's SFT)."""
     deps = deps or {}
     remaining = {key: max(0.0, seconds - ran.get(key, 0.0)) for key, seconds in estimates.items()}
     ends = {key: remaining[key] for key in ran if key in remaining}  # running: when each ends
@@ -857,8 +857,8 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None,
     (`nodes_to_start`). A node's thread count follows from the plan alone, not from timing, so a rerun computes it
     alike. The nodes that share the cores fork from one process that imported `preload` once (`prism.forkserver`,
     started with their environment); a node alone starts afresh. One line per start and finish, with the running
-    estimate of what is left. A node that fails stops the run: the others are stopped too (they resume from their last checkpoints
-    next time), and MatrixError names the node and its log."""
+    estimate of what is left. A node that fails stops the run: the others are stopped too (they resume from their
+    last checkpoints next time), and MatrixError names the node and its log."""
     cores = cores or available_cores()
     alone = alone_nodes(plan.nodes, jobs)
     threads_of = node_threads(plan.nodes, jobs, cores)
