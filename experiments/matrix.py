@@ -917,8 +917,8 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None,
                                                preexec_fn=die_with_parent)
                 running[key] = (process, time.perf_counter(), handle, lock)
                 log(f"[{len(finished) + len(running)}/{len(pending)}] start {node.kind} {_short(key)}"
-                    f"{' (resuming)' if node.started else ''}, {threads} threads, log {path} "
-                    f"(elapsed {_format_duration(time.perf_counter() - started_all)}, ~{eta()} left)")
+                    f"{' (resuming)' if node.started else ''}, {threads} threads{' alone' if key in alone else ''}, "
+                    f"log {path} (elapsed {_format_duration(time.perf_counter() - started_all)}, ~{eta()} left)")
             if not running:
                 raise MatrixError("no node can start: a dependency is missing from the plan")  # cannot happen
             time.sleep(0.2)

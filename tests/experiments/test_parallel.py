@@ -101,7 +101,9 @@ def test_a_node_named_to_run_alone_gets_every_core_and_nothing_runs_beside_it(tm
     (which waits on a) share them."""
     plan = fake_plan(tmp_path, {"a": [], "b": [], "c": ["a"]}, alone=("a",))
     assert exclusive_nodes(plan.nodes) == set()  # b could run beside a: only the name makes it alone
-    run_parallel(plan, jobs=2, log=lambda _: None, cores=4, preload=())
+    lines = []
+    run_parallel(plan, jobs=2, log=lines.append, cores=4, preload=())
+    assert "start eval a, 4 threads alone, log" in lines[0] and "2 threads, log" in lines[2]  # the log says why
     seen = {e["node"]: e for e in events(tmp_path)}
     end_a = json.loads((tmp_path / "a").read_text())["end"]
     assert seen["b"]["start"] >= end_a and seen["c"]["start"] >= end_a
