@@ -617,7 +617,8 @@ def describe_plan(plan: Plan, jobs: int = 1) -> str:
     time, and with `jobs` > 1 the wall time `run_parallel` starts from (its schedule replayed on the estimates,
     `seconds_left`) and the longest chain of nodes."""
     measured = measured_seconds_per_step()
-    threads = node_threads(plan.nodes, jobs, available_cores())
+    alone = alone_nodes(plan.nodes, jobs)
+    threads = node_threads(plan.nodes, alone, jobs, available_cores())
     lines = [f"matrix {plan.matrix.name}, preset {plan.preset_name}: {len(plan.cells)} cells, {len(plan.nodes)} nodes"]
     estimates: dict[str, float | None] = {}  # per node still to run
     for index, node in enumerate(plan.nodes.values(), start=1):
@@ -638,7 +639,7 @@ def describe_plan(plan: Plan, jobs: int = 1) -> str:
         if jobs > 1:
             chain = critical_path_seconds({key: plan.nodes[key] for key in estimates}, measured, threads)
             wall = seconds_left({key: seconds or 0.0 for key, seconds in estimates.items()}, chain, {}, jobs,
-                                {key: plan.nodes[key].deps for key in estimates}, alone_nodes(plan.nodes, jobs))
+                                {key: plan.nodes[key].deps for key in estimates}, alone)
             estimate += (f", about {wall / 60:.1f} min of wall time at --jobs {jobs} "
                          f"(longest chain {max(chain.values(), default=0.0) / 60:.1f} min)")
     lines.append(f"{to_run} of {len(plan.nodes)} nodes to run, {estimate}")
@@ -841,10 +842,9 @@ def alone_nodes(nodes: dict[str, Node], jobs: int) -> set[str]:
     return exclusive_nodes(nodes) | {key for key, node in nodes.items() if node.run_alone}
 
 
-def node_threads(nodes: dict[str, Node], jobs: int, cores: int) -> dict[str, int]:
-    """Each node's thread count, from the plan alone: every core for a node alone (or for all at `jobs` 1),
-    cores // jobs for the others."""
-    alone = alone_nodes(nodes, jobs)
+def node_threads(nodes: dict[str, Node], alone: Container[str], jobs: int, cores: int) -> dict[str, int]:
+    """Each node's thread count, from the plan alone: every core for a node `alone` (`alone_nodes`) or for all at
+    `jobs` 1, cores // jobs for the others."""
     return {key: cores if jobs <= 1 or key in alone else max(1, cores // jobs) for key in nodes}
 
 
@@ -861,12 +861,12 @@ def run_parallel(plan: Plan, jobs: int, log=print, cores: int | None = None,
     last checkpoints next time), and MatrixError names the node and its log."""
     cores = cores or available_cores()
     alone = alone_nodes(plan.nodes, jobs)
-    threads_of = node_threads(plan.nodes, jobs, cores)
+    threads_of = node_threads(plan.nodes, alone, jobs, cores)
     shared_env = worker_env(max(1, cores // jobs), shares_cores=True)  # the fork server's too: its children inherit it
 
     def node_env(key: str) -> tuple[dict[str, str], int]:
         if key in alone:
-            return worker_env(cores, shares_cores=False), cores
+            return worker_env(threads_of[key], shares_cores=False), threads_of[key]
         return shared_env, threads_of[key]
 
     measured = measured_seconds_per_step()
