@@ -93,6 +93,10 @@ rlvr-gains *args: setup
 paired-runs run_a run_b *args: setup
     .venv/bin/python bench/paired_runs.py {{run_a}} {{run_b}} {{args}}
 
+# Evaluations run by hand (`prism eval` folders, one per seed and label), each label paired with the first.
+paired-evals +labels: setup
+    .venv/bin/python bench/paired_evals.py {{labels}}
+
 # Calibrate the embedded world: base + SFT of a preset, held-out accuracy per family (S ~12 min, M ~25 min).
 calibrate-world preset="embedded-s" *args: setup
     .venv/bin/python bench/calibrate_world.py --preset {{preset}} {{args}}

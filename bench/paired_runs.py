@@ -13,24 +13,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
-import math
 from pathlib import Path
 
 import pandas as pd
 
 from prism.atomic_io import atomic_write_text
-from reports.stats import format_estimate
+from reports.stats import estimate_json, format_estimate
 from reports.tables import benchmark_columns, cell_estimates, cell_items, paired_estimates
 
 LABELS = ("size", "pipeline", "rl", "setting")
-
-
-def as_json(estimate) -> dict | None:
-    if estimate is None:
-        return None
-    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in dataclasses.asdict(estimate).items()}
 
 
 def run_cells(run: Path, report: str) -> tuple[dict[tuple, dict], list[str]]:
@@ -68,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         if key not in cells_a:
             continue
         accuracy, delta = cell_estimates(b, columns), paired_estimates(cells_a[key], b, columns)
-        rows.append({"cell": list(key), **{c: {"accuracy": as_json(accuracy[c]), "delta": as_json(delta[c])}
+        rows.append({"cell": list(key), **{c: {"accuracy": estimate_json(accuracy[c]), "delta": estimate_json(delta[c])}
                                           for c in columns}})
         texts = [f"{accuracy[c].mean:.1f}, {format_estimate(delta[c], signed=True)}" for c in columns]
         print(f"| {' / '.join(map(str, key))} | " + " | ".join(texts) + " |")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import stats
@@ -156,6 +156,13 @@ def above_level(scores: Mapping[str, np.ndarray], level: float, resamples: int =
     estimate = _estimate(arrays, replicates, float(p_value))
     return Estimate(estimate.mean - level, estimate.low - level, estimate.high - level, estimate.seeds,
                     estimate.items, estimate.p_value)
+
+
+def estimate_json(estimate: Estimate | None) -> dict | None:
+    """An estimate as JSON values (NaN, e.g. an accuracy's p-value, as null)."""
+    if estimate is None:
+        return None
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(estimate).items()}
 
 
 def format_estimate(estimate: Estimate | None, digits: int = 1, signed: bool = False) -> str:
