@@ -1,6 +1,5 @@
 """bench/paired_evals.py: evaluations run by hand, each label paired with the first on the same items and seeds."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,15 +8,6 @@ import pandas as pd
 import pytest
 
 from reports.tables import FAMILIES
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "paired_evals.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("paired_evals", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _evaluation(root: Path, name: str, scores_by_family: dict[str, np.ndarray], key: str = "key0") -> Path:
@@ -37,7 +27,7 @@ def _evaluation(root: Path, name: str, scores_by_family: dict[str, np.ndarray], 
     return folder
 
 
-def test_a_known_change_over_two_seeds_is_recovered_and_the_baseline_pairs_with_nothing(tmp_path, capsys):
+def test_a_known_change_over_two_seeds_is_recovered_and_the_baseline_pairs_with_nothing(tmp_path, capsys, bench_script):
     rng = np.random.default_rng(0)
     base, changed = [], []
     for seed in range(2):
@@ -47,7 +37,8 @@ def test_a_known_change_over_two_seeds_is_recovered_and_the_baseline_pairs_with_
         base.append(_evaluation(tmp_path, f"base{seed}", scores))
         changed.append(_evaluation(tmp_path, f"changed{seed}", {**scores, "presence": presence}))
     out = tmp_path / "paired.json"
-    _load_script().main([f"base={base[0]},{base[1]}", f"changed={changed[0]},{changed[1]}", "--out", str(out)])
+    bench_script("paired_evals").main([f"base={base[0]},{base[1]}", f"changed={changed[0]},{changed[1]}",
+                                       "--out", str(out)])
 
     result = json.loads(out.read_text())
     assert result["baseline"] == "base"
@@ -62,14 +53,14 @@ def test_a_known_change_over_two_seeds_is_recovered_and_the_baseline_pairs_with_
     assert "| changed (2 seeds, minus base) |" in capsys.readouterr().out
 
 
-def test_a_folder_with_two_evaluations_and_a_label_without_folders_are_named(tmp_path):
+def test_a_folder_with_two_evaluations_and_a_label_without_folders_are_named(tmp_path, bench_script):
     scores = {f: np.ones(10) for f in FAMILIES}
     folder = _evaluation(tmp_path, "twice", scores)
     _evaluation(tmp_path, "twice", scores, key="key1")
     other = _evaluation(tmp_path, "once", scores)
     with pytest.raises(SystemExit, match=r"hash-twice: expected one evaluation .* found prism_embedded-key0, "
                                          r"prism_embedded-key1"):
-        _load_script().main([f"a={folder}", f"b={other}", "--out", str(tmp_path / "p.json")])
+        bench_script("paired_evals").main([f"a={folder}", f"b={other}", "--out", str(tmp_path / "p.json")])
     with pytest.raises(SystemExit, match=r"'b': expected LABEL=DIR"):
-        _load_script().main([f"a={other}", "b", "--out", str(tmp_path / "p.json")])
+        bench_script("paired_evals").main([f"a={other}", "b", "--out", str(tmp_path / "p.json")])
     assert not (tmp_path / "p.json").exists()

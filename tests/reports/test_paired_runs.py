@@ -1,6 +1,5 @@
 """bench/paired_runs.py: two runs of a matrix, paired cell by cell on the same items and seeds."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,15 +8,6 @@ import pandas as pd
 import pytest
 
 from reports.tables import FAMILIES
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "paired_runs.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("paired_runs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(root: Path, cells: dict[str, dict[str, np.ndarray]]) -> Path:
@@ -47,7 +37,7 @@ def _run(root: Path, cells: dict[str, dict[str, np.ndarray]]) -> Path:
     return root
 
 
-def test_a_known_change_on_the_same_items_is_recovered_and_unchanged_cells_pair_to_zero(tmp_path, capsys):
+def test_a_known_change_on_the_same_items_is_recovered_and_unchanged_cells_pair_to_zero(tmp_path, capsys, bench_script):
     rng = np.random.default_rng(0)
     sft = {f: rng.binomial(1, 0.5, size=100) for f in FAMILIES}
     presence = sft["presence"].copy()
@@ -55,7 +45,7 @@ def test_a_known_change_on_the_same_items_is_recovered_and_unchanged_cells_pair_
     run_a = _run(tmp_path / "a", {"sft": sft})
     run_b = _run(tmp_path / "b", {"sft": {**sft, "presence": presence}, "prism": sft})  # prism: in B only
     out = tmp_path / "paired.json"
-    _load_script().main([str(run_a), str(run_b), "--out", str(out)])
+    bench_script("paired_runs").main([str(run_a), str(run_b), "--out", str(out)])
 
     (cell,) = json.loads(out.read_text())["cells"]
     assert cell["cell"] == ["s", "sft", "none"]
@@ -68,6 +58,6 @@ def test_a_known_change_on_the_same_items_is_recovered_and_unchanged_cells_pair_
     assert "| s / sft / none |" in capsys.readouterr().out
 
 
-def test_a_run_without_its_report_is_named(tmp_path):
+def test_a_run_without_its_report_is_named(tmp_path, bench_script):
     with pytest.raises(SystemExit, match="results.csv not found"):
-        _load_script().main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "p.json")])
+        bench_script("paired_runs").main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "p.json")])
