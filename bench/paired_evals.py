@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("paired_evals: name at least two labels, the first being the baseline")
 
     cells = dict(label_cell(spec) for spec in args.labels)
+    if len(cells) != len(args.labels):
+        raise SystemExit("paired_evals: a label is named twice; give each variant its own label")
     (base, base_cell), *others = cells.items()
     columns = [*base_cell, AVG]
     for label, cell in others:

@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         if key not in cells_a:
             continue
         accuracy, delta = cell_estimates(b, columns), paired_estimates(cells_a[key], b, columns)
-        rows.append({"cell": list(key), **{c: {"accuracy": estimate_json(accuracy[c]), "delta": estimate_json(delta[c])}
-                                          for c in columns}})
+        rows.append({"cell": list(key), **{
+            c: {"accuracy": estimate_json(accuracy[c]), "delta": estimate_json(delta[c])} for c in columns}})
         texts = [f"{accuracy[c].mean:.1f}, {format_estimate(delta[c], signed=True)}" for c in columns]
         print(f"| {' / '.join(map(str, key))} | " + " | ".join(texts) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)

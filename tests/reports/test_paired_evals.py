@@ -53,7 +53,7 @@ def test_a_known_change_over_two_seeds_is_recovered_and_the_baseline_pairs_with_
     assert "| changed (2 seeds, minus base) |" in capsys.readouterr().out
 
 
-def test_a_folder_with_two_evaluations_and_a_label_without_folders_are_named(tmp_path, bench_script):
+def test_a_folder_with_two_evaluations_a_label_named_twice_and_one_without_folders_are_named(tmp_path, bench_script):
     scores = {f: np.ones(10) for f in FAMILIES}
     folder = _evaluation(tmp_path, "twice", scores)
     _evaluation(tmp_path, "twice", scores, key="key1")
@@ -61,6 +61,8 @@ def test_a_folder_with_two_evaluations_and_a_label_without_folders_are_named(tmp
     with pytest.raises(SystemExit, match=r"hash-twice: expected one evaluation .* found prism_embedded-key0, "
                                          r"prism_embedded-key1"):
         bench_script("paired_evals").main([f"a={folder}", f"b={other}", "--out", str(tmp_path / "p.json")])
+    with pytest.raises(SystemExit, match="a label is named twice"):
+        bench_script("paired_evals").main([f"a={other}", f"a={other}", "--out", str(tmp_path / "p.json")])
     with pytest.raises(SystemExit, match=r"'b': expected LABEL=DIR"):
         bench_script("paired_evals").main([f"a={other}", "b", "--out", str(tmp_path / "p.json")])
     assert not (tmp_path / "p.json").exists()
