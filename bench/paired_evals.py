@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from evaluation.results import read_rows
 from prism.atomic_io import atomic_write_text
 from reports.stats import estimate_json, format_estimate
 from reports.tables import FAMILIES, cell_estimates, paired_estimates, row_scores
@@ -33,8 +34,7 @@ def folder_scores(folder: Path) -> dict[str, dict[int, float]]:
     if len(entries) != 1:
         found = ", ".join(e.parent.name for e in entries) or "none"
         raise SystemExit(f"paired_evals: {folder}: expected one evaluation (a */rows.csv), found {found}")
-    rows = pd.read_csv(entries[0]).to_dict("records")
-    scores = row_scores(rows, eval_root=folder.parent)
+    scores = row_scores(read_rows(entries[0]), eval_root=folder.parent)
     if not scores:
         raise SystemExit(f"paired_evals: {entries[0]}: no per-sample scores (a samples file is missing)")
     return scores
@@ -42,13 +42,14 @@ def folder_scores(folder: Path) -> dict[str, dict[int, float]]:
 
 def label_cell(spec: str) -> tuple[str, dict[str, pd.DataFrame]]:
     """`LABEL=DIR[,DIR...]` -> the label and, per column, a frame [seed x doc_id] of scores in %."""
-    label, sep, folders = spec.partition("=")
-    if not sep or not label or not folders:
+    label, sep, listed = spec.partition("=")
+    if not sep or not label or not listed:
         raise SystemExit(f"paired_evals: {spec!r}: expected LABEL=DIR[,DIR...]")
-    per_seed = [folder_scores(Path(folder)) for folder in folders.split(",")]
+    folders = listed.split(",")
+    per_seed = [folder_scores(Path(folder)) for folder in folders]
     # the report's column order, which its bootstrap draws follow
     columns = [f for f in FAMILIES if f in per_seed[0]] + sorted(set(per_seed[0]) - set(FAMILIES))
-    for folder, scores in zip(folders.split(","), per_seed):
+    for folder, scores in zip(folders, per_seed):
         if set(scores) != set(columns):
             raise SystemExit(f"paired_evals: {folder}: columns {sorted(scores)}, expected {sorted(columns)} as in "
                              f"{label}'s first folder")
