@@ -10,7 +10,9 @@ evaluation folder, `prism eval --suite embedded`) and counts, over its items:
     both name the question's colour and shape, as the world's chains do;
   - count follows list, over the chains whose first two lines are the world's list ("Red shapes: circle at top,
     square at center.") and count ("Red squares: 1."): the count is how many listed shapes are the asked one, i.e.
-    the last lookup is right whatever the list got wrong.
+    the last lookup is right whatever the list got wrong;
+  - count by listed, over the same chains: how many listed shapes are the asked one -> the count written -> how many
+    chains, which tells a lookup that errs both ways at random from one that counts every listed shape.
 Writes outputs/bench/presence-chains.json.
 
     .venv/bin/python bench/presence_chains.py outputs/evals/<hash> [outputs/evals/<hash> ...]
@@ -38,6 +40,7 @@ def chain_counts(samples: list[dict]) -> dict:
     counts = {"items": len(samples), "accuracy": 0.0, "caption_decides_right": 0, "answer_follows_caption": 0,
               "chain_names_asked_object": 0}
     listed_chains = count_follows_list = 0
+    count_by_listed: dict[str, dict[str, int]] = {}
     for sample in samples:
         colour, shape = QUESTION.match(sample["input"]).groups()
         response = sample["filtered_resps"]
@@ -53,10 +56,14 @@ def chain_counts(samples: list[dict]) -> dict:
         if lines:
             listed = [] if lines.group(1) == "none" else [item.split(" at ")[0] for item in lines.group(1).split(", ")]
             listed_chains += 1
-            count_follows_list += listed.count(shape) == int(lines.group(2))
+            matching, written = listed.count(shape), int(lines.group(2))
+            count_follows_list += matching == written
+            by_written = count_by_listed.setdefault(str(matching), {})
+            by_written[str(written)] = by_written.get(str(written), 0) + 1
     shares = {key: (value if key == "items" else round(100 * value / len(samples), 1)) for key, value in counts.items()}
     return {**shares, "chains_with_list_and_count": listed_chains,
-            "count_follows_list": round(100 * count_follows_list / listed_chains, 1) if listed_chains else None}
+            "count_follows_list": round(100 * count_follows_list / listed_chains, 1) if listed_chains else None,
+            "count_by_listed": {key: dict(sorted(value.items())) for key, value in sorted(count_by_listed.items())}}
 
 
 def main() -> None:
@@ -66,6 +73,8 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     for folder in args.evaluations:
+        if not (folder / "checkpoint.json").is_file():
+            raise SystemExit(f"{folder}: no checkpoint.json in it: expected one evaluation's folder (outputs/evals/<hash>)")
         files = sorted(folder.glob("**/*samples_prism_embedded_presence.jsonl"))
         if not files:
             raise SystemExit(f"{folder}: no samples_prism_embedded_presence.jsonl under it (an embedded evaluation?)")
