@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
             c: {"accuracy": estimate_json(accuracy[c]), "delta": estimate_json(delta[c])} for c in columns}}
         texts = [format_estimate(accuracy[c]) + ("" if delta[c] is None else
                                                   f"; {format_estimate(delta[c], signed=True)}") for c in columns]
-        print(f"| {label} ({seeds} seeds{'' if label == base else ', minus ' + base}) | " + " | ".join(texts) + " |")
+        counted = f"{seeds} seed{'s' if seeds != 1 else ''}{'' if label == base else ', minus ' + base}"
+        print(f"| {label} ({counted}) | " + " | ".join(texts) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
