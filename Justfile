@@ -97,6 +97,10 @@ paired-runs run_a run_b *args: setup
 paired-evals +labels: setup
     .venv/bin/python bench/paired_evals.py {{labels}}
 
+# Held-out accuracy per family at each kept checkpoint of a stage run (train with keep_last_checkpoints=0).
+checkpoint-curve run +args: setup
+    .venv/bin/python bench/checkpoint_curve.py {{run}} {{args}}
+
 # Calibrate the embedded world: base + SFT of a preset, held-out accuracy per family (S ~12 min, M ~25 min).
 calibrate-world preset="embedded-s" *args: setup
     .venv/bin/python bench/calibrate_world.py --preset {{preset}} {{args}}

@@ -1,8 +1,12 @@
-"""Fixtures for the report tests: the bench scripts that read reports, loaded by path (bench/ is not a package)."""
+"""Fixtures for the report tests: the bench scripts that read reports, loaded by path (bench/ is not a package), and
+evaluation folders as `prism eval` leaves them."""
 
 import importlib.util
+import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -17,3 +21,24 @@ def bench_script():
         spec.loader.exec_module(module)
         return module
     return load
+
+
+@pytest.fixture
+def evaluation_folder():
+    """evaluation_folder(root, name, {family: scores}) -> an evaluation folder root/<hash> with those per-item scores."""
+    def write_evaluation(root: Path, name: str, scores_by_family: dict[str, np.ndarray], key: str = "key0") -> Path:
+        """An evaluation folder as `prism eval --out root` leaves it: root/<hash>/prism_embedded-<key>/rows.csv and the
+        samples files lmms-eval logged under the checkpoint's folder."""
+        folder = root / f"hash-{name}"
+        entry = folder / f"prism_embedded-{key}"
+        (entry / "model").mkdir(parents=True)
+        rows = []
+        for family, scores in scores_by_family.items():
+            task = f"prism_embedded_{family}"
+            lines = [json.dumps({"doc_id": i, "accuracy": float(s)}) for i, s in enumerate(scores)]
+            (entry / "model" / f"20261201_000000_samples_{task}.jsonl").write_text("\n".join(lines) + "\n")
+            rows.append({"checkpoint": name, "checkpoint_hash": folder.name, "suite": "embedded", "benchmark": "embedded",
+                         "task": task, "metric": "accuracy", "value": float(np.mean(scores)), "eval_key": key})
+        pd.DataFrame(rows).to_csv(entry / "rows.csv", index=False)
+        return folder
+    return write_evaluation
