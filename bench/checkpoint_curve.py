@@ -23,14 +23,20 @@ from pathlib import Path
 from evaluation.results import read_rows
 from prism.atomic_io import atomic_write_text
 from prism.models import load_model, load_processor, save_model
-from prism.runtime import list_checkpoints, load_checkpoint
+from prism.runtime import is_sharded_checkpoint, list_checkpoints, load_checkpoint
 from reports.tables import FAMILIES, row_scores
 
 
 def checkpoint_model(run: Path, checkpoint: Path, out: Path) -> Path:
     """`run`/model with the weights of `checkpoint` (a RUN/checkpoints/step-N folder), saved as a model folder."""
+    if is_sharded_checkpoint(checkpoint):
+        raise SystemExit(f"checkpoint_curve: {checkpoint}: a sharded (FSDP) checkpoint, not supported here")
     model = load_model(run / "model")
-    model.load_state_dict(load_checkpoint(checkpoint)["model_state"])
+    try:
+        model.load_state_dict(load_checkpoint(checkpoint)["model_state"])
+    except RuntimeError as error:  # e.g. an align run's, which holds the policy and the discriminator together
+        raise SystemExit(f"checkpoint_curve: {checkpoint}: its weights do not fit {run / 'model'} "
+                         f"({str(error).splitlines()[0]}): expected a base, sft or rlvr run") from None
     return save_model(model, load_processor(run / "model"), out)
 
 
@@ -61,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/checkpoint-curve.json"))
     parser.add_argument("overrides", nargs="*", help="EvalConfig overrides for prism eval, e.g. batch_size=200")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
+    if args.every is not None and args.every < 1:
+        parser.error(f"--every: expected a step count >= 1, got {args.every}")
     if not (args.run / "model" / "config.json").is_file():
         raise SystemExit(f"checkpoint_curve: {args.run}: no model/ folder in it: expected a finished stage's run folder")
     checkpoints = dict(list_checkpoints(args.run))
@@ -75,8 +83,11 @@ def main(argv: list[str] | None = None) -> None:
         if not (model / "config.json").is_file():
             checkpoint_model(args.run, checkpoints[step], model)
         if not list(evaluated.glob("*/*/rows.csv")):
-            subprocess.run([sys.executable, "-m", "prism.cli", "eval", "--checkpoint", str(model), "--suite", "embedded",
-                            "--world", str(args.world), "--out", str(evaluated), *args.overrides], check=True)
+            done = subprocess.run([sys.executable, "-m", "prism.cli", "eval", "--checkpoint", str(model), "--suite",
+                                   "embedded", "--world", str(args.world), "--out", str(evaluated), *args.overrides])
+            if done.returncode:
+                raise SystemExit(f"checkpoint_curve: prism eval of {model} failed (exit {done.returncode}; "
+                                 "its message above)")
         curve[step] = family_accuracy(evaluated)
         print(f"step {step}: " + ", ".join(f"{k} {v:.1f}" for k, v in curve[step].items() if k != "evaluation"),
               flush=True)

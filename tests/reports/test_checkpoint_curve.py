@@ -45,10 +45,14 @@ def test_taken_steps_keep_the_grid_and_the_last(bench_script):
     assert taken([100, 200], None) == [100, 200]
 
 
-def test_a_run_without_a_model_or_checkpoints_is_named(bench_script, run_with_checkpoints, tmp_path):
+def test_a_run_without_a_model_or_checkpoints_and_a_zero_grid_are_named(bench_script, run_with_checkpoints, tmp_path,
+                                                                           capsys):
     main = bench_script("checkpoint_curve").main
     with pytest.raises(SystemExit, match=f"{tmp_path}: no model/ folder in it"):
         main([str(tmp_path), "--world", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main([str(run_with_checkpoints), "--world", str(tmp_path), "--every", "0"])
+    assert "--every: expected a step count >= 1, got 0" in capsys.readouterr().err
     shutil.rmtree(run_with_checkpoints / "checkpoints")
     with pytest.raises(SystemExit, match="no checkpoints/step-N folders"):
         main([str(run_with_checkpoints), "--world", str(tmp_path)])
@@ -72,3 +76,12 @@ def test_the_curve_reads_each_steps_evaluation_and_reuses_what_is_there(bench_sc
     assert steps["100"]["presence"] == 25.0 and steps["100"]["Avg"] == 37.5  # (50 + 25) / 2
     assert steps["200"]["presence"] == 75.0 and steps["200"]["Avg"] == 62.5
     assert steps["200"]["evaluation"] == str(evals / "step-000200" / "hash-s200")
+
+
+def test_weights_of_another_model_are_named(bench_script, run_with_checkpoints, tmp_path):
+    """An align run's checkpoint holds the policy and the discriminator under their own names: not the model's."""
+    state = {f"policy.{k}": v for k, v in load_model(run_with_checkpoints / "model").state_dict().items()}
+    checkpoint = save_checkpoint(run_with_checkpoints, 300, model_state=state)
+    with pytest.raises(SystemExit, match=r"step-000300: its weights do not fit .*expected a base, sft or rlvr run"):
+        bench_script("checkpoint_curve").checkpoint_model(run_with_checkpoints, checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
