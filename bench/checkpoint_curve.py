@@ -20,11 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from evaluation.results import read_rows
 from prism.atomic_io import atomic_write_text
 from prism.models import load_model, load_processor, save_model
 from prism.runtime import is_sharded_checkpoint, list_checkpoints, load_checkpoint
-from reports.tables import FAMILIES, row_scores
+from reports.tables import FAMILIES, evaluation_scores
 
 
 def checkpoint_model(run: Path, checkpoint: Path, out: Path) -> Path:
@@ -49,12 +48,15 @@ def taken_steps(steps: list[int], every: int | None) -> list[int]:
 def family_accuracy(evals: Path) -> dict[str, float | str]:
     """The one evaluation under `evals` (a `prism eval --out` root): its folder (`<checkpoint hash>`, what
     presence_chains.py and paired_evals.py read) and its accuracy (%) per family and Avg."""
-    rows = sorted(evals.glob("*/*/rows.csv"))
-    if len(rows) != 1:
-        raise SystemExit(f"checkpoint_curve: {evals}: expected one evaluation (a */*/rows.csv), found {len(rows)}")
-    scores = row_scores(read_rows(rows[0]), eval_root=evals)
+    folders = sorted(p for p in evals.iterdir() if p.is_dir())
+    try:
+        if len(folders) != 1:
+            raise ValueError(f"{evals}: expected one evaluation folder (<checkpoint hash>), found {len(folders)}")
+        scores = evaluation_scores(folders[0])
+    except ValueError as error:
+        raise SystemExit(f"checkpoint_curve: {error}") from None
     accuracy = {f: 100 * sum(scores[f].values()) / len(scores[f]) for f in FAMILIES if f in scores}
-    return {"evaluation": str(rows[0].parent.parent), **accuracy, "Avg": sum(accuracy.values()) / len(accuracy)}
+    return {"evaluation": str(folders[0]), **accuracy, "Avg": sum(accuracy.values()) / len(accuracy)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,24 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from evaluation.results import read_rows
 from prism.atomic_io import atomic_write_text
 from reports.stats import estimate_json, format_estimate
-from reports.tables import FAMILIES, cell_estimates, paired_estimates, row_scores
+from reports.tables import FAMILIES, cell_estimates, evaluation_scores, paired_estimates
 
 AVG = "Avg"
-
-
-def folder_scores(folder: Path) -> dict[str, dict[int, float]]:
-    """Per column, each item's score {doc_id: accuracy} of one `prism eval` folder (`<out>/<checkpoint hash>`)."""
-    entries = sorted(folder.glob("*/rows.csv"))
-    if len(entries) != 1:
-        found = ", ".join(e.parent.name for e in entries) or "none"
-        raise SystemExit(f"paired_evals: {folder}: expected one evaluation (a */rows.csv), found {found}")
-    scores = row_scores(read_rows(entries[0]), eval_root=folder.parent)
-    if not scores:
-        raise SystemExit(f"paired_evals: {entries[0]}: no per-sample scores (a samples file is missing)")
-    return scores
 
 
 def label_cell(spec: str) -> tuple[str, dict[str, pd.DataFrame]]:
@@ -46,7 +33,10 @@ def label_cell(spec: str) -> tuple[str, dict[str, pd.DataFrame]]:
     if not sep or not label or not listed:
         raise SystemExit(f"paired_evals: {spec!r}: expected LABEL=DIR[,DIR...]")
     folders = listed.split(",")
-    per_seed = [folder_scores(Path(folder)) for folder in folders]
+    try:
+        per_seed = [evaluation_scores(Path(folder)) for folder in folders]
+    except ValueError as error:
+        raise SystemExit(f"paired_evals: {error}") from None
     # the report's column order, which its bootstrap draws follow
     columns = [f for f in FAMILIES if f in per_seed[0]] + sorted(set(per_seed[0]) - set(FAMILIES))
     for folder, scores in zip(folders, per_seed):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from evaluation.results import samples_files
+from evaluation.results import read_rows, samples_files
 from prism.workers import available_cores
 from reports.stats import Estimate, above_level, format_estimate, interval, paired_difference
 
@@ -127,6 +127,19 @@ def sample_scores(record_path: str | Path, eval_root: Path | None = None) -> dic
 def row_scores(rows: list[dict], eval_root: Path | None = None) -> dict[str, dict[int, float]] | None:
     """`sample_scores` of an evaluation's rows (`run_eval(...).rows`, what a record holds)."""
     return scores_of(column_samples(rows, eval_root))
+
+
+def evaluation_scores(folder: Path) -> dict[str, dict[int, float]]:
+    """`row_scores` of one `prism eval` folder (`<out>/<checkpoint hash>`, its one `*/rows.csv`); ValueError naming
+    the folder when it holds no or several evaluations, or lacks a samples file."""
+    entries = sorted(folder.glob("*/rows.csv"))
+    if len(entries) != 1:
+        found = ", ".join(e.parent.name for e in entries) or "none"
+        raise ValueError(f"{folder}: expected one evaluation (a */rows.csv), found {found}")
+    scores = row_scores(read_rows(entries[0]), eval_root=folder.parent)
+    if not scores:
+        raise ValueError(f"{entries[0]}: no per-sample scores (a samples file is missing)")
+    return scores
 
 
 def column_samples(rows: list[dict], eval_root: Path | None = None) -> dict[str, tuple[str, list[dict]]] | None:
