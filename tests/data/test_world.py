@@ -103,6 +103,19 @@ def test_presence_traps_ask_about_a_present_colour_and_a_present_shape():
         assert colour in caption and shape in caption and f"{colour} {shape}" not in caption
 
 
+def test_presence_chain_counts_the_asked_shape_in_its_list_and_concludes_from_the_count():
+    cfg = WorldConfig(families=["presence"])
+    for index in range(40):
+        sample = make_sample(cfg, "bench", index)
+        colour, shape = re.match(r"Is there an? (\w+) (\w+)", sample.question).groups()
+        listed, count, conclusion = sample.teacher.steps
+        assert listed.startswith(f"{colour.capitalize()} shapes: ")
+        written = int(re.fullmatch(rf"{colour.capitalize()} {shape}e?s: (\d+)\.", count).group(1))
+        assert written == listed.split(": ", 1)[1].count(shape)
+        assert conclusion == f"So a {colour} {shape} is {'present' if written else 'absent'}."
+        assert sample.answer == ("yes" if written else "no")
+
+
 def test_public_demonstrations_are_lower_fidelity_than_the_teachers():
     cfg = WorldConfig(wrong_answer_rate=0.3, caption_drop_rate=0.3, skip_steps_rate=0.5)
     samples = [make_sample(cfg, "sft", i) for i in range(600)]
