@@ -49,9 +49,10 @@ def family_accuracy(evals: Path) -> dict[str, float | str]:
     """The one evaluation under `evals` (a `prism eval --out` root): its folder (`<checkpoint hash>`, what
     presence_chains.py and paired_evals.py read) and its accuracy (%) per family and Avg."""
     folders = sorted(p for p in evals.iterdir() if p.is_dir())
+    if len(folders) != 1:
+        raise SystemExit(f"checkpoint_curve: {evals}: expected one evaluation folder (<checkpoint hash>), "
+                         f"found {len(folders)}")
     try:
-        if len(folders) != 1:
-            raise ValueError(f"{evals}: expected one evaluation folder (<checkpoint hash>), found {len(folders)}")
         scores = evaluation_scores(folders[0])
     except ValueError as error:
         raise SystemExit(f"checkpoint_curve: {error}") from None

@@ -85,3 +85,13 @@ def test_weights_of_another_model_are_named(bench_script, run_with_checkpoints, 
     with pytest.raises(SystemExit, match=r"step-000300: its weights do not fit .*expected a base, sft or rlvr run"):
         bench_script("checkpoint_curve").checkpoint_model(run_with_checkpoints, checkpoint, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_family_accuracy_reads_one_evaluation_and_names_a_folder_of_two(bench_script, evaluation_folder, tmp_path):
+    family_accuracy = bench_script("checkpoint_curve").family_accuracy
+    evals = tmp_path / "step-100"
+    folder = evaluation_folder(evals, "a", {"presence": np.array([1, 0, 1, 1]), "counting": np.array([0, 0, 1, 0])})
+    assert family_accuracy(evals) == {"evaluation": str(folder), "counting": 25.0, "presence": 75.0, "Avg": 50.0}
+    evaluation_folder(evals, "b", {"presence": np.array([1])})
+    with pytest.raises(SystemExit, match=r"step-100: expected one evaluation folder \(<checkpoint hash>\), found 2"):
+        family_accuracy(evals)
