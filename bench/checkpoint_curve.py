@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.every is not None and args.every < 1:
         parser.error(f"--every: expected a step count >= 1, got {args.every}")
     if not (args.run / "model" / "config.json").is_file():
-        raise SystemExit(f"checkpoint_curve: {args.run}: no model/ folder in it: expected a finished stage's run folder")
+        raise SystemExit(f"checkpoint_curve: {args.run}: no model/ folder in it: "
+                         "expected a finished stage's run folder")
     checkpoints = dict(list_checkpoints(args.run))
     if not checkpoints:
         raise SystemExit(f"checkpoint_curve: {args.run}: no checkpoints/step-N folders in it")

@@ -25,7 +25,8 @@ def bench_script():
 
 @pytest.fixture
 def evaluation_folder():
-    """evaluation_folder(root, name, {family: scores}) -> an evaluation folder root/<hash> with those per-item scores."""
+    """evaluation_folder(root, name, {family: scores}) -> an evaluation folder root/<hash> with those per-item
+    scores."""
     def write_evaluation(root: Path, name: str, scores_by_family: dict[str, np.ndarray], key: str = "key0") -> Path:
         """An evaluation folder as `prism eval --out root` leaves it: root/<hash>/prism_embedded-<key>/rows.csv and the
         samples files lmms-eval logged under the checkpoint's folder."""
@@ -37,8 +38,9 @@ def evaluation_folder():
             task = f"prism_embedded_{family}"
             lines = [json.dumps({"doc_id": i, "accuracy": float(s)}) for i, s in enumerate(scores)]
             (entry / "model" / f"20261201_000000_samples_{task}.jsonl").write_text("\n".join(lines) + "\n")
-            rows.append({"checkpoint": name, "checkpoint_hash": folder.name, "suite": "embedded", "benchmark": "embedded",
-                         "task": task, "metric": "accuracy", "value": float(np.mean(scores)), "eval_key": key})
+            rows.append({"checkpoint": name, "checkpoint_hash": folder.name, "suite": "embedded",
+                         "benchmark": "embedded", "task": task, "metric": "accuracy", "value": float(np.mean(scores)),
+                         "eval_key": key})
         pd.DataFrame(rows).to_csv(entry / "rows.csv", index=False)
         return folder
     return write_evaluation

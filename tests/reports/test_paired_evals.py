@@ -8,7 +8,8 @@ import pytest
 from reports.tables import FAMILIES
 
 
-def test_a_known_change_over_two_seeds_is_recovered_and_the_baseline_pairs_with_nothing(tmp_path, capsys, bench_script, evaluation_folder):
+def test_a_known_change_over_two_seeds_is_recovered_and_the_baseline_pairs_with_nothing(tmp_path, capsys, bench_script,
+                                                                                        evaluation_folder):
     rng = np.random.default_rng(0)
     base, changed = [], []
     for seed in range(2):
@@ -34,7 +35,8 @@ def test_a_known_change_over_two_seeds_is_recovered_and_the_baseline_pairs_with_
     assert "| changed (2 seeds, minus base) |" in capsys.readouterr().out
 
 
-def test_a_folder_with_two_evaluations_a_label_named_twice_and_one_without_folders_are_named(tmp_path, bench_script, evaluation_folder):
+def test_a_folder_with_two_evaluations_a_label_named_twice_and_one_without_folders_are_named(tmp_path, bench_script,
+                                                                                             evaluation_folder):
     scores = {f: np.ones(10) for f in FAMILIES}
     folder = evaluation_folder(tmp_path, "twice", scores)
     evaluation_folder(tmp_path, "twice", scores, key="key1")
