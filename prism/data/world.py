@@ -91,6 +91,13 @@ class WorldConfig:
     terse_caption_rate: float = field(default=0.4, metadata={"help": "Probability that a public caption omits positions."})
     skip_steps_rate: float = field(default=0.3, metadata={"help": "Probability that a public demonstration skips the intermediate steps."})
     wrong_answer_rate: float = field(default=0.15, metadata={"help": "Probability that a public demonstration ends in a wrong answer."})
+    skip_steps_by_family: dict[str, float] = field(
+        default_factory=dict,
+        metadata={**HASH_IF_SET,
+                  "help": "skip_steps_rate for the named families (name -> probability; the others keep "
+                          "skip_steps_rate). Only the public demonstrations change (the SFT file, the student side "
+                          "of the warm-up pairs); the tokenizer stays the default's, so the bases are shared."},
+    )
 
     # --- the untagged base corpus (instruction data) ---
     base_answer_rate: float = field(
@@ -121,6 +128,12 @@ class WorldConfig:
                                  family)
             if not isinstance(count, int) or isinstance(count, bool) or count < 1:
                 raise FieldError(f"sft_family_repeats.{family}", "an integer >= 1", count)
+        for family, rate in self.skip_steps_by_family.items():
+            if family not in self.families:
+                raise FieldError(f"skip_steps_by_family.{family}",
+                                 f"a family of `families` ({', '.join(self.families)})", family)
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+                raise FieldError(f"skip_steps_by_family.{family}", "a probability in [0, 1]", rate)
         if self.image_size % CELL_PX or not 64 <= self.image_size <= 256:
             raise FieldError("image_size", "a multiple of 32 between 64 and 256", self.image_size)
         if not 2 <= self.num_colours <= len(PALETTE):
@@ -506,7 +519,7 @@ def _wrong_answer(rng: np.random.Generator, answer: str, answer_type: str, choic
     return str(int(wrong)) if float(wrong).is_integer() else str(wrong)
 
 
-def _public_demo(rng, cfg, bullets, steps, answer, answer_type, choices) -> Demonstration:
+def _public_demo(rng, cfg, family, bullets, steps, answer, answer_type, choices) -> Demonstration:
     """A lower-fidelity demonstrator: drops and shortens bullets, skips steps, is sometimes wrong."""
     terse = rng.random() < cfg.terse_caption_rate
     kept = [b.split(" at ")[0] if terse else b for b in bullets if rng.random() >= cfg.caption_drop_rate]
@@ -514,7 +527,8 @@ def _public_demo(rng, cfg, bullets, steps, answer, answer_type, choices) -> Demo
         kept = [bullets[0].split(" at ")[0] if terse else bullets[0]]
     wrong = rng.random() < cfg.wrong_answer_rate
     final = _wrong_answer(rng, answer, answer_type, choices) if wrong else answer
-    if rng.random() < cfg.skip_steps_rate or wrong:
+    # the draw is taken whatever the rate, so a family's rate changes no other draw of the sample
+    if rng.random() < cfg.skip_steps_by_family.get(family, cfg.skip_steps_rate) or wrong:
         public_steps = [f"The answer is {final}."]
     else:
         public_steps = list(steps)
@@ -573,7 +587,7 @@ def make_sample(cfg: WorldConfig, split: str, index: int) -> Sample:
         rng = _rng(cfg, split, index)
         image, question, answer, answer_type, choices, bullets, steps = _FAMILY_FUNCTIONS[family](rng, cfg)
     teacher = Demonstration(tuple(bullets), tuple(steps), answer)
-    public = _public_demo(rng, cfg, bullets, steps, answer, answer_type, choices)
+    public = _public_demo(rng, cfg, family, bullets, steps, answer, answer_type, choices)
     base_prompt, base_response = _base_pair(rng, cfg, bullets, question, answer)
     base_system_prompt = bool(rng.random() < cfg.base_system_prompt_rate)
     return Sample(

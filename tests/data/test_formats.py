@@ -251,6 +251,14 @@ def test_the_tokenizer_corpus_is_the_even_mix_whatever_the_sft_family_repeats():
     assert list(corpus_texts(repeated, per_split=24, made=made)) == expected
 
 
+def test_the_tokenizer_corpus_is_the_defaults_whatever_a_familys_skip_steps_rate():
+    default, steps_kept = WorldConfig(), WorldConfig(skip_steps_by_family={"presence": 0.0})
+    made = {split: list(iter_split(steps_kept, split, stop=24)) for split in ("base", "sft", "teacher", "rl")}
+    expected = list(corpus_texts(default, per_split=24))
+    assert [s.public.text for s in made["sft"]] != [s.public.text for s in iter_split(default, "sft", stop=24)]
+    assert list(corpus_texts(steps_kept, per_split=24, made=made)) == expected
+
+
 def test_a_split_made_across_processes_writes_the_files_one_process_writes(tmp_path, monkeypatch):
     """2,000 base samples in two processes' shares: the same records, images and tokenizer as one process."""
     from prism.data import export

@@ -129,6 +129,34 @@ def test_public_demonstrations_are_lower_fidelity_than_the_teachers():
     assert all(is_format_valid(s.public.text) for s in samples)
 
 
+def test_skip_steps_by_family_changes_only_that_familys_public_steps():
+    """presence at rate 0: every right presence demonstration writes the teacher's steps; every other draw of every
+    sample (scene, caption, answer, base pair, other families) is the default's."""
+    default, steps_kept = WorldConfig(), WorldConfig(skip_steps_by_family={"presence": 0.0})
+    changed = 0
+    for index in range(240):
+        a, b = make_sample(default, "sft", index), make_sample(steps_kept, "sft", index)
+        assert (a.image_png(), a.teacher, a.public.caption_bullets, a.public.answer) == \
+            (b.image_png(), b.teacher, b.public.caption_bullets, b.public.answer)
+        assert (a.base_prompt, a.base_response, a.base_system_prompt) == (b.base_prompt, b.base_response,
+                                                                         b.base_system_prompt)
+        if a.family != "presence":
+            assert a.public == b.public
+        elif b.public.answer == b.answer:  # a wrong answer still skips its steps
+            assert b.public.steps == b.teacher.steps
+            changed += a.public.steps != b.public.steps
+    assert changed >= 5  # the default skipped some of these (skip_steps_rate 0.3)
+
+
+@pytest.mark.parametrize(
+    ("rates", "field"),
+    [({"presense": 0.0}, "skip_steps_by_family.presense"), ({"presence": 1.5}, "skip_steps_by_family.presence")],
+)
+def test_skip_steps_by_family_names_a_family_and_a_probability(rates, field):
+    with pytest.raises(FieldError, match=re.escape(f"field '{field}'")):
+        WorldConfig(skip_steps_by_family=rates)
+
+
 def test_public_equals_teacher_when_all_noise_is_off():
     cfg = WorldConfig(caption_drop_rate=0, terse_caption_rate=0, skip_steps_rate=0, wrong_answer_rate=0)
     for index in range(30):
