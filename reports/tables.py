@@ -132,14 +132,21 @@ def row_scores(rows: list[dict], eval_root: Path | None = None) -> dict[str, dic
 def evaluation_scores(folder: Path) -> dict[str, dict[int, float]]:
     """`row_scores` of one `prism eval` folder (`<out>/<checkpoint hash>`, its one `*/rows.csv`); ValueError naming
     the folder when it holds no or several evaluations, or lacks a samples file."""
+    return evaluation_items(folder)[0]
+
+
+def evaluation_items(folder: Path) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, str]] | None]:
+    """`evaluation_scores` of one `prism eval` folder and its items' reference answers (`targets_of`; None where a
+    sample carries none), from one reading of its samples files."""
     entries = sorted(folder.glob("*/rows.csv"))
     if len(entries) != 1:
         found = ", ".join(e.parent.name for e in entries) or "none"
         raise ValueError(f"{folder}: expected one evaluation (a */rows.csv), found {found}")
-    scores = row_scores(read_rows(entries[0]), eval_root=folder.parent)
+    samples = column_samples(read_rows(entries[0]), eval_root=folder.parent)
+    scores = scores_of(samples)
     if not scores:
         raise ValueError(f"{entries[0]}: no per-sample scores (a samples file is missing)")
-    return scores
+    return scores, targets_of(samples)
 
 
 def column_samples(rows: list[dict], eval_root: Path | None = None) -> dict[str, tuple[str, list[dict]]] | None:

@@ -27,16 +27,18 @@ def bench_script():
 def evaluation_folder():
     """evaluation_folder(root, name, {family: scores}) -> an evaluation folder root/<hash> with those per-item
     scores."""
-    def write_evaluation(root: Path, name: str, scores_by_family: dict[str, np.ndarray], key: str = "key0") -> Path:
+    def write_evaluation(root: Path, name: str, scores_by_family: dict[str, np.ndarray], key: str = "key0",
+                         targets: dict[str, list[str]] | None = None) -> Path:
         """An evaluation folder as `prism eval --out root` leaves it: root/<hash>/prism_embedded-<key>/rows.csv and the
-        samples files lmms-eval logged under the checkpoint's folder."""
+        samples files lmms-eval logged under the checkpoint's folder (with each item's `target` where given)."""
         folder = root / f"hash-{name}"
         entry = folder / f"prism_embedded-{key}"
         (entry / "model").mkdir(parents=True)
         rows = []
         for family, scores in scores_by_family.items():
             task = f"prism_embedded_{family}"
-            lines = [json.dumps({"doc_id": i, "accuracy": float(s)}) for i, s in enumerate(scores)]
+            lines = [json.dumps({"doc_id": i, "accuracy": float(s),
+                                 **({"target": targets[family][i]} if targets else {})}) for i, s in enumerate(scores)]
             (entry / "model" / f"20261201_000000_samples_{task}.jsonl").write_text("\n".join(lines) + "\n")
             rows.append({"checkpoint": name, "checkpoint_hash": folder.name, "suite": "embedded",
                          "benchmark": "embedded", "task": task, "metric": "accuracy", "value": float(np.mean(scores)),

@@ -49,3 +49,39 @@ def test_a_folder_with_two_evaluations_a_label_named_twice_and_one_without_folde
     with pytest.raises(SystemExit, match=r"'b': expected LABEL=DIR"):
         bench_script("paired_evals").main([f"a={other}", "b", "--out", str(tmp_path / "p.json")])
     assert not (tmp_path / "p.json").exists()
+
+
+def test_learned_counts_the_runs_above_their_majority_answer_and_sets_the_counts_against_the_first(
+        tmp_path, capsys, bench_script, evaluation_folder):
+    """Presence at 80% on 100 yes/no items (majority share 50%) is learned, at 55% it is not (its interval holds 0); 1 of 4 runs against 4
+    of 4: Fisher's exact p by hand, the hypergeometric tables as or less likely than [[1, 3], [4, 0]]: (4 + 4) / 56."""
+    targets = {f: ["yes", "no"] * 50 for f in FAMILIES}
+    learned, at_chance = np.r_[np.ones(80), np.zeros(20)], np.r_[np.ones(55), np.zeros(45)]
+    others = {f: np.ones(100) for f in FAMILIES if f != "presence"}
+
+    def folders(label, presence_per_seed):
+        return ",".join(str(evaluation_folder(tmp_path, f"{label}{seed}", {**others, "presence": presence},
+                                              targets=targets)) for seed, presence in enumerate(presence_per_seed))
+
+    out = tmp_path / "paired.json"
+    bench_script("paired_evals").main([f"plain={folders('plain', [learned, at_chance, at_chance, at_chance])}",
+                                       f"kept={folders('kept', [learned] * 4)}", "--learned", "presence",
+                                       "--out", str(out)])
+    result = json.loads(out.read_text())["learned"]
+    assert result["column"] == "presence"
+    plain, kept = result["labels"]["plain"], result["labels"]["kept"]
+    assert [run["learned"] for run in plain["runs"]] == [True, False, False, False]
+    assert (plain["learned"], plain["of"], kept["learned"], kept["of"]) == (1, 4, 4, 4)
+    assert plain["runs"][1]["majority_share"] == 50.0 and plain["runs"][1]["accuracy"] == 55.0
+    assert plain["runs"][0]["above_majority"]["mean"] == pytest.approx(30.0)
+    assert "fisher_p" not in plain and kept["fisher_p"] == pytest.approx(8 / 56)
+    assert "| plain | 80.0 / 55.0 x / 55.0 x / 55.0 x (50.0) | 1 of 4 |  |" in capsys.readouterr().out
+
+
+def test_learned_names_the_folder_whose_samples_carry_no_reference_answers(tmp_path, bench_script, evaluation_folder):
+    scores = {f: np.ones(10) for f in FAMILIES}
+    folder = evaluation_folder(tmp_path, "untargeted", scores)
+    with pytest.raises(SystemExit, match=r"--learned presence: .*hash-untargeted: its samples carry no reference"):
+        bench_script("paired_evals").main([f"a={folder}", f"b={folder}", "--learned", "presence",
+                                           "--out", str(tmp_path / "p.json")])
+    assert not (tmp_path / "p.json").exists()
