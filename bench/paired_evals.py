@@ -8,11 +8,11 @@ difference from the first label (`reports.tables.paired_estimates`: the report's
 the seeds and items both hold; `*` marks an interval that excludes 0. Prints a markdown table and writes the numbers
 as JSON.
 
-`--learned COLUMN` counts, per label, the runs (seeds) that learned a column: its accuracy minus the share of its
-items the one most expected answer gets right, with the report's interval and p (`reports.tables.against_majority`),
-is learned where that interval excludes 0 from above. Each later label's count is set against the first's by Fisher's
-exact test (`scipy.stats.fisher_exact`): a change that makes a family learned more reliably shows there, over many
-seeds, where a mean over seeds mixes runs that learned it with runs that did not.
+`--learned COLUMN` counts, per label, the runs (seeds) that learned a column: those whose accuracy on it minus the
+share of its items that the one most expected answer gets right (`reports.tables.against_majority`, the report's
+interval) has an interval above 0. Each later label's count is set against the first's by Fisher's exact test
+(`scipy.stats.fisher_exact`): a change that makes a family learned more reliably shows there, over many seeds, where a
+mean over seeds mixes runs that learned it with runs that did not.
 
     .venv/bin/python bench/paired_evals.py base=outputs/evals/1d37,outputs/evals/37dc \\
         longer=outputs/evals/3807,outputs/evals/ebb5 [--learned presence] [--out outputs/bench/paired-evals.json]

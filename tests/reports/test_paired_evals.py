@@ -53,8 +53,9 @@ def test_a_folder_with_two_evaluations_a_label_named_twice_and_one_without_folde
 
 def test_learned_counts_the_runs_above_their_majority_answer_and_sets_the_counts_against_the_first(
         tmp_path, capsys, bench_script, evaluation_folder):
-    """Presence at 80% on 100 yes/no items (majority share 50%) is learned, at 55% it is not (its interval holds 0); 1 of 4 runs against 4
-    of 4: Fisher's exact p by hand, the hypergeometric tables as or less likely than [[1, 3], [4, 0]]: (4 + 4) / 56."""
+    """Presence at 80% on 100 yes/no items (majority share 50%) is learned, at 55% it is not (its interval holds
+    0); 1 of 4 runs against 4 of 4: Fisher's exact p by hand, the hypergeometric tables as or less likely than
+    [[1, 3], [4, 0]]: (4 + 4) / 56."""
     targets = {f: ["yes", "no"] * 50 for f in FAMILIES}
     learned, at_chance = np.r_[np.ones(80), np.zeros(20)], np.r_[np.ones(55), np.zeros(45)]
     others = {f: np.ones(100) for f in FAMILIES if f != "presence"}
