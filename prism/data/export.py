@@ -116,14 +116,15 @@ def corpus_texts(cfg: WorldConfig, per_split: int = TOKENIZER_CORPUS_PER_SPLIT,
     split's text is always the even mix's: repeating a family adds no word, and a tokenizer (hence the base models)
     that moved with the SFT mix would make a mix's SFT start from other bases than the even mix's, so the two could
     not be compared on the same bases. For the same reason every split's text is that of `skip_steps_rate` alone
-    (`skip_steps_by_family` changes public demonstrations in every split)."""
+    and of the counted presence chain (`skip_steps_by_family` and `presence_steps` change demonstrations in every
+    split)."""
     made = made or {}
     if cfg.sft_family_repeats:
         made = {split: samples for split, samples in made.items() if split != "sft"}
         cfg = dataclasses.replace(cfg, sft_family_repeats={})
-    if cfg.skip_steps_by_family:
+    if cfg.skip_steps_by_family or cfg.presence_steps != "count":
         made = {}
-        cfg = dataclasses.replace(cfg, skip_steps_by_family={})
+        cfg = dataclasses.replace(cfg, skip_steps_by_family={}, presence_steps="count")
     yield SYSTEM_PROMPT
     for split in ("base", "sft", "teacher", "rl"):
         samples = made[split][:per_split] if split in made else iter_split(cfg, split, stop=per_split)

@@ -47,6 +47,7 @@ PALETTE = {
     "orange": (240, 130, 20),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
+PRESENCE_STEPS = ("count", "matches")
 CELL_PX = 32
 
 
@@ -98,6 +99,14 @@ class WorldConfig:
                           "skip_steps_rate). Only the public demonstrations change (the SFT file, the student side "
                           "of the warm-up pairs); the tokenizer stays the default's, so the bases are shared."},
     )
+    presence_steps: str = field(
+        default="count",
+        metadata={**HASH_IF_SET,
+                  "help": "The presence chain's middle line: 'count' counts the asked shape in the colour's list "
+                          "(\"Red squares: 1.\"); 'matches' copies the list's items of that shape (\"Red squares: "
+                          "square at center.\", or \"none\"), existence by copying instead of counting. Every other "
+                          "draw and the tokenizer stay the default's, so the bases are shared."},
+    )
 
     # --- the untagged base corpus (instruction data) ---
     base_answer_rate: float = field(
@@ -134,6 +143,8 @@ class WorldConfig:
                                  f"a family of `families` ({', '.join(self.families)})", family)
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
                 raise FieldError(f"skip_steps_by_family.{family}", "a probability in [0, 1]", rate)
+        if self.presence_steps not in PRESENCE_STEPS:
+            raise FieldError("presence_steps", f"one of {', '.join(PRESENCE_STEPS)}", self.presence_steps)
         if self.image_size % CELL_PX or not 64 <= self.image_size <= 256:
             raise FieldError("image_size", "a multiple of 32 between 64 and 256", self.image_size)
         if not 2 <= self.num_colours <= len(PALETTE):
@@ -378,7 +389,8 @@ def _presence(rng, cfg, want_yes: bool):
     question = f"Is there a {colour} {shape} in the image? Answer yes or no."
     steps = [
         f"{colour.capitalize()} shapes: {_list_objects(matches, grid, show_colour=False)}.",
-        f"{colour.capitalize()} {_plural(shape)}: {len(both)}.",
+        f"{colour.capitalize()} {_plural(shape)}: "
+        + (_list_objects(both, grid, show_colour=False) if cfg.presence_steps == "matches" else str(len(both))) + ".",
         f"So a {colour} {shape} is {'present' if both else 'absent'}.",
     ]
     return _draw_grid_scene(objects, cfg), question, answer, "yes_no", None, _grid_bullets(objects, grid), steps

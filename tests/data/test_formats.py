@@ -259,6 +259,13 @@ def test_the_tokenizer_corpus_is_the_defaults_whatever_a_familys_skip_steps_rate
     assert list(corpus_texts(steps_kept, per_split=24, made=made)) == expected
 
 
+def test_the_tokenizer_corpus_is_the_defaults_whatever_the_presence_steps():
+    default, copied = WorldConfig(), WorldConfig(presence_steps="matches")
+    made = {split: list(iter_split(copied, split, stop=24)) for split in ("base", "sft", "teacher", "rl")}
+    assert [s.teacher.text for s in made["sft"]] != [s.teacher.text for s in iter_split(default, "sft", stop=24)]
+    assert list(corpus_texts(copied, per_split=24, made=made)) == list(corpus_texts(default, per_split=24))
+
+
 def test_a_split_made_across_processes_writes_the_files_one_process_writes(tmp_path, monkeypatch):
     """2,000 base samples in two processes' shares: the same records, images and tokenizer as one process."""
     from prism.data import export

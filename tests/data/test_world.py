@@ -116,6 +116,37 @@ def test_presence_chain_counts_the_asked_shape_in_its_list_and_concludes_from_th
         assert sample.answer == ("yes" if written else "no")
 
 
+def test_presence_steps_matches_copies_the_listed_items_of_the_asked_shape_and_changes_nothing_else():
+    """presence_steps=matches: the middle line copies the list's items of the asked shape ("none" where it holds none)
+    in both demonstrations; every other line and draw of every sample is the counted chain's."""
+    counted, copied = WorldConfig(), WorldConfig(presence_steps="matches")
+    seen = Counter()
+    for index in range(120):
+        a, b = make_sample(counted, "sft", index), make_sample(copied, "sft", index)
+        assert (a.image_png(), a.question, a.answer, a.base_response) == (b.image_png(), b.question, b.answer,
+                                                                          b.base_response)
+        assert (a.teacher.caption_bullets, a.public.caption_bullets, a.public.answer) == \
+            (b.teacher.caption_bullets, b.public.caption_bullets, b.public.answer)
+        if a.family != "presence":
+            assert (a.teacher, a.public) == (b.teacher, b.public)
+            continue
+        colour, shape = re.match(r"Is there an? (\w+) (\w+)", b.question).groups()
+        listed, matches, conclusion = b.teacher.steps
+        assert (listed, conclusion) == (a.teacher.steps[0], a.teacher.steps[2])
+        items = listed.split(": ", 1)[1].rstrip(".").split(", ")
+        expected = [item for item in items if item.split(" at ")[0] == shape] or ["none"]
+        assert matches == f"{colour.capitalize()} {shape}{'e' if shape.endswith('s') else ''}s: {', '.join(expected)}."
+        assert b.answer == ("no" if expected == ["none"] else "yes")
+        seen[b.answer] += 1
+        assert b.public.steps in ((f"The answer is {b.public.answer}.",), b.teacher.steps)
+    assert seen["yes"] >= 5 and seen["no"] >= 5
+
+
+def test_presence_steps_names_its_choices():
+    with pytest.raises(FieldError, match=re.escape("field 'presence_steps'")):
+        WorldConfig(presence_steps="filter")
+
+
 def test_public_demonstrations_are_lower_fidelity_than_the_teachers():
     cfg = WorldConfig(wrong_answer_rate=0.3, caption_drop_rate=0.3, skip_steps_rate=0.5)
     samples = [make_sample(cfg, "sft", i) for i in range(600)]

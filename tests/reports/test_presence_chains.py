@@ -38,6 +38,33 @@ def test_chain_counts_by_hand(bench_script):
     assert counts["count_follows_list"] == pytest.approx(33.3)  # only sample 1: 1 listed, 1 written
     # matching shapes listed -> count written -> chains
     assert counts["count_by_listed"] == {"0": {"1": 1}, "1": {"1": 1, "2": 1}}
+    # present written where the list holds the asked shape: 1 and 3, not 2 (no red circle listed)
+    assert counts["chains_with_list_and_conclusion"] == 3 and counts["conclusion_follows_list"] == pytest.approx(66.7)
+    assert counts["chains_with_list_and_matches"] == 0 and counts["matches_follow_list"] is None
+
+
+def test_chains_that_copy_the_matches_instead_of_counting(bench_script):
+    """A world with presence_steps=matches: the second line copies the listed items of the asked shape."""
+    counts = bench_script("presence_chains").chain_counts([
+        # right: the one red square copied
+        sample("red", "square", "yes", ["red square at top"],
+               "Red shapes: square at top, circle at left.\nRed squares: square at top.\nSo a red square is present.",
+               "yes"),
+        # none copied where the list holds no circle, and the conclusion follows
+        sample("red", "circle", "no", ["red square at top"],
+               "Red shapes: square at top.\nRed circles: none.\nSo a red circle is absent.", "no"),
+        # the wrong item copied (a square for a triangle); the conclusion still follows the list
+        sample("red", "triangle", "yes", ["red triangle", "red square"],
+               "Red shapes: triangle at left, square at right.\nRed triangles: square at right.\n"
+               "So a red triangle is present.", "yes"),
+        # none copied though the list holds the circle; the conclusion follows the copy, not the list
+        sample("blue", "circle", "yes", ["blue circle at top"],
+               "Blue shapes: circle at top.\nBlue circles: none.\nSo a blue circle is absent.", "no"),
+    ])
+    assert counts["chains_with_list_and_matches"] == 4
+    assert counts["matches_follow_list"] == 50.0  # 1 and 2
+    assert counts["conclusion_follows_list"] == 75.0  # 1, 2, 3
+    assert counts["chains_with_list_and_count"] == 0 and counts["count_follows_list"] is None
 
 
 def test_main_reads_an_evaluation_folder(bench_script, tmp_path, monkeypatch, capsys):
