@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
-from prism.config import HASH_IF_SET, FieldError
+from prism.config import HASH_IF_SET, FieldError, check_choice
 from prism.data.families import FAMILIES
 from prism.response_format import SYSTEM_PROMPT, render_response
 
@@ -143,8 +143,7 @@ class WorldConfig:
                                  f"a family of `families` ({', '.join(self.families)})", family)
             if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
                 raise FieldError(f"skip_steps_by_family.{family}", "a probability in [0, 1]", rate)
-        if self.presence_steps not in PRESENCE_STEPS:
-            raise FieldError("presence_steps", f"one of {', '.join(PRESENCE_STEPS)}", self.presence_steps)
+        check_choice(self, "presence_steps", PRESENCE_STEPS)
         if self.image_size % CELL_PX or not 64 <= self.image_size <= 256:
             raise FieldError("image_size", "a multiple of 32 between 64 and 256", self.image_size)
         if not 2 <= self.num_colours <= len(PALETTE):
