@@ -386,10 +386,10 @@ def _presence(rng, cfg, want_yes: bool):
     both = [o for o in matches if o.shape == shape]
     answer = "yes" if both else "no"
     question = f"Is there a {colour} {shape} in the image? Answer yes or no."
+    found = _list_objects(both, grid, show_colour=False) if cfg.presence_steps == "matches" else str(len(both))
     steps = [
         f"{colour.capitalize()} shapes: {_list_objects(matches, grid, show_colour=False)}.",
-        f"{colour.capitalize()} {_plural(shape)}: "
-        + (_list_objects(both, grid, show_colour=False) if cfg.presence_steps == "matches" else str(len(both))) + ".",
+        f"{colour.capitalize()} {_plural(shape)}: {found}.",
         f"So a {colour} {shape} is {'present' if both else 'absent'}.",
     ]
     return _draw_grid_scene(objects, cfg), question, answer, "yes_no", None, _grid_bullets(objects, grid), steps

@@ -135,7 +135,7 @@ def test_presence_steps_matches_copies_the_listed_items_of_the_asked_shape_and_c
         assert (listed, conclusion) == (a.teacher.steps[0], a.teacher.steps[2])
         items = listed.split(": ", 1)[1].rstrip(".").split(", ")
         expected = [item for item in items if item.split(" at ")[0] == shape] or ["none"]
-        assert matches == f"{colour.capitalize()} {shape}{'e' if shape.endswith('s') else ''}s: {', '.join(expected)}."
+        assert matches == f"{colour.capitalize()} {shape}s: {', '.join(expected)}."
         assert b.answer == ("no" if expected == ["none"] else "yes")
         seen[b.answer] += 1
         assert b.public.steps in ((f"The answer is {b.public.answer}.",), b.teacher.steps)
