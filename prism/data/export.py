@@ -37,7 +37,7 @@ from prism.data.formats import (
     write_sharegpt,
     write_warmup_pairs,
 )
-from prism.data.world import Sample, WorldConfig, iter_split, make_sample
+from prism.data.world import TOKENIZER_AT_DEFAULT, Sample, WorldConfig, iter_split, make_sample
 from prism.response_format import SYSTEM_PROMPT, count_caption_bullets, count_reasoning_steps, split_segments
 from prism.workers import available_cores
 
@@ -115,16 +115,17 @@ def corpus_texts(cfg: WorldConfig, per_split: int = TOKENIZER_CORPUS_PER_SPLIT,
     samples of a split already generated (its first `per_split` are used rather than generated again). The SFT
     split's text is always the even mix's: repeating a family adds no word, and a tokenizer (hence the base models)
     that moved with the SFT mix would make a mix's SFT start from other bases than the even mix's, so the two could
-    not be compared on the same bases. For the same reason every split's text is that of `skip_steps_rate` alone
-    and of the counted presence chain (`skip_steps_by_family` and `presence_steps` change demonstrations in every
-    split)."""
+    not be compared on the same bases. For the same reason every field marked `TOKENIZER_AT_DEFAULT` (the per-family
+    skip rates, the presence chain's form, the base split's lookups) is taken at its default in the splits it
+    changes."""
     made = made or {}
-    if cfg.sft_family_repeats:
-        made = {split: samples for split, samples in made.items() if split != "sft"}
-        cfg = dataclasses.replace(cfg, sft_family_repeats={})
-    if cfg.skip_steps_by_family or cfg.presence_steps != "count":
-        made = {}
-        cfg = dataclasses.replace(cfg, skip_steps_by_family={}, presence_steps="count")
+    defaults = WorldConfig()
+    changed = [f for f in dataclasses.fields(cfg)
+               if TOKENIZER_AT_DEFAULT in f.metadata and getattr(cfg, f.name) != getattr(defaults, f.name)]
+    if changed:
+        cfg = dataclasses.replace(cfg, **{f.name: getattr(defaults, f.name) for f in changed})
+        remade = {split for f in changed for split in f.metadata[TOKENIZER_AT_DEFAULT]}
+        made = {split: samples for split, samples in made.items() if split not in remade}
     yield SYSTEM_PROMPT
     for split in ("base", "sft", "teacher", "rl"):
         samples = made[split][:per_split] if split in made else iter_split(cfg, split, stop=per_split)

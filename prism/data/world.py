@@ -49,6 +49,16 @@ PALETTE = {
 SHAPES = ("circle", "square", "triangle", "diamond")
 PRESENCE_STEPS = ("count", "matches")
 CELL_PX = 32
+# Field metadata naming the splits whose text the field changes: the tokenizer corpus (`export.corpus_texts`) takes
+# the field at its default there, so the tokenizer stays the default world's and so, where the base split is the
+# default's, do the base models: a variant's SFT starts from the same bases as the default's.
+TOKENIZER_AT_DEFAULT = "tokenizer_at_default"
+# The families drawn on a grid of objects (their caption bullets read "<colour> <shape> at <position>").
+GRID_FAMILIES = ("counting", "presence", "composite", "multichoice")
+
+
+def _tokenizer_at_default(*splits: str) -> dict:
+    return {TOKENIZER_AT_DEFAULT: splits}
 
 
 @dataclass
@@ -69,7 +79,7 @@ class WorldConfig:
     families: list[str] = field(default_factory=lambda: list(FAMILIES), metadata={"help": "Task families to generate."})
     sft_family_repeats: dict[str, int] = field(
         default_factory=dict,
-        metadata={**HASH_IF_SET,
+        metadata={**HASH_IF_SET, **_tokenizer_at_default("sft"),
                   "help": "How many times each family comes up in the SFT split's cycle of families (name -> count, "
                           "unnamed families 1; the other training splits cycle them evenly; the tokenizer is the even "
                           "mix's). table1's embedded default repeats presence 4 times: its lookup needs several times "
@@ -94,14 +104,14 @@ class WorldConfig:
     wrong_answer_rate: float = field(default=0.15, metadata={"help": "Probability that a public demonstration ends in a wrong answer."})
     skip_steps_by_family: dict[str, float] = field(
         default_factory=dict,
-        metadata={**HASH_IF_SET,
+        metadata={**HASH_IF_SET, **_tokenizer_at_default("base", "sft", "teacher", "rl"),
                   "help": "skip_steps_rate for the named families (name -> probability; the others keep "
                           "skip_steps_rate). Only the public demonstrations change (the SFT file, the student side "
                           "of the warm-up pairs); the tokenizer stays the default's, so the bases are shared."},
     )
     presence_steps: str = field(
         default="count",
-        metadata={**HASH_IF_SET,
+        metadata={**HASH_IF_SET, **_tokenizer_at_default("base", "sft", "teacher", "rl"),
                   "help": "The presence chain's middle line: 'count' counts the asked shape in the colour's list "
                           "(\"Red squares: 1.\"); 'matches' copies the list's items of that shape (\"Red squares: "
                           "square at center.\", or \"none\"), existence by copying instead of counting. Every other "
@@ -118,6 +128,15 @@ class WorldConfig:
         default=0.5,
         metadata={"help": "Share of base samples under the PRISM system prompt, answered untagged all the same: the "
                           "instruct model has seen the prompt every row is evaluated with, and was never taught its format."},
+    )
+    base_lookup_rate: float = field(
+        default=0.0,
+        metadata={**HASH_IF_SET, **_tokenizer_at_default("base", "sft", "teacher", "rl"),
+                  "help": "Share of base samples on grid scenes that list the objects of one colour (or one shape), "
+                          "then those of that colour and one shape: \"List the red shapes, then the red squares.\" -> "
+                          "\"Red shapes: circle at left, square at center. Red squares: square at center.\" (or "
+                          "\"none\"), a lookup from a list the model wrote, practised before SFT. Only base.json "
+                          "changes; the tokenizer stays the default's."},
     )
 
     def __post_init__(self) -> None:
@@ -156,7 +175,7 @@ class WorldConfig:
         if not self.min_objects <= self.max_objects <= cells:
             raise FieldError("max_objects", f"an integer in [min_objects={self.min_objects}, {cells}]", self.max_objects)
         for name in ("caption_drop_rate", "terse_caption_rate", "skip_steps_rate", "wrong_answer_rate", "base_answer_rate",
-                     "base_system_prompt_rate"):
+                     "base_system_prompt_rate", "base_lookup_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise FieldError(name, "a probability in [0, 1]", value)
@@ -546,9 +565,29 @@ def _public_demo(rng, cfg, family, bullets, steps, answer, answer_type, choices)
     return Demonstration(tuple(kept), tuple(public_steps), final)
 
 
-def _base_pair(rng, cfg: WorldConfig, bullets: list[str], question: str, answer: str) -> tuple[str, str]:
+def _lookup_pair(rng, bullets: list[str]) -> tuple[str, str]:
+    """List the objects of one colour (or one shape), then those of that colour and one shape, copied from the list.
+    Colour and shape are each drawn from the scene's objects, so the pair is sometimes absent ("none")."""
+    objects = [(*thing.split(" "), where) for thing, where in (bullet.split(" at ", 1) for bullet in bullets)]
+    colour = objects[int(rng.integers(len(objects)))][0]
+    shape = objects[int(rng.integers(len(objects)))][1]
+    both = ", ".join(f"{s} at {where}" for c, s, where in objects if (c, s) == (colour, shape)) or "none"
+    lookup = f"{colour.capitalize()} {_plural(shape)}: {both}."
+    if rng.random() < 0.5:
+        listed = ", ".join(f"{s} at {where}" for c, s, where in objects if c == colour)
+        return (f"List the {colour} shapes, then the {colour} {_plural(shape)}.",
+                f"{colour.capitalize()} shapes: {listed}. {lookup}")
+    listed = ", ".join(f"{c} {s} at {where}" for c, s, where in objects if s == shape)
+    return (f"List the {_plural(shape)}, then the {colour} {_plural(shape)}.",
+            f"{_plural(shape).capitalize()}: {listed}. {lookup}")
+
+
+def _base_pair(rng, cfg: WorldConfig, family: str, bullets: list[str], question: str, answer: str) -> tuple[str, str]:
     """Generic untagged instruction data on the same scene: what a base 'instruct' model knows. A direct answer
     names no steps and no tags (the format and the reasoning are what SFT teaches)."""
+    # drawn only where the rate is set, so the default world's base split keeps its draws
+    if cfg.base_lookup_rate and family in GRID_FAMILIES and rng.random() < cfg.base_lookup_rate:
+        return _lookup_pair(rng, bullets)
     if rng.random() < cfg.base_answer_rate:
         short = answer.capitalize() if answer in ("yes", "no") else answer
         return question, f"{short}."
@@ -599,7 +638,7 @@ def make_sample(cfg: WorldConfig, split: str, index: int) -> Sample:
         image, question, answer, answer_type, choices, bullets, steps = _FAMILY_FUNCTIONS[family](rng, cfg)
     teacher = Demonstration(tuple(bullets), tuple(steps), answer)
     public = _public_demo(rng, cfg, family, bullets, steps, answer, answer_type, choices)
-    base_prompt, base_response = _base_pair(rng, cfg, bullets, question, answer)
+    base_prompt, base_response = _base_pair(rng, cfg, family, bullets, question, answer)
     base_system_prompt = bool(rng.random() < cfg.base_system_prompt_rate)
     return Sample(
         id=f"{split}-{index:06d}",

@@ -266,6 +266,14 @@ def test_the_tokenizer_corpus_is_the_defaults_whatever_the_presence_steps():
     assert list(corpus_texts(copied, per_split=24, made=made)) == list(corpus_texts(default, per_split=24))
 
 
+def test_the_tokenizer_corpus_is_the_defaults_whatever_the_base_lookup_rate():
+    """Every sample carries a base pair (only base.json writes them), so every split's text is made again."""
+    default, lookups = WorldConfig(), WorldConfig(base_lookup_rate=0.5)
+    made = {split: list(iter_split(lookups, split, stop=24)) for split in ("base", "sft", "teacher", "rl")}
+    assert [s.base_response for s in made["base"]] != [s.base_response for s in iter_split(default, "base", stop=24)]
+    assert list(corpus_texts(lookups, per_split=24, made=made)) == list(corpus_texts(default, per_split=24))
+
+
 def test_a_split_made_across_processes_writes_the_files_one_process_writes(tmp_path, monkeypatch):
     """2,000 base samples in two processes' shares: the same records, images and tokenizer as one process."""
     from prism.data import export

@@ -147,6 +147,45 @@ def test_presence_steps_names_its_choices():
         WorldConfig(presence_steps="filter")
 
 
+def test_base_lookup_rate_lists_one_attribute_then_copies_the_items_of_both_and_changes_only_base_pairs():
+    """base_lookup_rate: a share of the base pairs on grid scenes list the objects of one colour (or shape), then those
+    of that colour and shape ("none" where the scene has none), read from the teacher's bullets (every object); chart
+    and geometry scenes never; the question, demonstrations and image of every sample are the default's."""
+    default, lookups = WorldConfig(), WorldConfig(base_lookup_rate=0.5)
+    seen, directions = Counter(), Counter()
+    for index in range(240):
+        a, b = make_sample(default, "base", index), make_sample(lookups, "base", index)
+        assert (a.image_png(), a.question, a.teacher, a.public) == (b.image_png(), b.question, b.teacher, b.public)
+        if not b.base_prompt.startswith("List the "):
+            continue
+        assert b.family not in ("chart", "geometry")
+        objects = [(*thing.split(" "), where) for thing, where in (bullet.split(" at ", 1)
+                                                                    for bullet in b.teacher.caption_bullets)]
+        prompt = re.fullmatch(r"List the (\w+)(?: shapes)?, then the (\w+) (\w+)s\.", b.base_prompt)
+        first, colour, shape = prompt.groups()
+        listed, looked_up = b.base_response.split(". ", 1)
+        if first == colour:
+            directions["colour"] += 1
+            expected_list = [f"{s} at {where}" for c, s, where in objects if c == colour]
+            assert listed == f"{colour.capitalize()} shapes: {', '.join(expected_list)}"
+        else:
+            directions["shape"] += 1
+            assert first == shape + "s"
+            expected_list = [f"{c} {s} at {where}" for c, s, where in objects if s == shape]
+            assert listed == f"{shape.capitalize()}s: {', '.join(expected_list)}"
+        both = [f"{s} at {where}" for c, s, where in objects if (c, s) == (colour, shape)] or ["none"]
+        assert looked_up == f"{colour.capitalize()} {shape}s: {', '.join(both)}."
+        seen["none" if both == ["none"] else "found"] += 1
+    assert seen["none"] >= 5 and seen["found"] >= 5 and min(directions.values()) >= 5
+    assert [make_sample(WorldConfig(base_lookup_rate=0.0), "base", i).base_response for i in range(40)] == \
+        [make_sample(default, "base", i).base_response for i in range(40)]
+
+
+def test_base_lookup_rate_is_a_probability():
+    with pytest.raises(FieldError, match=re.escape("field 'base_lookup_rate'")):
+        WorldConfig(base_lookup_rate=1.5)
+
+
 def test_public_demonstrations_are_lower_fidelity_than_the_teachers():
     cfg = WorldConfig(wrong_answer_rate=0.3, caption_drop_rate=0.3, skip_steps_rate=0.5)
     samples = [make_sample(cfg, "sft", i) for i in range(600)]
