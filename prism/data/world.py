@@ -18,7 +18,8 @@ From one ground truth come two demonstrations, as in the paper: a *teacher* one 
 caption bullet, every reasoning step written) and a *public* one (bullets dropped or terse, steps
 skipped, a configurable rate of wrong answers). The untagged `base` corpus is general instruction data on the
 same scenes: the family's question with a short direct answer (what an instruct model does), full descriptions
-(perception), and what sits in one cell. Trained on it, the base stage is the table's Instruct row.
+(perception), what sits in one cell and, where `base_lookup_rate` is set, a list of one colour's (or shape's) objects
+then those of that colour and a shape. Trained on it, the base stage is the table's Instruct row.
 """
 
 from __future__ import annotations
