@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -54,8 +54,6 @@ CELL_PX = 32
 # the field at its default there, so the tokenizer stays the default world's and so, where the base split is the
 # default's, do the base models: a variant's SFT starts from the same bases as the default's.
 TOKENIZER_AT_DEFAULT = "tokenizer_at_default"
-# The families drawn on a grid of objects (their caption bullets read "<colour> <shape> at <position>").
-GRID_FAMILIES = ("counting", "presence", "composite", "multichoice")
 
 
 def _tokenizer_at_default(*splits: str) -> dict:
@@ -359,8 +357,20 @@ def _draw_figure(kind: str, top: int, left: int, width: int, height: int, cfg: W
 
 
 # --- families ----------------------------------------------------------------------------------
-# Each returns (image, question, answer, answer_type, choices, caption bullets, steps, public steps).
-# `public steps` is what a lower-fidelity demonstrator writes when it skips the intermediate steps.
+
+
+class Drawn(NamedTuple):
+    """What a family draws: the image, its question and answer, and the teacher's caption bullets and steps.
+    `objects` is the scene where it is a grid of objects (None for charts and figures)."""
+
+    image: Image.Image
+    question: str
+    answer: str
+    answer_type: str
+    choices: dict[str, str] | None
+    bullets: list[str]
+    steps: list[str]
+    objects: list[GridObject] | None = None
 
 
 def _grid_bullets(objects: list[GridObject], grid: int) -> list[str]:
@@ -382,7 +392,8 @@ def _counting(rng, cfg):
         steps = [f"{_plural(shape).capitalize()}: {_list_objects(matches, grid)}."]
     answer = str(len(matches))
     steps.append(f"Count: {answer}.")
-    return _draw_grid_scene(objects, cfg), question, answer, "integer", None, _grid_bullets(objects, grid), steps
+    return Drawn(_draw_grid_scene(objects, cfg), question, answer, "integer", None, _grid_bullets(objects, grid), steps,
+                 objects)
 
 
 def _presence(rng, cfg, want_yes: bool):
@@ -412,7 +423,8 @@ def _presence(rng, cfg, want_yes: bool):
         f"{colour.capitalize()} {_plural(shape)}: {found}.",
         f"So a {colour} {shape} is {'present' if both else 'absent'}.",
     ]
-    return _draw_grid_scene(objects, cfg), question, answer, "yes_no", None, _grid_bullets(objects, grid), steps
+    return Drawn(_draw_grid_scene(objects, cfg), question, answer, "yes_no", None, _grid_bullets(objects, grid), steps,
+                 objects)
 
 
 def _chart(rng, cfg):
@@ -435,7 +447,7 @@ def _chart(rng, cfg):
         question = "What is the height of the tallest bar?"
         steps = [", ".join(f"{c} {h}" for c, h in bars) + ".", f"The largest is {max(h for _, h in bars)}."]
         answer = max(h for _, h in bars)
-    return _draw_chart(bars, cfg), question, str(answer), "integer", None, bullets, steps
+    return Drawn(_draw_chart(bars, cfg), question, str(answer), "integer", None, bullets, steps)
 
 
 def _number(value: float) -> str:
@@ -468,7 +480,7 @@ def _geometry(rng, cfg):
         answer = _number(grid * grid - area)
         steps = [dims, area_step, f"The grid has {grid} x {grid} = {grid * grid}.", f"{grid * grid} - {_number(area)} = {answer}."]
     image = _draw_figure(kind, top, left, width, height, cfg)
-    return image, question, answer, ("integer" if answer.isdigit() else "number"), None, bullets, steps
+    return Drawn(image, question, answer, ("integer" if answer.isdigit() else "number"), None, bullets, steps)
 
 
 def _composite(rng, cfg):
@@ -490,7 +502,8 @@ def _composite(rng, cfg):
         answer = abs(len(first) - len(second))
         big, small = max(len(first), len(second)), min(len(first), len(second))
         steps.append(f"{big} - {small} = {answer}.")
-    return _draw_grid_scene(objects, cfg), question, str(answer), "integer", None, _grid_bullets(objects, grid), steps
+    return Drawn(_draw_grid_scene(objects, cfg), question, str(answer), "integer", None,
+                 _grid_bullets(objects, grid), steps, objects)
 
 
 def _multichoice(rng, cfg):
@@ -524,7 +537,8 @@ def _multichoice(rng, cfg):
     answer = next(k for k, v in choices.items() if v == right)
     steps.append(f"{right.capitalize()} is option {answer}.")
     question = question_text + " Options: " + " ".join(f"({k}) {v}" for k, v in choices.items()) + ". Answer with the letter."
-    return _draw_grid_scene(objects, cfg), question, answer, "letter", choices, _grid_bullets(objects, grid), steps
+    return Drawn(_draw_grid_scene(objects, cfg), question, answer, "letter", choices, _grid_bullets(objects, grid),
+                 steps, objects)
 
 
 _FAMILY_FUNCTIONS: dict[str, Callable] = {
@@ -566,29 +580,29 @@ def _public_demo(rng, cfg, family, bullets, steps, answer, answer_type, choices)
     return Demonstration(tuple(kept), tuple(public_steps), final)
 
 
-def _lookup_pair(rng, bullets: list[str]) -> tuple[str, str]:
+def _lookup_pair(rng, objects: list[GridObject], grid: int) -> tuple[str, str]:
     """List the objects of one colour (or one shape), then those of that colour and one shape, copied from the list.
     Colour and shape are each drawn from the scene's objects, so the pair is sometimes absent ("none")."""
-    objects = [(*thing.split(" "), where) for thing, where in (bullet.split(" at ", 1) for bullet in bullets)]
-    colour = objects[int(rng.integers(len(objects)))][0]
-    shape = objects[int(rng.integers(len(objects)))][1]
-    both = ", ".join(f"{s} at {where}" for c, s, where in objects if (c, s) == (colour, shape)) or "none"
-    lookup = f"{colour.capitalize()} {_plural(shape)}: {both}."
+    colour = objects[int(rng.integers(len(objects)))].colour
+    shape = objects[int(rng.integers(len(objects)))].shape
+    both = [o for o in objects if (o.colour, o.shape) == (colour, shape)]
+    lookup = f"{colour.capitalize()} {_plural(shape)}: {_list_objects(both, grid, show_colour=False)}."
     if rng.random() < 0.5:
-        listed = ", ".join(f"{s} at {where}" for c, s, where in objects if c == colour)
+        listed = _list_objects([o for o in objects if o.colour == colour], grid, show_colour=False)
         return (f"List the {colour} shapes, then the {colour} {_plural(shape)}.",
                 f"{colour.capitalize()} shapes: {listed}. {lookup}")
-    listed = ", ".join(f"{c} {s} at {where}" for c, s, where in objects if s == shape)
+    listed = _list_objects([o for o in objects if o.shape == shape], grid)
     return (f"List the {_plural(shape)}, then the {colour} {_plural(shape)}.",
             f"{_plural(shape).capitalize()}: {listed}. {lookup}")
 
 
-def _base_pair(rng, cfg: WorldConfig, family: str, bullets: list[str], question: str, answer: str) -> tuple[str, str]:
+def _base_pair(rng, cfg: WorldConfig, drawn: Drawn) -> tuple[str, str]:
     """Generic untagged instruction data on the same scene: what a base 'instruct' model knows. A direct answer
     names no steps and no tags (the format and the reasoning are what SFT teaches)."""
+    bullets, question, answer = drawn.bullets, drawn.question, drawn.answer
     # drawn only where the rate is set, so the default world's base split keeps its draws
-    if cfg.base_lookup_rate and family in GRID_FAMILIES and rng.random() < cfg.base_lookup_rate:
-        return _lookup_pair(rng, bullets)
+    if cfg.base_lookup_rate and drawn.objects is not None and rng.random() < cfg.base_lookup_rate:
+        return _lookup_pair(rng, drawn.objects, cfg.grid)
     if rng.random() < cfg.base_answer_rate:
         short = answer.capitalize() if answer in ("yes", "no") else answer
         return question, f"{short}."
@@ -631,25 +645,25 @@ def make_sample(cfg: WorldConfig, split: str, index: int) -> Sample:
         # Both questions of a pair draw the same scene from the pair's own stream.
         pair = index // 2
         rng = _rng(cfg, split, 2 * pair)
-        image, question, answer, answer_type, choices, bullets, steps = _presence(rng, cfg, want_yes=index % 2 == 0)
+        drawn = _presence(rng, cfg, want_yes=index % 2 == 0)
         pair_id = f"{split}-{pair:06d}"
         rng = _rng(cfg, split, index)  # the demonstrations differ per question
     else:
         rng = _rng(cfg, split, index)
-        image, question, answer, answer_type, choices, bullets, steps = _FAMILY_FUNCTIONS[family](rng, cfg)
-    teacher = Demonstration(tuple(bullets), tuple(steps), answer)
-    public = _public_demo(rng, cfg, family, bullets, steps, answer, answer_type, choices)
-    base_prompt, base_response = _base_pair(rng, cfg, family, bullets, question, answer)
+        drawn = _FAMILY_FUNCTIONS[family](rng, cfg)
+    teacher = Demonstration(tuple(drawn.bullets), tuple(drawn.steps), drawn.answer)
+    public = _public_demo(rng, cfg, family, drawn.bullets, drawn.steps, drawn.answer, drawn.answer_type, drawn.choices)
+    base_prompt, base_response = _base_pair(rng, cfg, drawn)
     base_system_prompt = bool(rng.random() < cfg.base_system_prompt_rate)
     return Sample(
         id=f"{split}-{index:06d}",
         split=split,
         family=family,
-        image=image,
-        question=question,
-        answer=answer,
-        answer_type=answer_type,
-        choices=choices,
+        image=drawn.image,
+        question=drawn.question,
+        answer=drawn.answer,
+        answer_type=drawn.answer_type,
+        choices=drawn.choices,
         teacher=teacher,
         public=public,
         base_prompt=base_prompt,
