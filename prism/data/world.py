@@ -564,14 +564,15 @@ def _wrong_answer(rng: np.random.Generator, answer: str, answer_type: str, choic
     return str(int(wrong)) if float(wrong).is_integer() else str(wrong)
 
 
-def _public_demo(rng, cfg, family, bullets, steps, answer, answer_type, choices) -> Demonstration:
+def _public_demo(rng, cfg: WorldConfig, family: str, drawn: Drawn) -> Demonstration:
     """A lower-fidelity demonstrator: drops and shortens bullets, skips steps, is sometimes wrong."""
+    bullets, steps, answer = drawn.bullets, drawn.steps, drawn.answer
     terse = rng.random() < cfg.terse_caption_rate
     kept = [b.split(" at ")[0] if terse else b for b in bullets if rng.random() >= cfg.caption_drop_rate]
     if not kept:
         kept = [bullets[0].split(" at ")[0] if terse else bullets[0]]
     wrong = rng.random() < cfg.wrong_answer_rate
-    final = _wrong_answer(rng, answer, answer_type, choices) if wrong else answer
+    final = _wrong_answer(rng, answer, drawn.answer_type, drawn.choices) if wrong else answer
     # the draw is taken whatever the rate, so a family's rate changes no other draw of the sample
     if rng.random() < cfg.skip_steps_by_family.get(family, cfg.skip_steps_rate) or wrong:
         public_steps = [f"The answer is {final}."]
@@ -652,7 +653,7 @@ def make_sample(cfg: WorldConfig, split: str, index: int) -> Sample:
         rng = _rng(cfg, split, index)
         drawn = _FAMILY_FUNCTIONS[family](rng, cfg)
     teacher = Demonstration(tuple(drawn.bullets), tuple(drawn.steps), drawn.answer)
-    public = _public_demo(rng, cfg, family, drawn.bullets, drawn.steps, drawn.answer, drawn.answer_type, drawn.choices)
+    public = _public_demo(rng, cfg, family, drawn)
     base_prompt, base_response = _base_pair(rng, cfg, drawn)
     base_system_prompt = bool(rng.random() < cfg.base_system_prompt_rate)
     return Sample(
