@@ -610,10 +610,12 @@ def _base_pair(rng, cfg: WorldConfig, drawn: Drawn) -> tuple[str, str]:
     if rng.random() < 0.8:  # mostly full descriptions: perception is what a base model brings
         text = "; ".join(bullets)
         return "Describe the image.", text[0].upper() + text[1:] + "."
-    bullet = bullets[int(rng.integers(len(bullets)))]
-    if " at " in bullet:
-        thing, where = bullet.split(" at ", 1)
-        return f"What is at {where}?", f"A {thing}."
+    index = int(rng.integers(len(bullets)))
+    if drawn.objects is not None:  # a grid scene: one bullet per object, in order
+        obj = drawn.objects[index]
+        where = _position_name(obj.row, obj.col, cfg.grid)
+        return f"What is at {where}?", f"A {_object_phrase(obj, cfg.grid, with_position=False)}."
+    bullet = bullets[index]
     return "What does the image show?", bullet[0].upper() + bullet[1:] + "."
 
 
