@@ -285,7 +285,7 @@ def _list_objects(objects: list[GridObject], grid: int, show_colour: bool = True
     if not objects:
         return "none"
     parts = [
-        (f"{o.colour} {o.shape}" if show_colour else o.shape) + f" at {_position_name(o.row, o.col, grid)}"
+        _object_phrase(o, grid) if show_colour else f"{o.shape} at {_position_name(o.row, o.col, grid)}"
         for o in objects
     ]
     return ", ".join(parts)
