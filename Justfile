@@ -2,8 +2,8 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 # Keep freed blocks up to 32 MiB in the heap rather than faulting them in again every step (prism/workers.py:
-# 12-13% of a tiny model's SFT step here, beside another node). Matrix nodes and sweep workers get the same; your
-# own values win.
+# 12-13% of a tiny model's SFT step here, beside another node). Matrix nodes and sweep workers get the same, and a
+# `prism` command or benchmark started without them restarts itself under them; your own values win.
 export MALLOC_MMAP_THRESHOLD_ := env_var_or_default("MALLOC_MMAP_THRESHOLD_", "33554432")
 export MALLOC_TRIM_THRESHOLD_ := env_var_or_default("MALLOC_TRIM_THRESHOLD_", "1073741824")
 

@@ -106,4 +106,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from prism.workers import restart_under_allocator_env
+
+    restart_under_allocator_env()  # glibc's heap settings of matrix nodes, also when run outside `just`
     main()

@@ -247,7 +247,10 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        args.result.write_text(json.dumps(WORKERS[args.worker](args)))
+        piece = WORKERS[args.worker](args)
+        # The whole process's, setup included: a step that maps and unmaps its large tensors faults them in again.
+        piece["minor_page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        args.result.write_text(json.dumps(piece))
         return
 
     import torch
@@ -259,6 +262,7 @@ def main() -> None:
     world = ensure_world(args.world)
     result: dict = {
         "machine": {**host_info(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+                    **{name: os.environ.get(name) for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")},
                     "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "work": {"prompts": PROMPTS, "rollouts_per_prompt": ROLLOUTS, "new_tokens": NEW_TOKENS, "steps": args.steps,
                  "world": str(world)},
@@ -282,4 +286,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from prism.workers import restart_under_allocator_env
+
+    restart_under_allocator_env()  # glibc's heap settings of matrix nodes, also when run outside `just`
     main()

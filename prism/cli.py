@@ -383,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `prism` command itself, not a caller passing arguments (tests, scripts)
+        from prism.workers import restart_under_allocator_env
+
+        restart_under_allocator_env()
     try:
         parser = build_parser()  # imports torch and the recipes: a Ctrl-C may well land here
         args, extra = parser.parse_known_args(argv)

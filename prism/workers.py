@@ -5,14 +5,33 @@ Kept free of torch, so that the matrix and sweep drivers, which only start proce
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 
 # glibc hands freed blocks above its (moving) mmap threshold, and any free heap top above its trim threshold, back to
 # the kernel, and the next step faults them in again page by page. A tiny model's SFT step frees and reallocates
 # tensors of 1-16 MiB dozens of times: 12k-93k page faults a step, 4-12% of the step in system time on these VMs
-# (README, "Throughput on this machine"). Blocks up to 32 MiB (glibc's ceiling) stay in the heap, which is trimmed
-# only past 1 GiB.
+# (README, "Throughput on this machine"). Blocks up to 32 MiB (the most glibc's own moving threshold reaches) stay in
+# the heap, which is trimmed only past 1 GiB. A higher threshold is accepted but bought nothing measured: with 256 MiB
+# `bench-rlvr`'s M step faulted as often (README, "Throughput on this machine").
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def restart_under_allocator_env() -> None:
+    """Start this program again in this process (`os.execv`: the same pid, arguments and open files) with the
+    allocator settings above, when its environment sets neither: a `prism` command or a benchmark started outside
+    `just`, a matrix node or a sweep worker would otherwise run on glibc's defaults, which it reads only at start.
+    M's RLVR update, started so, faulted in about 145,000 pages (570 MB) an update, none with the settings (README,
+    "Throughput on this machine"). Linux with glibc only; call it before importing torch, so that the restart costs
+    only the interpreter's start."""
+    if sys.platform != "linux" or any(name in os.environ for name in ALLOCATOR_ENV):
+        return
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")  # glibc's, absent elsewhere (musl)
+    except (ValueError, OSError):
+        return
+    os.environ.update(ALLOCATOR_ENV)
+    os.execv(sys.executable, sys.orig_argv)
 
 
 def available_cores() -> int:

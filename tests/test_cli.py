@@ -172,6 +172,27 @@ def test_a_refused_data_check_imports_no_torch(tmp_path):
     assert result.stderr.startswith(f"prism: error: {bad}: record [0]: field 'messages'")
 
 
+def test_the_prism_command_runs_under_the_workers_allocator_settings():
+    """`prism ...` started outside `just` or the matrix restarts itself under glibc's heap settings (prism.workers);
+    a caller passing its own arguments (a test, a script) is never restarted."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's malloc")
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    code = ("import os, sys\nprint(os.environ.get('MALLOC_MMAP_THRESHOLD_'), flush=True)\n"
+            "from prism.cli import main\nsys.argv = ['prism', 'train', 'sftt']\nmain()")
+    result = subprocess.run([sys.executable, "-c", code], env=plain, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["None", str(32 << 20)]  # printed before and after the restart
+    assert result.returncode == 2 and "invalid choice: 'sftt'" in result.stderr
+    called = "from prism.cli import main\ntry:\n    main(['train', 'sftt'])\nexcept SystemExit:\n    pass\nprint('once')"
+    result = subprocess.run([sys.executable, "-c", called], env=plain, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["once"]
+
+
 def test_a_refused_argument_imports_neither_torch_nor_numpy():
     """argparse refuses before any command runs: building the parser must not load the world generator (numpy, PIL)
     or a recipe (torch), so the refusal comes back in a fraction of a second."""

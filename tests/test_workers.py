@@ -72,3 +72,30 @@ def test_the_justfile_exports_the_same_allocator_settings_and_no_wait_policy():
     for name, value in ALLOCATOR_ENV.items():
         assert f'export {name} := env_var_or_default("{name}", "{value}")' in justfile
     assert "OMP_WAIT_POLICY" not in justfile  # a recipe runs alone; the harness sets it where processes share
+
+
+RESTART = """
+import os
+print(os.getpid(), os.environ.get("MALLOC_MMAP_THRESHOLD_"), os.environ.get("MALLOC_TRIM_THRESHOLD_"), flush=True)
+from prism.workers import restart_under_allocator_env
+restart_under_allocator_env()
+print("ran")
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_a_process_started_without_the_allocator_settings_restarts_itself_once_under_them():
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def lines(env) -> list[list[str]]:
+        done = subprocess.run([sys.executable, "-c", RESTART], env=env, capture_output=True, text=True, check=True)
+        return [line.split() for line in done.stdout.splitlines()]
+
+    first, again, ran = lines(plain)
+    assert first[0] == again[0]  # the same process, started again
+    assert first[1:] == ["None", "None"]
+    assert again[1:] == [ALLOCATOR_ENV["MALLOC_MMAP_THRESHOLD_"], ALLOCATOR_ENV["MALLOC_TRIM_THRESHOLD_"]]
+    assert ran == ["ran"]
+    # a value the user set is theirs: no restart, and nothing added
+    only, ran = lines({**plain, "MALLOC_TRIM_THRESHOLD_": "0"})
+    assert only[1:] == ["None", "0"] and ran == ["ran"]
