@@ -13,7 +13,7 @@ from collections.abc import Mapping
 # tensors of 1-16 MiB dozens of times: 12k-93k page faults a step, 4-12% of the step in system time on these VMs
 # (README, "Throughput on this machine"). Blocks up to 32 MiB (the most glibc's own moving threshold reaches) stay in
 # the heap, which is trimmed only past 1 GiB. A higher threshold is accepted but bought nothing measured: with 256 MiB
-# `bench-rlvr`'s M step faulted as often (README, "Throughput on this machine").
+# our side of `bench-rlvr`'s M step faulted as often (README, "Throughput on this machine").
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
