@@ -24,14 +24,17 @@ def restart_under_allocator_env() -> None:
     M's RLVR update, started so, faulted in about 145,000 pages (570 MB) an update, none with the settings (README,
     "Throughput on this machine"). Linux with glibc only; call it before importing torch, so that the restart costs
     only the interpreter's start."""
-    if sys.platform != "linux" or any(name in os.environ for name in ALLOCATOR_ENV):
+    if sys.platform != "linux" or not sys.executable or any(name in os.environ for name in ALLOCATOR_ENV):
         return
     try:
         os.confstr("CS_GNU_LIBC_VERSION")  # glibc's, absent elsewhere (musl)
     except (ValueError, OSError):
         return
-    os.environ.update(ALLOCATOR_ENV)
-    os.execv(sys.executable, sys.orig_argv)
+    os.environ.update(ALLOCATOR_ENV)  # the processes this one starts get them either way
+    try:
+        os.execv(sys.executable, sys.orig_argv)
+    except OSError:  # the settings only make it faster: carry on without them
+        return
 
 
 def available_cores() -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from prism.workers import ALLOCATOR_ENV, available_cores, worker_env
+from prism.workers import ALLOCATOR_ENV, available_cores, restart_under_allocator_env, worker_env
 
 # Six 8 MiB blocks written and freed, ten times: the page faults of the last nine rounds.
 FAULTS = """
@@ -99,3 +99,18 @@ def test_a_process_started_without_the_allocator_settings_restarts_itself_once_u
     # a value the user set is theirs: no restart, and nothing added
     only, ran = lines({**plain, "MALLOC_TRIM_THRESHOLD_": "0"})
     assert only[1:] == ["None", "0"] and ran == ["ran"]
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_a_restart_that_cannot_start_carries_on_without_the_settings(monkeypatch):
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
+    tried = []
+
+    def refused(path, args):
+        tried.append(path)
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "execv", refused)
+    restart_under_allocator_env()  # returns instead of raising
+    assert tried == [sys.executable]
+    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == ALLOCATOR_ENV["MALLOC_MMAP_THRESHOLD_"]  # for the processes it starts
