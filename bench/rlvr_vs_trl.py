@@ -258,11 +258,12 @@ def main() -> None:
     import trl
 
     from prism.runtime import host_info
+    from prism.workers import ALLOCATOR_ENV
 
     world = ensure_world(args.world)
     result: dict = {
         "machine": {**host_info(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-                    **{name: os.environ.get(name) for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")},
+                    **{name: os.environ.get(name) for name in ALLOCATOR_ENV},
                     "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
         "work": {"prompts": PROMPTS, "rollouts_per_prompt": ROLLOUTS, "new_tokens": NEW_TOKENS, "steps": args.steps,
                  "world": str(world)},
