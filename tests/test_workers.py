@@ -8,6 +8,15 @@ import pytest
 
 from prism.workers import ALLOCATOR_ENV, available_cores, restart_under_allocator_env, worker_env
 
+glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                reason="glibc's malloc")
+
+
+def without_allocator_settings() -> dict[str, str]:
+    """This process's environment without glibc's MALLOC_* settings, as a shell that never set them has it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+
 # Six 8 MiB blocks written and freed, ten times: the page faults of the last nine rounds.
 FAULTS = """
 import ctypes, resource
@@ -53,9 +62,9 @@ def test_idle_threads_sleep_only_in_a_worker_that_shares_the_cores():
         assert env["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+@glibc_only
 def test_the_allocator_settings_stop_freed_blocks_from_being_faulted_in_again():
-    plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    plain = without_allocator_settings()
 
     def faults(env) -> int:
         done = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
@@ -83,9 +92,9 @@ print("ran")
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+@glibc_only
 def test_a_process_started_without_the_allocator_settings_restarts_itself_once_under_them():
-    plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    plain = without_allocator_settings()
 
     def lines(env) -> list[list[str]]:
         done = subprocess.run([sys.executable, "-c", RESTART], env=env, capture_output=True, text=True, check=True)
@@ -101,9 +110,9 @@ def test_a_process_started_without_the_allocator_settings_restarts_itself_once_u
     assert only[1:] == ["None", "0"] and ran == ["ran"]
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+@glibc_only
 def test_a_restart_that_cannot_start_carries_on_without_the_settings(monkeypatch):
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
+    monkeypatch.setattr(os, "environ", without_allocator_settings())
     tried = []
 
     def refused(path, args):
